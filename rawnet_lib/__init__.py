@@ -1,0 +1,1 @@
+"""RawNet2 speaker-verification workbook helpers."""

@@ -1,0 +1,275 @@
+"""One typed configuration for notebooks and command line, loaded from YAML.
+
+Layers, later wins: dataclass defaults (the reference RawNet2 recipe) -> the preset YAML in
+`params/` -> YAML blocks (`model:`, `data:`, `optim:`, `train:`, `evaluation:`, as papermill
+injects them with `-f params/x.yaml`) -> flat overrides (`devices=8`, `data_path=...`).
+Unknown keys raise, because papermill only warns about them and a misspelt option would
+otherwise vanish silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "Config",
+    "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
+]
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+PARAMS_DIR = REPO_DIR / "params"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the workbook cannot use; the message says the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """RawNet2 architecture; defaults are the paper / reference model."""
+    n_samples: int = 59049          # crop length (3^10); also the size of the `ln` layer
+    sample_rate: int = 16000
+    sinc_filters: int = 128         # SincNet band-pass filters in `first_conv`
+    sinc_kernel: int = 251          # taps of each sinc filter (odd)
+    blocks: list[int] = field(default_factory=lambda: [128, 128, 256, 256, 256, 256])
+    gru_units: int = 1024
+    gru_layers: int = 1
+    embedding_dim: int = 1024       # `fc1_gru` output, the speaker embedding
+    layer_norm: bool = True         # the reference's learnable affine norm over time (fixes length)
+    fast: bool = False              # fast path (cheaper sinc filtering); false = exact reference maths
+
+
+@dataclass
+class DataConfig:
+    """Where the audio and lists are; an empty data_path means the built-in demo corpus."""
+    data_path: str = ""                         # folder holding VoxCeleb1/ and VoxCeleb2/ (the seed's DB/)
+    demo_size: str = "demo"                     # demo corpus size used when data_path is empty
+    train_dir: str = "VoxCeleb2/wav"            # training utterances, spk/video/utt.wav
+    eval_dirs: list[str] = field(default_factory=lambda: ["VoxCeleb1/eval_wav", "VoxCeleb1/dev_wav"])
+    val_trials: str = "VoxCeleb1/veri_test.txt" # per-epoch validation list (reference: Vox1-O)
+    val_from: str = "VoxCeleb1/dev_wav"         # held-out folder for a generated val_trial.txt
+    val_pairs: int = 2000                       # trials in a generated val_trial.txt
+    num_workers: int = 2                        # data-loader workers per rank
+    on_bad_audio: str = "stop"                  # stop | skip: what training does with unreadable files
+
+
+@dataclass
+class OptimConfig:
+    """Adam with amsgrad and the per-iteration "keras" decay, as the reference."""
+    lr: float = 1e-3
+    weight_decay: float = 1e-4      # not applied to batch-norm parameters
+    amsgrad: bool = True
+    lr_decay: str = "keras"         # keras: lr / (1 + keras_decay * step) | none
+    keras_decay: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    """The run: how long, on what, where results go."""
+    name: str = "rawnet2"
+    epochs: int = 80
+    batch_size: int = 100           # global batch, split evenly across ranks
+    devices: int = 1                # processes (one per accelerator; gloo ranks on CPU)
+    device: str = "auto"            # auto | cpu | cuda | npu
+    amp: str = "off"                # off | bf16 | fp16
+    mode: str = "full"              # full: train + evaluate | performance: fixed steps, speed only
+    perf_steps: int = 50            # steps measured in performance mode
+    warmup_steps: int = 5           # first steps excluded from throughput figures
+    seed: int = 1234
+    out_dir: str = "outputs/train"  # runs go to <out_dir>/train_<devices>P/DNNS/<name>/
+    resume: bool = False
+    overwrite: bool = False
+    profile: bool = False           # torch.profiler trace of a few steps into prof/
+    save_every_epoch: bool = True   # models/TA_<epoch>_<eer>.pt besides the best model
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
+class EvalConfig:
+    """Test-time embedding and scoring."""
+    crop_mode: str = "reference"    # reference: averaged fixed crops | full: whole utterance
+    eval_hop: int = 47239           # hop between test crops (overlap 11,810 at 59,049 samples)
+    eval_batch_size: int = 32       # crops per forward pass
+    trial_lists: list[str] = field(default_factory=lambda: ["O"])  # O, E, H; O2/E2/H2 cleaned
+    asnorm: bool = False
+    asnorm_top_k: int = 100
+    asnorm_cohort: int = 1000       # training utterances in the cohort
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    preset: str = ""
+
+    def flat(self) -> dict[str, Any]:
+        """Every parameter by its (unique) field name, in block order."""
+        return {f.name: getattr(block, f.name) for block in self.blocks().values()
+                for f in dataclasses.fields(block)}
+
+    def blocks(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "optim": self.optim,
+                "train": self.train, "evaluation": self.evaluation}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, **{k: dataclasses.asdict(v) for k, v in self.blocks().items()}}
+
+    def validate(self) -> "Config":
+        choices = {("train", "amp"): ("off", "bf16", "fp16"), ("train", "mode"): ("full", "performance"),
+                   ("train", "device"): ("auto", "cpu", "cuda", "npu"),
+                   ("optim", "lr_decay"): ("keras", "none"), ("data", "on_bad_audio"): ("stop", "skip"),
+                   ("evaluation", "crop_mode"): ("reference", "full")}
+        for (block, key), allowed in choices.items():
+            value = getattr(getattr(self, block), key)
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        for key in ("epochs", "batch_size", "devices", "n_samples", "sinc_filters", "eval_batch_size"):
+            if self.flat()[key] < 1:
+                raise ConfigError(f"{key}={self.flat()[key]} must be at least 1")
+        if self.model.sinc_kernel % 2 == 0:
+            raise ConfigError(f"sinc_kernel={self.model.sinc_kernel} must be odd (symmetric filters)")
+        if not self.model.blocks:
+            raise ConfigError("blocks must list at least one block width, e.g. [128, 128, 256]")
+        for item in self.evaluation.trial_lists:
+            if item not in ("O", "E", "H", "O2", "E2", "H2") and not item.endswith(".txt"):
+                raise ConfigError(f"trial list {item!r}: use O, E, H (O2, E2, H2 cleaned) or a .txt path")
+        return self
+
+
+def preset_path(preset: str | Path) -> Path:
+    """A preset name (`demo`) or a YAML path -> the YAML file."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    path = PARAMS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(names)} or give a .yaml path")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of blocks (model:, data:, ...), not {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML / papermill value to the field's type (YAML reads `1e-3` as a string)."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(name, v, item) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: union types are not supported in the config")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+    raise ConfigError(f"{name}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _apply(config: Config, values: Mapping[str, Any], where: str) -> None:
+    """Set fields from a flat mapping, or `block: {field: value}` sub-mappings."""
+    blocks = config.blocks()
+    owner = {f.name: name for name, block in blocks.items() for f in dataclasses.fields(block)}
+    for key, value in values.items():
+        if key == "preset":
+            continue
+        if key in blocks:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: block {key!r} must be a mapping of fields, got {value!r}")
+            for sub, subvalue in value.items():
+                if owner.get(sub) != key:
+                    _unknown(f"{key}.{sub}", [f.name for f in dataclasses.fields(blocks[key])], where)
+                _set(blocks[key], sub, subvalue)
+        elif key in owner:
+            if value is not None:   # None in a notebook parameter means "keep the preset's value"
+                _set(blocks[owner[key]], key, value)
+        else:
+            _unknown(key, list(owner) + list(blocks), where)
+
+
+def _set(block: Any, name: str, value: Any) -> None:
+    hints = typing.get_type_hints(type(block))
+    setattr(block, name, _coerce(name, value, hints[name]))
+
+
+def _unknown(key: str, valid: list[str], where: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+    raise ConfigError(f"{where}: unknown parameter {key!r}{hint}")
+
+
+def load_config(preset: str | Path | None = "demo", blocks: Mapping[str, Any] | None = None,
+                **overrides: Any) -> Config:
+    """Build the run's config: defaults, then the preset YAML, then `blocks`, then `overrides`.
+
+    >>> load_config("paper", devices=8).train.devices
+    8
+    """
+    config = Config()
+    if preset:
+        path = preset_path(preset)
+        values = _read_yaml(path)
+        _apply(config, values, str(path))
+        config.preset = str(values.get("preset") or preset)
+    _apply(config, dict(blocks or {}), "YAML blocks")
+    _apply(config, overrides, "parameters")
+    return config.validate()
+
+
+def write_f_params(config: Config, path: Path) -> None:
+    """The seed's `f_params.txt`: every parameter as `key:<tab>value`, written atomically."""
+    from rawnet_lib.io import atomic_write_text
+    lines = [f"preset:\t{config.preset}"] + [f"{k}:\t{v}" for k, v in config.flat().items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,173 @@
+"""VoxCeleb trees as utterance lists, and the training dataset of random crops.
+
+A tree is `root/<speaker>/<video>/<utt>.wav`; a key is the path relative to root. Scanning a
+VoxCeleb2 tree (a million files) reads every header once, so the result is cached as a list
+file (`key<TAB>frames`) and bad files are known before the first training step.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from rawnet_lib.audio import AudioError, random_crop
+from rawnet_lib.config import REPO_DIR, DataConfig
+from rawnet_lib.io import atomic_write_text
+
+__all__ = ["UtteranceList", "scan_utterances", "load_utterances", "resolve_data_path", "list_dir",
+           "CropDataset"]
+
+
+@dataclass
+class UtteranceList:
+    """The usable utterances of one tree (sorted keys, sample counts) and the files it had to leave out."""
+    root: Path
+    keys: list[str]
+    frames: np.ndarray
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def speakers(self) -> list[str]:
+        """Speaker ids in sorted order: the class index of a speaker is its position here."""
+        return sorted({k.split("/", 1)[0] for k in self.keys})
+
+    def labels(self) -> np.ndarray:
+        index = {s: i for i, s in enumerate(self.speakers())}
+        return np.array([index[k.split("/", 1)[0]] for k in self.keys], dtype=np.int64)
+
+    def seconds(self, sample_rate: int = 16000) -> float:
+        return float(self.frames.sum()) / sample_rate
+
+    def bad_summary(self, limit: int = 5) -> str:
+        lines = [f"{len(self.bad)} unusable file(s) under {self.root}:"]
+        lines += [f"  {key}: {reason}" for key, reason in self.bad[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more")
+        lines.append("Fix or remove them (the dataset check in notebooks/data_prep.ipynb lists them all), "
+                     "or set on_bad_audio: skip to train without them.")
+        return "\n".join(lines)
+
+
+def _header(path: Path, sample_rate: int) -> tuple[int, str]:
+    """(frames, problem) of one file from its header; problem is '' for a usable file."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        return 0, f"unreadable ({err})"
+    if info.samplerate != sample_rate:
+        return 0, f"sample rate {info.samplerate} Hz, expected {sample_rate}"
+    if info.channels != 1:
+        return 0, f"{info.channels} channels, expected mono"
+    if info.frames == 0:
+        return 0, "no samples"
+    return info.frames, ""
+
+
+def scan_utterances(root: str | Path, sample_rate: int = 16000, workers: int = 8,
+                    progress: bool = True) -> UtteranceList:
+    """Every `spk/video/utt.wav` under root with its length; bad headers go to `.bad`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist; give data_path the folder that holds "
+                                "VoxCeleb1/ and VoxCeleb2/ (the seed's DB/), or leave it empty for the demo corpus")
+    paths = sorted(p for p in root.glob("*/*/*.wav"))
+    if not paths:
+        raise FileNotFoundError(f"no spk/video/utt.wav files under {root}; convert .m4a files first "
+                                "(python -m rawnet_lib.convert) or check the path")
+    with ThreadPoolExecutor(workers) as pool:
+        heads = list(tqdm(pool.map(lambda p: _header(p, sample_rate), paths), total=len(paths),
+                          desc=f"scan {root.name}", disable=not progress, leave=False))
+    keys, frames, bad = [], [], []
+    for path, (n, problem) in zip(paths, heads):
+        key = path.relative_to(root).as_posix()
+        if problem:
+            bad.append((key, problem))
+        else:
+            keys.append(key)
+            frames.append(n)
+    return UtteranceList(root, keys, np.array(frames, dtype=np.int64), bad)
+
+
+def list_dir(data_path: Path) -> Path:
+    """Where list files of a data path live: `<data_path>/lists`, or under outputs/ when read-only."""
+    own = data_path / "lists"
+    if os.access(data_path, os.W_OK) and (not own.exists() or os.access(own, os.W_OK)):
+        return own
+    tag = hashlib.sha1(str(data_path.resolve()).encode()).hexdigest()[:10]
+    return REPO_DIR / "outputs" / "lists" / tag
+
+
+def _list_file(data_path: Path, subdir: str) -> Path:
+    return list_dir(data_path) / (subdir.strip("/").replace("/", "_") + ".tsv")
+
+
+def load_utterances(data_path: Path, subdir: str, refresh: bool = False, sample_rate: int = 16000,
+                    progress: bool = True) -> UtteranceList:
+    """The utterance list of `data_path/subdir`, scanned once and then read from its list file."""
+    root = data_path / subdir
+    path = _list_file(data_path, subdir)
+    if path.exists() and not refresh:
+        keys, frames, bad = [], [], []
+        for line in path.read_text().splitlines():
+            key, value = line.split("\t", 1)
+            if value.isdigit():
+                keys.append(key)
+                frames.append(int(value))
+            else:
+                bad.append((key, value))
+        return UtteranceList(root, keys, np.array(frames, dtype=np.int64), bad)
+    utts = scan_utterances(root, sample_rate, progress=progress)
+    lines = [f"{k}\t{n}" for k, n in zip(utts.keys, utts.frames)] + [f"{k}\t{why}" for k, why in utts.bad]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return utts
+
+
+def resolve_data_path(cfg: DataConfig) -> Path:
+    """The user's data folder, or the built-in demo corpus (generated on first use)."""
+    if cfg.data_path:
+        path = Path(cfg.data_path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data_path {path} does not exist; give the folder that holds VoxCeleb1/ "
+                                    "and VoxCeleb2/, or leave data_path empty to use the demo corpus")
+        return path
+    from rawnet_lib.corpus import ensure_demo_corpus
+    return ensure_demo_corpus(cfg.demo_size)
+
+
+class CropDataset(Dataset):
+    """(random crop, speaker index) per utterance; the crop depends only on (seed, epoch, index),
+    so a run is reproducible and resumable whatever the number of loader workers."""
+
+    def __init__(self, utts: UtteranceList, n_samples: int, seed: int, sample_rate: int = 16000,
+                 skip_bad: bool = False):
+        self.utts, self.n_samples, self.seed, self.sample_rate = utts, n_samples, seed, sample_rate
+        self.labels = utts.labels()
+        self.skip_bad = skip_bad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        try:
+            x = random_crop(self.utts.root / self.utts.keys[index], self.n_samples, rng, self.sample_rate)
+        except AudioError:
+            if not self.skip_bad:
+                raise
+            # The header was fine but the data is not: train on a neighbour rather than stop mid-epoch.
+            return self[(index + 1) % len(self)]
+        return torch.from_numpy(x), int(self.labels[index])

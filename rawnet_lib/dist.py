@@ -1,0 +1,116 @@
+"""Process-group setup for one process per device, from torchrun's environment variables.
+
+Without RANK in the environment this is a single process, so the same training code runs
+from a plain `python -m rawnet_lib.train` and from `torchrun --nproc_per_node=8`.
+Backends: NCCL on CUDA, HCCL on Ascend NPU (torch_npu), gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ["RankInfo", "setup", "cleanup", "resolve_device_kind", "available_devices", "barrier",
+           "gather_objects", "all_reduce_sum", "DistError"]
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+class DistError(RuntimeError):
+    """A device or process-group problem; the message says which rank and what to change."""
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+    return torch.npu.is_available()
+
+
+def resolve_device_kind(kind: str = "auto") -> str:
+    """auto picks npu (when torch_npu is installed and sees a device), then cuda, then cpu."""
+    if kind == "auto":
+        if _npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "npu" and not _npu_available():
+        raise DistError("device: npu needs torch_npu and Ascend's CANN libraries: pip install -e '.[npu]' "
+                        "on an Ascend host (and source CANN's set_env.sh)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DistError("device: cuda asked for, but PyTorch sees no CUDA device; use device: cpu or auto")
+    return kind
+
+
+def available_devices(kind: str) -> int:
+    """Accelerators on this node; the CPU counts as unlimited (gloo ranks share its cores)."""
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    if kind == "npu":
+        return torch.npu.device_count()
+    return 1 << 30
+
+
+def setup(kind: str = "auto", timeout_s: float = 600.0) -> RankInfo:
+    """Join the process group torchrun describes (or none) and pick this rank's device."""
+    kind = resolve_device_kind(kind)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world > available_devices(kind):
+        raise DistError(f"{local_world} processes per node asked for, but this node has "
+                        f"{available_devices(kind)} {kind} device(s); set devices to at most that")
+    device = torch.device("cpu") if kind == "cpu" else torch.device(kind, local_rank)
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+    elif kind == "npu":
+        torch.npu.set_device(device)
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(BACKENDS[kind], timeout=datetime.timedelta(seconds=timeout_s),
+                                      **({"device_id": device} if kind == "cuda" else {}))
+    return RankInfo(rank, world, local_rank, device, rank == 0)
+
+
+def cleanup() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank (a list of one without a process group)."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (loss and accuracy counts for the log)."""
+    if not torch_dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return t.tolist()

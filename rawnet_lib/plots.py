@@ -8,8 +8,6 @@ pyplot), so they are freed when dropped and a notebook shows each one once.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from numpy.typing import ArrayLike
 from scipy.signal import spectrogram
 from scipy.stats import norm
 
+from rawnet_lib.io import atomic_open
 from rawnet_lib.metrics import det_curve, eer_threshold, validate_trials
 
 __all__ = [
@@ -31,6 +30,8 @@ __all__ = [
     "waveform_spectrogram",
     "filter_responses",
     "frequency_response",
+    "fms_plot",
+    "duration_histogram",
     "save_figure",
 ]
 
@@ -276,16 +277,33 @@ def frequency_response(
     return fig
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def fms_plot(scales: Mapping[str, np.ndarray], ax: Axes | None = None) -> Figure:
+    """FMS gates per block (one row per block, one column per filter): what each block scales."""
+    if not scales:
+        raise ValueError("scales is empty; pass {block name: gate values} from summary.fms_scales")
+    width = max(len(v) for v in scales.values())
+    grid = np.full((len(scales), width), np.nan)
+    for row, values in enumerate(scales.values()):
+        grid[row, : len(values)] = values
+    fig, ax = _axes(ax, (7.0, 0.45 * len(scales) + 1.5))
+    image = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(scales)), list(scales))
+    ax.set_xlabel("filter")
+    fig.colorbar(image, ax=ax, label="sigmoid gate s (x * s + s)")
+    return fig
+
+
+def duration_histogram(seconds: Mapping[str, np.ndarray], ax: Axes | None = None, crop_s: float | None = None) -> Figure:
+    """Utterance durations per folder; crop_s marks the training crop (shorter files are tiled)."""
+    fig, ax = _axes(ax, (6.0, 3.5))
+    for name, values in seconds.items():
+        ax.hist(np.asarray(values, dtype=float), bins=40, alpha=0.6, label=f"{name} ({len(values)})")
+    if crop_s:
+        ax.axvline(crop_s, color="k", linestyle="--", linewidth=1, label=f"training crop {crop_s:.2f} s")
+    ax.set_xlabel("duration (s)")
+    ax.set_ylabel("utterances")
+    ax.legend(fontsize="small")
+    return fig
 
 
 def save_figure(
@@ -302,11 +320,13 @@ def save_figure(
     paths = []
     for fmt in ("png", "svg"):
         path = folder / f"{name}.{fmt}"
-        _write_atomic(path, lambda h, fmt=fmt: fig.savefig(h, format=fmt, dpi=150, bbox_inches="tight"))
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format=fmt, dpi=150, bbox_inches="tight")
         paths.append(path)
     if data is not None:
         arrays = {str(k): np.asarray(v) for k, v in data.items()}
         path = folder / f"{name}.npz"
-        _write_atomic(path, lambda h: np.savez(h, **arrays))
+        with atomic_open(path, "wb") as handle:
+            np.savez(handle, **arrays)
         paths.append(path)
     return paths

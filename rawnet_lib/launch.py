@@ -1,0 +1,125 @@
+"""Start `rawnet_lib.train` from a notebook as a torchrun-style subprocess and follow it.
+
+Ranks never run inside the Jupyter kernel: the kernel starts the standard launcher
+(`python -m torch.distributed.run`, i.e. torchrun) with one process per device, reads the
+progress events rank 0 prints, and draws them as a progress bar. Ctrl-C (the kernel's
+interrupt) stops every rank; the run keeps its last finished epoch and can be resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from rawnet_lib.config import REPO_DIR, Config
+from rawnet_lib.run import EVENT_PREFIX, check_run_dir, run_path
+
+__all__ = ["launch_command", "launch", "TrainingFailed"]
+
+
+class TrainingFailed(RuntimeError):
+    """The training processes exited with an error; the message carries their last output."""
+
+
+def launch_command(cfg: Config, config_file: Path) -> list[str]:
+    """The shell command for this config: plain python for one process, torchrun otherwise."""
+    train = ["-m", "rawnet_lib.train", "--config", str(config_file)]
+    if cfg.train.devices == 1 and cfg.train.nnodes == 1:
+        return [sys.executable, *train]
+    if cfg.train.nnodes == 1:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [f"--nnodes={cfg.train.nnodes}", f"--node_rank={cfg.train.node_rank}",
+                      f"--master_addr={cfg.train.master_addr}", f"--master_port={cfg.train.master_port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
+            f"--nproc_per_node={cfg.train.devices}", *train]
+
+
+def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
+    """Run training to the end and return its summary (or performance figures)."""
+    check_run_dir(cfg)  # refuse to clobber an earlier run before starting any process
+    launch_dir = REPO_DIR / "outputs" / ".launch"
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=launch_dir, delete=False) as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    cmd = launch_command(cfg, Path(f.name))
+    print("$", " ".join(cmd), flush=True)
+    env = {**os.environ, "RAWNET_EVENTS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            cwd=REPO_DIR, env=env, start_new_session=True)
+    tail: list[str] = []
+    result: dict[str, Any] = {}
+    bar = None
+    try:
+        for line in proc.stdout:
+            if line.startswith(EVENT_PREFIX):
+                event = json.loads(line[len(EVENT_PREFIX):])
+                bar = _show(event, bar, echo_logs)
+                continue
+            if line.startswith("{"):
+                try:
+                    result = json.loads(line)
+                    continue
+                except json.JSONDecodeError:
+                    pass
+            tail = (tail + [line])[-40:]
+            print(line, end="", flush=True)
+        proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc)
+        raise KeyboardInterrupt(f"training stopped; resume it with resume=True ({run_path(cfg)})") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise TrainingFailed(f"training exited with code {proc.returncode}:\n" + "".join(tail[-20:]))
+    return result
+
+
+def _show(event: dict[str, Any], bar, echo_logs: bool):
+    """Draw one progress event; returns the current epoch's bar."""
+    kind = event["type"]
+    if kind == "step":
+        if bar is None or bar.desc != f"epoch {event['epoch']}":
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=event["steps"], desc=f"epoch {event['epoch']}")
+        bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['acc']:.3f}", refresh=False)
+        bar.update(event["step"] - bar.n)
+    elif kind == "epoch":
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
+            bar = None
+        print(f"epoch {event['epoch']}: loss {event['loss']:.4f}  acc {event['accuracy']:.4f}  "
+              f"val EER {100 * event['val_eer']:.2f} %  {event['crops_per_s']:.1f} crops/s"
+              + ("  (best)" if event.get("best") else ""), flush=True)
+    elif kind == "start":
+        print(f"run folder: {event['path']}", flush=True)
+    elif kind == "log" and echo_logs:
+        print(event["line"], flush=True)
+    return bar
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Interrupt the whole process group (launcher and ranks), then insist."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,91 @@
+"""Data preparation in one call: m4a conversion, list files, the dataset check, and a summary.
+
+    python -m rawnet_lib.prep --data_path /data/DB      # or no path: the demo corpus
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rawnet_lib.check import CheckReport, check_dataset
+from rawnet_lib.config import DataConfig
+from rawnet_lib.convert import ConvertReport, convert_tree
+from rawnet_lib.data import UtteranceList, load_utterances, resolve_data_path
+
+__all__ = ["M4A_DIRS", "PrepResult", "find_m4a_dir", "prepare", "utterance_table", "sample_utterances"]
+
+# Where VoxCeleb2's AAC files are found: the demo corpus, and the official archive's layouts.
+M4A_DIRS = ("VoxCeleb2/m4a", "VoxCeleb2/aac", "VoxCeleb2/dev/aac")
+
+
+@dataclass
+class PrepResult:
+    data_path: Path
+    conversion: ConvertReport | None
+    lists: dict[str, UtteranceList]
+    check: CheckReport | None
+
+
+def find_m4a_dir(data_path: Path) -> Path | None:
+    return next((data_path / d for d in M4A_DIRS if (data_path / d).is_dir()), None)
+
+
+def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lists: list[str] | None = None,
+            workers: int = 2, progress: bool = True) -> PrepResult:
+    """Convert VoxCeleb2 m4a (resumable), write the list files, and check the whole data set."""
+    data_path = resolve_data_path(cfg)
+    conversion = None
+    m4a = find_m4a_dir(data_path)
+    if convert and m4a is not None:
+        conversion = convert_tree(m4a, data_path / cfg.train_dir, workers=workers, progress=progress)
+        print(conversion.summary())
+    dirs = list(dict.fromkeys([cfg.train_dir, *cfg.eval_dirs]))
+    lists = {d: load_utterances(data_path, d, refresh=True, progress=progress) for d in dirs if (data_path / d).is_dir()}
+    report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], workers=workers,
+                           progress=progress) if check else None
+    return PrepResult(data_path, conversion, lists, report)
+
+
+def utterance_table(lists: dict[str, UtteranceList], sample_rate: int = 16000) -> pd.DataFrame:
+    """Speakers, utterances and hours per folder."""
+    rows = [{"folder": d, "speakers": len(u.speakers()), "utterances": len(u), "hours": round(u.seconds(sample_rate) / 3600, 2),
+             "mean seconds": round(u.seconds(sample_rate) / max(len(u), 1), 2), "unusable files": len(u.bad)}
+            for d, u in lists.items()]
+    return pd.DataFrame(rows)
+
+
+def sample_utterances(lists: dict[str, UtteranceList], n: int, seed: int = 0) -> list[Path]:
+    """n utterances drawn from all folders (different speakers where possible), to listen to."""
+    pool = [(u.root, k) for u in lists.values() for k in u.keys]
+    if not pool or n <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    picked: dict[str, Path] = {}
+    for i in rng.permutation(len(pool)):
+        root, key = pool[i]
+        picked.setdefault(key.split("/", 1)[0], root / key)
+        if len(picked) == n:
+            break
+    return list(picked.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_path", default="", help="folder holding VoxCeleb1/ and VoxCeleb2/ ('' = demo)")
+    parser.add_argument("--demo_size", default="demo", help="demo corpus size when no data path is given")
+    parser.add_argument("--lists", nargs="*", default=["O", "E", "H"], help="trial lists to check")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = prepare(DataConfig(data_path=args.data_path, demo_size=args.demo_size),
+                     trial_lists=args.lists, workers=args.workers)
+    print(utterance_table(result.lists).to_string(index=False))
+    print(result.check)
+    return 0 if result.check is None or result.check.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Looking inside a RawNet2: layer shapes and sizes, the sinc filter bank, the FMS gates."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rawnet_lib.audio import peak_normalise, read_audio, tile
+from rawnet_lib.config import Config
+from rawnet_lib.data import load_utterances, resolve_data_path
+from rawnet_lib.model import RawNet2
+
+__all__ = ["layer_table", "sinc_bank", "fms_scales", "example_crop"]
+
+
+def layer_table(model: RawNet2, n_samples: int | None = None) -> pd.DataFrame:
+    """One row per top-level layer: output shape for one input crop and parameter count."""
+    n_samples = n_samples or model.cfg.n_samples
+    rows: list[dict] = []
+    hooks = []
+    for name, module in model.named_children():
+        def record(mod, inputs, output, name=name):
+            out = output[0] if isinstance(output, tuple) else output
+            rows.append({"layer": name, "type": type(mod[0] if isinstance(mod, torch.nn.Sequential) else mod).__name__,
+                         "output shape": tuple(out.shape),
+                         "parameters": sum(p.numel() for p in mod.parameters())})
+        hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, n_samples)) if hasattr(model, "fc2_gru") else model.embed(torch.randn(1, n_samples))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    table = pd.DataFrame(rows)
+    total = pd.DataFrame([{"layer": "total", "type": "", "output shape": "",
+                           "parameters": sum(p.numel() for p in model.parameters())}])
+    return pd.concat([table, total], ignore_index=True)
+
+
+def sinc_bank(model: RawNet2) -> dict[str, np.ndarray]:
+    """Cut-off frequencies (Hz) and taps of the first layer's band-pass filters."""
+    with torch.no_grad():
+        low, high = model.first_conv.cutoffs()
+        taps = model.first_conv.filters()[:, 0]
+    return {"low_hz": low[:, 0].numpy(), "high_hz": high[:, 0].numpy(), "taps": taps.numpy()}
+
+
+def fms_scales(model: RawNet2, wave: np.ndarray) -> dict[str, np.ndarray]:
+    """The sigmoid gate of each block's FMS for one crop: which filters a block turns up or down."""
+    scales: dict[str, np.ndarray] = {}
+    hooks = [block.frm.fc.register_forward_hook(
+        lambda mod, inp, out, name=f"block{i}": scales.__setitem__(name, torch.sigmoid(out)[0].numpy()))
+        for i, block in enumerate(model.blocks())]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.embed(torch.as_tensor(wave, dtype=torch.float32)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return scales
+
+
+def example_crop(cfg: Config, index: int = 0) -> tuple[str, np.ndarray]:
+    """(key, the middle n_samples of one evaluation utterance, peak-normalised)."""
+    data_path = resolve_data_path(cfg.data)
+    utts = load_utterances(data_path, cfg.data.eval_dirs[0], progress=False)
+    key = utts.keys[index % len(utts)]
+    x = peak_normalise(read_audio(utts.root / key, sample_rate=cfg.model.sample_rate))
+    n = cfg.model.n_samples
+    start = max(0, (len(x) - n) // 2)
+    return key, tile(x[start:start + n], n)

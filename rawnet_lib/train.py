@@ -1,0 +1,232 @@
+"""Train RawNet2 with the reference recipe, on one process or one process per device.
+
+One device or the CPU:
+    python -m rawnet_lib.train --config demo
+8 GPUs / NPUs on one machine:
+    torchrun --standalone --nproc_per_node=8 -m rawnet_lib.train --config paper --data_path /data/DB
+2 machines x 8 devices (run on each, node_rank 0 and 1):
+    torchrun --nnodes=2 --node_rank=0 --master_addr=host0 --master_port=29500 --nproc_per_node=8 \\
+        -m rawnet_lib.train --config paper --data_path /data/DB
+Any config field is a flag (`--epochs 3 --amp bf16`); `--config` takes a preset name or a YAML.
+notebooks/train.ipynb starts the same command through `rawnet_lib.launch`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from rawnet_lib import dist
+from rawnet_lib.config import Config, load_config
+from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
+from rawnet_lib.embed import autocast, embed_files
+from rawnet_lib.metrics import eer as compute_eer
+from rawnet_lib.model import build_model
+from rawnet_lib.run import RunDir, NonFiniteLossError, emit, load_checkpoint, validation_trials
+from rawnet_lib.scoring import cosine_scores, write_scores
+from rawnet_lib.trials import read_trials
+
+__all__ = ["train", "make_optimizer", "main"]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam (amsgrad) without weight decay on batch-norm parameters, and the keras decay."""
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+          for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in bn], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}]
+    optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad)
+    decay = cfg.optim.keras_decay if cfg.optim.lr_decay == "keras" else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * step))
+    return optimizer, scheduler
+
+
+def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: dist.RankInfo,
+                epoch: int, run: RunDir | None, max_steps: int | None = None) -> dict[str, float]:
+    """One pass over the loader (or max_steps steps); returns loss, accuracy and throughput."""
+    model.train()
+    steps = min(len(loader), max_steps or len(loader))
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not rank.is_main or run is None or run.events,
+               dynamic_ncols=True)
+    profiler = run.profiler() if run is not None and cfg.train.profile and epoch == 1 else None
+    totals = np.zeros(3)  # loss sum, correct, crops
+    timed_crops, t_start, last_emit = 0, None, time.time()
+    for step, (x, y) in enumerate(loader, start=1):
+        if step > steps:
+            break
+        if step == cfg.train.warmup_steps + 1:
+            t_start = time.perf_counter()  # throughput excludes the warm-up steps
+        x, y = x.to(rank.device, non_blocking=True), y.to(rank.device, non_blocking=True)
+        # forward, backward, step (fp16: the scaler skips steps whose gradients overflow)
+        with autocast(rank.device, cfg.train.amp):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss) and cfg.train.amp != "fp16":
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step} (rank {rank.rank}); "
+                                     "the last good checkpoint is kept: lower lr or try amp: off")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()  # keras decay: every iteration
+        # bookkeeping and progress
+        totals += [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
+        if t_start is not None:
+            timed_crops += len(y)
+        if profiler is not None:
+            profiler.step()
+        if rank.is_main and run is not None:
+            stats = {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}", refresh=False)
+            bar.update()
+            if run.events and time.time() - last_emit > 2:
+                emit("step", epoch=epoch, step=step, steps=steps, **stats)
+                last_emit = time.time()
+            if step % 50 == 0 or step == steps:
+                run.log(epoch, f"epoch {epoch} step {step}/{steps} loss {stats['loss']:.4f} "
+                               f"acc {stats['acc']:.4f} lr {scheduler.get_last_lr()[0]:.3e}")
+    bar.close()
+    if profiler is not None:
+        profiler.stop()
+    seconds = time.perf_counter() - t_start if t_start else float("nan")
+    loss_sum, correct, crops, timed = dist.all_reduce_sum([*totals, timed_crops], rank.device)
+    return {"loss": loss_sum / crops, "accuracy": correct / crops, "crops": crops,
+            "crops_per_s": timed / seconds, "crops_per_s_per_device": timed / seconds / rank.world_size}
+
+
+def validate(model, cfg: Config, data_path: Path, trials_path: Path, rank: dist.RankInfo,
+             run: RunDir, epoch: int) -> float:
+    """Embed the validation files across all ranks, score once on rank 0, return the EER (fraction)."""
+    trials = read_trials(trials_path)
+    roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
+    emb = embed_files(model, trials.files(), roots, cfg.model, cfg.evaluation, rank.device,
+                      amp=cfg.train.amp, workers=cfg.data.num_workers, progress=not run.events)
+    if not rank.is_main:
+        return float("nan")
+    scores = cosine_scores(emb, trials)
+    write_scores(run.path / "results" / f"eval_epoch{epoch}.txt", scores, trials)
+    return compute_eer(scores, trials.labels)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """The whole run on this rank: data, model, epochs, validation, checkpoints."""
+    rank = dist.setup(cfg.train.device)
+    torch.manual_seed(cfg.train.seed + rank.rank)
+    np.random.seed(cfg.train.seed + rank.rank)
+    random.seed(cfg.train.seed + rank.rank)
+    try:
+        if cfg.train.batch_size % rank.world_size:
+            raise ValueError(f"batch_size {cfg.train.batch_size} does not split evenly over "
+                             f"{rank.world_size} processes; use a multiple of {rank.world_size}")
+        data_path = resolve_data_path(cfg.data) if rank.is_main else None
+        run = RunDir.create(cfg, rank)  # rank 0 checks and creates the folder, the others wait
+        data_path = data_path or resolve_data_path(cfg.data)
+        utts = load_utterances(data_path, cfg.data.train_dir, progress=rank.is_main)
+        dist.barrier()
+        if utts.bad:
+            if cfg.data.on_bad_audio == "stop":
+                raise ValueError(utts.bad_summary())
+            run.log(0, f"skipping {len(utts.bad)} unusable training file(s):\n{utts.bad_summary()}")
+        speakers = utts.speakers()
+        dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate,
+                              skip_bad=cfg.data.on_bad_audio == "skip")
+        sampler = DistributedSampler(dataset, rank.world_size, rank.rank, shuffle=True,
+                                     seed=cfg.train.seed, drop_last=True)
+        loader = DataLoader(dataset, cfg.train.batch_size // rank.world_size, sampler=sampler,
+                            num_workers=cfg.data.num_workers, drop_last=True,
+                            pin_memory=rank.device.type == "cuda")
+        model = build_model(cfg, len(speakers)).to(rank.device)
+        optimizer, scheduler = make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
+        state = load_checkpoint(run.last_checkpoint(), model, optimizer, scheduler, scaler) if cfg.train.resume else None
+        net = DDP(model, broadcast_buffers=False) if rank.distributed else model
+        history = state["history"] if state else []
+        best_eer = min([h["val_eer"] for h in history if not math.isnan(h["val_eer"])], default=math.inf)
+        trials_path = validation_trials(cfg, data_path, run) if cfg.train.mode == "full" else None
+        run.start(speakers=len(speakers), utterances=len(utts), hours=utts.seconds() / 3600)
+
+        if cfg.train.mode == "performance":
+            sampler.set_epoch(1)
+            dataset.set_epoch(1)
+            steps = cfg.train.perf_steps + cfg.train.warmup_steps
+            stats = train_epoch(net, _repeat(loader, steps), optimizer, scheduler, scaler, cfg, rank, 1, run, steps)
+            stats["fps_seed"] = _seed_fps(utts.frames.sum(), len(utts), stats, rank)
+            return run.finish_performance(stats)
+
+        for epoch in range(len(history) + 1, cfg.train.epochs + 1):
+            sampler.set_epoch(epoch)  # a new order every epoch (the Ascend port forgot this)
+            dataset.set_epoch(epoch)
+            t0 = time.time()
+            stats = train_epoch(net, loader, optimizer, scheduler, scaler, cfg, rank, epoch, run)
+            stats["epoch_seconds"] = time.time() - t0
+            stats["fps_seed"] = _seed_fps(utts.frames.sum(), len(utts), stats, rank)
+            stats["val_eer"] = validate(net, cfg, data_path, trials_path, rank, run, epoch)
+            stats["epoch"] = epoch
+            history.append(stats)
+            if rank.is_main:
+                best = stats["val_eer"] < best_eer
+                best_eer = min(best_eer, stats["val_eer"])
+                run.end_epoch(epoch, stats, history, model, optimizer, scheduler, scaler, speakers, best)
+            dist.barrier()
+        return run.summary(history) if rank.is_main else {}
+    finally:
+        dist.cleanup()
+
+
+def _repeat(loader: DataLoader, steps: int):
+    """Batches of the loader, restarted as often as needed for `steps` steps (performance mode)."""
+    class Repeat:
+        def __len__(self) -> int:
+            return steps
+
+        def __iter__(self):
+            while True:
+                yield from loader
+    return Repeat()
+
+
+def _seed_fps(total_samples: int, n_utts: int, stats: dict[str, float], rank: dist.RankInfo) -> float:
+    """The seed's "FPS": dataset audio samples / 1000 / epoch seconds, per device; from the
+    measured rate, one crop standing for an average utterance."""
+    epoch_seconds = n_utts / stats["crops_per_s"]
+    return total_samples / 1000 / epoch_seconds / rank.world_size
+
+
+def _parse_args(argv: list[str] | None) -> Config:
+    fields = Config().flat()
+    parser = argparse.ArgumentParser(prog="python -m rawnet_lib.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="preset name in params/ or a YAML file (default demo)")
+    for name, default in fields.items():
+        parser.add_argument(f"--{name}", type=yaml.safe_load, default=None, metavar=type(default).__name__.upper(),
+                            help=f"overrides the preset (built-in default {default!r})")
+    args = vars(parser.parse_args(argv))
+    return load_config(args.pop("config"), **{k: v for k, v in args.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    summary = train(_parse_args(argv))
+    if summary:
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps the last finished epoch; continue with --resume true",
+              file=sys.stderr)
+        sys.exit(130)

@@ -59,6 +59,7 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
     """One pass over the loader (or max_steps steps); returns loss, accuracy and throughput."""
     model.train()
     steps = min(len(loader), max_steps or len(loader))
+    warmup = min(cfg.train.warmup_steps, steps // 2)  # short epochs still get a throughput figure
     bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not rank.is_main or run is None or run.events,
                dynamic_ncols=True)
     profiler = run.profiler() if run is not None and cfg.train.profile and epoch == 1 else None
@@ -67,7 +68,7 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
     for step, (x, y) in enumerate(loader, start=1):
         if step > steps:
             break
-        if step == cfg.train.warmup_steps + 1:
+        if step == warmup + 1:
             t_start = time.perf_counter()  # throughput excludes the warm-up steps
         x, y = x.to(rank.device, non_blocking=True), y.to(rank.device, non_blocking=True)
         # forward, backward, step (fp16: the scaler skips steps whose gradients overflow)
@@ -152,7 +153,8 @@ def train(cfg: Config) -> dict[str, Any]:
         optimizer, scheduler = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
         state = load_checkpoint(run.last_checkpoint(), model, optimizer, scheduler, scaler) if cfg.train.resume else None
-        net = DDP(model, broadcast_buffers=False) if rank.distributed else model
+        # Batch-norm statistics stay per rank after the initial sync, as the reference's broadcast_buffers=False.
+        net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []
         best_eer = min([h["val_eer"] for h in history if not math.isnan(h["val_eer"])], default=math.inf)
         trials_path = validation_trials(cfg, data_path, run) if cfg.train.mode == "full" else None

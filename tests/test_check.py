@@ -1,0 +1,137 @@
+"""Tests for rawnet_lib.check: one run over a small broken tree finds every problem with its count."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from rawnet_lib.check import CheckReport, DatasetError, check_dataset
+
+SR = 16000
+
+
+def _wav(path: Path, seconds: float = 1.0, sr: int = SR, channels: int = 1, silent: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(path.name))
+    shape = (int(seconds * sr), channels) if channels > 1 else (int(seconds * sr),)
+    x = np.zeros(shape) if silent else 0.1 * rng.standard_normal(shape)
+    sf.write(str(path), x, sr, subtype="PCM_16")
+    return path
+
+
+def _raw(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _wav_bytes(seconds: float = 1.0) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.full(int(seconds * SR), 0.1), SR, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def broken_db(tmp_path: Path) -> Path:
+    """A VoxCeleb-like tree under a path with a space and non-ASCII, holding one or two of every problem."""
+    db = tmp_path / "my dätäbase"
+    dev, ev, vox2 = db / "VoxCeleb1/dev_wav", db / "VoxCeleb1/eval_wav", db / "VoxCeleb2/wav"
+    # usable: 6 files of 5 speakers, 1 + 1 + 2 + 1.5 + 1 + 2 = 8.5 s
+    _wav(dev / "id001/vidA/00001.wav")
+    _wav(dev / "id001/vidB/00001.wav")
+    _wav(dev / "id002/vïd C/ütt 1.wav", seconds=2.0)  # non-ASCII and spaces are fine
+    _wav(ev / "id003/v/00001.wav", seconds=1.5)
+    _wav(vox2 / "id100/v/00001.wav")
+    x = np.zeros(2 * SR)
+    x[SR + 777] = 0.5  # one sample between the silence probes: not silent
+    (vox2 / "id101/v").mkdir(parents=True)
+    sf.write(str(vox2 / "id101/v/00001.wav"), x, SR, subtype="PCM_16")
+    # problems: 13 files with audio problems, 3 that are not usable wavs at all
+    _raw(dev / "id001/vidA/empty.wav", b"")
+    _raw(dev / "id001/vidA/truncated.wav", _wav_bytes()[:20])
+    _raw(dev / "id001/vidA/text.wav", "not audio, just text\n".encode())
+    _wav(dev / "id002/v/8k.wav", sr=8000)
+    _wav(ev / "id003/v/8k.wav", sr=8000)
+    _wav(dev / "id002/v/stereo.wav", channels=2)
+    _wav(dev / "id002/v/silent.wav", seconds=2.0, silent=True)
+    _wav(dev / "id002/v/tiny silent.wav", seconds=0.3, silent=True)  # also short
+    _wav(dev / "id002/v/short.wav", seconds=0.2)
+    _wav(dev / "id002/v/nothing.wav", seconds=0.0)
+    _raw(vox2 / "id100/v/00002.m4a", b"\x00\x00\x00 ftypM4A ")
+    _raw(vox2 / "id100/v/notes.txt", b"hello")
+    _wav(dev / "id001/loose.wav")
+    # trial list O: one pair fine (across dev and eval), two keys on no disk; a .txt list that does not parse
+    (db / "VoxCeleb1/veri_test.txt").write_text(
+        "1 id001/vidA/00001.wav id001/vidB/00001.wav\n"
+        "0 id001/vidA/00001.wav id003/v/00001.wav\n"
+        "0 id001/x/gone.wav id009/v/00001.wav\n")
+    (db / "broken list.txt").write_text("1 id001/vidA/00001.wav\n")
+    return db
+
+
+def test_every_problem_in_one_run(broken_db: Path):
+    dirs = ["VoxCeleb2/wav", "VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav", "VoxCeleb1/test"]
+    report = check_dataset(broken_db, dirs=dirs, trial_lists=["O", "E", str(broken_db / "broken list.txt")],
+                           min_seconds=0.5, progress=False)
+    counts = {kind: p.count for kind, p in report.problems.items()}
+    assert counts == {
+        "missing_dir": 1, "m4a": 1, "other_file": 1, "bad_layout": 1, "empty": 1, "unreadable": 2,
+        "sample_rate": 2, "channels": 1, "no_frames": 1, "silent": 2, "short": 2,
+        "list_missing": 1, "list_invalid": 1, "list_files_missing": 2,
+    }
+    ex = {kind: " | ".join(p.examples) for kind, p in report.problems.items()}
+    assert "VoxCeleb1/test" in ex["missing_dir"]
+    assert "VoxCeleb2/wav/id100/v/00002.m4a" in ex["m4a"] and "convert" in report.problems["m4a"].fix
+    assert "notes.txt" in ex["other_file"] and "id001/loose.wav" in ex["bad_layout"]
+    assert "vidA/empty.wav" in ex["empty"] and "nothing.wav" in ex["no_frames"]
+    assert "truncated.wav" in ex["unreadable"] and "text.wav" in ex["unreadable"]
+    assert "VoxCeleb1/dev_wav/id002/v/8k.wav: 8000 Hz" in ex["sample_rate"] and "id003/v/8k.wav" in ex["sample_rate"]
+    assert "ffmpeg" in report.problems["sample_rate"].fix and "16000" in report.problems["sample_rate"].fix
+    assert "stereo.wav: 2 channels" in ex["channels"]
+    assert report.problems["silent"].examples == ["VoxCeleb1/dev_wav/id002/v/silent.wav",
+                                                  "VoxCeleb1/dev_wav/id002/v/tiny silent.wav"]
+    assert "id101" not in ex["silent"]  # a single non-zero sample off the probes is found
+    assert "short.wav: 0.20 s" in ex["short"] and "tiny silent.wav: 0.30 s" in ex["short"]
+    assert "list_test_all.txt" in ex["list_missing"]
+    assert "broken list.txt" in ex["list_invalid"] and "line 1" in ex["list_invalid"]
+    assert "id009/v/00001.wav" in ex["list_files_missing"] and "id001/x/gone.wav" in ex["list_files_missing"]
+    assert report.files == 19  # 6 usable + 10 broken wavs at the right depth + m4a, txt, loose.wav
+    assert (report.utterances, report.speakers) == (6, 5)
+    assert report.hours == pytest.approx(8.5 / 3600)
+    assert not report.ok
+
+
+def test_report_text_dict_and_raise(broken_db: Path):
+    report = check_dataset(broken_db, trial_lists=[str(broken_db / "broken list.txt")], progress=False)
+    text = str(report)
+    assert str(broken_db) in text and "usable utterances" in text
+    assert "empty file (0 bytes): 1" in text and "fix:" in text
+    assert "\n      " in text  # the multi-line list error is indented under its kind
+    as_dict = json.loads(json.dumps(report.to_dict()))
+    assert as_dict["ok"] is False and as_dict["problems"]["empty"]["count"] == 1
+    assert as_dict["problems"]["sample_rate"]["examples"][0].endswith("8000 Hz")
+    with pytest.raises(DatasetError) as info:
+        report.raise_if_bad()
+    assert isinstance(info.value, ValueError) and "unreadable audio: 2" in str(info.value)
+
+
+def test_clean_tree_is_ok(tmp_path: Path):
+    db = tmp_path / "clean db ü"
+    _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav")
+    _wav(db / "VoxCeleb1/eval_wav/id002/v1/00001.wav", seconds=0.5)
+    (db / "VoxCeleb1/veri_test.txt").write_text("0 id001/v1/00001.wav id002/v1/00001.wav\n")
+    report = check_dataset(db, dirs=["VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav"], workers=1, progress=False)
+    assert report.ok, str(report)
+    assert (report.files, report.utterances, report.speakers) == (2, 2, 2)
+    assert report.hours == pytest.approx(1.5 / 3600)
+    assert "no problems found" in str(report)
+    report.raise_if_bad()  # no exception
+    assert CheckReport(db).ok
+
+
+def test_bad_trial_list_name_raises_before_walking(tmp_path: Path):
+    with pytest.raises(ValueError, match="O, O2, E"):
+        check_dataset(tmp_path, trial_lists=["vox1-o"], progress=False)

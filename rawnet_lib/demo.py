@@ -1,0 +1,72 @@
+"""The whole workbook, end to end, headless: what `./setup.sh demo` runs.
+
+Generates the demo corpus, then executes the notebooks in reading order with papermill
+(data prep, model, training, evaluation, analysis, benchmark), each into
+`outputs/demo_runs/<time>/` with its outputs, so the run can be opened in JupyterLab.
+Training resumes the demo run when one exists, so repeating the command loses nothing.
+
+    python -m rawnet_lib.demo                 # the demo corpus and preset
+    python -m rawnet_lib.demo --size tiny --preset smoke   # a one-minute look
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from rawnet_lib.config import REPO_DIR
+
+__all__ = ["NOTEBOOKS", "notebook_parameters", "run_demo"]
+
+NOTEBOOKS = ("data_prep", "model", "train", "evaluate", "analysis", "benchmark")
+
+
+def notebook_parameters(name: str, size: str, preset: str, devices: int) -> dict:
+    """The papermill parameters each notebook gets in the demo."""
+    common = {"data_path": "", "demo_size": size}
+    return {
+        "data_prep": common,
+        "model": {**common, "preset": preset, "n_classes": 0},
+        "train": {"preset": preset, "devices": devices, "resume": True, "data": {"demo_size": size}},
+        "evaluate": {**common, "preset": preset},
+        "analysis": {},
+        "benchmark": {"quick": True},
+    }[name]
+
+
+def run_demo(size: str = "demo", preset: str = "demo", devices: int = 1, only: list[str] | None = None) -> Path:
+    """Run each notebook that exists; stop at the first that fails (papermill keeps its output)."""
+    import papermill as pm
+    from rawnet_lib.corpus import ensure_demo_corpus
+
+    ensure_demo_corpus(size)
+    out = REPO_DIR / "outputs" / "demo_runs" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    for name in only or NOTEBOOKS:
+        source = REPO_DIR / "notebooks" / f"{name}.ipynb"
+        if not source.exists():
+            continue
+        start = time.time()
+        print(f"== {name}.ipynb", flush=True)
+        pm.execute_notebook(str(source), str(out / source.name), cwd=str(source.parent),
+                            parameters=notebook_parameters(name, size, preset, devices), log_output=True,
+                            progress_bar=False)
+        print(f"== {name}.ipynb done in {time.time() - start:.0f} s -> {out / source.name}", flush=True)
+    print(f"executed notebooks: {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="demo", help="demo corpus size: demo | tiny")
+    parser.add_argument("--preset", default="demo", help="parameter set for model and training")
+    parser.add_argument("--devices", type=int, default=1, help="training processes")
+    parser.add_argument("--only", nargs="*", help=f"run only these notebooks ({', '.join(NOTEBOOKS)})")
+    args = parser.parse_args(argv)
+    run_demo(args.size, args.preset, args.devices, args.only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Training: the seed's output layout, 1 and 2 processes, resume equality, modes, refusals."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rawnet_lib.config import load_config
+from rawnet_lib.launch import launch, launch_command
+from rawnet_lib.run import RunExistsError, run_path
+from rawnet_lib.train import make_optimizer, train
+from rawnet_lib.trials import read_trials
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "models" / "last.pt", weights_only=False)["model"]
+
+
+def assert_seed_layout(run: Path, epochs: int) -> None:
+    """Every file of the seed's layout is there and in its format."""
+    assert (run / "models" / "best_opt_eval.pt").is_file()
+    ta = sorted(p.name for p in (run / "models").glob("TA_*.pt"))
+    assert len(ta) == epochs and all(re.fullmatch(r"TA_\d+_\d\.\d{4}\.pt", n) for n in ta)
+    eers = (run / "eers.txt").read_text().splitlines()
+    assert [int(re.fullmatch(r"epoch:(\d+), TA_eval_eer:(\d\.\d+)", line).group(1)) for line in eers] == \
+        list(range(1, epochs + 1))
+    n_trials = len(read_trials(run / "val_trial.txt"))
+    for epoch in range(1, epochs + 1):
+        lines = (run / "results" / f"eval_epoch{epoch}.txt").read_text().splitlines()
+        assert len(lines) == n_trials
+        score, target = lines[0].split()
+        assert -1.0 <= float(score) <= 1.0 and target in ("0", "1")
+        assert "loss" in (run / "log" / f"eval_epoch{epoch}.txt").read_text()
+    params = dict(line.split(":\t", 1) for line in (run / "f_params.txt").read_text().splitlines())
+    assert params["n_samples"] == "6561" and params["batch_size"] == "8"
+    assert (run / "prof").is_dir()
+    best = torch.load(run / "models" / "best_opt_eval.pt", weights_only=False)
+    assert {"model", "optimizer", "config", "speakers", "epoch", "val_eer"} <= set(best)
+    assert not list(run.rglob("*.tmp")), "no temporary file may be left behind"
+
+
+def test_single_process_run_writes_the_seed_layout(smoke_run: Path) -> None:
+    assert_seed_layout(smoke_run, epochs=2)
+    history = json.loads((smoke_run / "history.json").read_text())
+    assert all(h["crops_per_s"] > 0 and 0 <= h["val_eer"] <= 1 for h in history)
+
+
+def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
+    """Interrupted after epoch 1 and resumed == the uninterrupted 2-epoch smoke run."""
+    cfg = dict(data_path=str(tiny_db), out_dir=str(tmp_path), name="fixture")
+    train(load_config("smoke", epochs=1, **cfg))
+    train(load_config("smoke", epochs=2, resume=True, **cfg))
+    resumed = run_path(load_config("smoke", **cfg))
+    reference = _weights(smoke_run)
+    for key, value in _weights(resumed).items():
+        assert torch.equal(value, reference[key]), key
+    assert (resumed / "eers.txt").read_text() == (smoke_run / "eers.txt").read_text()
+
+
+def test_existing_run_is_never_overwritten(smoke_run: Path, tiny_db: Path) -> None:
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(smoke_run.parents[2]), name="fixture")
+    before = (smoke_run / "eers.txt").read_text()
+    with pytest.raises(RunExistsError, match="resume: true"):
+        train(cfg)
+    assert (smoke_run / "eers.txt").read_text() == before
+
+
+def test_two_gloo_processes_through_the_launcher(tiny_db: Path, tmp_path: Path) -> None:
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), name="ddp", devices=2, epochs=1)
+    summary = launch(cfg)
+    run = run_path(cfg)
+    assert run.parent.parent.name == "train_2P" and summary["epochs"] == 1
+    assert_seed_layout(run, epochs=1)
+
+
+def test_performance_mode_reports_throughput_only(tiny_db: Path, tmp_path: Path) -> None:
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), mode="performance",
+                      perf_steps=4, warmup_steps=1, amp="bf16")
+    summary = train(cfg)
+    assert summary["crops_per_s"] > 0 and summary["fps_seed"] > 0 and summary["amp"] == "bf16"
+    run = run_path(cfg)
+    assert json.loads((run / "performance.json").read_text())["crops_per_s"] == summary["crops_per_s"]
+    assert not list((run / "models").iterdir()), "performance mode writes no checkpoints"
+
+
+def test_launch_commands_use_torchrun_rendezvous() -> None:
+    single = launch_command(load_config("smoke"), Path("c.yaml"))
+    assert single[1:4] == ["-m", "rawnet_lib.train", "--config"]
+    eight = launch_command(load_config("smoke", devices=8), Path("c.yaml"))
+    assert "torch.distributed.run" in eight and "--standalone" in eight and "--nproc_per_node=8" in eight
+    nodes = launch_command(load_config("smoke", devices=8, nnodes=2, node_rank=1, master_addr="h0"), Path("c.yaml"))
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=h0", "--master_port=29500"} <= set(nodes)
+
+
+def test_batch_must_split_over_ranks(tiny_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        train(cfg)
+
+
+def test_no_weight_decay_on_batch_norm() -> None:
+    from rawnet_lib.model import build_model
+    model = build_model("smoke", 4)
+    optimizer, scheduler = make_optimizer(model, load_config("smoke"))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
+    assert any(p is model.first_bn.weight for p in plain["params"])
+    assert optimizer.defaults["amsgrad"] is True
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 / (1 + 1e-4 * 10))
+
+
+def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Path) -> None:
+    run_notebook("train", preset="smoke", data_path=str(tiny_db), out_dir=str(tmp_path), epochs=1)
+    run = tmp_path / "train_1P" / "DNNS" / "smoke"
+    assert (run / "figures" / "history.png").stat().st_size > 0
+    assert_seed_layout(run, epochs=1)

@@ -244,7 +244,8 @@ def _set(block: Any, name: str, value: Any) -> None:
     setattr(block, name, _coerce(name, value, hints[name]))
 
 
-def _unknown(key: str, valid: list[str], where: str) -> typing.NoReturn:
+def _unknown(key: Any, valid: list[str], where: str) -> typing.NoReturn:
+    key = str(key)  # YAML keys can be numbers, booleans or dates (`1: 2`)
     close = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
     raise ConfigError(f"{where}: unknown parameter {key!r}{hint}")
@@ -257,6 +258,10 @@ def load_config(preset: str | Path | None = "demo", blocks: Mapping[str, Any] | 
     >>> load_config("paper", devices=8).train.devices
     8
     """
+    if blocks is not None and not isinstance(blocks, Mapping):
+        # `blocks` is also the model field (block widths, `--blocks [64, 64]` on the command line).
+        overrides = {"blocks": blocks, **overrides}
+        blocks = None
     config = Config()
     if preset:
         path = preset_path(preset)

@@ -162,12 +162,16 @@ class CropDataset(Dataset):
         return len(self.utts)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        try:
-            x = random_crop(self.utts.root / self.utts.keys[index], self.n_samples, rng, self.sample_rate)
-        except AudioError:
-            if not self.skip_bad:
-                raise
-            # The header was fine but the data is not: train on a neighbour rather than stop mid-epoch.
-            return self[(index + 1) % len(self)]
-        return torch.from_numpy(x), int(self.labels[index])
+        i, last = index, None
+        for _ in range(len(self)):  # a loop, not recursion: a long run of bad files must not overflow the stack
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            try:
+                x = random_crop(self.utts.root / self.utts.keys[i], self.n_samples, rng, self.sample_rate)
+            except AudioError as err:
+                if not self.skip_bad:
+                    raise
+                # The header was fine but the data is not: train on a neighbour rather than stop mid-epoch.
+                i, last = (i + 1) % len(self), err
+                continue
+            return torch.from_numpy(x), int(self.labels[i])
+        raise AudioError(f"none of the {len(self)} files under {self.utts.root} is readable; last: {last}")

@@ -160,8 +160,8 @@ class RawNet2(nn.Module):
             x = self.ln(x)
         x = self.first_conv(x.unsqueeze(1))
         x = self.lrelu_keras(self.first_bn(F.max_pool1d(x.abs(), 3)))
-        for block in self.blocks():
-            x = block(x)
+        for i in range(self.n_blocks):
+            x = getattr(self, f"block{i}")(x)  # the registered child, so hooks on `block<i>` fire
         return self.lrelu_keras(self.bn_before_gru(x))
 
     def embed(self, x: Tensor) -> Tensor:

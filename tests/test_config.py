@@ -1,0 +1,325 @@
+"""Tests for rawnet_lib.config: presets, the paper recipe, layering, coercion, errors, f_params.txt."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rawnet_lib.io
+from rawnet_lib.config import PARAMS_DIR, Config, ConfigError, load_config, preset_path, write_f_params
+
+PRESETS = ["paper", "demo", "smoke"]
+
+
+# --- presets --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_name_themselves(name):
+    cfg = load_config(name)
+    assert cfg.preset == name
+    assert cfg.train.name == name
+    assert cfg.model.sinc_kernel % 2 == 1
+    # Every preset YAML is in the block layout and only uses known blocks.
+    raw = yaml.safe_load((PARAMS_DIR / f"{name}.yaml").read_text())
+    assert set(raw) <= {"preset", *Config().blocks()}
+
+
+def test_paper_preset_is_the_reference_recipe():
+    cfg = load_config("paper")
+    m, o, t, e = cfg.model, cfg.optim, cfg.train, cfg.evaluation
+    assert m.n_samples == 59049 == 3 ** 10
+    assert m.sample_rate == 16000
+    assert m.sinc_filters == 128
+    assert m.sinc_kernel == 251
+    assert m.blocks == [128, 128, 256, 256, 256, 256]
+    assert m.gru_units == 1024 and m.gru_layers == 1
+    assert m.embedding_dim == 1024
+    assert m.layer_norm is True and m.fast is False
+    assert t.batch_size == 100
+    assert t.epochs == 80
+    assert o.lr == 1e-3 and isinstance(o.lr, float)
+    assert o.weight_decay == 1e-4 and isinstance(o.weight_decay, float)
+    assert o.amsgrad is True
+    assert o.lr_decay == "keras"
+    assert o.keras_decay == 1e-4 and isinstance(o.keras_decay, float)
+    assert e.eval_hop == 47239 and m.n_samples - e.eval_hop == 11810
+    assert e.crop_mode == "reference"
+
+
+def test_defaults_are_the_paper_recipe():
+    """With no preset the dataclass defaults alone give the reference model and optimiser."""
+    bare, paper = load_config(None), load_config("paper")
+    assert bare.model == paper.model
+    assert bare.optim == paper.optim
+    assert (bare.train.epochs, bare.train.batch_size) == (80, 100)
+
+
+def test_preset_path_accepts_names_and_yaml_paths(tmp_path):
+    assert preset_path("demo") == PARAMS_DIR / "demo.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("train: {epochs: 3}\n")
+    assert preset_path(own) == own
+    assert load_config(own).train.epochs == 3
+    with pytest.raises(ConfigError, match="demo.*paper.*smoke"):
+        preset_path("nosuch")
+    with pytest.raises(ConfigError, match="does not exist"):
+        preset_path(tmp_path / "missing.yaml")
+
+
+# --- layering -------------------------------------------------------------------------------
+
+def test_layering_order_defaults_preset_blocks_overrides():
+    default = Config().train.epochs
+    preset = load_config("demo")
+    assert preset.train.epochs == 10 != default                      # preset over defaults
+    assert preset.train.devices == Config().train.devices            # untouched field keeps default
+    blocks = load_config("demo", blocks={"train": {"epochs": 4, "seed": 7}})
+    assert (blocks.train.epochs, blocks.train.seed) == (4, 7)       # blocks over preset
+    both = load_config("demo", blocks={"train": {"epochs": 4, "seed": 7}}, epochs=2)
+    assert (both.train.epochs, both.train.seed) == (2, 7)           # flat overrides over blocks
+    assert both.model == preset.model
+
+
+def test_none_override_keeps_the_value():
+    cfg = load_config("demo", blocks={"data": None}, epochs=None, lr=None, data_path=None)
+    ref = load_config("demo")
+    assert cfg.train.epochs == ref.train.epochs == 10
+    assert cfg.optim.lr == ref.optim.lr
+    assert cfg.data == ref.data
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_papermill_block_layout_round_trips(name):
+    """papermill -f params/x.yaml injects `preset`, `model`, `train`, ... as variables;
+    passing them back as `blocks` must give the same config."""
+    injected = yaml.safe_load((PARAMS_DIR / f"{name}.yaml").read_text())
+    assert load_config(name, blocks=injected) == load_config(name)
+    # The same blocks over a different preset set every key they name to the injected value.
+    other = load_config("paper" if name != "paper" else "smoke", blocks=injected)
+    want = load_config(name)
+    for block, values in injected.items():
+        if block != "preset":
+            for key in values:
+                assert getattr(getattr(other, block), key) == getattr(getattr(want, block), key), key
+
+
+def test_block_widths_as_a_flat_override():
+    """`blocks` is both the YAML-blocks argument and the model field; a list means the field,
+    as `python -m rawnet_lib.train --blocks [16, 16]` passes it."""
+    cfg = load_config("smoke", blocks=[16, 16, 32])
+    assert cfg.model.blocks == [16, 16, 32]
+    assert cfg.train == load_config("smoke").train
+    # What the command line passes: `--blocks "[16, 32]"` parsed by yaml.safe_load, as a keyword.
+    assert load_config("smoke", **{"blocks": yaml.safe_load("[16, 32]")}).model.blocks == [16, 32]
+
+
+def test_flat_overrides_reach_every_block():
+    cfg = load_config("smoke", n_samples=3 ** 7, data_path="/x", lr=0.5, devices=3, eval_hop=100)
+    assert cfg.model.n_samples == 2187
+    assert cfg.data.data_path == "/x"
+    assert cfg.optim.lr == 0.5
+    assert cfg.train.devices == 3
+    assert cfg.evaluation.eval_hop == 100
+
+
+# --- coercion -------------------------------------------------------------------------------
+
+def test_yaml_exponent_strings_become_floats(tmp_path):
+    """PyYAML reads `1e-3` (no dot) as a string; the loader must still give a float."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 1e-4\n  keras_decay: 5E-5\n")
+    assert yaml.safe_load(path.read_text())["optim"]["lr"] == "1e-3"
+    cfg = load_config(path)
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 0.0001 and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.optim.keras_decay == 5e-5
+
+
+def test_string_and_number_coercion():
+    cfg = load_config("smoke", epochs="3", batch_size=16.0, lr=1, amsgrad="false", resume="yes",
+                      name=12, blocks=[4, 4, "8"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.batch_size == 16 and isinstance(cfg.train.batch_size, int)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.amsgrad is False
+    assert cfg.train.resume is True
+    assert cfg.train.name == "12"
+    assert cfg.model.blocks == [4, 4, 8]
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"epochs": 2.5}, "epochs"), ({"epochs": "many"}, "epochs"), ({"lr": "fast"}, "lr"),
+    ({"amsgrad": "maybe"}, "amsgrad"), ({"blocks": "128"}, "blocks"), ({"epochs": True}, "epochs"),
+    ({"trial_lists": "O"}, "trial_lists"), ({"name": ["a"]}, "name"),
+])
+def test_wrong_types_raise_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config("smoke", **override)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_unknown_flat_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown parameter 'devcies'.*did you mean devices"):
+        load_config("smoke", devcies=2)
+
+
+def test_unknown_block_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"'train\.epoch'.*did you mean.*epochs"):
+        load_config("smoke", blocks={"train": {"epoch": 3}})
+    # A real field in the wrong block is also refused.
+    with pytest.raises(ConfigError, match=r"model\.lr"):
+        load_config("smoke", blocks={"model": {"lr": 0.1}})
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"{path.name}.*learning_rate"):
+        load_config(path)
+
+
+def test_non_string_top_level_key_is_a_config_error(tmp_path):
+    path = tmp_path / "intkey.yaml"
+    path.write_text("1: 2\n")
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("amp", "fp8", ["off", "bf16", "fp16"]),
+    ("mode", "fast", ["full", "performance"]),
+    ("device", "tpu", ["auto", "cpu", "cuda", "npu"]),
+    ("lr_decay", "cosine", ["keras", "none"]),
+    ("on_bad_audio", "ignore", ["stop", "skip"]),
+    ("crop_mode", "middle", ["reference", "full"]),
+])
+def test_bad_choice_names_the_valid_choices(key, value, choices):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", **{key: value})
+    message = str(info.value)
+    assert key in message and repr(value) in message
+    assert all(c in message for c in choices)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"sinc_kernel": 250}, "odd"),
+    ({"blocks": []}, "blocks"), ({"trial_lists": ["X"]}, "trial list"),
+])
+def test_invalid_values_raise(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("smoke", **override)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model: [1, 2\n", "not valid YAML"),
+    ("- a\n- b\n", "mapping"),
+    ("model: 3\n", "block 'model'"),
+])
+def test_malformed_yaml_files(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+# --- f_params.txt ---------------------------------------------------------------------------
+
+def _read_f_params(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    assert all(":\t" in line for line in lines), lines
+    pairs = [line.split(":\t", 1) for line in lines]
+    return dict(pairs)
+
+
+def test_f_params_has_every_field(tmp_path):
+    cfg = load_config("paper", devices=8)
+    path = tmp_path / "run" / "f_params.txt"
+    write_f_params(cfg, path)
+    values = _read_f_params(path)
+    fields = [f.name for block in cfg.blocks().values() for f in dataclasses.fields(block)]
+    assert list(values) == ["preset", *fields]
+    assert len(fields) == len(set(fields))      # field names are unique across blocks
+    assert values["preset"] == "paper"
+    assert values["n_samples"] == "59049"
+    assert values["devices"] == "8"
+    assert values["lr"] == "0.001"
+    assert values["blocks"] == "[128, 128, 256, 256, 256, 256]"
+    assert values["amsgrad"] == "True"
+    assert values["data_path"] == ""
+
+
+def test_f_params_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "f_params.txt"
+    path.write_text("old\n")
+    seen = []
+
+    def failing_replace(src, dst):
+        seen.append((Path(src), Path(dst)))
+        assert Path(src).read_text().startswith("preset:\tsmoke\n")   # complete before the swap
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(rawnet_lib.io.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write_f_params(load_config("smoke"), path)
+    assert path.read_text() == "old\n"                                  # target untouched
+    assert os.listdir(tmp_path) == ["f_params.txt"]                     # temporary file removed
+    (src, dst), = seen
+    assert src.parent == dst.parent == tmp_path and src != dst
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 6, 10 ** 6), st.floats(allow_nan=True),
+                     st.text(max_size=12))
+_field_names = st.sampled_from([f.name for b in Config().blocks().values() for f in dataclasses.fields(b)]
+                               + ["preset", "modle", "lrr", ""])
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.one_of(_field_names, st.text(max_size=6)), inner, max_size=4),
+                       max_leaves=10)
+_block_names = st.sampled_from(["model", "data", "optim", "train", "evaluation", "preset"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(blocks=st.dictionaries(st.one_of(_block_names, _field_names),
+                              st.one_of(_values, st.dictionaries(_field_names, _values, max_size=4)),
+                              max_size=4),
+       overrides=st.dictionaries(_field_names.filter(lambda k: k.isidentifier() and k not in ("preset", "blocks")),
+                                 _scalars, max_size=3))
+def test_fuzz_random_dicts_raise_only_config_error(blocks, overrides):
+    try:
+        cfg = load_config("smoke", blocks=blocks, **overrides)
+    except ConfigError:
+        return
+    assert isinstance(cfg, Config)
+    assert cfg.model.sinc_kernel % 2 == 1 and cfg.model.blocks
+
+
+_yaml_docs = st.one_of(
+    st.text(max_size=80),
+    _values.map(lambda v: yaml.safe_dump(v)),
+    st.dictionaries(st.one_of(_block_names, _field_names, st.integers(), st.booleans()),
+                    st.one_of(_values, st.dictionaries(_field_names, _values, max_size=3)), max_size=3)
+    .map(lambda d: yaml.safe_dump(d)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_yaml_docs)
+def test_fuzz_random_yaml_text_raises_only_config_error(tmp_path, text):
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        cfg = load_config(path)
+    except ConfigError:
+        return
+    assert isinstance(cfg, Config)

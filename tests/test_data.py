@@ -1,0 +1,289 @@
+"""Tests for rawnet_lib.data: scanning a VoxCeleb-layout tree, the cached list file, where list
+files go when the data folder is read-only, and the random-crop training dataset."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import rawnet_lib.data as data
+from rawnet_lib.audio import AudioError
+from rawnet_lib.data import CropDataset, UtteranceList, list_dir, load_utterances, scan_utterances
+
+GOOD = {  # key -> frames; created in a shuffled order so sorting is tested
+    "id10002/vidB/00002.wav": 3000,
+    "id10001/vidA/00001.wav": 9000,
+    "id10002/vidA/00001.wav": 500,
+    "id10001/vidA/00002.wav": 12000,
+    "id10003/vid9/00001.wav": 7000,
+}
+
+
+def _write(path: Path, frames: int, sr: int = 16000, channels: int = 1, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(seed).uniform(-0.5, 0.5, (frames, channels) if channels > 1 else frames)
+    sf.write(str(path), x.astype(np.float32), sr, subtype="FLOAT")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """`db/wav/<spk>/<video>/<utt>.wav` with five good files and four bad ones."""
+    root = tmp_path / "db" / "wav"
+    for i, (key, frames) in enumerate(GOOD.items()):
+        _write(root / key, frames, seed=i)
+    _write(root / "id10001/vidZ/rate.wav", 4000, sr=8000)
+    _write(root / "id10002/vidZ/stereo.wav", 4000, channels=2)
+    _write(root / "id10003/vidZ/empty.wav", 0)
+    (root / "id10003/vidZ/text.wav").write_text("not audio\n")
+    (root / "id10001/notes.txt").write_text("ignored\n")           # not spk/video/utt.wav
+    _write(root / "id10001/loose.wav", 100)                         # wrong depth: ignored
+    return root
+
+
+# --- scan_utterances ------------------------------------------------------------------------
+
+def test_scan_sorted_keys_and_frames(tree):
+    utts = scan_utterances(tree, workers=2, progress=False)
+    assert utts.root == tree
+    assert utts.keys == sorted(GOOD)
+    assert utts.frames.tolist() == [GOOD[k] for k in sorted(GOOD)]
+    assert utts.frames.dtype == np.int64
+    assert len(utts) == 5
+    assert utts.seconds() == pytest.approx(sum(GOOD.values()) / 16000)
+
+
+def test_scan_reports_bad_files_with_reasons(tree):
+    bad = dict(scan_utterances(tree, workers=2, progress=False).bad)
+    assert set(bad) == {"id10001/vidZ/rate.wav", "id10002/vidZ/stereo.wav", "id10003/vidZ/empty.wav",
+                        "id10003/vidZ/text.wav"}
+    assert "sample rate 8000" in bad["id10001/vidZ/rate.wav"]
+    assert "2 channels" in bad["id10002/vidZ/stereo.wav"]
+    assert bad["id10003/vidZ/empty.wav"] == "no samples"
+    assert bad["id10003/vidZ/text.wav"].startswith("unreadable")
+
+
+def test_bad_summary_lists_files_and_the_fix(tree):
+    utts = scan_utterances(tree, workers=2, progress=False)
+    text = utts.bad_summary(limit=2)
+    assert text.startswith(f"4 unusable file(s) under {tree}")
+    assert "... and 2 more" in text
+    assert "on_bad_audio: skip" in text
+
+
+def test_speakers_and_labels_in_sorted_order(tree):
+    utts = scan_utterances(tree, workers=2, progress=False)
+    assert utts.speakers() == ["id10001", "id10002", "id10003"]
+    assert utts.labels().tolist() == [0, 0, 1, 1, 2]
+    assert utts.labels().dtype == np.int64
+
+
+def test_scan_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_utterances(tmp_path / "nowhere", progress=False)
+    (tmp_path / "flat").mkdir()
+    _write(tmp_path / "flat" / "a.wav", 100)
+    with pytest.raises(FileNotFoundError, match="spk/video/utt.wav"):
+        scan_utterances(tmp_path / "flat", progress=False)
+
+
+# --- load_utterances and the list file ------------------------------------------------------
+
+def test_load_utterances_caches_and_reads_back(tree):
+    data_path = tree.parent
+    first = load_utterances(data_path, "wav", progress=False)
+    list_file = data_path / "lists" / "wav.tsv"
+    assert list_file.is_file()
+    lines = list_file.read_text().splitlines()
+    assert lines[:5] == [f"{k}\t{GOOD[k]}" for k in sorted(GOOD)]
+    assert len(lines) == 9
+
+    (tree / "id10001/vidA/00001.wav").unlink()           # the cache, not the tree, answers now
+    again = load_utterances(data_path, "wav", progress=False)
+    assert again.root == first.root == tree
+    assert again.keys == first.keys
+    np.testing.assert_array_equal(again.frames, first.frames)
+    assert again.frames.dtype == np.int64
+    assert again.bad == first.bad
+
+    fresh = load_utterances(data_path, "wav", refresh=True, progress=False)
+    assert "id10001/vidA/00001.wav" not in fresh.keys and len(fresh) == 4
+    assert len(list_file.read_text().splitlines()) == 8
+
+
+def test_list_file_name_for_nested_subdir(tree):
+    data_path = tree.parent
+    (data_path / "VoxCeleb2").mkdir()
+    tree.rename(data_path / "VoxCeleb2" / "wav")
+    load_utterances(data_path, "VoxCeleb2/wav", progress=False)
+    assert (data_path / "lists" / "VoxCeleb2_wav.tsv").is_file()
+
+
+def test_list_dir_is_inside_a_writable_data_path(tmp_path):
+    assert list_dir(tmp_path) == tmp_path / "lists"
+
+
+def _read_only(monkeypatch, *paths: Path) -> None:
+    """Simulate read-only folders: tests run as root, where chmod does not stop writes."""
+    real = os.access
+    blocked = {p.resolve() for p in paths}
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() in blocked:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data.os, "access", access)
+
+
+def test_list_dir_falls_back_under_outputs_when_read_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "REPO_DIR", tmp_path / "repo")
+    db = tmp_path / "db"
+    db.mkdir()
+    _read_only(monkeypatch, db)
+    tag = hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:10]
+    assert list_dir(db) == tmp_path / "repo" / "outputs" / "lists" / tag
+    other = tmp_path / "db2"
+    other.mkdir()
+    _read_only(monkeypatch, db, other)
+    assert list_dir(other) != list_dir(db)          # one folder per data path
+
+
+def test_list_dir_falls_back_when_lists_folder_is_read_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "REPO_DIR", tmp_path / "repo")
+    db = tmp_path / "db"
+    (db / "lists").mkdir(parents=True)
+    _read_only(monkeypatch, db / "lists")
+    assert list_dir(db).parent == tmp_path / "repo" / "outputs" / "lists"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_list_dir_with_real_permissions(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "REPO_DIR", tmp_path / "repo")
+    db = tmp_path / "db"
+    db.mkdir()
+    db.chmod(0o555)
+    try:
+        assert list_dir(db).parent == tmp_path / "repo" / "outputs" / "lists"
+    finally:
+        db.chmod(0o755)
+
+
+def test_load_utterances_on_read_only_data(tree, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "REPO_DIR", tmp_path / "repo")
+    data_path = tree.parent
+    _read_only(monkeypatch, data_path)
+    first = load_utterances(data_path, "wav", progress=False)
+    assert not (data_path / "lists").exists()
+    (cached,) = (tmp_path / "repo" / "outputs" / "lists").glob("*/wav.tsv")
+    assert cached.read_text().splitlines()[0] == f"{sorted(GOOD)[0]}\t{GOOD[sorted(GOOD)[0]]}"
+    again = load_utterances(data_path, "wav", progress=False)
+    assert again.keys == first.keys and again.bad == first.bad
+
+
+# --- CropDataset ----------------------------------------------------------------------------
+
+@pytest.fixture
+def utts(tree) -> UtteranceList:
+    return scan_utterances(tree, workers=2, progress=False)
+
+
+def test_crop_dataset_items(utts):
+    ds = CropDataset(utts, n_samples=1000, seed=0)
+    assert len(ds) == 5
+    for i in range(len(ds)):
+        x, label = ds[i]
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.shape == (1000,)
+        assert x.abs().max().item() == pytest.approx(1.0)
+        assert label == utts.labels()[i] and isinstance(label, int)
+    assert [ds[i][1] for i in range(5)] == [0, 0, 1, 1, 2]
+
+
+def test_crop_dataset_is_deterministic_per_seed_epoch_index(utts):
+    a = CropDataset(utts, n_samples=400, seed=5)
+    b = CropDataset(utts, n_samples=400, seed=5)
+    for i in (4, 0, 3):                   # order of access does not matter
+        torch.testing.assert_close(a[i][0], b[i][0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1][0], a[1][0], rtol=0, atol=0)
+    # The crop equals random_crop with the documented generator.
+    from rawnet_lib.audio import random_crop
+    want = random_crop(utts.root / utts.keys[3], 400, np.random.default_rng([5, 0, 3]))
+    np.testing.assert_array_equal(a[3][0].numpy(), want)
+
+
+def test_crop_dataset_differs_across_epochs_and_seeds(utts):
+    ds = CropDataset(utts, n_samples=400, seed=5)
+    long = [i for i, n in enumerate(utts.frames) if n > 5000]
+    epoch0 = [ds[i][0] for i in long]
+    ds.set_epoch(1)
+    epoch1 = [ds[i][0] for i in long]
+    assert all(not torch.equal(a, b) for a, b in zip(epoch0, epoch1))
+    ds.set_epoch(0)
+    assert all(torch.equal(a, ds[i][0]) for a, i in zip(epoch0, long))     # back to epoch 0
+    other = CropDataset(utts, n_samples=400, seed=6)
+    assert all(not torch.equal(a, other[i][0]) for a, i in zip(epoch0, long))
+
+
+def test_crop_dataset_tiles_short_utterances(utts):
+    ds = CropDataset(utts, n_samples=2000, seed=0)
+    i = utts.keys.index("id10002/vidA/00001.wav")       # 500 frames
+    x, _ = ds[i]
+    np.testing.assert_array_equal(x[:500].numpy(), x[500:1000].numpy())
+    np.testing.assert_array_equal(x[:500].numpy(), x[1500:].numpy())
+
+
+def _break(utts: UtteranceList, key: str) -> None:
+    """A file whose header passed the scan but that is unreadable now."""
+    (utts.root / key).write_text("corrupted after the scan\n")
+
+
+def test_crop_dataset_bad_file_raises_without_skip(utts):
+    _break(utts, utts.keys[1])
+    ds = CropDataset(utts, n_samples=400, seed=0)
+    with pytest.raises(AudioError, match=utts.keys[1]):
+        ds[1]
+    assert ds[0][0].shape == (400,)                  # the others still work
+
+
+def test_crop_dataset_skip_bad_uses_the_neighbour(utts):
+    _break(utts, utts.keys[1])
+    _break(utts, utts.keys[2])
+    ds = CropDataset(utts, n_samples=400, seed=0, skip_bad=True)
+    x, label = ds[1]
+    x3, label3 = ds[3]
+    torch.testing.assert_close(x, x3, rtol=0, atol=0)
+    assert label == label3 == utts.labels()[3]
+    _break(utts, utts.keys[4])
+    torch.testing.assert_close(ds[4][0], ds[0][0], rtol=0, atol=0)      # wraps around
+
+
+def test_crop_dataset_skip_bad_with_no_readable_file_raises(utts):
+    for key in utts.keys:
+        _break(utts, key)
+    ds = CropDataset(utts, n_samples=400, seed=0, skip_bad=True)
+    with pytest.raises(AudioError):
+        ds[2]
+
+
+def test_crop_dataset_index_out_of_range(utts):
+    ds = CropDataset(utts, n_samples=400, seed=0, skip_bad=True)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    assert len(list(iter(ds))) == len(ds)          # plain iteration stops at the end
+
+
+def test_crop_dataset_skip_bad_long_run_of_bad_files(tmp_path):
+    """More consecutive bad files than Python's recursion limit still reach a good one."""
+    import sys
+    root = tmp_path / "wav"
+    _write(root / "spk1/v/good.wav", 800)
+    n_bad = sys.getrecursionlimit() + 10
+    keys = [f"spk0/v/{i:05d}.wav" for i in range(n_bad)] + ["spk1/v/good.wav"]
+    utts = UtteranceList(root, keys, np.full(len(keys), 800, dtype=np.int64))
+    ds = CropDataset(utts, n_samples=400, seed=0, skip_bad=True)
+    x, label = ds[0]                               # every spk0 file is missing
+    assert x.shape == (400,) and label == 1

@@ -1,0 +1,106 @@
+"""Tests for rawnet_lib.summary: the layer table, the sinc filter bank and the FMS gates."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rawnet_lib.config import load_config
+from rawnet_lib.model import build_model, stage_frames
+from rawnet_lib.summary import fms_scales, layer_table, sinc_bank
+
+
+@pytest.fixture(scope="module")
+def smoke_model():
+    torch.manual_seed(0)
+    return build_model("smoke", n_classes=6)
+
+
+def test_layer_table_rows_and_total(smoke_model):
+    table = layer_table(smoke_model)
+    assert list(table.columns) == ["layer", "type", "output shape", "parameters"]
+    layers = table["layer"].tolist()
+    assert layers[-1] == "total"
+    # Every top-level layer appears, in forward order (the shared LeakyReLU runs twice).
+    assert [name for name in layers if name != "lrelu_keras"] == [
+        "ln", "first_conv", "first_bn", *[f"block{i}" for i in range(6)], "bn_before_gru", "gru", "fc1_gru",
+        "fc2_gru", "total"]
+    body = table.iloc[:-1]
+    total = sum(p.numel() for p in smoke_model.parameters())
+    assert table["parameters"].iloc[-1] == total
+    assert body["parameters"].sum() == total
+    assert body.set_index("layer")["parameters"].drop("lrelu_keras").to_dict() == {
+        name: sum(p.numel() for p in module.parameters()) for name, module in smoke_model.named_children()
+        if name != "lrelu_keras"}
+
+
+def test_layer_table_shapes_follow_stage_frames(smoke_model):
+    table = layer_table(smoke_model).iloc[:-1].drop_duplicates("layer").set_index("layer")
+    shapes = table["output shape"].to_dict()
+    frames = dict(stage_frames(smoke_model.cfg))
+    assert shapes["ln"] == (1, 6561)
+    assert shapes["first_conv"] == (1, 8, frames["first_conv"])
+    assert shapes["first_bn"] == (1, 8, frames["first pool"])
+    for i, width in enumerate([8, 8, 16, 16, 16, 16]):
+        assert shapes[f"block{i}"] == (1, width, frames[f"block{i}"])
+    assert shapes["gru"] == (1, frames["block5"], 32)
+    assert shapes["fc1_gru"] == (1, 32)
+    assert shapes["fc2_gru"] == (1, 6)
+    assert table.loc["block0", "type"] == "ResidualBlock"
+
+
+def test_layer_table_without_output_layer_and_keeps_mode():
+    torch.manual_seed(0)
+    model = build_model("smoke").train()
+    table = layer_table(model)
+    assert "fc2_gru" not in table["layer"].tolist()
+    assert table["parameters"].iloc[-1] == sum(p.numel() for p in model.parameters())
+    assert model.training                       # restored after the eval-mode pass
+    assert not any(m._forward_hooks for m in model.modules())       # hooks removed
+
+
+def test_layer_table_other_length_and_depth():
+    """A paper-derived model with three blocks and no layer norm, at a chosen crop length."""
+    model = build_model(load_config("paper", layer_norm=False, sinc_filters=8, blocks=[8, 8, 16]).model, 3)
+    table = layer_table(model, n_samples=2000)
+    shapes = table.drop_duplicates("layer").set_index("layer")["output shape"].to_dict()
+    assert shapes["block2"] == (1, 16, dict(stage_frames(model.cfg, 2000))["block2"]) == (1, 16, 21)
+    assert table["parameters"].iloc[-1] == table["parameters"].iloc[:-1].sum() \
+        == sum(p.numel() for p in model.parameters())
+
+
+def test_sinc_bank(smoke_model):
+    bank = sinc_bank(smoke_model)
+    assert set(bank) == {"low_hz", "high_hz", "taps"}
+    assert bank["low_hz"].shape == bank["high_hz"].shape == (8,)
+    assert bank["taps"].shape == (8, 61)
+    assert all(isinstance(v, np.ndarray) for v in bank.values())
+    assert np.all(bank["high_hz"] > bank["low_hz"])
+    assert np.all(bank["low_hz"] >= 50) and np.all(bank["high_hz"] <= 8000)
+    np.testing.assert_allclose(bank["taps"][:, 30], 1.0, rtol=1e-6)
+    assert np.all(np.diff(bank["low_hz"]) > 0)                # mel-spaced, increasing at init
+
+
+def test_fms_scales(smoke_model):
+    wave = np.random.default_rng(0).normal(size=6561).astype(np.float32)
+    smoke_model.train()
+    scales = fms_scales(smoke_model, wave)
+    assert smoke_model.training
+    assert list(scales) == [f"block{i}" for i in range(6)]
+    for (name, s), width in zip(scales.items(), [8, 8, 16, 16, 16, 16]):
+        assert s.shape == (width,), name
+        assert np.all((s > 0) & (s < 1)), name
+    # The gate is the sigmoid of the FMS linear layer on the block's time-averaged features.
+    block0 = smoke_model.block0[0]
+    captured = {}
+    hook = block0.mp.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    try:
+        smoke_model.eval()
+        with torch.no_grad():
+            smoke_model.embed(torch.as_tensor(wave)[None])
+    finally:
+        hook.remove()
+        smoke_model.train()
+    with torch.no_grad():
+        want = torch.sigmoid(block0.frm.fc(captured["x"].mean(-1)))[0].numpy()
+    np.testing.assert_allclose(scales["block0"], want, rtol=1e-6)

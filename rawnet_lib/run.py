@@ -98,6 +98,8 @@ class RunDir:
                 shutil.rmtree(path)
             for sub in ("models", "results", "log", "prof"):
                 (path / sub).mkdir(parents=True, exist_ok=True)
+            for stale in path.rglob(".*.tmp"):  # a write a killed run never finished: never read
+                stale.unlink()
             atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             write_f_params(cfg, path / "f_params.txt")
         dist.barrier()

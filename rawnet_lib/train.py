@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -76,8 +77,9 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss) and cfg.train.amp != "fp16":
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step} (rank {rank.rank}); "
-                                     "the last good checkpoint is kept: lower lr or try amp: off")
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step} (rank {rank.rank}), "
+                                     f"batch {_batch_keys(loader, step)}; the last good checkpoint is kept: "
+                                     "check those files, lower lr, or try amp: off")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -188,6 +190,15 @@ def train(cfg: Config) -> dict[str, Any]:
         dist.cleanup()
 
 
+def _batch_keys(loader: DataLoader, step: int) -> list[str]:
+    """The utterances of a step's batch on this rank, for error messages (the order is seeded)."""
+    sampler, dataset = getattr(loader, "sampler", None), getattr(loader, "dataset", None)
+    if sampler is None or not isinstance(dataset, CropDataset):
+        return []
+    order, size = list(sampler), loader.batch_size
+    return [dataset.utts.keys[i] for i in order[(step - 1) * size: step * size]]
+
+
 def _repeat(loader: DataLoader, steps: int):
     """Batches of the loader, restarted as often as needed for `steps` steps (performance mode)."""
     class Repeat:
@@ -219,6 +230,7 @@ def _parse_args(argv: list[str] | None) -> Config:
     return load_config(args.pop("config"), **{k: v for k, v in args.items() if v is not None})
 
 
+@record  # under torchrun, a failing rank's traceback is reported with its rank
 def main(argv: list[str] | None = None) -> None:
     summary = train(_parse_args(argv))
     if summary:

@@ -20,6 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import REPO_DIR, Config
+from rawnet_lib.dist import DistError, available_devices, resolve_device_kind
 from rawnet_lib.run import EVENT_PREFIX, check_run_dir, run_path
 
 __all__ = ["launch_command", "launch", "TrainingFailed"]
@@ -46,6 +47,10 @@ def launch_command(cfg: Config, config_file: Path) -> list[str]:
 def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
     """Run training to the end and return its summary (or performance figures)."""
     check_run_dir(cfg)  # refuse to clobber an earlier run before starting any process
+    kind = resolve_device_kind(cfg.train.device)
+    if cfg.train.devices > available_devices(kind):
+        raise DistError(f"devices={cfg.train.devices}, but this machine has {available_devices(kind)} {kind} "
+                        f"device(s); set devices to at most that (or device: cpu for gloo ranks)")
     launch_dir = REPO_DIR / "outputs" / ".launch"
     launch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=launch_dir, delete=False) as f:

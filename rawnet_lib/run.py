@@ -153,7 +153,8 @@ class RunDir:
             atomic_torch_save(full, self.path / "models" / "best_opt_eval.pt")
         atomic_torch_save(full, self.path / "models" / "last.pt")  # last: a crash never leaves it half-written
         line = (f"epoch {epoch}: loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} val EER {100 * eer:.2f} % "
-                f"{stats['crops_per_s']:.1f} crops/s ({stats['crops_per_s_per_device']:.1f}/device) "
+                f"{stats['crops_per_s']:.1f} crops/s ({stats['crops_per_s_per_device']:.1f}/device, "
+                f"{stats['audio_seconds_per_s']:.0f} audio s/s) "
                 f"FPS(seed) {stats['fps_seed']:.0f}" + (" best" if best else ""))
         self.log(epoch, line)
         if self.events:
@@ -173,8 +174,7 @@ class RunDir:
         if not self.is_main:
             return {}
         out = {"mode": "performance", "run": str(self.path), "devices": self.cfg.train.devices * self.cfg.train.nnodes,
-               "amp": self.cfg.train.amp, "batch_size": self.cfg.train.batch_size, **stats,
-               "audio_seconds_per_s": stats["crops_per_s"] * self.cfg.model.n_samples / self.cfg.model.sample_rate}
+               "amp": self.cfg.train.amp, "batch_size": self.cfg.train.batch_size, **stats}
         atomic_write_text(self.path / "performance.json", json.dumps(out, indent=1))
         return out
 

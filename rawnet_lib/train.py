@@ -106,8 +106,10 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
         profiler.stop()
     seconds = time.perf_counter() - t_start if t_start else float("nan")
     loss_sum, correct, crops, timed = dist.all_reduce_sum([*totals, timed_crops], rank.device)
-    return {"loss": loss_sum / crops, "accuracy": correct / crops, "crops": crops,
-            "crops_per_s": timed / seconds, "crops_per_s_per_device": timed / seconds / rank.world_size}
+    rate = timed / seconds
+    return {"loss": loss_sum / crops, "accuracy": correct / crops, "crops": crops, "crops_per_s": rate,
+            "crops_per_s_per_device": rate / rank.world_size,
+            "audio_seconds_per_s": rate * cfg.model.n_samples / cfg.model.sample_rate}
 
 
 def validate(model, cfg: Config, data_path: Path, trials_path: Path, rank: dist.RankInfo,

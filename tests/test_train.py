@@ -122,3 +122,14 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
     run = tmp_path / "train_1P" / "DNNS" / "smoke"
     assert (run / "figures" / "history.png").stat().st_size > 0
     assert_seed_layout(run, epochs=1)
+
+
+def test_more_devices_than_exist_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rawnet_lib import launch as launch_module
+    from rawnet_lib.dist import DistError
+    with pytest.raises(DistError, match="no CUDA device"):
+        launch(load_config("smoke", device="cuda", name="nocuda", out_dir="/tmp/rawnet-never-created"))
+    monkeypatch.setattr(launch_module, "resolve_device_kind", lambda kind: "cuda")
+    monkeypatch.setattr(launch_module, "available_devices", lambda kind: 4)
+    with pytest.raises(DistError, match="devices=8, but this machine has 4 cuda"):
+        launch(load_config("smoke", devices=8, name="toomany", out_dir="/tmp/rawnet-never-created"))

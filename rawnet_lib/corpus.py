@@ -1,0 +1,475 @@
+"""The built-in demo corpus: synthetic speakers laid out exactly like VoxCeleb1/2.
+
+VoxCeleb cannot be downloaded here, so every notebook falls back to this corpus. A speaker
+is a real MBROLA diphone voice (or an espeak-ng variant) at one speed factor; each video has
+its own channel (band-pass, reverb, noise at 5-20 dB SNR, gain) so that training matters;
+all identities of one base voice stay in one split, so test speakers are truly unseen.
+Training speakers ship as AAC ``.m4a`` like VoxCeleb2 and go through :mod:`rawnet_lib.convert`.
+The same seed gives byte-identical files on the same machine, whatever ``workers`` is.
+
+    python -m rawnet_lib.corpus --size demo     # about a minute on 2 cores, then m4a -> wav
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.fft import next_fast_len
+from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
+from tqdm.auto import tqdm
+
+from rawnet_lib.convert import convert_tree, encode_m4a, find_ffmpeg
+
+__all__ = ["CorpusSize", "SIZES", "Voice", "find_voices", "generate_corpus", "ensure_demo_corpus"]
+
+SR = 16000
+SPLITS = {"vox2_train": "VoxCeleb2/m4a", "vox1_dev": "VoxCeleb1/dev_wav",
+          "vox1_eval": "VoxCeleb1/eval_wav"}  # split -> folder under DB
+_INSTALL = "run ./setup.sh install or apt-get install espeak-ng sox ffmpeg"
+_BROKEN_MBROLA = {"cn1", "bz1", "hn1"}  # espeak-ng cannot drive these
+_ESPEAK_LANGS = ("en-us", "en", "de", "fr", "es", "it", "nl", "pt", "pl", "sv")
+_ESPEAK_SKIP = {"whisper", "whisperf"}  # unvoiced: no pitch, no gender cue
+_PROBE_TEXT = "bala tomi kanu seta, rimo dakelin lenu fasor gimu pelo"  # 10 words
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["an", "el", "is", "or", "um"]
+_VIDEO_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@dataclass(frozen=True)
+class CorpusSize:
+    """How big a corpus is; voice counts shrink in proportion when fewer are installed."""
+
+    voices: tuple[int, int, int]  # base voices for vox2_train, vox1_dev, vox1_eval
+    factors: tuple[tuple[float, ...], ...]  # speed factors per split: one speaker each
+    videos: tuple[int, int]  # videos per speaker, inclusive range
+    utts: tuple[int, int]  # utterances per video, inclusive range
+    seconds: tuple[float, float]  # utterance length range
+    short_fraction: float  # share of 1.5-3.6 s utterances, shorter than a training crop
+    targets: tuple[int, int, int]  # target trials at most in the O, E and H lists
+
+
+SIZES = {
+    "demo": CorpusSize(voices=(33, 7, 20), factors=((0.9, 1.0, 1.1), (0.9, 1.0, 1.1), (1.0,)),
+                       videos=(3, 4), utts=(3, 4), seconds=(3.7, 7.0), short_fraction=0.15,
+                       targets=(1500, 3000, 3000)),
+    "tiny": CorpusSize(voices=(3, 2, 4), factors=((0.9, 1.1), (0.9, 1.1), (1.0,)),
+                       videos=(2, 2), utts=(2, 3), seconds=(1.5, 4.0), short_fraction=0.0,
+                       targets=(20, 40, 40)),
+}
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One base voice: an MBROLA voice ``mb-de1`` or an espeak variant ``de+m3``."""
+
+    name: str
+    kind: str  # "mbrola" or "espeak"
+    gender: str  # "m" or "f"
+    family: str  # language, e.g. "de": Vox1-H non-target pairs keep it
+    words_per_s: float = 3.0  # of our pseudo-words at espeak's default rate; probed
+
+
+# --- voices --------------------------------------------------------------------------------
+
+def _espeak() -> str:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise ValueError(f"espeak-ng not found on PATH; {_INSTALL}")
+    return exe
+
+
+def _synth(voice: str, text: str, pitch: int = 50, rate: int = 175) -> tuple[np.ndarray, int, str]:
+    """Speak ``text``; returns (waveform, its sample rate, espeak/mbrola stderr)."""
+    proc = subprocess.run([_espeak(), "-v", voice, "-p", str(pitch), "-s", str(rate),
+                           "--stdout", text], capture_output=True)
+    if proc.returncode or len(proc.stdout) < 100:
+        raise ValueError(f"espeak-ng -v {voice} produced no audio: {proc.stderr[-200:]!r}")
+    audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float64")
+    return audio, sr, proc.stderr.decode(errors="replace")
+
+
+def _trim(audio: np.ndarray) -> np.ndarray:
+    voiced = np.flatnonzero(np.abs(audio) > 1e-3 * np.abs(audio).max())
+    return audio[voiced[0]:voiced[-1] + 1]
+
+
+def _probe(voice: Voice) -> Voice | str:
+    """The voice with its speaking speed measured, or why it is unusable."""
+    try:
+        audio, sr, err = _synth(voice.name, _PROBE_TEXT)
+    except ValueError as exc:
+        return str(exc)
+    unknown = err.count("unknown")  # MBROLA replaces each missing diphone with silence
+    if unknown > 15 or not np.abs(audio).max() > 0.01:
+        return f"{unknown} missing diphones (its language does not read Latin text)"
+    return replace(voice, words_per_s=round(10 * sr / _trim(audio).size, 3))
+
+
+def _mbrola_candidates() -> list[Voice]:
+    version = subprocess.run([_espeak(), "--version"], capture_output=True, text=True).stdout
+    voice_dir = Path(version.split("Data at:")[-1].strip()) / "voices" / "mb"
+    roots = [Path("/usr/share/mbrola"), Path("/usr/share/mbrola/voices")]
+    found = []
+    for path in sorted(voice_dir.glob("mb-*")):
+        code = path.name[3:]  # "mb-de1-en" style files reuse a voice for another language
+        if "-" in code or code in _BROKEN_MBROLA:
+            continue
+        if not any((r / code / code).is_file() or (r / code).is_file() for r in roots):
+            continue
+        text = path.read_text(errors="replace")
+        gender = re.search(r"^gender\s+(male|female)", text, re.M)
+        lang = re.search(r"^language\s+(\S+)", text, re.M)
+        if gender and lang:
+            found.append(Voice(path.name, "mbrola", gender[1][0], lang[1].split("-")[0]))
+    return found
+
+
+def _espeak_candidates() -> list[Voice]:
+    out = subprocess.run([_espeak(), "--voices=variant"], capture_output=True, text=True).stdout
+    rows = sorted({(m[2], m[1].lower()) for m in re.finditer(r"\S+/([MF])\s+.*?!v/(\S+)", out)
+                   if m[2] not in _ESPEAK_SKIP})
+    langs = [_ESPEAK_LANGS[i % len(_ESPEAK_LANGS)] for i in range(len(rows))]
+    return [Voice(f"{lang}+{name}", "espeak", gender, lang.split("-")[0])
+            for lang, (name, gender) in zip(langs, rows)]
+
+
+@lru_cache(maxsize=4)
+def find_voices(voices: str = "auto") -> tuple[tuple[Voice, ...], tuple[tuple[str, str], ...]]:
+    """(usable voices, skipped (name, reason)); ``auto`` prefers MBROLA when installed."""
+    if voices not in ("auto", "mbrola", "espeak"):
+        raise ValueError(f"voices={voices!r}; choose 'auto', 'mbrola' or 'espeak'")
+    candidates = _mbrola_candidates() if voices != "espeak" else _espeak_candidates()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(_probe, candidates))
+        if voices == "auto" and not any(isinstance(r, Voice) for r in results):
+            candidates = _espeak_candidates()  # no working MBROLA voice
+            results = list(pool.map(_probe, candidates))
+    usable = tuple(r for r in results if isinstance(r, Voice))
+    if not usable:
+        raise ValueError(f"no usable {voices} voice found; {_INSTALL}")
+    return usable, tuple((v.name, r) for v, r in zip(candidates, results) if isinstance(r, str))
+
+
+# --- audio ---------------------------------------------------------------------------------
+
+def _sentence(rng: np.random.Generator, n_words: int) -> str:
+    words = ["".join(rng.choice(_SYLLABLES, size=rng.integers(1, 4))) for _ in range(n_words)]
+    for i in range(3, n_words - 2, 5):  # commas give natural pauses
+        words[i] += ","
+    return " ".join(words)
+
+
+def _video_channel(rng: np.random.Generator) -> dict:
+    """One recording set-up: microphone band, room, noise colour and level, speaking style."""
+    low, high = rng.uniform(50, 250), rng.uniform(3400, 7600)
+    rt60, drr_db = rng.uniform(0.15, 0.7), rng.uniform(0, 15)  # room size, mic distance
+    t = np.arange(int(SR * min(rt60, 0.5))) / SR
+    tail = rng.standard_normal(t.size) * np.exp(-6.9 * t / rt60)
+    tail *= 10 ** (-drr_db / 20) / np.sqrt(np.sum(tail ** 2))
+    ir = np.concatenate([[1.0], np.zeros(int(rng.integers(16, 160))), tail])
+    return {"sos": butter(int(rng.integers(1, 4)), [low, high], "bandpass", fs=SR, output="sos"),
+            "ir": ir / np.sqrt(np.sum(ir ** 2)), "noise_slope": rng.uniform(0, 1),
+            "snr": rng.uniform(5, 20), "peak": 10 ** (rng.uniform(-12, -1) / 20),
+            "pitch": int(rng.integers(-6, 7)), "rate": int(rng.integers(-15, 16))}
+
+
+@lru_cache(maxsize=16)
+def _lowpass(rate: int) -> np.ndarray:
+    """resample_poly's own anti-alias filter, designed once per rate, not once per call."""
+    return firwin(20 * rate + 1, 1.0 / rate, window=("kaiser", 5.0))
+
+
+def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator,
+            size: CorpusSize) -> np.ndarray:
+    """One utterance as 16 kHz int16: speech, sox-like speed factor, the video's channel."""
+    short = rng.random() < size.short_fraction
+    seconds = rng.uniform(1.5, 3.6) if short else rng.uniform(*size.seconds)
+    rate = int(np.clip(rng.integers(145, 196) + channel["rate"], 120, 220))
+    pitch = int(np.clip(rng.integers(42, 59) + channel["pitch"], 10, 90))
+    n_words = max(2, round(1.1 * seconds * factor * voice.words_per_s * rate / 175))
+    audio, sr, _ = _synth(voice.name, _sentence(rng, n_words), pitch, rate)
+    ratio = Fraction(SR, sr) / Fraction(factor).limit_denominator(50)  # shifts formants too
+    audio = _trim(audio)
+    if ratio != 1:
+        up, down = ratio.numerator, ratio.denominator
+        audio = resample_poly(audio, up, down, window=_lowpass(max(up, down)))
+    pad = rng.integers(800, 4800, size=2)
+    audio = np.concatenate([np.zeros(pad[0]), audio[:int(seconds * SR)], np.zeros(pad[1])])
+    wet = fftconvolve(audio, channel["ir"])[:audio.size]
+    n_fft = next_fast_len(wet.size, real=True)
+    spectrum = np.fft.rfft(rng.standard_normal(n_fft))
+    spectrum /= np.maximum(np.arange(spectrum.size), 1) ** (channel["noise_slope"] / 2)
+    noise = np.fft.irfft(spectrum, n=n_fft)[:wet.size]  # white to pink
+    snr = channel["snr"] + rng.uniform(-2, 2)
+    noise *= np.sqrt(np.mean(wet ** 2) / np.mean(noise ** 2) / 10 ** (snr / 10))
+    out = sosfilt(channel["sos"], wet + noise)
+    out *= channel["peak"] / np.abs(out).max()
+    return np.round(np.clip(out, -1, 1) * 32767).astype(np.int16)
+
+
+def _wav_bytes(audio: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, SR, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _render_speaker(job: dict) -> float:
+    """Write one speaker's files; m4a go through one batched ffmpeg. Returns audio seconds."""
+    total, to_encode = 0.0, []
+    with tempfile.TemporaryDirectory(prefix="rawnet_corpus_") as tmp:
+        for v, (video, n_utts) in enumerate(job["videos"]):
+            channel = _video_channel(np.random.default_rng([job["seed"], 2, job["num"], v]))
+            folder = Path(job["dir"]) / video
+            folder.mkdir(parents=True, exist_ok=True)
+            for u in range(n_utts):
+                rng = np.random.default_rng([job["seed"], 3, job["num"], v, u])
+                audio = _render(job["voice"], job["factor"], channel, rng, job["size"])
+                total += audio.size / SR
+                if job["m4a"]:
+                    wav = Path(tmp) / f"{v}_{u}.wav"
+                    wav.write_bytes(_wav_bytes(audio))
+                    to_encode.append((wav, folder / f"{u + 1:05d}.m4a"))
+                else:
+                    _atomic_write(folder / f"{u + 1:05d}.wav", _wav_bytes(audio))
+        if to_encode:
+            encode_m4a(to_encode)
+    return total
+
+
+# --- layout and trial lists ------------------------------------------------------------------
+
+def _assign(voices: tuple[Voice, ...], size: CorpusSize, rng: np.random.Generator) -> dict:
+    """Base voices per split; the test splits alternate genders while both remain."""
+    scale = min(1.0, len(voices) / sum(size.voices))
+    counts = [max(low, int(n * scale)) for n, low in zip(size.voices, (2, 1, 2))]
+    if sum(counts) > len(voices):
+        raise ValueError(f"only {len(voices)} usable voices, need {sum(counts)}; install the "
+                         f"MBROLA voices ({_INSTALL}) or use voices='espeak'")
+    order = [voices[i] for i in rng.permutation(len(voices))]
+    pools = {g: [v for v in order if v.gender == g] for g in "fm"}
+    splits = {}
+    for split, n in (("vox1_eval", counts[2]), ("vox1_dev", counts[1])):
+        splits[split] = []
+        while len(splits[split]) < n:
+            turn = "fm"[len(splits[split]) % 2]
+            splits[split].append(pools[turn if pools[turn] else "fm".replace(turn, "")].pop(0))
+    splits["vox2_train"] = [v for v in order if v in pools["f"] + pools["m"]][:counts[0]]
+    return splits
+
+
+def _video_id(rng: np.random.Generator) -> str:
+    """An 11-character YouTube-like id, never starting with "-" (it trips command lines)."""
+    return _VIDEO_CHARS[rng.integers(62)] + "".join(
+        _VIDEO_CHARS[i] for i in rng.integers(len(_VIDEO_CHARS), size=10))
+
+
+def _plan(splits: dict, size: CorpusSize, seed: int) -> list[dict]:
+    """Every speaker: id, split, voice, speed factor and videos [(video id, utterances)]."""
+    rng = np.random.default_rng([seed, 1])
+    who = {s: [(v, f) for v in splits[s] for f in size.factors[i]] for i, s in enumerate(SPLITS)}
+    n_dev, n_vox1 = len(who["vox1_dev"]), len(who["vox1_dev"]) + len(who["vox1_eval"])
+    vox1 = [f"id{n}" for n in rng.choice(np.arange(10001, 11252), n_vox1, replace=False)]
+    ids = {"vox2_train": [f"id{n:05d}" for n in rng.choice(np.arange(1, 10000),
+                                                           len(who["vox2_train"]), replace=False)],
+           "vox1_dev": vox1[:n_dev], "vox1_eval": vox1[n_dev:]}
+    speakers = []
+    for split in SPLITS:
+        for spk, (voice, factor) in zip(ids[split], who[split]):
+            r = np.random.default_rng([seed, 1, int(spk[2:])])
+            videos = [(_video_id(r), int(r.integers(*size.utts, endpoint=True)))
+                      for _ in range(int(r.integers(*size.videos, endpoint=True)))]
+            speakers.append({"id": spk, "split": split, "voice": voice, "factor": factor,
+                             "videos": videos})
+    return sorted(speakers, key=lambda s: s["id"])
+
+
+def _trials(speakers: list[dict], n_targets: int, hard: bool, rng: np.random.Generator) -> list[str]:
+    """Balanced trials: each target (a, b) is paired with a non-target (a, c).
+
+    Targets take different videos of one speaker where it has several; hard non-targets
+    take a speaker of the same gender and family where one exists (Vox1-H keeps gender and
+    nationality), else the same gender, else anyone.
+    """
+    files = {s["id"]: [f"{s['id']}/{vid}/{u + 1:05d}.wav" for vid, n in s["videos"]
+                       for u in range(n)] for s in speakers}
+    pairs = []
+    for utts in files.values():
+        all_pairs = [(a, b) for i, a in enumerate(utts) for b in utts[i + 1:]]
+        pairs += [(a, b) for a, b in all_pairs if a.split("/")[1] != b.split("/")[1]] or all_pairs
+    chosen = [pairs[i] for i in sorted(rng.choice(len(pairs), min(n_targets, len(pairs)),
+                                                  replace=False))]
+    impostors = {}
+    for s in speakers:
+        rest = [o for o in speakers if o["id"] != s["id"]]
+        same_g = [o for o in rest if o["voice"].gender == s["voice"].gender]
+        same_gf = [o for o in same_g if o["voice"].family == s["voice"].family]
+        impostors[s["id"]] = [o["id"] for o in ((same_gf or same_g or rest) if hard else rest)]
+    lines = set()
+    for a, b in chosen:
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        others = impostors[a.split("/")[0]]
+        other = files[others[rng.integers(len(others))]]
+        lines |= {f"1 {a} {b}", f"0 {a} {other[rng.integers(len(other))]}"}
+    return sorted(lines, key=lambda line: line.split()[1:])
+
+
+def _write_trials(db: Path, speakers: list[dict], size: CorpusSize, seed: int) -> dict[str, int]:
+    """Vox1-O (eval speakers), -E and -H (dev and eval speakers) and their "2" twins.
+
+    A "2" (cleaned) list is its original minus about 0.3 % of the trials, picked by a seeded
+    RNG: the real cleaned lists drop mislabelled trials; here they exist for format parity.
+    """
+    vox1 = [s for s in speakers if s["split"] != "vox2_train"]
+    lists = {"veri_test": ([s for s in vox1 if s["split"] == "vox1_eval"], size.targets[0], False),
+             "list_test_all": (vox1, size.targets[1], False),
+             "list_test_hard": (vox1, size.targets[2], True)}
+    counts = {}
+    for k, (name, (pool, n_targets, hard)) in enumerate(lists.items()):
+        lines = _trials(pool, n_targets, hard, np.random.default_rng([seed, 4, k]))
+        drop = np.random.default_rng([seed, 5, k]).choice(len(lines), max(1, len(lines) // 300),
+                                                           replace=False)
+        cleaned = [line for i, line in enumerate(lines) if i not in set(drop)]
+        for fname, body in ((f"{name}.txt", lines), (f"{name}2.txt", cleaned)):
+            _atomic_write(db / "VoxCeleb1" / fname, ("\n".join(body) + "\n").encode())
+            counts[fname] = len(body)
+    return counts
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+def _is_done(db: Path, size: str, seed: int, voices: str) -> bool:
+    """True when ``db`` already holds this very corpus; raises when it holds another."""
+    for name in ("corpus.json", ".corpus_pending.json"):  # pending: an interrupted run
+        if (db / name).is_file():
+            old = json.loads((db / name).read_text())
+            if old["size"] != size or old["seed"] != seed or voices not in ("auto", old["voice_kind"]):
+                raise ValueError(f"{db} holds a corpus with size={old['size']!r}, seed={old['seed']}, "
+                                 f"voices={old['voice_kind']!r}, not size={size!r}, seed={seed}, "
+                                 f"voices={voices!r}; pick another root or delete that folder")
+            return name == "corpus.json"
+    if db.is_dir() and any(db.iterdir()):
+        raise ValueError(f"{db} exists but was not made by generate_corpus (no corpus.json); "
+                         "pick another root or delete that folder")
+    return False
+
+
+def _manifest(state: dict, speakers: list[dict], seconds: list[float], trials: dict,
+              skipped: tuple) -> dict:
+    rows = [{"id": s["id"], "split": s["split"], "voice": s["voice"].name, "factor": s["factor"],
+             "gender": s["voice"].gender, "family": s["voice"].family, "videos": len(s["videos"]),
+             "utterances": sum(n for _, n in s["videos"]), "seconds": round(sec, 2)}
+            for s, sec in zip(speakers, seconds)]
+    voices = {(r["voice"], state["voice_kind"], r["gender"], r["family"], r["split"]) for r in rows}
+    counts = {split: {key: sum(r[key] for r in rows if r["split"] == split)
+                      for key in ("videos", "utterances")} for split in SPLITS}
+    for split in SPLITS:
+        counts[split]["speakers"] = sum(r["split"] == split for r in rows)
+    return {**state, "voices": [dict(zip(("name", "kind", "gender", "family", "split"), v))
+                                for v in sorted(voices)],
+            "skipped_voices": [list(s) for s in skipped], "speakers": rows,
+            "counts": counts | {"trials": trials},
+            "seconds_of_audio": {split: round(sum(r["seconds"] for r in rows if r["split"] == split), 1)
+                                 for split in SPLITS}}
+
+
+def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str = "auto",
+                    workers: int = 2, progress: bool = True) -> Path:
+    """Write the VoxCeleb-style tree, trial lists and ``DB/corpus.json``; returns ``root/DB``.
+
+    Every utterance has its own RNG seeded from (seed, speaker, video, utterance), so the
+    bytes do not depend on ``workers``. A finished corpus of the same size and seed returns
+    at once; another size or seed in the same root raises.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}; choose one of {sorted(SIZES)}")
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be at least 1")
+    db = Path(root) / "DB"
+    if _is_done(db, size, seed, voices):
+        return db
+    start, preset = time.perf_counter(), SIZES[size]
+    usable, skipped = find_voices(voices)
+    find_ffmpeg()
+    speakers = _plan(_assign(usable, preset, np.random.default_rng([seed, 0])), preset, seed)
+    state = {"size": size, "seed": seed, "voice_kind": usable[0].kind, "voices_requested": voices}
+    db.mkdir(parents=True, exist_ok=True)
+    _atomic_write(db / ".corpus_pending.json", json.dumps(state).encode())
+    jobs = [{"size": preset, "seed": seed, "num": int(s["id"][2:]), "voice": s["voice"],
+             "factor": s["factor"], "videos": s["videos"], "dir": str(db / SPLITS[s["split"]] / s["id"]),
+             "m4a": s["split"] == "vox2_train"} for s in speakers]
+    # spawn, not fork: the caller may be a notebook kernel with torch threads running
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seconds = list(tqdm(pool.map(_render_speaker, jobs), total=len(jobs), desc="speakers",
+                            unit="spk", disable=not progress))
+    trials = _write_trials(db, speakers, preset, seed)
+    manifest = _manifest(state, speakers, seconds, trials, skipped)
+    manifest["generation_seconds"] = round(time.perf_counter() - start, 1)
+    _atomic_write(db / "corpus.json", json.dumps(manifest, indent=1).encode())
+    (db / ".corpus_pending.json").unlink()
+    c, hours = manifest["counts"], sum(manifest["seconds_of_audio"].values()) / 3600
+    print(f"{size} corpus: " + ", ".join(f"{c[s]['speakers']} {s}" for s in SPLITS)
+          + f" speakers, {hours:.2f} h of audio, {len(manifest['voices'])} {state['voice_kind']} voices "
+          + f"({', '.join(sorted({v['name'] for v in manifest['voices']}))}), "
+          + f"{manifest['generation_seconds']} s -> {db}")
+    return db
+
+
+def _default_root(size: str) -> Path:
+    parent = os.environ.get("RAWNET_DEMO_ROOT")
+    return Path(parent or Path(__file__).resolve().parents[1] / "outputs" / "demo_corpus") / size
+
+
+def ensure_demo_corpus(size: str = "demo", root: Path | None = None, seed: int = 0) -> Path:
+    """The corpus every notebook uses when given no data path: generate, convert, return DB.
+
+    Default root ``<repo>/outputs/demo_corpus/<size>``; ``RAWNET_DEMO_ROOT`` replaces the
+    ``<repo>/outputs/demo_corpus`` part. Both steps skip work already done.
+    """
+    db = generate_corpus(Path(root) if root is not None else _default_root(size), size, seed)
+    report = convert_tree(db / "VoxCeleb2" / "m4a", db / "VoxCeleb2" / "wav")
+    if report.failed:
+        raise ValueError(f"converting the demo corpus failed ({report.summary()}); "
+                         f"delete {db} and rerun")
+    return db
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="demo", choices=sorted(SIZES), help="corpus preset")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="output root; DB/ goes inside (default outputs/demo_corpus/<size>)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    parser.add_argument("--voices", default="auto", choices=["auto", "mbrola", "espeak"],
+                        help="auto prefers MBROLA voices when installed")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes")
+    args = parser.parse_args(argv)
+    db = generate_corpus(args.root or _default_root(args.size), args.size, args.seed,
+                         args.voices, args.workers)
+    report = convert_tree(db / "VoxCeleb2" / "m4a", db / "VoxCeleb2" / "wav", workers=args.workers)
+    print(report.summary())
+    print(db)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

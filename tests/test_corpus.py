@@ -1,0 +1,175 @@
+"""corpus.py: the tiny synthetic corpus has VoxCeleb's layout, sound trial lists, and is
+deterministic and idempotent."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from rawnet_lib import corpus
+from rawnet_lib.corpus import SIZES, ensure_demo_corpus, find_voices, generate_corpus
+
+needs_tools = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
+                                 reason="needs espeak-ng and ffmpeg (./setup.sh install)")
+LISTS = ["veri_test", "list_test_all", "list_test_hard"]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> Path:
+    return generate_corpus(tmp_path_factory.mktemp("a"), "tiny", seed=0, workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def manifest(db: Path) -> dict:
+    return json.loads((db / "corpus.json").read_text())
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "corpus.json"}
+
+
+def _trials(db: Path, name: str) -> list[tuple[int, str, str]]:
+    lines = (db / "VoxCeleb1" / name).read_text().splitlines()
+    return [(int(label), a, b) for label, a, b in (line.split(" ") for line in lines)]
+
+
+@needs_tools
+def test_layout_and_names(db: Path, manifest: dict) -> None:
+    speakers = {split: sorted(p.name for p in (db / folder).iterdir())
+                for split, folder in corpus.SPLITS.items()}
+    assert [len(speakers[s]) for s in corpus.SPLITS] == [6, 4, 4]  # tiny: 3x2, 2x2, 4x1
+    assert all(re.fullmatch(r"id0\d{4}", s) for s in speakers["vox2_train"])
+    assert all(re.fullmatch(r"id1\d{4}", s) for s in speakers["vox1_dev"] + speakers["vox1_eval"])
+    m4a = sorted((db / "VoxCeleb2" / "m4a").rglob("*.m4a"))
+    wav = sorted((db / "VoxCeleb1").rglob("*.wav"))
+    for path in m4a + wav:
+        video, utt = path.parent.name, path.name
+        assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{10}", video)
+        assert re.fullmatch(r"\d{5}\.(wav|m4a)", utt)
+    assert len(m4a) == manifest["counts"]["vox2_train"]["utterances"]
+    assert len(wav) == sum(manifest["counts"][s]["utterances"] for s in ("vox1_dev", "vox1_eval"))
+    assert not list(db.rglob("*.part")) and not (db / ".corpus_pending.json").exists()
+
+
+@needs_tools
+def test_splits_share_no_speaker_and_no_base_voice(db: Path, manifest: dict) -> None:
+    by_split = {s: {r["voice"] for r in manifest["speakers"] if r["split"] == s} for s in corpus.SPLITS}
+    assert not by_split["vox2_train"] & by_split["vox1_dev"]
+    assert not by_split["vox2_train"] & by_split["vox1_eval"]
+    assert not by_split["vox1_dev"] & by_split["vox1_eval"]
+    on_disk = {p.name for folder in corpus.SPLITS.values() for p in (db / folder).iterdir()}
+    assert on_disk == {r["id"] for r in manifest["speakers"]}  # ids unique across all splits
+    eval_genders = {r["gender"] for r in manifest["speakers"] if r["split"] == "vox1_eval"}
+    assert eval_genders == {"f", "m"}
+
+
+@needs_tools
+def test_audio_is_16k_mono_pcm16_of_varied_length(db: Path) -> None:
+    infos = [sf.info(str(p)) for p in sorted((db / "VoxCeleb1").rglob("*.wav"))]
+    assert {(i.samplerate, i.channels, i.subtype) for i in infos} == {(16000, 1, "PCM_16")}
+    durations = sorted(i.duration for i in infos)
+    assert 1.0 < durations[0] and durations[-1] < 5.0 and durations[-1] - durations[0] > 1.0
+
+
+@needs_tools
+def test_trial_lists_are_sound(db: Path, manifest: dict) -> None:
+    info = {r["id"]: r for r in manifest["speakers"]}
+    for name in LISTS:
+        trials = _trials(db, f"{name}.txt")
+        targets = [t for t in trials if t[0] == 1]
+        assert {t[0] for t in trials} == {0, 1} and abs(2 * len(targets) - len(trials)) <= 4
+        for label, a, b in trials:
+            spk_a, spk_b = a.split("/")[0], b.split("/")[0]
+            assert (spk_a == spk_b) == (label == 1)
+            if label == 1:
+                assert a.split("/")[1] != b.split("/")[1]  # tiny has 2 videos per speaker
+            for path in (a, b):
+                folders = ["eval_wav"] if name == "veri_test" else ["eval_wav", "dev_wav"]
+                assert any((db / "VoxCeleb1" / f / path).is_file() for f in folders)
+            if name == "list_test_hard" and label == 0:
+                assert info[spk_a]["gender"] == info[spk_b]["gender"]
+        cleaned = _trials(db, f"{name}2.txt")
+        assert set(cleaned) < set(trials) and len(cleaned) >= len(trials) - 2
+    assert manifest["counts"]["trials"]["veri_test.txt"] == len(_trials(db, "veri_test.txt"))
+
+
+@needs_tools
+def test_manifest_describes_the_corpus(db: Path, manifest: dict) -> None:
+    assert (manifest["size"], manifest["seed"], manifest["voices_requested"]) == ("tiny", 0, "auto")
+    assert manifest["voice_kind"] in ("mbrola", "espeak") and manifest["generation_seconds"] > 0
+    assert {v["split"] for v in manifest["voices"]} == set(corpus.SPLITS)
+    assert all(v["gender"] in "mf" and v["family"] and v["kind"] == manifest["voice_kind"]
+               for v in manifest["voices"])
+    assert len(manifest["voices"]) == sum(SIZES["tiny"].voices)
+    eval_seconds = sum(sf.info(str(p)).duration for p in (db / "VoxCeleb1" / "eval_wav").rglob("*.wav"))
+    assert manifest["seconds_of_audio"]["vox1_eval"] == pytest.approx(eval_seconds, abs=0.2)
+    train = manifest["counts"]["vox2_train"]
+    assert (train["speakers"], train["videos"]) == (6, 12) and 24 <= train["utterances"] <= 36
+    assert sum(r["utterances"] for r in manifest["speakers"]) == sum(
+        manifest["counts"][s]["utterances"] for s in corpus.SPLITS)
+
+
+@needs_tools
+def test_same_seed_gives_identical_bytes_whatever_the_workers(db: Path, tmp_path: Path) -> None:
+    again = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
+    first, second = _files(db), _files(again)
+    assert first.keys() == second.keys() and first == second
+
+
+@needs_tools
+def test_other_seed_gives_other_corpus(db: Path, tmp_path: Path) -> None:
+    other = generate_corpus(tmp_path, "tiny", seed=1, workers=2, progress=False)
+    name = "VoxCeleb1/veri_test.txt"
+    assert (db / name).read_text() != (other / name).read_text()
+    assert {p.name for p in (db / "VoxCeleb1" / "eval_wav").iterdir()} != \
+        {p.name for p in (other / "VoxCeleb1" / "eval_wav").iterdir()}
+
+
+@needs_tools
+def test_second_call_returns_at_once_and_other_settings_raise(db: Path) -> None:
+    stamp = (db / "corpus.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert generate_corpus(db.parent, "tiny", seed=0, progress=False) == db
+    assert time.perf_counter() - start < 1.0 and (db / "corpus.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="seed=0.*pick another root or delete"):
+        generate_corpus(db.parent, "tiny", seed=7, progress=False)
+    with pytest.raises(ValueError, match="size='tiny'"):
+        generate_corpus(db.parent, "demo", seed=0, progress=False)
+
+
+@needs_tools
+def test_ensure_demo_corpus_converts_the_m4a(db: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(db.parent, root)
+    out = ensure_demo_corpus("tiny", root=root)
+    m4a = sorted(p.relative_to(out / "VoxCeleb2" / "m4a").with_suffix("")
+                 for p in (out / "VoxCeleb2" / "m4a").rglob("*.m4a"))
+    wav = sorted(p.relative_to(out / "VoxCeleb2" / "wav").with_suffix("")
+                 for p in (out / "VoxCeleb2" / "wav").rglob("*.wav"))
+    assert out == root / "DB" and m4a == wav and len(wav) > 0
+
+
+@needs_tools
+def test_espeak_missing_is_explained(monkeypatch) -> None:
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="apt-get install espeak-ng"):
+        find_voices.__wrapped__("auto")
+
+
+def test_bad_arguments_raise(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="size='huge'.*demo"):
+        generate_corpus(tmp_path, "huge")
+    with pytest.raises(ValueError, match="voices='festival'"):
+        find_voices.__wrapped__("festival")
+    (tmp_path / "DB").mkdir()
+    (tmp_path / "DB" / "something").write_text("not ours")
+    with pytest.raises(ValueError, match="not made by generate_corpus"):
+        generate_corpus(tmp_path, "tiny")
+    monkeypatch.setenv("RAWNET_DEMO_ROOT", str(tmp_path / "elsewhere"))
+    assert corpus._default_root("tiny") == tmp_path / "elsewhere" / "tiny"

@@ -324,12 +324,18 @@ def _trials(speakers: list[dict], n_targets: int, hard: bool, rng: np.random.Gen
         same_g = [o for o in rest if o["voice"].gender == s["voice"].gender]
         same_gf = [o for o in same_g if o["voice"].family == s["voice"].family]
         impostors[s["id"]] = [o["id"] for o in ((same_gf or same_g or rest) if hard else rest)]
-    lines = set()
+    lines, used = [], set()
     for a, b in chosen:
         a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        lines.append(f"1 {a} {b}")
         others = impostors[a.split("/")[0]]
-        other = files[others[rng.integers(len(others))]]
-        lines |= {f"1 {a} {b}", f"0 {a} {other[rng.integers(len(other))]}"}
+        for _ in range(20):  # a non-target pair not used yet, in either order
+            other = files[others[rng.integers(len(others))]]
+            c = other[rng.integers(len(other))]
+            if frozenset((a, c)) not in used:
+                used.add(frozenset((a, c)))
+                lines.append(f"0 {a} {c}")
+                break
     return sorted(lines, key=lambda line: line.split()[1:])
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rawnet_lib.trials import read_trials
 import soundfile as sf
 
 from rawnet_lib import corpus
@@ -96,6 +98,10 @@ def test_trial_lists_are_sound(db: Path, manifest: dict) -> None:
                 assert info[spk_a]["gender"] == info[spk_b]["gender"]
         cleaned = _trials(db, f"{name}2.txt")
         assert set(cleaned) < set(trials) and len(cleaned) >= len(trials) - 2
+        pairs = [frozenset((a, b)) for _, a, b in trials]
+        assert len(set(pairs)) == len(pairs), "no pair twice, in either order"
+        for listed in (f"{name}.txt", f"{name}2.txt"):
+            read_trials(db / "VoxCeleb1" / listed)  # the workbook's own parser accepts it
     assert manifest["counts"]["trials"]["veri_test.txt"] == len(_trials(db, "veri_test.txt"))
 
 

@@ -1,0 +1,235 @@
+"""Looking at evaluation results: score files, validation EER per epoch, the worst trials, and
+players to listen to them.
+
+Score files are those `rawnet_lib.evaluate` writes (`score target`, or `score target enroll test`
+for the `_names.txt` variant). The widgets need a Jupyter front end to play audio; without one
+(papermill, tests) they render as their text description, so headless runs do not fail.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+import pandas as pd
+
+from rawnet_lib.audio import read_audio
+from rawnet_lib.config import DataConfig
+from rawnet_lib.metrics import eer_threshold
+from rawnet_lib.plots import waveform_spectrogram
+from rawnet_lib.trials import resolve, speaker_of
+
+__all__ = ["load_scores", "score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
+           "trial_player", "misverified_browser", "file_stem"]
+
+_KINDS = ("false_reject", "false_accept")
+_EERS_LINE = re.compile(r"epoch:\s*(\d+),\s*TA_eval_eer:\s*([-+0-9.eE]+|nan)")
+
+
+def load_scores(path: str | Path) -> pd.DataFrame:
+    """A score file as columns score, label (1 = same speaker), and enroll, test when it has names."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, sep=" ", header=None, dtype={0: np.float64, 1: np.int8})
+    except FileNotFoundError:
+        raise FileNotFoundError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first") from None
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"{path} is not a score file ({err}); expected lines `score target` or "
+                         "`score target enroll test` as rawnet_lib.evaluate writes them") from None
+    if frame.shape[1] not in (2, 4):
+        raise ValueError(f"{path} has {frame.shape[1]} columns; expected `score target` or `score target enroll test`")
+    frame.columns = ["score", "label", "enroll", "test"][:frame.shape[1]]
+    return frame
+
+
+def _eval_dir_files(folder: Path) -> list[Path]:
+    """The names variants of an evaluation folder, in its metrics table's order when it has one."""
+    info = folder / "metrics.json"
+    if info.is_file():
+        return [folder / row["scores_file"] for row in json.loads(info.read_text())["metrics"]]
+    return sorted(folder.glob("scores_*_names.txt"))
+
+
+def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, Path]:
+    """{label: score file} from score files, evaluation folders and run folders.
+
+    A string may hold several comma-separated entries; "" means the newest run. A run folder
+    stands for every evaluation under its eval/. Labels are `<list>[ asnorm]`, prefixed with
+    `<run>/<checkpoint>:` when results of more than one evaluation are shown together.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [s.strip() for s in str(sources).split(",") if s.strip()]
+    if not sources:
+        from rawnet_lib.evaluate import newest_run
+        sources = [newest_run()]
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_file():
+            files.append(source)
+        elif (source / "models").is_dir():
+            files += [f for d in sorted((source / "eval").glob("*/")) for f in _eval_dir_files(d)]
+        elif source.is_dir():
+            files += _eval_dir_files(source)
+        else:
+            raise FileNotFoundError(f"{source} is neither a score file nor a folder; give score files, "
+                                    "evaluation folders (<run>/eval/<checkpoint>) or run folders")
+    if not files:
+        raise FileNotFoundError(f"no score files in {', '.join(map(str, sources))}; evaluate the run first "
+                                "(notebooks/evaluate.ipynb)")
+    several = len({f.parent for f in files}) > 1
+    labels = {}
+    for f in files:
+        label = re.sub(r"^scores_|_names$", "", f.stem).replace("_asnorm", " asnorm")
+        if several:
+            run = run_folder(f)
+            label = f"{run.name + '/' if run else ''}{f.parent.name}: {label}"
+        labels[label] = f
+    return labels
+
+
+def run_folder(score_file: str | Path) -> Path | None:
+    """The training run a score file `<run>/eval/<checkpoint>/scores_*.txt` belongs to, or None."""
+    folder = Path(score_file).parent
+    run = folder.parent.parent
+    return run if folder.parent.name == "eval" and (run / "models").is_dir() else None
+
+
+def eval_info(score_file: str | Path) -> dict:
+    """The metrics.json beside a score file (checkpoint, data_path, roots, metrics), {} when absent."""
+    path = Path(score_file).parent / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def audio_roots(score_file: str | Path, data_path: str | Path = "") -> list[Path]:
+    """Folders the trial files resolve against: data_path's evaluation folders when given,
+    else those the evaluation itself used (from its metrics.json)."""
+    if data_path:
+        return [Path(data_path) / d for d in DataConfig().eval_dirs]
+    roots = eval_info(score_file).get("roots")
+    if not roots:
+        raise ValueError(f"no metrics.json beside {score_file} says where its audio is; give data_path, "
+                         "the folder holding VoxCeleb1/")
+    return [Path(r) for r in roots]
+
+
+def figures_folder(score_file: str | Path) -> Path:
+    """Where the figures of a score file go: `<run>/figures/`, or `figures/` beside it outside a run."""
+    return (run_folder(score_file) or Path(score_file).parent) / "figures"
+
+
+def file_stem(label: str) -> str:
+    """A figure label as a safe file stem (`demo/best_opt_eval: O asnorm` -> `demo_best_opt_eval_O_asnorm`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "figure"
+
+
+def eer_history(run: str | Path) -> pd.DataFrame:
+    """Validation EER (fraction) per epoch from a run's eers.txt: columns epoch, val_eer."""
+    path = Path(run) / "eers.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; give a run folder that finished at least one epoch")
+    rows = [(int(m[1]), float(m[2])) for m in map(_EERS_LINE.match, path.read_text().splitlines()) if m]
+    return pd.DataFrame(rows, columns=["epoch", "val_eer"])
+
+
+def worst_trials(scores: pd.DataFrame, kind: str = "false_reject", n: int = 10, threshold: float | None = None,
+                 speaker: str | None = None, min_score: float | None = None,
+                 max_score: float | None = None) -> pd.DataFrame:
+    """The n most confidently wrong trials at `threshold` (default: the EER threshold), worst first.
+
+    false_reject: same-speaker trials scored below the threshold, lowest first; false_accept:
+    different-speaker trials at or above it, highest first. `speaker` keeps trials with that
+    speaker on either side; min_score / max_score bound the scores. Needs a `_names` score file.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind={kind!r}; choose one of {', '.join(_KINDS)}")
+    if not {"enroll", "test"} <= set(scores.columns):
+        raise ValueError("the scores have no file names; load the `_names.txt` score file "
+                         "(score target enroll test) that rawnet_lib.evaluate writes")
+    if threshold is None:
+        _, threshold = eer_threshold(scores["score"], scores["label"])
+    frame = scores.rename_axis("trial").reset_index()
+    frame["enroll_speaker"] = frame["enroll"].map(speaker_of)
+    frame["test_speaker"] = frame["test"].map(speaker_of)
+    if kind == "false_reject":
+        keep = (frame["label"] == 1) & (frame["score"] < threshold)
+    else:
+        keep = (frame["label"] == 0) & (frame["score"] >= threshold)
+    if speaker:
+        keep &= (frame["enroll_speaker"] == speaker) | (frame["test_speaker"] == speaker)
+    if min_score is not None:
+        keep &= frame["score"] >= min_score
+    if max_score is not None:
+        keep &= frame["score"] <= max_score
+    frame = frame[keep].sort_values("score", ascending=kind == "false_reject", kind="stable")
+    return frame.head(n).assign(kind=kind).reset_index(drop=True)
+
+
+def _picture(wave: np.ndarray, title: str) -> bytes:
+    """A small waveform/spectrogram PNG for one side of a trial."""
+    fig = waveform_spectrogram(wave, title=title)
+    fig.set_size_inches(3.2, 2.4)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
+    return buffer.getvalue()
+
+
+def trial_player(row: pd.Series | dict, roots: Sequence[str | Path]) -> widgets.VBox:
+    """Both sides of one trial: a header with score and label, an audio player and a
+    waveform/spectrogram picture each for enroll and test."""
+    sides = []
+    for side in ("enroll", "test"):
+        path = resolve(row[side], [Path(r) for r in roots])
+        sides.append(widgets.VBox([
+            widgets.Label(f"{side}: {row[side]}"),
+            widgets.Audio(value=path.read_bytes(), format="wav", autoplay=False, loop=False),
+            widgets.Image(value=_picture(read_audio(path), row[side]), format="png"),
+        ]))
+    same = "same speaker" if int(row["label"]) == 1 else "different speakers"
+    header = widgets.HTML(f"<b>score {float(row['score']):.4f}</b> ({same})")
+    return widgets.VBox([header, widgets.HBox(sides)])
+
+
+def misverified_browser(trials: pd.DataFrame, roots: Sequence[str | Path]) -> widgets.VBox:
+    """A table of trials (e.g. from worst_trials) with a speaker filter, a score range slider and
+    a trial chooser that shows the chosen trial's players."""
+    if trials.empty:
+        return widgets.VBox([widgets.HTML("no trials to show")])
+    trials = trials.reset_index(drop=True)  # row labels pick the trial
+    speakers = sorted(set(trials["enroll"].map(speaker_of)) | set(trials["test"].map(speaker_of)))
+    speaker = widgets.Dropdown(options=["(all)", *speakers], description="speaker")
+    low, high = float(trials["score"].min()), float(trials["score"].max())
+    score = widgets.FloatRangeSlider(value=(low, high), min=low, max=high, step=max((high - low) / 100, 1e-6),
+                                     description="score", readout_format=".3f")
+    chooser = widgets.Dropdown(description="trial")
+    table, player = widgets.HTML(), widgets.VBox()
+
+    def selected() -> pd.DataFrame:
+        keep = trials["score"].between(*score.value)
+        if speaker.value != "(all)":
+            keep &= (trials["enroll"].map(speaker_of) == speaker.value) | (trials["test"].map(speaker_of) == speaker.value)
+        return trials[keep]
+
+    shown: list = [object()]  # the trial on display; drawing a player reads audio, so only on change
+
+    def show_trial(_=None) -> None:
+        if chooser.value != shown[0]:
+            shown[0] = chooser.value
+            player.children = [] if chooser.value is None else [trial_player(trials.loc[chooser.value], roots)]
+
+    def refresh(_=None) -> None:
+        rows = selected()
+        columns = [c for c in ("kind", "score", "label", "enroll", "test") if c in rows]
+        table.value = rows[columns].to_html(float_format="%.4f")
+        chooser.options = [(f"{r.score:.4f}  {r.enroll} vs {r.test}", i) for i, r in rows.iterrows()]
+        chooser.value = chooser.options[0][1] if chooser.options else None
+        show_trial()
+
+    speaker.observe(refresh, names="value")
+    score.observe(refresh, names="value")
+    chooser.observe(show_trial, names="value")
+    refresh()
+    return widgets.VBox([widgets.HBox([speaker, score]), table, chooser, player])

@@ -1,0 +1,112 @@
+"""Score files, EER history, worst trials, the trial players and the analysis notebook."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+import pandas as pd
+import pytest
+
+from rawnet_lib import analysis as an
+from rawnet_lib.evaluate import evaluate
+from rawnet_lib.scoring import write_scores
+from rawnet_lib.trials import TrialList
+
+# A hand-made list: speaker a/b/c, label 1 = same speaker.
+HAND = pd.DataFrame({
+    "score": [0.9, 0.2, 0.5, 0.1, 0.8, 0.6, 0.3, 0.7],
+    "label": [1, 1, 1, 1, 0, 0, 0, 0],
+    "enroll": ["a/v/1.wav", "a/v/2.wav", "b/v/1.wav", "c/v/1.wav", "a/v/1.wav", "b/v/1.wav", "c/v/1.wav", "c/v/2.wav"],
+    "test": ["a/w/1.wav", "a/w/2.wav", "b/w/1.wav", "c/w/1.wav", "b/v/2.wav", "c/v/3.wav", "a/v/3.wav", "b/w/3.wav"],
+})
+
+
+@pytest.fixture(scope="module")
+def eval_dir(smoke_run: Path) -> Path:
+    """The smoke run evaluated on O and O2 into its own eval/ folder, as the evaluate notebook does."""
+    evaluate(smoke_run / "models" / "best_opt_eval.pt", lists=["O", "O2"], progress=False)
+    return smoke_run / "eval" / "best_opt_eval"
+
+
+def test_load_scores_reads_both_variants(tmp_path: Path) -> None:
+    trials = TrialList(HAND["label"].to_numpy(np.int8), list(HAND["enroll"]), list(HAND["test"]))
+    write_scores(tmp_path / "plain.txt", HAND["score"].to_numpy(), trials)
+    write_scores(tmp_path / "names.txt", HAND["score"].to_numpy(), trials, with_names=True)
+    plain, named = an.load_scores(tmp_path / "plain.txt"), an.load_scores(tmp_path / "names.txt")
+    assert list(plain.columns) == ["score", "label"]
+    pd.testing.assert_frame_equal(named, HAND, check_dtype=False)
+    pd.testing.assert_frame_equal(plain, HAND[["score", "label"]], check_dtype=False)
+    (tmp_path / "bad.txt").write_text("0.5 1 a\n")
+    with pytest.raises(ValueError, match="bad.txt has 3 columns"):
+        an.load_scores(tmp_path / "bad.txt")
+
+
+def test_eer_history_parses_eers_txt(tmp_path: Path) -> None:
+    (tmp_path / "eers.txt").write_text("epoch:1, TA_eval_eer:0.5333\nepoch:2, TA_eval_eer:0.1250\n\n")
+    history = an.eer_history(tmp_path)
+    assert history.to_dict("list") == {"epoch": [1, 2], "val_eer": [0.5333, 0.125]}
+    with pytest.raises(FileNotFoundError, match="eers.txt does not exist"):
+        an.eer_history(tmp_path / "missing")
+
+
+def test_worst_trials_finds_the_most_confident_errors() -> None:
+    fr = an.worst_trials(HAND, "false_reject", threshold=0.55)
+    assert list(fr["score"]) == [0.1, 0.2, 0.5] and list(fr["trial"]) == [3, 1, 2]
+    fa = an.worst_trials(HAND, "false_accept", threshold=0.55)
+    assert list(fa["score"]) == [0.8, 0.7, 0.6] and (fa["kind"] == "false_accept").all()
+    assert list(an.worst_trials(HAND, "false_accept", n=1, threshold=0.55)["score"]) == [0.8]
+    assert list(an.worst_trials(HAND, "false_reject", threshold=0.55, speaker="b")["trial"]) == [2]
+    assert list(an.worst_trials(HAND, "false_accept", threshold=0.55, speaker="c")["score"]) == [0.7, 0.6]
+    assert list(an.worst_trials(HAND, "false_accept", threshold=0.55, max_score=0.75)["score"]) == [0.7, 0.6]
+    assert list(an.worst_trials(HAND, "false_reject", threshold=0.55, min_score=0.15)["score"]) == [0.2, 0.5]
+    # Default threshold: the EER threshold, so both lists hold errors and nothing else.
+    default = an.worst_trials(HAND, "false_reject")
+    assert (default["label"] == 1).all() and 0 < len(default) < 4
+    with pytest.raises(ValueError, match="kind='miss'"):
+        an.worst_trials(HAND, "miss")
+    with pytest.raises(ValueError, match="_names.txt"):
+        an.worst_trials(HAND[["score", "label"]])
+
+
+def test_score_sources_labels_and_figure_folders(eval_dir: Path, smoke_run: Path) -> None:
+    files = an.score_sources(str(smoke_run))
+    assert list(files) == ["O", "O2"] and files["O"] == eval_dir / "scores_O_names.txt"
+    assert an.score_sources(f"{eval_dir / 'scores_O.txt'}") == {"O": eval_dir / "scores_O.txt"}
+    assert an.figures_folder(files["O"]) == smoke_run / "figures"
+    assert an.run_folder(files["O"]) == smoke_run
+    with pytest.raises(FileNotFoundError, match="neither a score file nor a folder"):
+        an.score_sources("/nonexistent/scores.txt")
+
+
+def test_trial_player_and_browser(eval_dir: Path) -> None:
+    scores = an.load_scores(eval_dir / "scores_O_names.txt")
+    roots = an.audio_roots(eval_dir / "scores_O_names.txt")
+    worst = pd.concat([an.worst_trials(scores, kind, n=2) for kind in ("false_reject", "false_accept")],
+                      ignore_index=True)
+    player = an.trial_player(worst.iloc[0], roots)
+    audio = [w for side in player.children[1].children for w in side.children if isinstance(w, widgets.Audio)]
+    images = [w for side in player.children[1].children for w in side.children if isinstance(w, widgets.Image)]
+    assert len(audio) == 2 and all(a.value[:4] == b"RIFF" for a in audio)
+    assert len(images) == 2 and all(i.value[:4] == b"\x89PNG" for i in images)
+
+    browser = an.misverified_browser(worst, roots)
+    (speaker, score), table, chooser, shown = browser.children[0].children, *browser.children[1:]
+    assert len(chooser.options) == len(worst) and len(shown.children) == 1
+    one = worst["enroll"].iloc[-1].split("/")[0]
+    speaker.value = one
+    rows = worst.loc[[index for _, index in chooser.options]]
+    assert len(rows) >= 1 and one in table.value
+    assert ((rows["enroll"].str.split("/").str[0] == one) | (rows["test"].str.split("/").str[0] == one)).all()
+    speaker.value = "(all)"
+    score.value = (score.max, score.max)
+    assert [worst.loc[i, "score"] for _, i in chooser.options] == [worst["score"].max()]
+
+
+@pytest.mark.notebook
+def test_analysis_notebook_saves_figures(eval_dir: Path, smoke_run: Path, run_notebook) -> None:
+    run_notebook("analysis", sources=str(smoke_run), n_worst=2)
+    figures = smoke_run / "figures"
+    for name in ("det", "hist_O", "hist_O2", f"val_eer_{smoke_run.name}"):
+        for ext in ("png", "svg"):
+            assert (figures / f"{name}.{ext}").stat().st_size > 0

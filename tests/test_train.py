@@ -78,12 +78,13 @@ def test_two_gloo_processes_through_the_launcher(tiny_db: Path, tmp_path: Path) 
 
 def test_performance_mode_reports_throughput_only(tiny_db: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), mode="performance",
-                      perf_steps=4, warmup_steps=1, amp="bf16")
+                      perf_steps=4, warmup_steps=1, amp="bf16", profile=True)
     summary = train(cfg)
     assert summary["crops_per_s"] > 0 and summary["fps_seed"] > 0 and summary["amp"] == "bf16"
     run = run_path(cfg)
     assert json.loads((run / "performance.json").read_text())["crops_per_s"] == summary["crops_per_s"]
     assert not list((run / "models").iterdir()), "performance mode writes no checkpoints"
+    assert list((run / "prof").glob("*.pt.trace.json")), "profile: true leaves a torch.profiler trace"
 
 
 def test_launch_commands_use_torchrun_rendezvous() -> None:

@@ -13,11 +13,16 @@ apt_install() {
   # System tools: espeak-ng + MBROLA (demo voices), sox (audio effects), ffmpeg (m4a).
   [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root for apt-get (or install espeak-ng sox ffmpeg yourself)"; return 0; }
   local pkgs="espeak-ng sox ffmpeg"
-  if [ -z "${RAWNET_NO_MBROLA:-}" ] && [ -f /etc/apt/sources.list.d/debian.sources ] \
-     && [ ! -f /etc/apt/sources.list.d/rawnet-contrib.sources ]; then
-    # MBROLA lives in contrib/non-free: add those components beside the machine's own sources.
-    sed 's/^Components: main$/Components: contrib non-free/' /etc/apt/sources.list.d/debian.sources \
-      > /etc/apt/sources.list.d/rawnet-contrib.sources
+  # MBROLA lives in contrib/non-free: add those components beside the machine's own sources.
+  if [ -z "${RAWNET_NO_MBROLA:-}" ] && [ ! -f /etc/apt/sources.list.d/rawnet-contrib.sources ] \
+     && [ ! -f /etc/apt/sources.list.d/rawnet-contrib.list ]; then
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then      # deb822 (Debian 12 and later)
+      sed 's/^Components: main$/Components: contrib non-free/' /etc/apt/sources.list.d/debian.sources \
+        > /etc/apt/sources.list.d/rawnet-contrib.sources
+    elif [ -f /etc/apt/sources.list ]; then                     # one-line style
+      sed -n -E 's/^(deb [^#]*) main( .*)?$/\1 contrib non-free/p' /etc/apt/sources.list \
+        > /etc/apt/sources.list.d/rawnet-contrib.list
+    fi
   fi
   apt-get update -qq
   local missing=""

@@ -11,6 +11,7 @@ Training resumes the demo run when one exists, so repeating the command loses no
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def run_demo(size: str = "demo", preset: str = "demo", devices: int = 1, only: l
     import papermill as pm
     from rawnet_lib.corpus import ensure_demo_corpus
 
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("papermill").setLevel(logging.INFO)  # stream each cell's printed output
     ensure_demo_corpus(size)
     out = REPO_DIR / "outputs" / "demo_runs" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)

@@ -136,14 +136,15 @@ def train(cfg: Config) -> dict[str, Any]:
         if cfg.train.batch_size % rank.world_size:
             raise ValueError(f"batch_size {cfg.train.batch_size} does not split evenly over "
                              f"{rank.world_size} processes; use a multiple of {rank.world_size}")
+        # rank 0 builds the demo corpus, scans the tree once and creates the run folder; the others wait
         data_path = resolve_data_path(cfg.data) if rank.is_main else None
-        run = RunDir.create(cfg, rank)  # rank 0 checks and creates the folder, the others wait
+        utts = load_utterances(data_path, cfg.data.train_dir) if rank.is_main else None
+        if utts is not None and utts.bad and cfg.data.on_bad_audio == "stop":
+            raise ValueError(utts.bad_summary())  # before the run folder exists: fix the data, run again
+        run = RunDir.create(cfg, rank)
         data_path = data_path or resolve_data_path(cfg.data)
-        utts = load_utterances(data_path, cfg.data.train_dir, progress=rank.is_main)
-        dist.barrier()
+        utts = utts or load_utterances(data_path, cfg.data.train_dir, progress=False)
         if utts.bad:
-            if cfg.data.on_bad_audio == "stop":
-                raise ValueError(utts.bad_summary())
             run.log(0, f"skipping {len(utts.bad)} unusable training file(s):\n{utts.bad_summary()}")
         speakers = utts.speakers()
         dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate,

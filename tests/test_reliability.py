@@ -80,7 +80,7 @@ def test_bad_audio_stops_before_the_first_step(bad_tree: Path, tmp_path: Path) -
     message = str(err.value)
     assert "5 unusable file(s)" in message and "on_bad_audio: skip" in message
     assert "00003.wav: 2 channels" in message and "sample rate 8000" in message
-    assert not list((run_path(cfg) / "models").glob("*.pt")), "stopped before the first step"
+    assert not run_path(cfg).exists(), "stopped before the first step, without a run folder to refuse later"
 
 
 def test_bad_audio_is_skipped_and_counted_when_asked(bad_tree: Path, tmp_path: Path) -> None:

@@ -48,9 +48,15 @@ py_install() {
   .venv/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 }
 
-case "${1:-}" in
-  install) apt_install; py_install ;;
-  demo) apt_install; py_install; .venv/bin/python -m rawnet_lib.demo "${@:2}" ;;
-  test) apt_install; py_install; .venv/bin/python -m pytest -q "${@:2}" ;;
-  *) echo "usage: ./setup.sh demo|test|install"; exit 2 ;;
-esac
+main() {
+  case "${1:-}" in
+    install) apt_install; py_install ;;
+    demo) apt_install; py_install; .venv/bin/python -m rawnet_lib.demo "${@:2}" ;;
+    test) apt_install; py_install; .venv/bin/python -m pytest -q "${@:2}" ;;
+    *) echo "usage: ./setup.sh demo|test|install"; return 2 ;;
+  esac
+}
+
+# Parsed whole before it runs, so a `git pull` during a long demo cannot change it mid-way.
+main "$@"
+exit $?

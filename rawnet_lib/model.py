@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rawnet_lib.config import Config, ModelConfig, load_config
+from rawnet_lib.fastsinc import fast_frame_features
 
 __all__ = ["LayerNorm", "SincConv", "FMS", "ResidualBlock", "RawNet2", "build_model", "stage_frames"]
 
@@ -158,6 +159,8 @@ class RawNet2(nn.Module):
                 raise ValueError(f"input has {x.shape[-1]} samples but the layer norm needs exactly "
                                  f"{self.cfg.n_samples}; crop the audio or use a model with layer_norm: false")
             x = self.ln(x)
+        if self.cfg.fast:  # the same maths, fused and channels-last (rawnet_lib/fastsinc.py)
+            return fast_frame_features(self, x)
         x = self.first_conv(x.unsqueeze(1))
         x = self.lrelu_keras(self.first_bn(F.max_pool1d(x.abs(), 3)))
         for i in range(self.n_blocks):

@@ -1,0 +1,448 @@
+"""Benchmarks of the fast path against the exact reference path (issue #6), rerunnable by anyone.
+
+    python -m rawnet_lib.bench all                    # everything, paper preset, batch 8 (~10 min)
+    python -m rawnet_lib.bench train --repeats 7      # one measurement kind
+    python -m rawnet_lib.bench all --quick            # smoke preset, tiny repeats (< 1 min)
+
+Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
+ratio, device, torch, threads, ...); the functions return the same dicts for
+notebooks/benchmark.ipynb. Paths:
+
+* exact: `model.fast: false`, `train.amp: off`, the reference maths in float32;
+* fast: `model.fast: true`, `train.amp: bf16` (rawnet_lib/fastsinc.py).
+
+The CPU may be shared with other work, so both paths run alternately in one process, one
+step each per round, and a ratio is the median of the per-round ratios. GFLOP per crop is
+counted from the model's shapes (convolutions, linear layers, GRU; training = 3x forward) and
+is the same number for both paths: "gflops" is useful work per second, not instructions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rawnet_lib import fastsinc
+from rawnet_lib.config import Config, ModelConfig, load_config
+from rawnet_lib.embed import autocast
+from rawnet_lib.model import build_model
+
+__all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
+           "calibrate_batch_norm", "bench_load", "bench_score", "bench_scale", "run_all", "plot_comparison", "main"]
+
+PATHS = {"exact": {"fast": False, "amp": "off"}, "fast": {"fast": True, "amp": "bf16"}}
+QUICK = {"preset": "smoke", "batch": 4, "repeats": 2}
+PAPER_CLASSES = 5994  # VoxCeleb2 dev speakers: the output layer of the paper model
+
+
+# --- counting and context -----------------------------------------------------------------------
+
+def model_gflop(mcfg: ModelConfig, n_classes: int = 0) -> dict[str, float]:
+    """Forward GFLOP per crop by layer (2 FLOP per multiply-add), plus `total` and `train` (3x)."""
+    t = mcfg.n_samples - mcfg.sinc_kernel + 1
+    out = {"sinc": 2 * mcfg.sinc_filters * mcfg.sinc_kernel * t}
+    t //= 3
+    widths = [mcfg.sinc_filters, *mcfg.blocks]
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        flop = 2 * 3 * t * (c_in * c_out + c_out * c_out) + 2 * c_out * c_out  # conv1, conv2, FMS
+        if c_in != c_out:
+            flop += 2 * c_in * c_out * t                                       # conv_downsample
+        out[f"block{i}"] = flop
+        t //= 3
+    h = mcfg.gru_units
+    out["gru"] = sum(2 * 3 * ((widths[-1] if l == 0 else h) * h + h * h) * t for l in range(mcfg.gru_layers))
+    out["fc"] = 2 * h * mcfg.embedding_dim + 2 * mcfg.embedding_dim * n_classes
+    out = {k: v / 1e9 for k, v in out.items()}
+    out["total"] = sum(out.values())
+    out["train"] = 3 * out["total"]
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def _rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _record(name: str, **fields: Any) -> dict[str, Any]:
+    rec = {"name": name, **fields, "peak_rss_mib": fields.get("peak_rss_mib", round(_rss_mib(), 1)),
+           **environment()}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def _config(preset: str, path: str) -> Config:
+    cfg = load_config(preset)
+    cfg.model.fast, cfg.train.amp = PATHS[path]["fast"], PATHS[path]["amp"]
+    return cfg
+
+
+def _alternate(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each function per round, the functions taking turns within a round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def _speed_records(name: str, times: dict[str, list[float]], crops: int, gflop_per_crop: float,
+                   **extra: Any) -> list[dict[str, Any]]:
+    """One record per path: median crops/s, GFLOP/s and the median per-round ratio to exact."""
+    out = []
+    for path, secs in times.items():
+        ratios = [e / s for e, s in zip(times["exact"], secs)]
+        rate = crops / statistics.median(secs)
+        out.append(_record(name, path=path, amp=PATHS[path]["amp"], crops_per_s=round(rate, 3),
+                           seconds=round(statistics.median(secs), 4), gflops=round(rate * gflop_per_crop, 1),
+                           gflop_per_crop=round(gflop_per_crop, 3), ratio=round(statistics.median(ratios), 3),
+                           ratio_min=round(min(ratios), 3), ratio_max=round(max(ratios), 3),
+                           rounds=[round(s, 4) for s in secs], **extra))
+    return out
+
+
+# --- the measurements ---------------------------------------------------------------------------
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> list[dict[str, Any]]:
+    """GFLOP/s of a size^3 matrix product in float32 and bf16: this machine's practical peak."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        secs = _alternate({"mm": lambda: a @ b}, repeats)["mm"]
+        out.append(_record("matmul_peak", dtype=str(dtype).split(".")[-1], size=size,
+                           seconds=round(statistics.median(secs), 5),
+                           gflops=round(2 * size ** 3 / statistics.median(secs) / 1e9, 1)))
+    return out
+
+
+def _train_setup(preset: str, path: str, batch: int, n_classes: int, seed: int = 0):
+    """(model, optimizer, one training step) of a path; same weights and batch for every path."""
+    from rawnet_lib.train import make_optimizer
+    cfg = _config(preset, path)
+    torch.manual_seed(seed)
+    model = build_model(cfg, n_classes).train()
+    optimizer, _ = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.model.n_samples, generator=gen)
+    y = torch.randint(0, n_classes, (batch,), generator=gen)
+
+    def step() -> None:
+        with autocast(torch.device("cpu"), cfg.train.amp):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model, optimizer, step
+
+
+def bench_train(preset: str = "paper", batch: int = 8, repeats: int = 5,
+                n_classes: int = PAPER_CLASSES) -> list[dict[str, Any]]:
+    """Training steps (forward, backward, Adam) per second, exact and fast alternately."""
+    steps = {path: _train_setup(preset, path, batch, n_classes)[2] for path in PATHS}
+    times = _alternate(steps, repeats, warmup=2)  # warm-up compiles the fast kernels
+    gflop = model_gflop(load_config(preset).model, n_classes)["train"]
+    return _speed_records("train_step", times, batch, gflop, preset=preset, batch=batch,
+                          n_classes=n_classes, repeats=repeats)
+
+
+def _memory_child(preset: str, path: str, batch: int, n_classes: int, steps: int) -> dict[str, float]:
+    """In a fresh process: RSS before the first step, peak RSS over `steps` steps after a warm-up."""
+    _, _, step = _train_setup(preset, path, batch, n_classes)
+    before = _status_kib("VmRSS") / 1024
+    step()  # warm-up: compiles the fast kernels, allocates optimiser state
+    reset = _reset_peak()
+    for _ in range(steps):
+        step()
+    steady = _status_kib("VmHWM") / 1024 if reset else float("nan")
+    return {"rss_before_mib": before, "peak_rss_mib": steady, "process_peak_rss_mib": _rss_mib()}
+
+
+def _child_init(threads: int, compile_kernels: bool) -> None:
+    """The parent's thread count and kernel setting in a spawned process."""
+    torch.set_num_threads(threads)
+    fastsinc.set_compile(compile_kernels)
+
+
+def _status_kib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def bench_memory(preset: str = "paper", batch: int = 8, n_classes: int = PAPER_CLASSES,
+                 steps: int = 2) -> list[dict[str, Any]]:
+    """Peak RSS of training steps, each path in its own fresh process (peaks never reset there)."""
+    ctx = multiprocessing.get_context("spawn")
+    out, peaks = [], {}
+    for path in PATHS:
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_init,
+                                 initargs=(torch.get_num_threads(), fastsinc.compile_enabled())) as pool:
+            res = pool.submit(_memory_child, preset, path, batch, n_classes, steps).result()
+        peaks[path] = res["peak_rss_mib"]
+        out.append(_record("train_memory", path=path, amp=PATHS[path]["amp"], preset=preset, batch=batch,
+                           n_classes=n_classes, peak_rss_mib=round(res["peak_rss_mib"], 1),
+                           step_rss_mib=round(res["peak_rss_mib"] - res["rss_before_mib"], 1),
+                           process_peak_rss_mib=round(res["process_peak_rss_mib"], 1),
+                           ratio=round(res["peak_rss_mib"] / peaks["exact"], 3)))
+    return out
+
+
+def _crops(cfg: Config, n: int, data_path: str | Path | None, seed: int = 0) -> torch.Tensor:
+    """n crops of real speech from the training folder when there is one, else noise."""
+    from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
+    try:
+        root = Path(data_path) if data_path else resolve_data_path(cfg.data)
+        utts = load_utterances(root, cfg.data.train_dir, progress=False)
+        data = CropDataset(utts, cfg.model.n_samples, seed, cfg.model.sample_rate)
+        return torch.stack([data[i * len(data) // n][0] for i in range(n)])
+    except (FileNotFoundError, ValueError, OSError):
+        return torch.randn(n, cfg.model.n_samples, generator=torch.Generator().manual_seed(seed))
+
+
+def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Batch-norm running statistics = those of one training-mode pass over x (for untrained
+    weights: fresh statistics of 0 and 1 leave the network badly scaled in eval mode)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train().embed(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_path: str | Path | None = None,
+                checkpoint: str | Path | None = None) -> list[dict[str, Any]]:
+    """Embedding crops per second (eval mode, no gradients), and how close fast is to exact.
+
+    `checkpoint` (ours or a reference state_dict) gives trained weights; else a seeded init
+    with batch-norm statistics from the benchmark crops (`calibrate_batch_norm`).
+    """
+    cfg = load_config(preset)
+    x = _crops(cfg, batch, data_path)
+    models = {}
+    for path in PATHS:
+        if checkpoint:
+            from rawnet_lib.evaluate import load_checkpoint_model
+            model, _ = load_checkpoint_model(checkpoint, base=preset)
+            model.cfg.fast = PATHS[path]["fast"]
+        else:
+            torch.manual_seed(0)
+            model = build_model(_config(preset, path))
+            calibrate_batch_norm(model, x)
+        models[path] = model.eval()
+    cfg.model = models["exact"].cfg
+    emb: dict[str, torch.Tensor] = {}
+
+    def embed(path: str) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), autocast(torch.device("cpu"), PATHS[path]["amp"]):
+                emb[path] = models[path].embed(x).float()
+        return run
+    times = _alternate({path: embed(path) for path in PATHS}, repeats)
+    cosine = F.cosine_similarity(emb["exact"], emb["fast"]).double()
+    return _speed_records("embed", times, batch, model_gflop(cfg.model)["total"], preset=preset, batch=batch,
+                          repeats=repeats, cosine_min=round(cosine.min().item(), 6),
+                          cosine_mean=round(cosine.mean().item(), 6), trained=bool(checkpoint))
+
+
+def bench_load(preset: str = "paper", batch: int = 8, batches: int = 40, workers: int = 2,
+               data_path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Training-loader crops per second from disk (random crops, partial reads, `workers` processes)."""
+    from torch.utils.data import DataLoader
+    from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
+    cfg = load_config(preset)
+    root = Path(data_path) if data_path else resolve_data_path(cfg.data)
+    utts = load_utterances(root, cfg.data.train_dir, progress=False)
+    dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate)
+    dataset.set_epoch(1)
+    loader = DataLoader(dataset, batch, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)
+    crops, t_first, t0 = 0, None, time.perf_counter()
+    while crops < batches * batch:
+        for x, _ in loader:
+            if t_first is None:
+                t_first = time.perf_counter()  # worker start-up and the first batch are excluded
+                continue
+            crops += len(x)
+            if crops >= batches * batch:
+                break
+    seconds = time.perf_counter() - t_first
+    return [_record("load", path="-", preset=preset, batch=batch, workers=workers, crops=crops,
+                    crops_per_s=round(crops / seconds, 1), seconds=round(seconds, 3),
+                    startup_s=round(t_first - t0, 3), utterances=len(utts), data=str(root))]
+
+
+def bench_score(n_trials: int = 580_000, n_files: int = 145_000, dim: int = 1024, repeats: int = 3,
+                seed: int = 0) -> list[dict[str, Any]]:
+    """Seconds to score a Vox1-E-sized trial list: cosine scores from embeddings, then EER + minDCF."""
+    from rawnet_lib.metrics import summarize
+    from rawnet_lib.scoring import cosine_scores
+    from rawnet_lib.trials import TrialList
+    rng = np.random.default_rng(seed)
+    keys = [f"id{i // 20:05d}/v/{i:06d}.wav" for i in range(n_files)]
+    speaker = np.arange(n_files) // 20
+    centres = rng.standard_normal((speaker[-1] + 1, dim)).astype(np.float32)
+    emb = centres[speaker] + 2 * rng.standard_normal((n_files, dim)).astype(np.float32)
+    embeddings = dict(zip(keys, emb))
+    enroll = rng.integers(0, n_files, n_trials)
+    test = np.where(rng.random(n_trials) < 0.5, enroll - enroll % 20 + rng.integers(0, 20, n_trials),
+                    rng.integers(0, n_files, n_trials))
+    labels = (speaker[enroll] == speaker[test]).astype(np.int8)
+    trials = TrialList(labels, [keys[i] for i in enroll], [keys[i] for i in test])
+    result: dict[str, Any] = {}
+
+    def cosine() -> None:
+        result["scores"] = cosine_scores(embeddings, trials)
+
+    def metrics() -> None:
+        result["summary"] = summarize(result["scores"], trials.labels)
+    cosine()
+    times = _alternate({"cosine": cosine, "metrics": metrics}, repeats, warmup=0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return [_record("score", path="-", trials=n_trials, files=n_files, dim=dim,
+                    cosine_s=round(med["cosine"], 3), metrics_s=round(med["metrics"], 3),
+                    seconds=round(med["cosine"] + med["metrics"], 3),
+                    eer_percent=round(result["summary"]["eer_percent"], 3))]
+
+
+def bench_scale(preset: str = "paper", batch: int = 8, steps: int = 6, warmup: int = 2,
+                devices: tuple[int, ...] = (1, 2), paths: tuple[str, ...] = ("exact", "fast"),
+                data_path: str = "") -> list[dict[str, Any]]:
+    """Trainer throughput (performance mode, demo corpus) with 1 and 2 processes per path."""
+    from rawnet_lib.launch import launch
+    out, base = [], {}
+    with tempfile.TemporaryDirectory(prefix="rawnet_bench_") as tmp:
+        for path in paths:
+            for n in devices:
+                cfg = load_config(preset, data_path=data_path, mode="performance", devices=n, batch_size=batch,
+                                  perf_steps=steps, warmup_steps=warmup, fast=PATHS[path]["fast"],
+                                  amp=PATHS[path]["amp"], out_dir=tmp, name=f"{path}_{n}P", overwrite=True)
+                res = launch(cfg)
+                base.setdefault(path, res["crops_per_s"])
+                out.append(_record("scale", path=path, amp=PATHS[path]["amp"], preset=preset, batch=batch,
+                                   processes=n, crops_per_s=round(res["crops_per_s"], 3),
+                                   speedup=round(res["crops_per_s"] / base[path], 3),
+                                   peak_rss_mib=round(_rss_mib(), 1)))
+    return out
+
+
+def run_all(preset: str = "paper", batch: int = 8, repeats: int = 5, quick: bool = False,
+            data_path: str | Path | None = None, scale: bool = True) -> list[dict[str, Any]]:
+    """Every measurement; quick: smoke preset, small batch, 2 rounds, small lists, no scaling runs."""
+    if quick:
+        preset, batch, repeats = QUICK["preset"], QUICK["batch"], QUICK["repeats"]
+        compiled = fastsinc.set_compile(False)  # no compile time; same results, slower kernels
+    try:
+        return _run_all(preset, batch, repeats, quick, data_path, scale)
+    finally:
+        if quick:
+            fastsinc.set_compile(compiled)
+
+
+def _run_all(preset: str, batch: int, repeats: int, quick: bool, data_path: str | Path | None,
+             scale: bool) -> list[dict[str, Any]]:
+    dim = load_config(preset).model.embedding_dim
+    records = matmul_peak(512 if quick else 2048, repeats)
+    records += bench_train(preset, batch, repeats, n_classes=10 if quick else PAPER_CLASSES)
+    records += bench_memory(preset, batch, n_classes=10 if quick else PAPER_CLASSES, steps=1 if quick else 2)
+    records += bench_embed(preset, 4 * batch, repeats, data_path)
+    records += bench_load(preset, batch, 4 if quick else 40, data_path=data_path)
+    records += bench_score(20_000 if quick else 580_000, 2_000 if quick else 145_000, dim, 1 if quick else 3)
+    if scale and not quick:
+        records += bench_scale(preset, batch, data_path=str(data_path or ""))
+    return records
+
+
+def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", ax=None):
+    """Bars of `metric` per measurement name, exact next to fast; returns the Figure."""
+    from matplotlib.figure import Figure
+    if ax is None:
+        ax = Figure(figsize=(6, 3.5)).subplots()
+    rows = [r for r in records if r.get("path") in PATHS and metric in r]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for j, path in enumerate(PATHS):
+        values = [next((r[metric] for r in rows if r["name"] == n and r["path"] == path), 0.0) for n in names]
+        bars = ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, values, 0.4, label=path)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel(metric)
+    ax.legend()
+    return ax.figure
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m rawnet_lib.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "peak", "scale", "all"])
+    parser.add_argument("--preset", default=None, help="model preset (default paper; smoke with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
+    parser.add_argument("--data_path", default="", help="folder with VoxCeleb2/ (default: the demo corpus)")
+    parser.add_argument("--checkpoint", default="", help="trained weights for the embedding comparison")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else {"preset": "paper", "batch": 8, "repeats": 5}
+    preset = args.preset or defaults["preset"]
+    batch, repeats = args.batch or defaults["batch"], args.repeats or defaults["repeats"]
+    n_classes = 10 if args.quick else PAPER_CLASSES
+    data = args.data_path or None
+    if args.what == "all":
+        return run_all(preset, batch, repeats, args.quick and not (args.preset or args.batch or args.repeats),
+                       data)
+    run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
+           "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
+           "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
+           "load": lambda: bench_load(preset, batch, 4 if args.quick else 40, data_path=data),
+           "score": lambda: bench_score(*((20_000, 2_000) if args.quick else (580_000, 145_000)),
+                                        load_config(preset).model.embedding_dim, 1 if args.quick else 3),
+           "peak": lambda: matmul_peak(512 if args.quick else 2048, repeats),
+           "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
+                                        data_path=args.data_path)}
+    return run[args.what]()
+
+
+if __name__ == "__main__":
+    main()

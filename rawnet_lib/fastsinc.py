@@ -1,0 +1,346 @@
+"""The fast compute path of RawNet2 (`model.fast: true`): same parameters, same maths, cheaper.
+
+Two changes, both exact in float32 up to rounding:
+
+1. The sinc front end, max_pool1d(|SincConv(x)|, 3), is one operation (`sinc_abs_pool`).
+   The exact path runs `conv1d` (128 filters x 251 taps, one input channel), `abs` and
+   `max_pool1d` one after another and keeps three full-rate tensors for the backward pass.
+   Here outputs are computed in blocks of `BLOCK` consecutive samples. Block t needs the input
+   window w_t = x[t*BLOCK : t*BLOCK + BLOCK + K - 1], and output p of filter c is w_t times
+   filter c shifted by p: the filter bank is a banded matrix B (BLOCK*C, BLOCK+K-1), and all
+   outputs are one GEMM per crop. The filters are symmetric (linear phase), so B equals itself
+   with rows and columns reversed. Then the first half of the rows, B_top, gives the second
+   half of the outputs too (B_top applied to the reversed window), and splitting the window
+   into its symmetric and antisymmetric halves, s = w[:n] + w[::-1][:n], a = w[:n] - w[::-1][:n]
+   (n = (BLOCK+K-1)/2), gives S = s @ B_s and A = a @ B_a with half-width matrices:
+   first-half outputs = S + A, second-half outputs (reversed) = S - A. That is
+   (BLOCK+K-1)/(2K) = 0.51x the multiply-adds of the direct convolution, as large regular
+   GEMMs that run near the CPU's matmul peak (bf16 under autocast).
+   BLOCK/2 is a multiple of 3, so |.| and the max over each pooling window are taken straight
+   on S and A, already in (time, channel) order. The backward pass is written out: only the
+   argmax and sign of each window are kept (int8); the gradients are two more pairs of GEMMs
+   of the same shape, a banded sum (taps) and an overlap-add (input). The element-wise parts
+   (folding the windows, |.| + max + argmax, routing the gradient back) are compiled into
+   single loops with torch.compile (set RAWNET_FAST_COMPILE=0 to run them as eager ops).
+2. The residual body runs in channels-last layout ((B, C, 1, T) with channels innermost) with
+   the model's own modules' parameters, through `conv2d`, `batch_norm` and `max_pool2d`, which
+   have channels-last CPU kernels (bf16 convolutions run ~2x faster there than in the (B, C, T)
+   layout). If any module of the model has a forward hook (layer summaries, FMS inspection),
+   the blocks are called as modules instead, so the hooks still fire.
+
+Filters are built once per forward from `SincConv.filters()` (in float32 even under autocast:
+its sines take phases up to ~400 rad, which bf16 cannot represent). With gradients off
+(evaluation, embedding) the half-width filter matrices are cached per module until `low_hz_`
+or `band_hz_` change (their version counter moves on every optimiser step and load_state_dict).
+
+The fast preset is `model.fast: true` with `train.amp: bf16` (autocast; no loss scaling).
+rawnet_lib/bench.py measures speed and agreement against the exact path.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BLOCK", "folded_taps", "sinc_abs_pool", "fast_sinc_pool", "fast_frame_features", "clear_cache",
+           "set_compile", "compile_enabled"]
+
+BLOCK = 6  # outputs per window; a multiple of 6 (two halves, each whole pooling windows)
+POOL = 3
+LEAKY_SLOPE = 0.3
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+# --- the fused sinc front end ------------------------------------------------------------------
+
+def _top_index(block: int, kernel: int, channels: int, device: torch.device) -> Tensor:
+    """Flat positions of tap k of filter c shifted by p < block/2 in a (block/2 * C, block+K-1) matrix."""
+    width, half = block + kernel - 1, block // 2
+    p = torch.arange(half, device=device).view(-1, 1, 1)
+    c = torch.arange(channels, device=device).view(1, -1, 1)
+    k = torch.arange(kernel, device=device).view(1, 1, -1)
+    return ((p * channels + c) * width + p + k).view(-1)  # order (p, c, k)
+
+
+def folded_taps(taps: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """Symmetric (C, K) taps -> (B_s, B_a), each (block/2 * C, (block+K-1)/2).
+
+    B_top (block/2 * C, block+K-1) holds filter c shifted right by p in row (p, c);
+    B_s = (left half + reversed right half) / 2, B_a = (left half - reversed right half) / 2.
+    """
+    c, k = taps.shape
+    width = block + k - 1
+    top = taps.new_zeros(block // 2 * c * width)
+    top[_top_index(block, k, c, taps.device)] = taps.expand(block // 2, c, k).reshape(-1)
+    top = top.view(block // 2 * c, width)
+    left, right = top[:, :width // 2], top[:, width // 2:].flip(-1)
+    return (left + right) / 2, (left - right) / 2
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# Element-wise kernels (compiled, see `_kernel`). Shapes: nt windows, C channels, h = block/2.
+
+def _fold(x: Tensor, block: int, width: int) -> tuple[Tensor, Tensor]:
+    """Padded crop (nt*block + K - 1,) -> symmetric and antisymmetric window halves (nt, width/2)."""
+    windows = x.unfold(-1, width, block)
+    left, right = windows[:, :width // 2], windows[:, width // 2:].flip(-1)
+    return left + right, left - right
+
+
+def _pool_one(y: Tensor) -> tuple[Tensor, Tensor]:
+    """(nt, g, 3, C) -> max |y| over each window (nt, g, C) and code = +-(argmax + 1), int8,
+    negative where the chosen sample is negative (the first maximum wins, as in max_pool1d).
+
+    The code is computed in floating point and cast once: torch.compile vectorises that well,
+    integer `where` chains it does not (4x slower)."""
+    y0, y1, y2 = y.unbind(2)
+    a0, a1, a2 = y0.abs(), y1.abs(), y2.abs()
+    first_two = torch.maximum(a0, a1)
+    take1, take2 = a1 > a0, a2 > first_two
+    chosen = torch.where(take2, y2, torch.where(take1, y1, y0))
+    work = torch.promote_types(y.dtype, torch.float32)
+    index = 1 + take1.to(work) * (~take2).to(work) + 2 * take2.to(work)
+    return torch.maximum(first_two, a2), torch.where(chosen < 0, -index, index).to(torch.int8)
+
+
+def _pool(s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """S, A (nt, h/3, 3, C) -> pooled |y| and codes (nt, block/3, C) in time order."""
+    peak_top, code_top = _pool_one(s + a)       # outputs t*block + p
+    peak_bot, code_bot = _pool_one(s - a)       # outputs t*block + block-1-p
+    return torch.cat([peak_top, peak_bot.flip(1)], 1), torch.cat([code_top, code_bot.flip(1)], 1)
+
+
+def _unpool_one(grad: Tensor, code: Tensor) -> Tensor:
+    """Gradient of `_pool_one`'s peak (nt, g, C) -> gradient of y (nt, g, 3, C), at least float32.
+
+    Written with float masks (not integer `where`s), which torch.compile vectorises well."""
+    work = torch.promote_types(grad.dtype, torch.float32)
+    slot = torch.arange(1, POOL + 1, dtype=work, device=grad.device).view(1, 1, -1, 1)
+    code = code.to(work).unsqueeze(2)
+    return grad.to(work).unsqueeze(2) * ((code == slot).to(work) - (code == -slot).to(work))
+
+
+def _unpool(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient of the pooled output (nt, block/3, C) -> gradients of S and A (nt, h/3, 3, C)."""
+    g = grad.shape[1] // 2
+    top = _unpool_one(grad[:, :g], code[:, :g])
+    bot = _unpool_one(grad[:, g:].flip(1), code[:, g:].flip(1))
+    return (top + bot).to(grad.dtype), (top - bot).to(grad.dtype)
+
+
+def _unfold_grad(grad_s: Tensor, grad_a: Tensor) -> Tensor:
+    """Gradients of the window halves (width/2, nt) -> gradient of the windows (width, nt)."""
+    return torch.cat([grad_s + grad_a, (grad_s - grad_a).flip(0)], 0)
+
+
+_KERNELS = {"pool": _pool, "unpool": _unpool}  # worth compiling; _fold and _unfold_grad are not
+_compiled: dict[str, object] = {}
+
+
+_use_compile = os.environ.get("RAWNET_FAST_COMPILE", "1") != "0"
+
+
+def set_compile(enabled: bool) -> bool:
+    """Compile the element-wise kernels (default; RAWNET_FAST_COMPILE=0 turns it off) or run them
+    as eager ops (same results; no compile time, slower). Returns the previous setting."""
+    global _use_compile
+    previous, _use_compile = _use_compile, bool(enabled)
+    return previous
+
+
+def compile_enabled() -> bool:
+    return _use_compile
+
+
+def _kernel(name: str):
+    """An element-wise kernel, compiled by torch.compile into one loop (several times faster
+    than the eager ops) unless turned off (`set_compile`); eager if compiling fails."""
+    if not _use_compile:
+        return _KERNELS[name]
+    if name not in _compiled:
+        compiled = torch.compile(_KERNELS[name])
+
+        def run(*args, _fn=compiled, _name=name):
+            try:
+                return _fn(*args)
+            except Exception as err:  # noqa: BLE001  (no C++ compiler, unsupported platform, ...)
+                first = str(err).splitlines()[0] if str(err) else ""
+                warnings.warn(f"torch.compile of the fast sinc kernel {_name!r} failed "
+                              f"({type(err).__name__}: {first}); using eager ops")
+                _compiled[_name] = _KERNELS[_name]
+                return _KERNELS[_name](*args)
+        _compiled[name] = run
+    return _compiled[name]
+
+
+def _padded(x: Tensor, block: int, kernel: int) -> tuple[Tensor, int]:
+    """(B, T) -> (B, nt*block + K - 1) zero-padded so that nt windows cover every output."""
+    nt = -(-(x.shape[-1] - kernel + 1) // block)
+    return F.pad(x, (0, nt * block + kernel - 1 - x.shape[-1])), nt
+
+
+class _SincAbsPool(torch.autograd.Function):
+    """max_pool1d(|conv1d(x, taps)|, 3) for symmetric taps, with the gradients written out."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, taps: Tensor, b_s: Tensor, b_a: Tensor, block: int) -> Tensor:
+        (b, _), (c, kernel), dtype = x.shape, taps.shape, b_s.dtype
+        width = block + kernel - 1
+        padded, nt = _padded(x.to(dtype), block, kernel)
+        n_pool = (x.shape[-1] - kernel + 1) // POOL
+        # (B, C, n_pool) with channels innermost in memory, filled through its (B, n_pool, C) view
+        out = torch.empty_strided((b, c, n_pool), (n_pool * c, 1, c), dtype=dtype, device=x.device)
+        out_t = out.transpose(1, 2)
+        code = torch.empty(b, nt * (block // POOL), c, dtype=torch.int8, device=x.device)
+        shape = (nt, block // 2 // POOL, POOL, c)
+        for i in range(b):  # a crop at a time: the full-rate output never exists for the batch
+            s, a = _fold(padded[i], block, width)           # (nt, width/2) each
+            peak, code_i = _kernel("pool")((s @ b_s.t()).view(shape), (a @ b_a.t()).view(shape))
+            out_t[i] = peak.view(-1, c)[:n_pool]
+            code[i] = code_i.view(-1, c)
+        ctx.save_for_backward(x, b_s, b_a, code)
+        ctx.block, ctx.kernel = block, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, b_s, b_a, code = ctx.saved_tensors
+        block, kernel, dtype = ctx.block, ctx.kernel, b_s.dtype
+        width = block + kernel - 1
+        (b, c, n_pool), rows = grad_out.shape, code.shape[1]
+        padded, nt = _padded(x.to(dtype), block, kernel)
+        grad = F.pad(grad_out.to(dtype).transpose(1, 2), (0, 0, 0, rows - n_pool))  # (B, rows, C)
+        acc = torch.promote_types(dtype, torch.float32)  # accumulate bf16 products in float32
+        grad_bs = torch.zeros(b_s.shape, dtype=acc, device=x.device)
+        grad_ba = torch.zeros(b_a.shape, dtype=acc, device=x.device)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros(b, padded.shape[-1], dtype=acc, device=x.device)
+        for i in range(b):
+            s, a = _fold(padded[i], block, width)
+            grad_s_out, grad_a_out = _kernel("unpool")(grad[i].view(nt, block // POOL, c),
+                                                       code[i].view(nt, block // POOL, c))
+            grad_s_out, grad_a_out = grad_s_out.view(nt, -1), grad_a_out.view(nt, -1)
+            grad_bs += (grad_s_out.t() @ s).to(acc)
+            grad_ba += (grad_a_out.t() @ a).to(acc)
+            if grad_x is not None:
+                # window gradients as (width, nt), the layout F.fold wants, then overlap-add
+                grad_windows = _unfold_grad(b_s.t() @ grad_s_out.t(), b_a.t() @ grad_a_out.t()).to(acc)
+                grad_x[i] = F.fold(grad_windows.unsqueeze(0), (1, grad_x.shape[1]), (1, width),
+                                   stride=(1, block)).view(-1)
+        # back through the folding to B_top, then each tap sums over its shifted copies
+        half = (grad_bs + grad_ba) / 2, (grad_bs - grad_ba) / 2
+        grad_top = torch.cat([half[0], half[1].flip(-1)], -1).view(-1)
+        grad_taps = grad_top[_top_index(block, kernel, c, x.device)].view(block // 2, c, kernel).sum(0)
+        # The bottom half used each tap's mirror image; for symmetric taps only the symmetric
+        # part of the gradient is defined (and the exact conv's has the same symmetric part).
+        grad_taps = (grad_taps + grad_taps.flip(-1)) / 2
+        if grad_x is not None:
+            grad_x = grad_x[:, :x.shape[-1]].to(x.dtype)
+        return grad_x, grad_taps, None, None, None
+
+
+def sinc_abs_pool(x: Tensor, taps: Tensor, folded: tuple[Tensor, Tensor] | None = None,
+                  block: int = BLOCK) -> Tensor:
+    """max_pool1d(|conv1d(x, taps)|, 3): x (B, T), symmetric taps (C, K) -> (B, C, (T-K+1)//3).
+
+    The result is channels-innermost in memory (a transposed view of (B, time, C)). `folded`
+    is `folded_taps(taps, block)` in the compute dtype, when the caller has it cached.
+    """
+    if block % (2 * POOL):
+        raise ValueError(f"block={block} must be a multiple of {2 * POOL}, e.g. 6 or 12")
+    if taps.shape[-1] % 2 == 0 or not torch.equal(taps, taps.flip(-1)):
+        raise ValueError("sinc_abs_pool needs symmetric filters of odd length (taps[:, k] == taps[:, K-1-k]), "
+                         "as SincConv.filters() makes them")
+    if folded is None:
+        with torch.no_grad():
+            folded = tuple(m.to(_compute_dtype(x)) for m in folded_taps(taps.detach(), block))
+    return _SincAbsPool.apply(x, taps, *folded, block)
+
+
+def _taps(conv: nn.Module) -> Tensor:
+    """(C, K) float32 taps, autocast off (see the module docstring)."""
+    with torch.autocast(conv.low_hz_.device.type, enabled=False):
+        return conv.filters().view(conv.out_channels, -1)
+
+
+def fast_sinc_pool(conv: nn.Module, x: Tensor, block: int = BLOCK) -> Tensor:
+    """The fast path for a `SincConv`: waveform (B, T) -> |sinc filters(x)| max-pooled by 3.
+
+    Filters are built once per call; with gradients off they are cached per module until
+    `low_hz_` or `band_hz_` change (optimiser step, load_state_dict, .to()).
+    """
+    if torch.is_grad_enabled():
+        return sinc_abs_pool(x, _taps(conv), None, block)
+    dtype = _compute_dtype(x)
+    key = tuple((p._version, p.data_ptr(), p.device) for p in (conv.low_hz_, conv.band_hz_)) + (dtype, block)
+    hit = _cache.get(conv)
+    if hit is None or hit[0] != key:
+        taps = _taps(conv)
+        hit = (key, taps, tuple(m.to(dtype) for m in folded_taps(taps, block)))
+        _cache[conv] = hit
+    return sinc_abs_pool(x, hit[1], hit[2], block)
+
+
+def clear_cache() -> None:
+    """Forget every cached filter bank (they are also dropped with their module)."""
+    _cache.clear()
+
+
+# --- the channels-last body --------------------------------------------------------------------
+
+def _bn(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """What `m(x)` computes (incl. running statistics), for 4-D input that BatchNorm1d refuses."""
+    if m.training and m.track_running_stats:
+        m.num_batches_tracked.add_(1)
+    momentum = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+    batch_stats = m.training or m.running_mean is None
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, batch_stats, momentum, m.eps)
+
+
+def _conv(m: nn.Conv1d, x: Tensor) -> Tensor:
+    return F.conv2d(x, m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]), padding=(0, m.padding[0]))
+
+
+def _act(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """LeakyReLU(BN(x)), the activation in place (BN's backward needs its input, not its output)."""
+    return F.leaky_relu(_bn(m, x), LEAKY_SLOPE, inplace=True)
+
+
+def _block(blk: nn.Module, x: Tensor) -> Tensor:
+    """`ResidualBlock.forward` on (B, C, 1, T) channels-last input, with fewer fresh tensors."""
+    out = _conv(blk.conv1, x if blk.first else _act(blk.bn1, x))
+    out = _conv(blk.conv2, _act(blk.bn2, out))
+    identity = _conv(blk.conv_downsample, x) if hasattr(blk, "conv_downsample") else x
+    out = F.max_pool2d(out.add_(identity), (1, 3))  # a conv's backward does not need its output
+    s = torch.sigmoid(blk.frm.fc(out.mean((2, 3)))).to(out.dtype)[:, :, None, None]  # FMS gate
+    return torch.addcmul(s, out, s)  # out * s + s
+
+
+def _hooked(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def fast_frame_features(model: nn.Module, x: Tensor) -> Tensor:
+    """`RawNet2.frame_features` after the layer norm: waveform (B, T) -> (B, C, frames)."""
+    x = fast_sinc_pool(model.first_conv, x)                        # (B, C, T'), channels innermost
+    if _hooked(model):  # call the modules so hooks see what they expect
+        x = F.leaky_relu(model.first_bn(x), LEAKY_SLOPE)
+        for i in range(model.n_blocks):
+            x = getattr(model, f"block{i}")(x)
+        return F.leaky_relu(model.bn_before_gru(x), LEAKY_SLOPE)
+    x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (B, C, 1, T'), no copy
+    x = _act(model.first_bn, x)
+    for block in model.blocks():
+        x = _block(block, x)
+    return _act(model.bn_before_gru, x).squeeze(2)

@@ -20,13 +20,17 @@ Two changes, both exact in float32 up to rounding:
    on S and A, already in (time, channel) order. The backward pass is written out: only the
    argmax and sign of each window are kept (int8); the gradients are two more pairs of GEMMs
    of the same shape, a banded sum (taps) and an overlap-add (input). The element-wise parts
-   (folding the windows, |.| + max + argmax, routing the gradient back) are compiled into
-   single loops with torch.compile (set RAWNET_FAST_COMPILE=0 to run them as eager ops).
+   (|.| + max + argmax, routing the gradient back) are compiled into single loops with
+   torch.compile, once per shape (set RAWNET_FAST_COMPILE=0, or `set_compile(False)`, to run
+   them as eager ops: same results, slower).
 2. The residual body runs in channels-last layout ((B, C, 1, T) with channels innermost) with
-   the model's own modules' parameters, through `conv2d`, `batch_norm` and `max_pool2d`, which
-   have channels-last CPU kernels (bf16 convolutions run ~2x faster there than in the (B, C, T)
-   layout). If any module of the model has a forward hook (layer summaries, FMS inspection),
-   the blocks are called as modules instead, so the hooks still fire.
+   the model's own modules' parameters: `conv2d` (bf16 convolutions run ~2x faster there than
+   in the (B, C, T) layout), 1x1 convolutions as matrix products, `batch_norm` with the
+   activation in place, max-pooling by 3 that keeps int8 argmax codes for the backward pass
+   (compiled like the sinc kernels) instead of max_pool2d's int64 indices, and the FMS time
+   mean as a product with a vector of ones. If any module of the model has a forward hook
+   (layer summaries, FMS inspection), the blocks are called as modules instead, so the hooks
+   still fire.
 
 Filters are built once per forward from `SincConv.filters()` (in float32 even under autocast:
 its sines take phases up to ~400 rad, which bf16 cannot represent). With gradients off
@@ -90,6 +94,65 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 # Element-wise kernels (compiled, see `_kernel`). Shapes: nt windows, C channels, h = block/2.
 
+def _max3(y: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(..., 3, C) -> max over the window (..., C) of |y| (signed) or y, and code = argmax + 1 as
+    int8, negated where the chosen sample is negative (signed). The first maximum wins, as in
+    max_pool1d. The code is computed in floating point and cast once: torch.compile vectorises
+    that well, integer `where` chains it does not (4x slower)."""
+    y0, y1, y2 = y.unbind(-2)
+    a0, a1, a2 = (y0.abs(), y1.abs(), y2.abs()) if signed else (y0, y1, y2)
+    first_two = torch.maximum(a0, a1)
+    take1, take2 = a1 > a0, a2 > first_two
+    work = torch.promote_types(y.dtype, torch.float32)
+    index = 1 + take1.to(work) * (~take2).to(work) + 2 * take2.to(work)
+    if signed:
+        chosen = torch.where(take2, y2, torch.where(take1, y1, y0))
+        index = torch.where(chosen < 0, -index, index)
+    return torch.maximum(first_two, a2), index.to(torch.int8)
+
+
+def _unmax3(grad: Tensor, code: Tensor) -> Tensor:
+    """Gradient of `_max3`'s maximum (..., C) -> gradient of y (..., 3, C), at least float32.
+    Float masks again, for the same reason."""
+    work = torch.promote_types(grad.dtype, torch.float32)
+    slot = torch.arange(1, POOL + 1, dtype=work, device=grad.device).view(-1, 1)
+    code = code.to(work).unsqueeze(-2)
+    return grad.to(work).unsqueeze(-2) * ((code == slot).to(work) - (code == -slot).to(work))
+
+
+def _sinc_pool(s: Tensor, a: Tensor, out: Tensor, code: Tensor | None) -> None:
+    """S, A (nt, h/3, 3, C) -> pooled |y| in time order into out (n_pool, C), codes into code
+    (nt*block/3, C) unless None. First-half outputs are S + A at times t*block + p, second-half
+    outputs S - A at times t*block + block-1-p, so their pooling windows come reversed."""
+    peak_top, code_top = _max3(s + a, signed=True)
+    peak_bot, code_bot = _max3(s - a, signed=True)
+    c = out.shape[-1]
+    out.copy_(torch.cat([peak_top, peak_bot.flip(1)], 1).view(-1, c)[:out.shape[0]])
+    if code is not None:
+        code.copy_(torch.cat([code_top, code_bot.flip(1)], 1).view(-1, c))
+
+
+def _sinc_unpool(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient of the pooled output (nt, block/3, C) -> gradients of S and A (nt, h/3, 3, C)."""
+    g = grad.shape[1] // 2
+    top = _unmax3(grad[:, :g], code[:, :g])
+    bot = _unmax3(grad[:, g:].flip(1), code[:, g:].flip(1))
+    return (top + bot).to(grad.dtype), (top - bot).to(grad.dtype)
+
+
+def _pool_peak(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T', 3, C) -> max over the window and codes, for the body's max-pool."""
+    return _max3(x, signed=False)
+
+
+def _pool_grad(grad: Tensor, code: Tensor, length: int) -> Tensor:
+    """Gradient (B, T', C) of `_pool_peak` -> gradient of its input (B, length, C), zero for the
+    `length - 3T'` samples max_pool1d leaves out."""
+    b, t, c = grad.shape
+    full = _unmax3(grad, code).to(grad.dtype).view(b, POOL * t, c)
+    return torch.cat([full, full.new_zeros(b, length - POOL * t, c)], 1)
+
+
 def _fold(x: Tensor, block: int, width: int) -> tuple[Tensor, Tensor]:
     """Padded crop (nt*block + K - 1,) -> symmetric and antisymmetric window halves (nt, width/2)."""
     windows = x.unfold(-1, width, block)
@@ -97,53 +160,13 @@ def _fold(x: Tensor, block: int, width: int) -> tuple[Tensor, Tensor]:
     return left + right, left - right
 
 
-def _pool_one(y: Tensor) -> tuple[Tensor, Tensor]:
-    """(nt, g, 3, C) -> max |y| over each window (nt, g, C) and code = +-(argmax + 1), int8,
-    negative where the chosen sample is negative (the first maximum wins, as in max_pool1d).
-
-    The code is computed in floating point and cast once: torch.compile vectorises that well,
-    integer `where` chains it does not (4x slower)."""
-    y0, y1, y2 = y.unbind(2)
-    a0, a1, a2 = y0.abs(), y1.abs(), y2.abs()
-    first_two = torch.maximum(a0, a1)
-    take1, take2 = a1 > a0, a2 > first_two
-    chosen = torch.where(take2, y2, torch.where(take1, y1, y0))
-    work = torch.promote_types(y.dtype, torch.float32)
-    index = 1 + take1.to(work) * (~take2).to(work) + 2 * take2.to(work)
-    return torch.maximum(first_two, a2), torch.where(chosen < 0, -index, index).to(torch.int8)
-
-
-def _pool(s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """S, A (nt, h/3, 3, C) -> pooled |y| and codes (nt, block/3, C) in time order."""
-    peak_top, code_top = _pool_one(s + a)       # outputs t*block + p
-    peak_bot, code_bot = _pool_one(s - a)       # outputs t*block + block-1-p
-    return torch.cat([peak_top, peak_bot.flip(1)], 1), torch.cat([code_top, code_bot.flip(1)], 1)
-
-
-def _unpool_one(grad: Tensor, code: Tensor) -> Tensor:
-    """Gradient of `_pool_one`'s peak (nt, g, C) -> gradient of y (nt, g, 3, C), at least float32.
-
-    Written with float masks (not integer `where`s), which torch.compile vectorises well."""
-    work = torch.promote_types(grad.dtype, torch.float32)
-    slot = torch.arange(1, POOL + 1, dtype=work, device=grad.device).view(1, 1, -1, 1)
-    code = code.to(work).unsqueeze(2)
-    return grad.to(work).unsqueeze(2) * ((code == slot).to(work) - (code == -slot).to(work))
-
-
-def _unpool(grad: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient of the pooled output (nt, block/3, C) -> gradients of S and A (nt, h/3, 3, C)."""
-    g = grad.shape[1] // 2
-    top = _unpool_one(grad[:, :g], code[:, :g])
-    bot = _unpool_one(grad[:, g:].flip(1), code[:, g:].flip(1))
-    return (top + bot).to(grad.dtype), (top - bot).to(grad.dtype)
-
-
 def _unfold_grad(grad_s: Tensor, grad_a: Tensor) -> Tensor:
     """Gradients of the window halves (width/2, nt) -> gradient of the windows (width, nt)."""
     return torch.cat([grad_s + grad_a, (grad_s - grad_a).flip(0)], 0)
 
 
-_KERNELS = {"pool": _pool, "unpool": _unpool}  # worth compiling; _fold and _unfold_grad are not
+# Worth compiling (several times faster than eager); _fold and _unfold_grad are not.
+_KERNELS = {"sinc_pool": _sinc_pool, "sinc_unpool": _sinc_unpool, "pool_peak": _pool_peak, "pool_grad": _pool_grad}
 _compiled: dict[str, object] = {}
 
 
@@ -193,7 +216,7 @@ class _SincAbsPool(torch.autograd.Function):
     """max_pool1d(|conv1d(x, taps)|, 3) for symmetric taps, with the gradients written out."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, taps: Tensor, b_s: Tensor, b_a: Tensor, block: int) -> Tensor:
+    def forward(ctx, x: Tensor, taps: Tensor, b_s: Tensor, b_a: Tensor, block: int, with_grad: bool) -> Tensor:
         (b, _), (c, kernel), dtype = x.shape, taps.shape, b_s.dtype
         width = block + kernel - 1
         padded, nt = _padded(x.to(dtype), block, kernel)
@@ -201,13 +224,12 @@ class _SincAbsPool(torch.autograd.Function):
         # (B, C, n_pool) with channels innermost in memory, filled through its (B, n_pool, C) view
         out = torch.empty_strided((b, c, n_pool), (n_pool * c, 1, c), dtype=dtype, device=x.device)
         out_t = out.transpose(1, 2)
-        code = torch.empty(b, nt * (block // POOL), c, dtype=torch.int8, device=x.device)
+        code = torch.empty(b, nt * (block // POOL), c, dtype=torch.int8, device=x.device) if with_grad else None
         shape = (nt, block // 2 // POOL, POOL, c)
         for i in range(b):  # a crop at a time: the full-rate output never exists for the batch
             s, a = _fold(padded[i], block, width)           # (nt, width/2) each
-            peak, code_i = _kernel("pool")((s @ b_s.t()).view(shape), (a @ b_a.t()).view(shape))
-            out_t[i] = peak.view(-1, c)[:n_pool]
-            code[i] = code_i.view(-1, c)
+            _kernel("sinc_pool")((s @ b_s.t()).view(shape), (a @ b_a.t()).view(shape), out_t[i],
+                                 code[i] if with_grad else None)
         ctx.save_for_backward(x, b_s, b_a, code)
         ctx.block, ctx.kernel = block, kernel
         return out
@@ -228,7 +250,7 @@ class _SincAbsPool(torch.autograd.Function):
             grad_x = torch.zeros(b, padded.shape[-1], dtype=acc, device=x.device)
         for i in range(b):
             s, a = _fold(padded[i], block, width)
-            grad_s_out, grad_a_out = _kernel("unpool")(grad[i].view(nt, block // POOL, c),
+            grad_s_out, grad_a_out = _kernel("sinc_unpool")(grad[i].view(nt, block // POOL, c),
                                                        code[i].view(nt, block // POOL, c))
             grad_s_out, grad_a_out = grad_s_out.view(nt, -1), grad_a_out.view(nt, -1)
             grad_bs += (grad_s_out.t() @ s).to(acc)
@@ -247,7 +269,7 @@ class _SincAbsPool(torch.autograd.Function):
         grad_taps = (grad_taps + grad_taps.flip(-1)) / 2
         if grad_x is not None:
             grad_x = grad_x[:, :x.shape[-1]].to(x.dtype)
-        return grad_x, grad_taps, None, None, None
+        return grad_x, grad_taps, None, None, None, None
 
 
 def sinc_abs_pool(x: Tensor, taps: Tensor, folded: tuple[Tensor, Tensor] | None = None,
@@ -265,7 +287,8 @@ def sinc_abs_pool(x: Tensor, taps: Tensor, folded: tuple[Tensor, Tensor] | None 
     if folded is None:
         with torch.no_grad():
             folded = tuple(m.to(_compute_dtype(x)) for m in folded_taps(taps.detach(), block))
-    return _SincAbsPool.apply(x, taps, *folded, block)
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or taps.requires_grad)
+    return _SincAbsPool.apply(x, taps, *folded, block, with_grad)
 
 
 def _taps(conv: nn.Module) -> Tensor:
@@ -309,7 +332,45 @@ def _bn(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
 
 
 def _conv(m: nn.Conv1d, x: Tensor) -> Tensor:
+    """`m(x)` for (B, C, 1, T) channels-last x; a 1x1 convolution as a matrix product over channels
+    (its weight gradient then keeps the weight's strides, which DDP's buckets expect)."""
+    if m.kernel_size == (1,) and m.stride == (1,) and m.padding == (0,):
+        return F.linear(x.permute(0, 2, 3, 1), m.weight.squeeze(-1), m.bias).permute(0, 3, 1, 2)
     return F.conv2d(x, m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]), padding=(0, m.padding[0]))
+
+
+class _MaxPool3(torch.autograd.Function):
+    """max_pool2d(x, (1, 3)) for (B, C, 1, T) channels-last x, keeping int8 argmax codes for the
+    backward pass instead of max_pool2d's int64 indices (and its slow channels-last kernel)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, with_grad: bool) -> Tensor:
+        b, c, _, t = x.shape
+        windows = x.permute(0, 2, 3, 1)[:, 0, :POOL * (t // POOL)].view(b, t // POOL, POOL, c)  # no copy
+        if with_grad:
+            peak, code = _kernel("pool_peak")(windows)
+            ctx.save_for_backward(code)
+            ctx.length = t
+        else:
+            peak = windows.amax(2)
+        return peak.permute(0, 2, 1).unsqueeze(2)  # (B, C, 1, T/3), channels-last
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (code,) = ctx.saved_tensors
+        grad = _kernel("pool_grad")(grad.permute(0, 2, 3, 1)[:, 0], code, ctx.length)  # (B, T, C)
+        return grad.permute(0, 2, 1).unsqueeze(2), None
+
+
+def _max_pool3(x: Tensor) -> Tensor:
+    return _MaxPool3.apply(x, torch.is_grad_enabled() and x.requires_grad)
+
+
+def _time_mean(x: Tensor) -> Tensor:
+    """(B, C, 1, T) channels-last -> mean over time (B, C), as a product with ones: several times
+    faster than `mean` on bf16 channels-last tensors, forward and backward."""
+    b, c, _, t = x.shape
+    return (x.new_ones(1, t) @ x.permute(0, 2, 3, 1).reshape(b, t, c)).view(b, c) / t
 
 
 def _act(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
@@ -322,8 +383,8 @@ def _block(blk: nn.Module, x: Tensor) -> Tensor:
     out = _conv(blk.conv1, x if blk.first else _act(blk.bn1, x))
     out = _conv(blk.conv2, _act(blk.bn2, out))
     identity = _conv(blk.conv_downsample, x) if hasattr(blk, "conv_downsample") else x
-    out = F.max_pool2d(out.add_(identity), (1, 3))  # a conv's backward does not need its output
-    s = torch.sigmoid(blk.frm.fc(out.mean((2, 3)))).to(out.dtype)[:, :, None, None]  # FMS gate
+    out = _max_pool3(out.add_(identity))  # a conv's backward does not need its output
+    s = torch.sigmoid(blk.frm.fc(_time_mean(out))).to(out.dtype)[:, :, None, None]  # FMS gate
     return torch.addcmul(s, out, s)  # out * s + s
 
 

@@ -199,14 +199,19 @@ def test_compiled_kernels_match_eager():
     gen = torch.Generator().manual_seed(6)
     s, a = torch.randn(50, 1, 3, 8, generator=gen), torch.randn(50, 1, 3, 8, generator=gen)
     grad = torch.randn(50, 2, 8, generator=gen)
-    fastsinc.set_compile(True)
-    peak, code = fastsinc._kernel("pool")(s, a)
-    grads = fastsinc._kernel("unpool")(grad, code)
-    ref_peak, ref_code = fastsinc._pool(s, a)
-    torch.testing.assert_close(peak, ref_peak, rtol=0, atol=0)
-    assert torch.equal(code, ref_code)
-    for got, ref in zip(grads, fastsinc._unpool(grad, ref_code)):
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    y, grad_y = torch.randn(2, 40, 3, 8, generator=gen), torch.randn(2, 40, 8, generator=gen)
+    results = {}
+    for compiled in (False, True):
+        fastsinc.set_compile(compiled)
+        out, code = torch.empty(99, 8), torch.empty(100, 8, dtype=torch.int8)
+        fastsinc._kernel("sinc_pool")(s, a, out, code)
+        unpooled = fastsinc._kernel("sinc_unpool")(grad, code.view(50, 2, 8))
+        peak, pool_code = fastsinc._kernel("pool_peak")(y)
+        pool_grad = fastsinc._kernel("pool_grad")(grad_y, pool_code, 122)
+        results[compiled] = [out, code, *unpooled, peak, pool_code, pool_grad]
+    assert results[False][-1].shape == (2, 122, 8)
+    for got, ref in zip(results[True], results[False]):
+        assert torch.equal(got, ref)
 
 
 # --- the benchmark ----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ stem>/` (`outputs/eval/<stem>/` for a checkpoint outside a run folder):
 
     scores_<list>[_asnorm].txt        "score target" per trial (the reference's results format)
     scores_<list>[_asnorm]_names.txt  "score target enroll test", for analysis
-    metrics.csv, metrics.json         one row per list and scoring method
+    metrics.csv, metrics.json         one row per list and scoring method, gathered over calls
+                                      with the same checkpoint and settings (others need --overwrite)
     cache/embeddings_<settings>.npz   the embedding cache
 """
 from __future__ import annotations
@@ -299,14 +300,40 @@ def _list_tag(name: str) -> str:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
+def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
+    """The metrics rows of an earlier evaluation in `out` that this one extends.
+
+    Same checkpoint and settings: its rows are kept (lists scored again come out identical).
+    Anything else would silently mix or replace results, so it needs `overwrite`.
+    """
+    path = out / "metrics.json"
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("identity") == identity:
+        return list(old.get("metrics", []))
+    if overwrite:
+        return []
+    before = old.get("identity") or {}
+    changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k)) or ["unreadable"]
+    raise FileExistsError(f"{out} already holds results of another checkpoint or other evaluation settings "
+                          f"(differing: {', '.join(changed)}); give another out_dir (--out_dir) to keep both, "
+                          "or overwrite=True (--overwrite) to replace them")
+
+
 def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, lists: Sequence[str] | None = None,
              out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-             progress: bool = True) -> pd.DataFrame:
+             progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
     """Score `lists` (default: cfg's trial_lists) with cosine (and AS-norm) and tabulate EER / minDCF.
 
     `cfg` gives the data, evaluation and device settings (default: the checkpoint's own); the
-    model block always comes from the checkpoint. Returns the table on rank 0 (empty elsewhere)
-    and writes it with the score files into out_dir (default `default_out_dir(checkpoint)`).
+    model block always comes from the checkpoint. Returns this call's table on rank 0 (empty
+    elsewhere) and writes it with the score files into out_dir (default `default_out_dir(checkpoint)`);
+    metrics.csv there gathers every list scored with the same checkpoint and settings. Results
+    of another checkpoint or other settings in out_dir are refused unless `overwrite`.
     """
     ckpt = resolve_checkpoint(checkpoint)
     rank = dist.setup(cfg.train.device if cfg else "auto")
@@ -323,6 +350,10 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     cache = Path(cache_dir) if cache_dir else out / "cache"
     names = list(lists or cfg.evaluation.trial_lists)
     trial_lists = {_list_tag(n): read_trials(official_list_path(data_path, n)) for n in names}
+    ev = cfg.evaluation
+    identity = {"fingerprint": checkpoint_fingerprint(ckpt), **_settings(cfg, roots),
+                "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
+    earlier = _earlier_rows(out, identity, overwrite) if rank.is_main else []
 
     t0 = time.perf_counter()
     keys = sorted(set().union(*(t.files() for t in trial_lists.values())))
@@ -350,12 +381,15 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
                          "eer_threshold": m["eer_threshold"], "score_seconds": seconds,
                          "scores_file": f"{stem}_names.txt"})
     table = pd.DataFrame(rows)
+    scored = set(zip(table["list"], table["scoring"]))
+    kept = [r for r in earlier if (r["list"], r["scoring"]) not in scored]
+    everything = pd.concat([pd.DataFrame(kept), table], ignore_index=True) if kept else table
     with atomic_open(out / "metrics.csv", "w") as f:
-        table.to_csv(f, index=False)
-    info = {"checkpoint": str(ckpt), "fingerprint": checkpoint_fingerprint(ckpt), "data_path": str(data_path),
+        everything.to_csv(f, index=False)
+    info = {"checkpoint": str(ckpt), "fingerprint": identity["fingerprint"], "data_path": str(data_path),
             "roots": [str(r) for r in roots], "lists": {t: str(tl.path) for t, tl in trial_lists.items()},
-            "files": len(keys), "embed_seconds": embed_seconds, "config": cfg.to_dict(),
-            "metrics": table.to_dict(orient="records")}
+            "files": len(keys), "embed_seconds": embed_seconds, "config": cfg.to_dict(), "identity": identity,
+            "metrics": everything.to_dict(orient="records")}
     atomic_write_text(out / "metrics.json", json.dumps(info, indent=1))
     return table
 
@@ -364,19 +398,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="", help="a .pt file; empty = the newest run's best model")
     parser.add_argument("--preset", default="paper", help="settings for a bare reference state_dict")
-    parser.add_argument("--data-path", default=None, help="folder holding VoxCeleb1/ ('' = the demo corpus)")
+    parser.add_argument("--data_path", "--data-path", default=None, help="folder holding VoxCeleb1/ ('' = the demo corpus)")
     parser.add_argument("--lists", nargs="+", default=None, help="O E H (O2 E2 H2 cleaned) or .txt paths")
-    parser.add_argument("--crop-mode", default=None, choices=("reference", "full"))
+    parser.add_argument("--crop_mode", "--crop-mode", default=None, choices=("reference", "full"))
     parser.add_argument("--asnorm", action="store_true", help="also score with adaptive s-norm")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
-    parser.add_argument("--out-dir", default=None, help="default: <run>/eval/<checkpoint stem>/")
+    parser.add_argument("--out_dir", "--out-dir", default=None, help="default: <run>/eval/<checkpoint stem>/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results of another checkpoint or other settings in out_dir")
     args = parser.parse_args(argv)
     ckpt = resolve_checkpoint(args.checkpoint)
     _, cfg = load_checkpoint_model(ckpt, base=args.preset)
     cfg = with_overrides(cfg, data_path=args.data_path, crop_mode=args.crop_mode, device=args.device,
                          asnorm=args.asnorm or None)
     try:
-        table = evaluate(ckpt, cfg, args.lists, args.out_dir)
+        table = evaluate(ckpt, cfg, args.lists, args.out_dir, overwrite=args.overwrite)
         if not table.empty:
             print(f"{ckpt}\n{table.to_string(index=False)}")
     finally:

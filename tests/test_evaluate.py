@@ -227,12 +227,30 @@ def test_evaluate_writes_scores_and_a_consistent_table(evaluated, smoke_run: Pat
     assert info["config"]["evaluation"]["asnorm"] is True
 
 
+def test_results_of_other_settings_are_never_replaced_silently(checkpoint: Path, tiny_db: Path,
+                                                                tmp_path: Path) -> None:
+    _, cfg = ev.load_checkpoint_model(checkpoint)
+    cfg = ev.with_overrides(cfg, data_path=str(tiny_db))
+    out = tmp_path / "eval"
+    ev.evaluate(checkpoint, cfg, ["O"], out_dir=out, progress=False)
+    ev.evaluate(checkpoint, cfg, ["O2"], out_dir=out, progress=False)  # same settings: the table gathers both
+    assert list(pd.read_csv(out / "metrics.csv")["list"]) == ["O", "O2"]
+    before = (out / "scores_O.txt").read_bytes()
+
+    other = ev.with_overrides(cfg, eval_hop=cfg.evaluation.eval_hop // 2)
+    with pytest.raises(FileExistsError, match=r"differing: eval_hop.*--out_dir.*overwrite"):
+        ev.evaluate(checkpoint, other, ["O"], out_dir=out, progress=False)
+    assert (out / "scores_O.txt").read_bytes() == before
+    ev.evaluate(checkpoint, other, ["O"], out_dir=out, progress=False, overwrite=True)
+    assert list(pd.read_csv(out / "metrics.csv")["list"]) == ["O"]  # the old settings' rows are gone with them
+
+
 def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Path, tiny_db: Path,
                                                        tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "rawnet_lib.evaluate", "--checkpoint", str(smoke_run / "models" / "best_opt_eval.pt"),
-           "--data-path", str(tiny_db), "--lists", "O", "--device", "cpu", "--out-dir", str(out)]
+           "--data_path", str(tiny_db), "--lists", "O", "--device", "cpu", "--out_dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(" cosine ") == 1  # only rank 0 reports

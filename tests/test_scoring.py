@@ -1,0 +1,49 @@
+"""Cosine trial scores and the score files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rawnet_lib.scoring import cosine_scores, write_scores
+from rawnet_lib.trials import TrialList
+
+
+def _trials(rng: np.random.Generator, keys: list[str], n: int) -> TrialList:
+    e, t = rng.integers(0, len(keys), n), rng.integers(0, len(keys), n)
+    return TrialList(rng.integers(0, 2, n).astype(np.int8), [keys[i] for i in e], [keys[i] for i in t])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_cosine_matches_the_definition_across_chunk_boundaries(chunk: int) -> None:
+    rng = np.random.default_rng(0)
+    keys = [f"id{i:05d}/v/{i:05d}.wav" for i in range(50)]
+    emb = {k: rng.standard_normal(16) * rng.uniform(0.1, 10) for k in keys}  # unnormalised, float64
+    trials = _trials(rng, keys, 333)
+    want = [np.dot(emb[a], emb[b]) / np.linalg.norm(emb[a]) / np.linalg.norm(emb[b])
+            for a, b in zip(trials.enroll, trials.test)]
+    got = cosine_scores(emb, trials, chunk=chunk)
+    assert got.dtype == np.float32 and got.shape == (333,)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_embedding_scores_zero_not_nan() -> None:
+    emb = {"a/v/1.wav": np.zeros(4), "b/v/2.wav": np.ones(4)}
+    trials = TrialList(np.array([0, 1], np.int8), ["a/v/1.wav", "b/v/2.wav"], ["b/v/2.wav", "b/v/2.wav"])
+    np.testing.assert_allclose(cosine_scores(emb, trials), [0.0, 1.0], atol=1e-6)
+
+
+def test_missing_embedding_names_the_file() -> None:
+    trials = TrialList(np.array([1], np.int8), ["a/v/1.wav"], ["b/v/2.wav"])
+    with pytest.raises(KeyError, match="b/v/2.wav"):
+        cosine_scores({"a/v/1.wav": np.ones(3)}, trials)
+
+
+def test_score_files_in_the_reference_format(tmp_path: Path) -> None:
+    trials = TrialList(np.array([1, 0], np.int8), ["a/v/1.wav", "a/v/1.wav"], ["a/v/2.wav", "b/v/3.wav"])
+    scores = np.array([0.5, -0.25], np.float32)
+    write_scores(tmp_path / "s.txt", scores, trials)
+    write_scores(tmp_path / "n.txt", scores, trials, with_names=True)
+    assert (tmp_path / "s.txt").read_text() == "0.500000 1\n-0.250000 0\n"
+    assert (tmp_path / "n.txt").read_text() == "0.500000 1 a/v/1.wav a/v/2.wav\n-0.250000 0 a/v/1.wav b/v/3.wav\n"

@@ -81,6 +81,8 @@ class Voice:
     gender: str  # "m" or "f"
     family: str  # language, e.g. "de": Vox1-H non-target pairs keep it
     words_per_s: float = 3.0  # of our pseudo-words at espeak's default rate; probed
+    database: str = ""  # MBROLA diphone database file (mbrola voices)
+    volume: float = 1.0  # the volume ratio espeak-ng would give mbrola for this voice
 
 
 # --- voices --------------------------------------------------------------------------------
@@ -92,14 +94,29 @@ def _espeak() -> str:
     return exe
 
 
-def _synth(voice: str, text: str, pitch: int = 50, rate: int = 175) -> tuple[np.ndarray, int, str]:
-    """Speak ``text``; returns (waveform, its sample rate, espeak/mbrola stderr)."""
-    proc = subprocess.run([_espeak(), "-v", voice, "-p", str(pitch), "-s", str(rate),
-                           "--stdout", text], capture_output=True)
-    if proc.returncode or len(proc.stdout) < 100:
-        raise ValueError(f"espeak-ng -v {voice} produced no audio: {proc.stderr[-200:]!r}")
-    audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float64")
-    return audio, sr, proc.stderr.decode(errors="replace")
+def _synth(voice: Voice, text: str, pitch: int = 50, rate: int = 175) -> tuple[np.ndarray, int, str]:
+    """Speak ``text``; returns (waveform, its sample rate, espeak/mbrola stderr).
+
+    MBROLA voices run as espeak-ng's phonemes piped into the mbrola program, read to the end.
+    Letting espeak-ng drive mbrola itself is not deterministic: its wrapper polls the mbrola
+    process with timeouts, and under load the audio now and then came out different.
+    """
+    speak = [_espeak(), "-v", voice.name, "-p", str(pitch), "-s", str(rate)]
+    if voice.kind != "mbrola":
+        proc = subprocess.run([*speak, "--stdout", text], capture_output=True)
+        if proc.returncode or len(proc.stdout) < 100:
+            raise ValueError(f"espeak-ng -v {voice.name} produced no audio: {proc.stderr[-200:]!r}")
+        audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float64")
+        return audio, sr, proc.stderr.decode(errors="replace")
+    pho = subprocess.run([*speak, "-q", "--pho", text], capture_output=True)
+    proc = subprocess.run(["mbrola", "-e", "-v", f"{voice.volume:g}", voice.database, "-", "-.wav"],
+                          input=pho.stdout, capture_output=True)
+    wav = proc.stdout  # a streamed .wav: 44-byte header (sizes unset), then 16-bit samples
+    if pho.returncode or proc.returncode or len(wav) < 144 or wav[36:40] != b"data":
+        raise ValueError(f"espeak-ng -v {voice.name} | mbrola produced no audio: "
+                         f"{(pho.stderr + proc.stderr)[-200:]!r}")
+    audio = np.frombuffer(wav[44:44 + (len(wav) - 44) // 2 * 2], dtype="<i2") / 32768.0
+    return audio, int.from_bytes(wav[24:28], "little"), proc.stderr.decode(errors="replace")
 
 
 def _trim(audio: np.ndarray) -> np.ndarray:
@@ -110,7 +127,7 @@ def _trim(audio: np.ndarray) -> np.ndarray:
 def _probe(voice: Voice) -> Voice | str:
     """The voice with its speaking speed measured, or why it is unusable."""
     try:
-        audio, sr, err = _synth(voice.name, _PROBE_TEXT)
+        audio, sr, err = _synth(voice, _PROBE_TEXT)
     except ValueError as exc:
         return str(exc)
     unknown = err.count("unknown")  # MBROLA replaces each missing diphone with silence
@@ -120,21 +137,26 @@ def _probe(voice: Voice) -> Voice | str:
 
 
 def _mbrola_candidates() -> list[Voice]:
+    if shutil.which("mbrola") is None:
+        return []
     version = subprocess.run([_espeak(), "--version"], capture_output=True, text=True).stdout
-    voice_dir = Path(version.split("Data at:")[-1].strip()) / "voices" / "mb"
+    data = Path(version.split("Data at:")[-1].strip())
     roots = [Path("/usr/share/mbrola"), Path("/usr/share/mbrola/voices")]
     found = []
-    for path in sorted(voice_dir.glob("mb-*")):
+    for path in sorted((data / "voices" / "mb").glob("mb-*")):
         code = path.name[3:]  # "mb-de1-en" style files reuse a voice for another language
         if "-" in code or code in _BROKEN_MBROLA:
-            continue
-        if not any((r / code / code).is_file() or (r / code).is_file() for r in roots):
             continue
         text = path.read_text(errors="replace")
         gender = re.search(r"^gender\s+(male|female)", text, re.M)
         lang = re.search(r"^language\s+(\S+)", text, re.M)
-        if gender and lang:
-            found.append(Voice(path.name, "mbrola", gender[1][0], lang[1].split("-")[0]))
+        mbrola = re.search(r"^mbrola\s+(\S+)\s+(\S+)", text, re.M)
+        database = next((f for r in roots for f in (r / code / code, r / code) if f.is_file()), None)
+        phtrans = data / "mbrola_ph" / mbrola[2] if mbrola else None
+        if gender and lang and database and phtrans and phtrans.is_file():
+            volume = phtrans.read_bytes()[0] / 16  # espeak-ng's ratio: low byte of the table's first word
+            found.append(Voice(path.name, "mbrola", gender[1][0], lang[1].split("-")[0],
+                               database=str(database), volume=volume))
     return found
 
 
@@ -201,7 +223,7 @@ def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator
     rate = int(np.clip(rng.integers(145, 196) + channel["rate"], 120, 220))
     pitch = int(np.clip(rng.integers(42, 59) + channel["pitch"], 10, 90))
     n_words = max(2, round(1.1 * seconds * factor * voice.words_per_s * rate / 175))
-    audio, sr, _ = _synth(voice.name, _sentence(rng, n_words), pitch, rate)
+    audio, sr, _ = _synth(voice, _sentence(rng, n_words), pitch, rate)
     ratio = Fraction(SR, sr) / Fraction(factor).limit_denominator(50)  # shifts formants too
     audio = _trim(audio)
     if ratio != 1:

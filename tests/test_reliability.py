@@ -182,8 +182,11 @@ def test_ctrl_c_stops_all_ranks_and_leaves_a_resumable_run(tiny_db: Path, tmp_pa
     out = tmp_path / "runs"
     script = (f"from rawnet_lib.config import load_config\nfrom rawnet_lib.launch import launch\n"
               f"launch(load_config('smoke', data_path={str(tiny_db)!r}, out_dir={str(out)!r}, devices=2, epochs=6))\n")
+    # A background job (nohup ... &) starts with SIGINT ignored, and Python keeps it so: give the
+    # "kernel" the default disposition, as an interactive Jupyter kernel has.
     kernel = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = run_path(load_config("smoke", out_dir=str(out), devices=2))
     while not (run / "models" / "last.pt").exists() and kernel.poll() is None:
         time.sleep(0.05)

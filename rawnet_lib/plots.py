@@ -35,7 +35,7 @@ __all__ = [
     "save_figure",
 ]
 
-DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9)
 _HISTORY_PANELS = (  # column, y label, scale
     ("loss", "training loss", 1.0),
     ("accuracy", "training accuracy", 1.0),
@@ -73,27 +73,29 @@ def _probit(p: np.ndarray) -> np.ndarray:
 def det_plot(
     curves: Mapping[str, tuple[ArrayLike, ArrayLike]],
     ax: Axes | None = None,
-    limits: tuple[float, float] = (0.0005, 0.5),
+    limits: tuple[float, float] | None = None,
 ) -> Figure:
     """DET curves (miss vs false-acceptance rate) on normal-deviate axes, ticks in %.
 
     ``curves`` maps a legend name to (scores, labels) with labels 1 = same speaker.
     Each curve's EER is shown in the legend and marked on the curve; the diagonal
-    P_miss = P_fa is drawn so the EER points are easy to read off.
+    P_miss = P_fa is drawn so the EER points are easy to read off. ``limits`` default
+    to 0.05-50 %, the upper end widened to twice the largest EER (up to 95 %) so that a
+    weak system's EER point stays well inside the axes.
     """
     if not isinstance(curves, Mapping) or not curves:
         raise ValueError(
             f"curves must be a non-empty mapping name -> (scores, labels), got {type(curves).__name__}"
         )
-    lo, hi = limits
+    rates = {name: eer_threshold(scores, labels)[0] for name, (scores, labels) in curves.items()}
+    lo, hi = limits or (0.0005, float(np.clip(2 * max(rates.values()), 0.5, 0.95)))
     if not 0 < lo < hi < 1:
         raise ValueError(f"limits must satisfy 0 < low < high < 1, got {limits}")
     fig, ax = _axes(ax, (5.0, 5.0))
     for name, (scores, labels) in curves.items():
         p_miss, p_fa, _ = det_curve(scores, labels)
-        rate, _ = eer_threshold(scores, labels)
-        (line,) = ax.plot(_probit(p_fa), _probit(p_miss), label=f"{name} (EER {100 * rate:.2f} %)")
-        ax.plot(_probit(rate), _probit(rate), "o", color=line.get_color(), label="_eer_marker")
+        (line,) = ax.plot(_probit(p_fa), _probit(p_miss), label=f"{name} (EER {100 * rates[name]:.2f} %)")
+        ax.plot(_probit(rates[name]), _probit(rates[name]), "o", color=line.get_color(), label="_eer_marker")
     edge = norm.ppf([lo, hi])
     ax.plot(edge, edge, "--", color="0.6", linewidth=0.8, label="_diagonal")
     ticks = [t for t in DET_TICKS if lo <= t <= hi]
@@ -108,7 +110,7 @@ def det_plot(
     ax.set_xlabel("false acceptance rate (%)")
     ax.set_ylabel("miss rate (%)")
     ax.grid(True, linewidth=0.4)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="lower left", fontsize="small")  # DET curves leave that corner empty
     return fig
 
 

@@ -189,3 +189,16 @@ def test_save_figure_without_data_and_bad_name(tmp_path):
     assert len(paths) == 2
     with pytest.raises(ValueError, match="plain file stem"):
         save_figure(fig, tmp_path, "sub/hist")
+
+
+def test_det_axes_widen_for_a_weak_system_and_the_legend_stays_clear_of_it() -> None:
+    strong, weak = _trials(3, 2.5), _trials(4, 0.6)  # EER about 11 % and 38 %
+    fig = det_plot({"strong": strong, "weak": weak})
+    ax = fig.axes[0]
+    weak_eer = eer(*weak)
+    assert norm.ppf(2 * weak_eer) == pytest.approx(ax.get_xlim()[1], abs=1e-6)  # twice the largest EER
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x1 < axes.x0 + 0.6 * axes.width and legend.y1 < axes.y0 + 0.5 * axes.height  # lower left, clear of EER points
+    assert det_plot({"strong": strong}).axes[0].get_xlim()[1] == pytest.approx(norm.ppf(0.5))
+    assert det_plot({"weak": weak}, limits=(0.01, 0.4)).axes[0].get_xlim()[1] == pytest.approx(norm.ppf(0.4))

@@ -259,10 +259,7 @@ def asnorm_scores(emb: Mapping[str, np.ndarray], trials: TrialList, cohort_emb: 
     index = {f: i for i, f in enumerate(files)}
     e = np.fromiter((index[f] for f in trials.enroll), np.int64, len(trials))
     t = np.fromiter((index[f] for f in trials.test), np.int64, len(trials))
-    raw = np.empty(len(trials))
-    for start in range(0, len(trials), 16 * chunk):  # gathered rows in slices, not 2 x 580k x dim at once
-        i, j = e[start:start + 16 * chunk], t[start:start + 16 * chunk]
-        raw[start:start + 16 * chunk] = np.einsum("ij,ij->i", unit[i], unit[j])
+    raw = cosine_scores(emb, trials).astype(np.float64)
     return 0.5 * ((raw - mu[e]) / sd[e] + (raw - mu[t]) / sd[t])
 
 

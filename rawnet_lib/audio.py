@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from rawnet_lib.errors import WorkbookError
+
 __all__ = ["AudioError", "read_audio", "audio_frames", "peak_normalise", "tile", "random_crop", "eval_crops"]
 
 
-class AudioError(ValueError):
+class AudioError(WorkbookError, ValueError):
     """An audio file the workbook cannot use; the message names the file and the fix."""
 
 

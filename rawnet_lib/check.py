@@ -22,6 +22,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from rawnet_lib.trials import TrialListError, missing_files, official_list_path, read_trials
+from rawnet_lib.errors import WorkbookError
 
 __all__ = ["DEFAULT_DIRS", "DatasetError", "Problem", "CheckReport", "check_dataset"]
 
@@ -57,7 +58,7 @@ _KINDS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(WorkbookError, ValueError):
     """A dataset with problems; the message is the full check report."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from rawnet_lib.errors import WorkbookError
+
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "Config",
     "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
@@ -27,7 +29,7 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 PARAMS_DIR = REPO_DIR / "params"
 
 
-class ConfigError(ValueError):
+class ConfigError(WorkbookError, ValueError):
     """A configuration value or key the workbook cannot use; the message says the fix."""
 
 

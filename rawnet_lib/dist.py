@@ -15,13 +15,15 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from rawnet_lib.errors import WorkbookError
+
 __all__ = ["RankInfo", "setup", "cleanup", "resolve_device_kind", "available_devices", "barrier",
            "gather_objects", "all_reduce_sum", "DistError"]
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
-class DistError(RuntimeError):
+class DistError(WorkbookError, RuntimeError):
     """A device or process-group problem; the message says which rank and what to change."""
 
 

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from rawnet_lib.config import REPO_DIR, Config
 from rawnet_lib.dist import DistError, available_devices, resolve_device_kind
 from rawnet_lib.run import EVENT_PREFIX, check_run_dir, run_path
+from rawnet_lib.errors import WorkbookError
 
 __all__ = ["launch_command", "launch", "TrainingFailed"]
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(WorkbookError, RuntimeError):
     """The training processes exited with an error; the message carries their last output."""
 
 

@@ -34,6 +34,7 @@ from rawnet_lib.config import REPO_DIR, Config, write_f_params
 from rawnet_lib.data import load_utterances
 from rawnet_lib.io import atomic_torch_save, atomic_write_text
 from rawnet_lib.trials import make_trials, write_trials
+from rawnet_lib.errors import WorkbookError
 
 __all__ = ["RunDir", "RunExistsError", "NonFiniteLossError", "run_path", "emit", "load_checkpoint",
            "validation_trials", "EVENT_PREFIX"]
@@ -42,7 +43,7 @@ EVENT_PREFIX = "@@rawnet "
 MIN_FREE_BYTES = 1 << 30
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(WorkbookError, FileExistsError):
     """The run folder holds an earlier run; nothing is overwritten without being asked."""
 
 

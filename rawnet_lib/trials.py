@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rawnet_lib.io import atomic_write_text
+from rawnet_lib.errors import WorkbookError
 
 __all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialList", "official_list_path", "read_trials", "write_trials",
            "resolve", "missing_files", "check_trial_files", "make_trials", "speaker_of"]
@@ -36,7 +37,7 @@ _FIXES = {
 _SHOWN = 5  # offending lines quoted per problem kind
 
 
-class TrialListError(ValueError):
+class TrialListError(WorkbookError, ValueError):
     """A trial list that cannot be used; the message names the file, every problem and the fix."""
 
 

@@ -1,9 +1,10 @@
 """Start `rawnet_lib.train` from a notebook as a torchrun-style subprocess and follow it.
 
 Ranks never run inside the Jupyter kernel: the kernel starts the standard launcher
-(`python -m torch.distributed.run`, i.e. torchrun) with one process per device, reads the
-progress events rank 0 prints, and draws them as a progress bar. Ctrl-C (the kernel's
-interrupt) stops every rank; the run keeps its last finished epoch and can be resumed.
+(`python -m torch.distributed.run`, i.e. torchrun) with one process per device in a process
+group of its own, reads the events rank 0 prints (progress, then the result), and draws them as
+a progress bar. Ctrl-C (the kernel's interrupt) or any exception in the kernel stops the whole
+group; the run keeps its last finished epoch and can be resumed.
 """
 from __future__ import annotations
 
@@ -67,22 +68,22 @@ def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
     bar = None
     try:
         for line in proc.stdout:
-            if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX):])
-                bar = _show(event, bar, echo_logs)
+            if not line.startswith(EVENT_PREFIX):
+                tail = (tail + [line])[-40:]
+                print(line, end="", flush=True)
                 continue
-            if line.startswith("{"):
-                try:
-                    result = json.loads(line)
-                    continue
-                except json.JSONDecodeError:
-                    pass
-            tail = (tail + [line])[-40:]
-            print(line, end="", flush=True)
+            event = json.loads(line[len(EVENT_PREFIX):])
+            if event["type"] == "result":
+                result = event["summary"]
+            else:
+                bar = _show(event, bar, echo_logs)
         proc.wait()
     except KeyboardInterrupt:
         _stop(proc)
         raise KeyboardInterrupt(f"training stopped; resume it with resume=True ({run_path(cfg)})") from None
+    except BaseException:
+        _stop(proc)  # whatever failed in the kernel, no rank outlives it
+        raise
     finally:
         if bar is not None:
             bar.close()

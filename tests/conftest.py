@@ -1,8 +1,14 @@
 """Shared fixtures: the tiny generated corpus, one finished smoke training run, and a
-headless papermill runner for the notebooks."""
+headless papermill runner for the notebooks.
+
+`pytest -m "not slow"` is the quick loop: a test is slow when it trains (the `smoke_run`
+fixture), runs a notebook (`run_notebook`) or is marked `slow` itself (several processes,
+compiling kernels). The marking is done here, in one place, from the fixtures a test uses.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -13,9 +19,23 @@ matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parents[1]
 
 
+SLOW_FIXTURES = {"smoke_run", "run_notebook"}
+CORPUS_TOOLS = ("espeak-ng", "ffmpeg")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("notebook"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo corpus (VoxCeleb layout, m4a converted), generated once per test session."""
+    """The tiny demo corpus (VoxCeleb layout, m4a converted), generated once per test session;
+    the tests that need it are skipped, not failed, on a machine without the speech tools."""
+    missing = [tool for tool in CORPUS_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the demo corpus needs {', '.join(missing)}: run ./setup.sh install")
     from rawnet_lib.corpus import ensure_demo_corpus
     return ensure_demo_corpus("tiny", root=tmp_path_factory.mktemp("corpus"))
 

@@ -107,27 +107,73 @@ def test_fast_sinc_float32_close_to_exact_with_parameter_gradients():
 
 # --- the whole model --------------------------------------------------------------------------------
 
+def _loss_and_grads(model, x, y):
+    loss = F.cross_entropy(model(x), y)
+    return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+
+def _module_scales(model, grads) -> dict[str, float]:
+    """Each parameter's scale: the norm of the gradient of the whole module that owns it. A conv
+    bias that feeds a batch norm has a true gradient of 0, so its own norm is no scale; its
+    module's weight gradient is (the rounding noise of the bias is of the weight's order)."""
+    owner = {name: name.rsplit(".", 1)[0] for name, _ in model.named_parameters()}
+    sums: dict[str, float] = {}
+    for name, g in zip(owner, grads):
+        sums[owner[name]] = sums.get(owner[name], 0.0) + g.double().pow(2).sum().item()
+    return {name: sums[owner[name]] ** 0.5 for name in owner}
+
+
 @pytest.mark.parametrize("preset", ["smoke", "demo"])
-def test_fast_model_matches_exact_in_float32(preset):
-    """Same logits, parameter gradients and batch-norm statistics as the exact path."""
+def test_fast_model_is_the_same_function_in_float64(preset):
+    """Both paths in float64: logits, every parameter gradient and the batch-norm statistics agree
+    to float64 rounding (2.2e-16 relative, amplified by depth: 1e-9 of each module's gradient
+    scale leaves six orders of margin and is met on any CPU, since no max-pool tie flips in
+    float64). This is the test of the maths; float32 below only checks its precision."""
     exact, fast = _pair(preset)
+    exact, fast = exact.double(), fast.double()
+    x = torch.randn(4, exact.cfg.n_samples, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    (loss_e, grads_e), (loss_f, grads_f) = _loss_and_grads(exact, x, y), _loss_and_grads(fast, x, y)
+    assert abs(loss_f.item() - loss_e.item()) <= 1e-12 * loss_e.item()
+    scales = _module_scales(exact, grads_e)
+    for (name, _), ge, gf in zip(exact.named_parameters(), grads_e, grads_f):
+        assert (ge - gf).norm().item() <= 1e-9 * scales[name], name
+    for (name, be), bf in zip(exact.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(bf, be, rtol=1e-12, atol=1e-12 * be.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "demo"])
+def test_fast_model_in_float32_is_as_close_to_float64_as_the_exact_path(preset):
+    """Both paths in float32 against the float64 truth.
+
+    The forward pass is continuous, so logits, loss, batch-norm statistics and embeddings are
+    bounded by rounding: float32 keeps 2^-24 relative per operation; a few thousand operations
+    in a row give at most ~1e-4 of each quantity's own scale. Gradients are not continuous: where
+    two samples of a max-pool window are equal to float32 rounding, the argmax (and with it the
+    gradient's route) can flip, moving a layer's gradient by several per cent (measured up to
+    5 % in one layer, 1.6 % of the whole gradient, on either path, depending on the CPU's
+    summation order). So float32 gradients are compared as a whole: they must point the same
+    way as float64's (cosine >= 0.998, i.e. a relative error below ~6 %); every layer's
+    gradient is checked exactly in float64 above."""
+    exact, fast = _pair(preset)
+    truth = copy.deepcopy(exact).double()
     x = torch.randn(4, exact.cfg.n_samples, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3])
-    losses = [F.cross_entropy(m(x), y) for m in (exact, fast)]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    grads = [torch.autograd.grad(loss, list(m.parameters())) for loss, m in zip(losses, (exact, fast))]
-    scale = torch.cat([g.flatten() for g in grads[0]]).norm().item()
-    for (name, _), ge, gf in zip(exact.named_parameters(), *grads):
-        # Relative to each gradient, plus a floor for the conv1 biases: they feed a batch norm, so
-        # their true gradient is 0 and both paths return rounding noise. (An argmax of |sinc| that
-        # flips between two float32-equal samples moves a ln.gamma gradient by one sample.)
-        assert (ge - gf).norm().item() <= 2e-3 * ge.norm().item() + 1e-6 * scale, name
-    for (name, be), bf in zip(exact.named_buffers(), fast.buffers()):
-        torch.testing.assert_close(bf, be, rtol=1e-4, atol=1e-6, msg=name)
-    exact.eval(), fast.eval()
+    loss_t, grads_t = _loss_and_grads(truth, x.double(), y)
+    flat_t = torch.cat([g.flatten() for g in grads_t])
+    for model in (exact, fast):
+        loss, grads = _loss_and_grads(model, x, y)
+        assert abs(loss.item() - loss_t.item()) <= 1e-4 * loss_t.item()
+        flat = torch.cat([g.flatten() for g in grads]).double()
+        assert F.cosine_similarity(flat, flat_t, dim=0).item() >= 0.998
+        for (name, bt), b in zip(truth.named_buffers(), model.buffers()):
+            if b.is_floating_point():
+                assert (b.double() - bt).abs().max().item() <= 1e-4 * (bt.abs().max().item() + 1e-30), name
+    truth.eval(), exact.eval(), fast.eval()
     with torch.no_grad():
-        cosine = F.cosine_similarity(exact.embed(x), fast.embed(x))
-    assert cosine.min() > 0.99999
+        ref = truth.embed(x.double())
+        for model in (exact, fast):
+            assert F.cosine_similarity(model.embed(x).double(), ref).min().item() > 1 - 1e-6
 
 
 def test_fast_bf16_embeddings_close_to_exact_float32(smoke_run, tiny_db):
@@ -194,8 +240,28 @@ def test_forward_hooks_still_fire_on_the_fast_path():
     assert seen and seen[0][:2] == (2, fast.cfg.blocks[0])
 
 
+def _window_values(code, y, signed):
+    """The sample of each 3-sample window (..., 3, C) that a code (1..3, negative for a negative
+    sample when signed) names."""
+    idx = code.abs().long() - 1
+    chosen = torch.gather(y, -2, idx.unsqueeze(-2)).squeeze(-2)
+    if signed:
+        assert torch.equal(code < 0, chosen < 0)
+        chosen = chosen.abs()
+    return chosen
+
+
+ONE_ROUNDING = {"rtol": 2.0 ** -23, "atol": 2.0 ** -23}
+
+
 def test_compiled_kernels_match_eager():
-    """torch.compile'd pooling kernels give the eager ops' results (float32, exact equality)."""
+    """torch.compile'd pooling kernels compute what the eager ops compute.
+
+    The kernels only compare, add, negate and multiply by 0/+-1 masks: each value goes through at
+    most one rounding, whatever the vector width or instruction order the compiler picks, so values
+    agree to one float32 rounding (2^-24 relative; inputs are of unit scale). A vectorised loop may
+    pick another of two equal maxima, so codes are checked by what they select (a maximum of the
+    window), and the compiled gradient kernels against the eager ones given the same codes."""
     gen = torch.Generator().manual_seed(6)
     s, a = torch.randn(50, 1, 3, 8, generator=gen), torch.randn(50, 1, 3, 8, generator=gen)
     grad = torch.randn(50, 2, 8, generator=gen)
@@ -205,13 +271,24 @@ def test_compiled_kernels_match_eager():
         fastsinc.set_compile(compiled)
         out, code = torch.empty(99, 8), torch.empty(100, 8, dtype=torch.int8)
         fastsinc._kernel("sinc_pool")(s, a, out, code)
-        unpooled = fastsinc._kernel("sinc_unpool")(grad, code.view(50, 2, 8))
         peak, pool_code = fastsinc._kernel("pool_peak")(y)
-        pool_grad = fastsinc._kernel("pool_grad")(grad_y, pool_code, 122)
-        results[compiled] = [out, code, *unpooled, peak, pool_code, pool_grad]
-    assert results[False][-1].shape == (2, 122, 8)
-    for got, ref in zip(results[True], results[False]):
-        assert torch.equal(got, ref)
+        results[compiled] = out, code, peak, pool_code
+    (out_e, code_e, peak_e, pool_code_e), (out_c, code_c, peak_c, pool_code_c) = results[False], results[True]
+    torch.testing.assert_close(out_c, out_e, **ONE_ROUNDING)
+    torch.testing.assert_close(peak_c, peak_e, **ONE_ROUNDING)
+    # each code picks a window maximum: top half windows hold s + a, bottom half s - a, reversed
+    windows = torch.cat([s + a, (s - a).flip(1)], 1).view(100, 3, 8)
+    torch.testing.assert_close(_window_values(code_c, windows, signed=True), windows.abs().amax(1), **ONE_ROUNDING)
+    torch.testing.assert_close(_window_values(pool_code_c, y, signed=False), peak_e, **ONE_ROUNDING)
+    fastsinc.set_compile(False)
+    eager_unpool = fastsinc._kernel("sinc_unpool")(grad, code_c.view(50, 2, 8))
+    eager_pool_grad = fastsinc._kernel("pool_grad")(grad_y, pool_code_c, 122)
+    fastsinc.set_compile(True)
+    unpooled = fastsinc._kernel("sinc_unpool")(grad, code_c.view(50, 2, 8))
+    pool_grad = fastsinc._kernel("pool_grad")(grad_y, pool_code_c, 122)
+    assert pool_grad.shape == (2, 122, 8)
+    for got, ref in zip([*unpooled, pool_grad], [*eager_unpool, eager_pool_grad]):
+        torch.testing.assert_close(got, ref, **ONE_ROUNDING)
 
 
 # --- the benchmark ----------------------------------------------------------------------------------

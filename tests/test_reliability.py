@@ -139,16 +139,32 @@ def test_sigkill_mid_checkpoint_then_resume_loses_nothing(smoke_run: Path, tiny_
     assert _same_weights(run, smoke_run)
 
 
+KILL_IN_EPOCH_2 = """
+    import os, signal, threading
+    import numpy as np
+    import torch.nn.functional as F
+    _ce, _n = F.cross_entropy, [0]
+    _rng = np.random.default_rng(2026)            # seeded: the same moment on every run
+    _step = int(_rng.integers(1, STEPS + 1))      # a step of epoch 2 ...
+    _delay = float(_rng.uniform(0.0, 0.2))        # ... and a moment inside it, from another thread
+    def ce(*args, **kwargs):
+        _n[0] += 1
+        if _n[0] == STEPS + _step:
+            threading.Timer(_delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return _ce(*args, **kwargs)
+    F.cross_entropy = ce
+"""
+
+
 def test_sigkill_at_a_random_moment_then_resume_loses_nothing(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     run = run_path(load_config("smoke", out_dir=str(out), name="fixture"))
-    proc = subprocess.Popen(_train_cmd(tiny_db, out, "--epochs", "2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
-    while not (run / "models" / "last.pt").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(float(np.random.default_rng().uniform(0, 2)))  # somewhere in epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    steps = len(load_utterances(tiny_db, "VoxCeleb2/wav")) // 8  # per epoch, batch 8
+    code = KILL_IN_EPOCH_2.replace("STEPS", str(steps))
+    died = subprocess.run(_train_cmd(tiny_db, out, "--epochs", "2"), env=_fault_env(tmp_path, code),
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stdout + died.stderr
+    assert torch.load(run / "models" / "last.pt", weights_only=False)["epoch"] == 1, "killed inside epoch 2"
     train(load_config("smoke", data_path=str(tiny_db), out_dir=str(out), name="fixture", epochs=2, resume=True))
     assert _same_weights(run, smoke_run)
 
@@ -199,6 +215,43 @@ def test_ctrl_c_stops_all_ranks_and_leaves_a_resumable_run(tiny_db: Path, tmp_pa
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(out), devices=2, epochs=2, resume=True)
     summary = launch(cfg)
     assert summary["epochs"] == 2
+
+
+def test_an_error_in_the_kernel_side_loop_stops_the_whole_process_group(
+        tiny_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only Ctrl-C: any exception while the kernel follows the run (here, drawing the first
+    progress event) ends torchrun and both ranks."""
+    from rawnet_lib import launch as launch_module
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def broken_display(event, bar, echo_logs):
+        if event["type"] == "epoch":  # both ranks are up and have finished an epoch
+            raise RuntimeError("display broke")
+        return bar
+
+    monkeypatch.setattr(launch_module.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch_module, "_show", broken_display)
+    seen: list[psutil.Process] = []
+    real_json = launch_module.json.loads
+
+    def loads(text, *args, **kwargs):  # note every process of the group while it is alive
+        seen.extend(p for p in psutil.Process(started[0].pid).children(recursive=True) if p not in seen)
+        return real_json(text, *args, **kwargs)
+
+    monkeypatch.setattr(launch_module.json, "loads", loads)
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path / "runs"), devices=2, epochs=6)
+    with pytest.raises(RuntimeError, match="display broke"):
+        launch(cfg)
+    group = [psutil.Process(started[0].pid)] if psutil.pid_exists(started[0].pid) else []
+    assert len(seen) >= 2, "torchrun and its ranks were running"
+    gone, alive = psutil.wait_procs(seen + group, timeout=60)
+    assert not alive, f"left running: {alive}"
+    assert started[0].poll() is not None
 
 
 def test_unwritable_or_full_output_is_reported_before_training(tiny_db: Path, tmp_path: Path,

@@ -128,6 +128,7 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
 def test_more_devices_than_exist_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from rawnet_lib import launch as launch_module
     from rawnet_lib.dist import DistError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
     with pytest.raises(DistError, match="no CUDA device"):
         launch(load_config("smoke", device="cuda", name="nocuda", out_dir="/tmp/rawnet-never-created"))
     monkeypatch.setattr(launch_module, "resolve_device_kind", lambda kind: "cuda")

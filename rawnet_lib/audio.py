@@ -98,8 +98,7 @@ def probe(path: str | Path, sample_rate: int = SAMPLE_RATE, scan: bool = False) 
             return AudioInfo(path, problems=(("empty", "empty file (0 bytes)"),), expected_rate=sample_rate)
         info = sf.info(str(path))
     except (RuntimeError, OSError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
-        why = getattr(err, "error_string", None) or getattr(err, "strerror", None) or str(err)
-        return AudioInfo(path, problems=(("unreadable", f"unreadable ({why})"),), expected_rate=sample_rate)
+        return AudioInfo(path, problems=(("unreadable", f"unreadable ({_reason(err)})"),), expected_rate=sample_rate)
     found = []
     if info.samplerate != sample_rate:
         found.append(("sample_rate", f"sample rate {info.samplerate} Hz, expected {sample_rate}"))
@@ -119,8 +118,13 @@ def _scan(path: Path) -> list[tuple[str, str]]:
         for block in sf.blocks(str(path), blocksize=_SCAN_BLOCK, dtype="float32", always_2d=True):
             bad += int(block.size - np.count_nonzero(np.isfinite(block)))
     except (RuntimeError, OSError) as err:
-        return [("unreadable", f"unreadable ({getattr(err, 'error_string', None) or err})")]
+        return [("unreadable", f"unreadable ({_reason(err)})")]
     return [("nonfinite", f"{bad:,} NaN or Inf sample(s)")] if bad else []
+
+
+def _reason(err: Exception) -> str:
+    """The cause of a read error without the path (the report names the file already)."""
+    return getattr(err, "error_string", None) or getattr(err, "strerror", None) or str(err)
 
 
 def read_audio(path: str | Path, start: int = 0, frames: int = -1, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Reading utterances and cutting them into the crops RawNet2 sees.
+"""Whether an audio file is usable, reading utterances, and cutting them into the crops RawNet2 sees.
+
+:func:`probe` is the one place that decides whether a file is usable and how long it is: the
+training list, the dataset check and the m4a conversion all ask it, so they never disagree.
+It reads the header only, except for float wavs when asked to scan: a float file can hold NaN
+or Inf samples (PCM cannot), which no header shows and which turn a training loss into NaN.
 
 Training reads only the frames of its random crop from disk (a partial read), which is what
 keeps a VoxCeleb2 epoch from being bound by file I/O. The reference peak-normalises the whole
@@ -7,6 +12,7 @@ divides by the crop's standard deviation, so the two differ only by the 1e-6 eps
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,39 +20,130 @@ import soundfile as sf
 
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["AudioError", "read_audio", "audio_frames", "peak_normalise", "tile", "random_crop", "eval_crops"]
+__all__ = ["SAMPLE_RATE", "FLOAT_SUBTYPES", "AUDIO_PROBLEMS", "AudioError", "AudioInfo", "probe", "read_audio",
+           "peak_normalise", "tile", "random_crop", "eval_crops"]
+
+SAMPLE_RATE = 16000  # Hz: VoxCeleb, the reference model and every file the workbook writes
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the wav sample formats that can hold NaN or Inf
+_SCAN_BLOCK = 1 << 20  # frames per read when scanning a float file: bounds memory on long files
+
+# kind -> (title, fix) of every way a file can be unusable, in the order the dataset check reports them.
+AUDIO_PROBLEMS = {
+    "not_a_file": ("not a file", "a folder (or other non-file) sits where an utterance file belongs: "
+                                 "move what it holds to <speaker>/<video>/<utt>.wav, or remove it"),
+    "empty": ("empty file (0 bytes)", "re-download or re-convert it, or delete it"),
+    "unreadable": ("unreadable audio", "the file is not a valid WAV (truncated or another format): "
+                                       "re-download or re-convert it, or delete it"),
+    "sample_rate": ("wrong sample rate", "resample: ffmpeg -i in.wav -ar {sr} -ac 1 -c:a pcm_s16le out.wav "
+                                         "(or sox in.wav -r {sr} -c 1 out.wav)"),
+    "channels": ("more than one channel", "downmix: ffmpeg -i in.wav -ac 1 -ar {sr} -c:a pcm_s16le out.wav"),
+    "no_frames": ("no samples", "re-download or re-convert it, or delete it"),
+    "nonfinite": ("NaN or Inf samples", "re-convert it from the source (e.g. to PCM16 with ffmpeg -i src "
+                                        "-ar {sr} -ac 1 -c:a pcm_s16le out.wav), or delete it"),
+}
 
 
 class AudioError(WorkbookError, ValueError):
     """An audio file the workbook cannot use; the message names the file and the fix."""
 
 
-def audio_frames(path: str | Path) -> int:
-    """Number of samples in a file, from its header only."""
+@dataclass(frozen=True)
+class AudioInfo:
+    """What :func:`probe` found: the header's fields and every problem as (kind, what was found).
+
+    `frames` and the other fields are the header's even when there are problems (0 when the
+    header could not be read), so a caller can still report a wrong-rate file's length.
+    """
+    path: Path
+    frames: int = 0
+    sample_rate: int = 0
+    channels: int = 0
+    subtype: str = ""
+    problems: tuple[tuple[str, str], ...] = ()
+    expected_rate: int = SAMPLE_RATE
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+    @property
+    def problem(self) -> str:
+        """What is wrong, in words ('' for a usable file): a training list's reason for leaving it out."""
+        return "; ".join(found for _, found in self.problems)
+
+    def raise_if_bad(self) -> None:
+        """AudioError naming the file, what is wrong and the fix of its first problem."""
+        if self.problems:
+            raise _error(self.path, self.problems[0][0], self.problem, self.expected_rate)
+
+
+def _error(path: Path, kind: str, found: str, sample_rate: int) -> AudioError:
+    fix = AUDIO_PROBLEMS[kind][1].format(sr=sample_rate)
+    return AudioError(f"{path}: {found}; {fix}. The dataset check (notebooks/data_prep.ipynb) lists every such file")
+
+
+def probe(path: str | Path, sample_rate: int = SAMPLE_RATE, scan: bool = False) -> AudioInfo:
+    """Whether `path` is a usable mono `sample_rate` wav, from its header; with `scan`, the samples
+    of a float wav are read too, to find NaN or Inf (PCM files need no scan)."""
+    path = Path(path)
     try:
-        return sf.info(str(path)).frames
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot read the audio header ({err}); "
-                         "run the dataset check (notebooks/data_prep.ipynb) to find every such file") from None
+        if path.exists() and not path.is_file():
+            return AudioInfo(path, problems=(("not_a_file", "a folder, not a file" if path.is_dir()
+                                              else "not a regular file"),), expected_rate=sample_rate)
+        if path.stat().st_size == 0:
+            return AudioInfo(path, problems=(("empty", "empty file (0 bytes)"),), expected_rate=sample_rate)
+        info = sf.info(str(path))
+    except (RuntimeError, OSError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
+        return AudioInfo(path, problems=(("unreadable", f"unreadable ({_reason(err)})"),), expected_rate=sample_rate)
+    found = []
+    if info.samplerate != sample_rate:
+        found.append(("sample_rate", f"sample rate {info.samplerate} Hz, expected {sample_rate}"))
+    if info.channels != 1:
+        found.append(("channels", f"{info.channels} channels, expected mono"))
+    if info.frames == 0:
+        found.append(("no_frames", "no samples"))
+    elif scan and info.subtype in FLOAT_SUBTYPES:
+        found += _scan(path)
+    return AudioInfo(path, info.frames, info.samplerate, info.channels, info.subtype, tuple(found), sample_rate)
 
 
-def read_audio(path: str | Path, start: int = 0, frames: int = -1, sample_rate: int = 16000) -> np.ndarray:
+def _scan(path: Path) -> list[tuple[str, str]]:
+    """The sample problems of a float file: NaN or Inf anywhere, or data the header promised but the file lacks."""
+    bad = 0
+    try:
+        for block in sf.blocks(str(path), blocksize=_SCAN_BLOCK, dtype="float32", always_2d=True):
+            bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    except (RuntimeError, OSError) as err:
+        return [("unreadable", f"unreadable ({_reason(err)})")]
+    return [("nonfinite", f"{bad:,} NaN or Inf sample(s)")] if bad else []
+
+
+def _reason(err: Exception) -> str:
+    """The cause of a read error without the path (the report names the file already)."""
+    return getattr(err, "error_string", None) or getattr(err, "strerror", None) or str(err)
+
+
+def read_audio(path: str | Path, start: int = 0, frames: int = -1, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 samples `[start, start + frames)` of a wav file (all when frames = -1)."""
+    info = probe(path, sample_rate)
+    info.raise_if_bad()
+    return _read(info, start, frames)
+
+
+def _read(info: AudioInfo, start: int = 0, frames: int = -1) -> np.ndarray:
+    """Samples of a probed file; NaN or Inf in a float file raise, so a crop never carries them into training."""
     try:
-        with sf.SoundFile(str(path)) as f:
-            if f.samplerate != sample_rate:
-                raise AudioError(f"{path}: sample rate {f.samplerate} Hz, expected {sample_rate}; resample it, "
-                                 f"e.g. ffmpeg -i in.wav -ac 1 -ar {sample_rate} out.wav")
-            if f.channels != 1:
-                raise AudioError(f"{path}: {f.channels} channels, expected mono; "
-                                 f"convert with ffmpeg -i in.wav -ac 1 -ar {sample_rate} out.wav")
+        with sf.SoundFile(str(info.path)) as f:
             f.seek(start)
             x = f.read(frames, dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err}); replace or remove the file, "
-                         "then rerun the dataset check") from None
-    if x.size == 0:
-        raise AudioError(f"{path}: no samples; remove the file or replace it with a valid recording")
+    except (RuntimeError, OSError) as err:
+        raise _error(info.path, "unreadable", f"unreadable audio ({err})", info.expected_rate) from None
+    if info.subtype in FLOAT_SUBTYPES and not np.isfinite(x).all():
+        raise _error(info.path, "nonfinite", "NaN or Inf samples", info.expected_rate)
     return x
 
 
@@ -63,14 +160,16 @@ def tile(x: np.ndarray, n: int) -> np.ndarray:
     return np.tile(x, n // len(x) + 1)[:n]
 
 
-def random_crop(path: str | Path, n_samples: int, rng: np.random.Generator, sample_rate: int = 16000) -> np.ndarray:
+def random_crop(path: str | Path, n_samples: int, rng: np.random.Generator,
+                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """A random n_samples crop of a file (tiled when shorter), reading only those frames."""
-    total = audio_frames(path)
-    if total > n_samples:
-        start = int(rng.integers(0, total - n_samples + 1))
-        x = read_audio(path, start, n_samples, sample_rate)
+    info = probe(path, sample_rate)
+    info.raise_if_bad()
+    if info.frames > n_samples:
+        start = int(rng.integers(0, info.frames - n_samples + 1))
+        x = _read(info, start, n_samples)
     else:
-        x = tile(read_audio(path, sample_rate=sample_rate), n_samples)
+        x = tile(_read(info), n_samples)
     return peak_normalise(x).astype(np.float32)
 
 

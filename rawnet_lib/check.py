@@ -1,8 +1,10 @@
 """Dataset check: every problem of a VoxCeleb tree and its trial lists, reported at once.
 
 Training fails on the first bad file after hours of work, and fixing one file per run is
-slow, so this walks the whole tree first (one header read per file on a thread pool) and
-groups what it finds by kind, each with a count, the first few paths and the fix.
+slow, so this walks the whole tree first (one :func:`rawnet_lib.audio.probe` per file on a
+thread pool, which also reads the samples of float wavs for NaN/Inf) and groups what it finds
+by kind, each with a count, the first few paths and the fix. Errors make the data unusable as
+it is; warnings (short files, a trial list's byte order mark) are worth a look but do not.
 
 Silence (peak 0, e.g. a failed conversion that wrote zeros) needs the samples, not the header.
 Reading every sample of VoxCeleb2 would double the check's I/O, so each file is probed with
@@ -12,6 +14,7 @@ read to confirm. A file is reported silent only when every sample is zero.
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +24,19 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from rawnet_lib.trials import TrialListError, missing_files, official_list_path, read_trials
+from rawnet_lib.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe
+from rawnet_lib.config import DataConfig
 from rawnet_lib.errors import WorkbookError
+from rawnet_lib.trials import TrialListError, TrialListWarning, official_list_path, read_trials
 
-__all__ = ["DEFAULT_DIRS", "DatasetError", "Problem", "CheckReport", "check_dataset"]
+__all__ = ["DatasetError", "Problem", "CheckReport", "data_dirs", "check_dataset"]
 
-DEFAULT_DIRS = ("VoxCeleb2/wav", "VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav")
 _SHOWN = 5  # example paths kept per problem kind
 _CHUNK = 4096  # files in flight on the pool: bounds memory on a million-file tree
 _PROBES, _PROBE_FRAMES = 8, 1600  # silence probe: 8 blocks of 0.1 s at 16 kHz
+_UTT_DEPTH = 3  # <speaker>/<video>/<utt>.wav
 
-# kind -> (title, fix); the order here is the order of the report.
+# kind -> (title, fix); the order here is the order of the report. Warnings are the kinds in _WARNINGS.
 _KINDS = {
     "missing_dir": ("folder missing", "check data_path (it holds VoxCeleb1/ and VoxCeleb2/) or leave the "
                                       "folder out of `dirs`"),
@@ -40,22 +45,20 @@ _KINDS = {
     "other_file": ("not a .wav file", "move it out of the tree: only <spk>/<video>/<utt>.wav files are read"),
     "bad_layout": ("not at <spk>/<video>/<utt>.wav", "move it to <speaker>/<video>/<utt>.wav under the folder; "
                                                       "training only reads that depth"),
-    "empty": ("empty file (0 bytes)", "re-download or re-convert it, or delete it"),
-    "unreadable": ("unreadable audio", "the file is not a valid WAV (truncated or another format): "
-                                       "re-download or re-convert it, or delete it"),
-    "sample_rate": ("wrong sample rate", "resample: ffmpeg -i in.wav -ar {sr} -ac 1 -c:a pcm_s16le out.wav "
-                                         "(or sox in.wav -r {sr} -c 1 out.wav)"),
-    "channels": ("more than one channel", "downmix: ffmpeg -i in.wav -ac 1 -ar {sr} -c:a pcm_s16le out.wav"),
-    "no_frames": ("no samples", "re-download or re-convert it, or delete it"),
+    **AUDIO_PROBLEMS,
     "silent": ("silent (every sample 0)", "re-convert it from the source; a zero file usually means a failed "
                                           "conversion"),
-    "short": ("shorter than min_seconds", "delete it or lower min_seconds; crops of short files are tiled"),
+    "short": ("shorter than {min_seconds:g} s", "listen to a few: training tiles a short file to fill its crop "
+                                                "(a 0.05 s file is repeated ~74 times in a 3.7 s crop), so delete "
+                                                "those that are not real speech, or lower min_seconds if they are "
+                                                "expected"),
     "list_missing": ("trial list missing", "download it into <data_path>/VoxCeleb1/ or give a path that exists"),
-    "list_invalid": ("trial list not usable", "see the message; each line is `label enroll test`, "
+    "list_invalid": ("trial list not usable", "each problem above has its fix; a line is `label enroll test`, "
                                               "label 1 = same speaker"),
-    "list_files_missing": ("trial file not on disk", "add the missing VoxCeleb1 folder (Vox1-E/H need dev_wav "
-                                                     "and eval_wav) or use the list that matches the data"),
+    "list_warning": ("trial list read after a fix", "nothing has to change; the note says how to fix the file "
+                                                     "itself"),
 }
+_WARNINGS = {"short", "list_warning"}
 
 
 class DatasetError(WorkbookError, ValueError):
@@ -64,18 +67,21 @@ class DatasetError(WorkbookError, ValueError):
 
 @dataclass
 class Problem:
-    """One kind of problem: how often it occurs, the first examples, and the fix."""
+    """One kind of problem: how often it occurs, the first examples, and the fix; a warning
+    does not make the data unusable."""
     title: str
     fix: str
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    warning: bool = False
 
 
 @dataclass
 class CheckReport:
-    """Result of :func:`check_dataset`. Totals count usable utterances only (no problem found)."""
+    """Result of :func:`check_dataset`. Totals count usable utterances (no error; warnings allowed)."""
     data_path: Path
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
+    min_seconds: float = 1.0
     problems: dict[str, Problem] = field(default_factory=dict)
     files: int = 0
     utterances: int = 0
@@ -84,13 +90,15 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """True when nothing but warnings was found."""
+        return all(p.warning for p in self.problems.values())
 
     def add(self, kind: str, example: str) -> None:
         """Count one occurrence of `kind` (a key of the module's problem table)."""
         if kind not in self.problems:
             title, fix = _KINDS[kind]
-            self.problems[kind] = Problem(title, fix.format(sr=self.sample_rate))
+            values = {"sr": self.sample_rate, "min_seconds": self.min_seconds}
+            self.problems[kind] = Problem(title.format(**values), fix.format(**values), warning=kind in _WARNINGS)
         problem = self.problems[kind]
         problem.count += 1
         if len(problem.examples) < _SHOWN:
@@ -99,27 +107,31 @@ class CheckReport:
     def __str__(self) -> str:
         head = (f"dataset {self.data_path}: {self.files:,} files, {self.utterances:,} usable utterances of "
                 f"{self.speakers:,} speakers, {self.hours:.2f} h of audio")
-        if self.ok:
-            return head + "\nno problems found"
-        lines = [head, f"{len(self.problems)} kind(s) of problem:"]
-        for kind in _KINDS:
-            if kind in self.problems:
-                p = self.problems[kind]
-                lines.append(f"  {p.title}: {p.count:,}")
-                lines += ["    " + example.replace("\n", "\n      ") for example in p.examples]
-                if p.count > len(p.examples):
-                    lines.append(f"    ... and {p.count - len(p.examples):,} more")
-                lines.append(f"    fix: {p.fix}")
+        kinds = [k for k in _KINDS if k in self.problems]
+        errors = [k for k in kinds if not self.problems[k].warning]
+        warns = [k for k in kinds if self.problems[k].warning]
+        summary = f"{len(errors)} kind(s) of problem" if errors else "no problems found"
+        summary += f", {len(warns)} kind(s) of warning:" if warns else (":" if errors else "")
+        lines = [head, summary]
+        for kind in errors + warns:
+            p = self.problems[kind]
+            lines.append(f"  {'warning: ' if p.warning else ''}{p.title}: {p.count:,}")
+            lines += ["    " + example.replace("\n", "\n      ") for example in p.examples]
+            if p.count > len(p.examples):
+                lines.append(f"    ... and {p.count - len(p.examples):,} more")
+            lines.append(f"    fix: {p.fix}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """Plain types only, for JSON or a DataFrame."""
-        return {"data_path": str(self.data_path), "sample_rate": self.sample_rate, "ok": self.ok, "files": self.files,
-                "utterances": self.utterances, "speakers": self.speakers, "hours": self.hours,
-                "problems": {k: {"title": p.title, "count": p.count, "examples": list(p.examples), "fix": p.fix}
-                             for k, p in self.problems.items()}}
+        return {"data_path": str(self.data_path), "sample_rate": self.sample_rate, "min_seconds": self.min_seconds,
+                "ok": self.ok, "files": self.files, "utterances": self.utterances, "speakers": self.speakers,
+                "hours": self.hours,
+                "problems": {k: {"title": p.title, "count": p.count, "examples": list(p.examples), "fix": p.fix,
+                                 "warning": p.warning} for k, p in self.problems.items()}}
 
     def raise_if_bad(self) -> None:
+        """DatasetError holding the whole report when there is any problem other than a warning."""
         if not self.ok:
             raise DatasetError(str(self))
 
@@ -137,48 +149,52 @@ def _is_silent(path: Path, frames: int) -> bool:
 
 
 def _inspect(path: Path, sample_rate: int, min_seconds: float) -> tuple[list[tuple[str, str]], float]:
-    """(problems as (kind, detail) pairs, seconds) of one wav file; no problems = usable."""
-    try:
-        if path.stat().st_size == 0:
-            return [("empty", "")], 0.0
-        info = sf.info(str(path))
-        found = []
-        if info.samplerate != sample_rate:
-            found.append(("sample_rate", f"{info.samplerate} Hz"))
-        if info.channels != 1:
-            found.append(("channels", f"{info.channels} channels"))
-        if info.frames == 0:
-            return found + [("no_frames", "")], 0.0
-        seconds = info.frames / info.samplerate
-        if seconds < min_seconds:
-            found.append(("short", f"{seconds:.2f} s"))
-        if _is_silent(path, info.frames):
-            found.append(("silent", ""))
-        return found, seconds
-    except (RuntimeError, OSError, ValueError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
-        return [("unreadable", getattr(err, "error_string", str(err)))], 0.0
+    """(problems as (kind, what was found), seconds) of one entry at utterance depth, warnings included."""
+    info = probe(path, sample_rate, scan=True)
+    found = list(info.problems)
+    if info.frames and "unreadable" not in dict(found):
+        if info.seconds < min_seconds:
+            found.append(("short", f"{info.seconds:.2f} s"))
+        try:
+            if _is_silent(path, info.frames):
+                found.append(("silent", ""))
+        except (RuntimeError, OSError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
+            found.append(("unreadable", f"unreadable ({getattr(err, 'error_string', None) or err})"))
+    return found, info.seconds
 
 
 def _walk(root: Path) -> list[Path]:
-    """Every file under root, sorted; hidden files too (a stray .part is a problem); follows symlinked folders."""
+    """Every file under root, sorted, hidden ones too (a stray .tmp is a problem), plus every folder
+    named like an utterance file at utterance depth (training's glob picks those up); follows
+    symlinked folders."""
     out = []
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs.sort()
-        out += [Path(folder) / n for n in sorted(names)]
+        at_utt_depth = len(Path(folder).relative_to(root).parts) == _UTT_DEPTH - 1
+        entries = names + [d for d in dirs if at_utt_depth and d.endswith(".wav")]
+        out += [Path(folder) / n for n in sorted(entries)]
     return out
 
 
-def check_dataset(data_path: Path, dirs: Sequence[str] = DEFAULT_DIRS, trial_lists: Sequence[str] = ("O",),
-                  sample_rate: int = 16000, min_seconds: float = 0.0, workers: int = 2,
+def data_dirs(cfg: DataConfig) -> list[str]:
+    """The wav folders a config reads: the training folder, then the evaluation ones, each once."""
+    return list(dict.fromkeys([cfg.train_dir, *cfg.eval_dirs]))
+
+
+def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_lists: Sequence[str] = ("O",),
+                  sample_rate: int = SAMPLE_RATE, min_seconds: float = 1.0, workers: int = 2,
                   progress: bool = True) -> CheckReport:
-    """Check the wav trees `dirs` (relative to data_path) and `trial_lists`, collecting every problem.
+    """Check the wav trees `dirs` (relative to data_path; default: the folders of a default
+    DataConfig) and `trial_lists`, collecting every problem; files shorter than `min_seconds`
+    are a warning.
 
     Trial lists are names of OFFICIAL_LISTS or .txt paths; their keys resolve against the
     VoxCeleb1 folders among `dirs` (all of `dirs` when there are none).
     """
     data_path = Path(data_path)
+    dirs = data_dirs(DataConfig()) if dirs is None else list(dirs)
     list_paths = [official_list_path(data_path, name) for name in trial_lists]  # bad names raise before the walk
-    report = CheckReport(data_path, sample_rate)
+    report = CheckReport(data_path, sample_rate, min_seconds)
 
     wavs: list[Path] = []
     for d in dirs:
@@ -193,7 +209,7 @@ def check_dataset(data_path: Path, dirs: Sequence[str] = DEFAULT_DIRS, trial_lis
                 report.add("m4a", _shown(path, data_path))
             elif path.suffix != ".wav":
                 report.add("other_file", _shown(path, data_path))
-            elif len(rel.parts) != 3:
+            elif len(rel.parts) != _UTT_DEPTH:
                 report.add("bad_layout", _shown(path, data_path))
             else:
                 wavs.append(path)
@@ -207,7 +223,7 @@ def check_dataset(data_path: Path, dirs: Sequence[str] = DEFAULT_DIRS, trial_lis
                     lambda p: _inspect(p, sample_rate, min_seconds), chunk)):
                 for kind, detail in found:
                     report.add(kind, _shown(path, data_path) + (f": {detail}" if detail else ""))
-                if not found:
+                if all(kind in _WARNINGS for kind, _ in found):
                     report.utterances += 1
                     report.hours += seconds / 3600
                     speakers.add(path.parent.parent.name)
@@ -219,13 +235,17 @@ def check_dataset(data_path: Path, dirs: Sequence[str] = DEFAULT_DIRS, trial_lis
         if not path.is_file():
             report.add("list_missing", str(path))
             continue
-        try:
-            trials = read_trials(path)
-        except TrialListError as err:
-            report.add("list_invalid", str(err))
-            continue
-        for key in missing_files(trials, roots):
-            report.add("list_files_missing", f"{key} (in {path.name})")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TrialListWarning)
+            try:
+                read_trials(path, roots)  # format problems and files not on disk, in one message
+            except TrialListError as err:
+                report.add("list_invalid", str(err))
+        for w in caught:
+            if issubclass(w.category, TrialListWarning):
+                report.add("list_warning", str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return report
 
 

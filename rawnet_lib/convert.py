@@ -3,14 +3,16 @@
 soundfile cannot read AAC, so every training file goes through ffmpeg once. One ffmpeg
 process per file is start-up bound (about 0.09 s a file here), so files are decoded in
 batches of up to ``BATCH`` inputs per ffmpeg call (about 10x faster) on a thread pool; a
-failing batch is retried file by file so that one bad file only fails itself.
+failing batch is retried file by file so that one bad file only fails itself. ffmpeg writes
+each output to a temporary sibling (:func:`rawnet_lib.io.atomic_path`) that takes the wav's
+name only when the whole call succeeded and :func:`rawnet_lib.audio.probe` finds it usable.
 
     python -m rawnet_lib.convert DB/VoxCeleb2/m4a DB/VoxCeleb2/wav --workers 2
 """
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import shutil
 import subprocess
 import time
@@ -18,14 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile as sf
 from tqdm.auto import tqdm
 
-__all__ = ["ConvertReport", "convert_tree", "encode_m4a", "find_ffmpeg", "is_valid_wav"]
+from rawnet_lib.audio import SAMPLE_RATE, probe
+from rawnet_lib.errors import WorkbookError
+from rawnet_lib.io import atomic_path
 
-SAMPLE_RATE = 16000
+__all__ = ["ConvertError", "ConvertReport", "convert_tree", "encode_m4a", "find_ffmpeg"]
+
 BATCH = 32  # inputs per ffmpeg call; amortises its start-up
 _OUT_ARGS = ["-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", "-f", "wav"]
+
+
+class ConvertError(WorkbookError, ValueError):
+    """ffmpeg missing or failing, or a bad argument; the message says what to do."""
 
 
 @dataclass
@@ -47,26 +55,31 @@ class ConvertReport:
 
 
 def find_ffmpeg() -> str:
-    """Path of ffmpeg, or a ValueError saying how to install it."""
+    """Path of ffmpeg, or a ConvertError saying how to install it."""
     exe = shutil.which("ffmpeg")
     if exe is None:
-        raise ValueError("ffmpeg not found on PATH; install it: apt-get install ffmpeg "
-                         "(or ./setup.sh install)")
+        raise ConvertError("ffmpeg not found on PATH; install it: apt-get install ffmpeg "
+                           "(or ./setup.sh install)")
     return exe
 
 
-def is_valid_wav(path: Path) -> bool:
-    """True when ``path`` is a readable 16 kHz mono wav with audio: a finished target."""
-    try:
-        info = sf.info(str(path))
-    except (RuntimeError, OSError):  # soundfile raises LibsndfileError (a RuntimeError)
-        return False
-    return info.samplerate == SAMPLE_RATE and info.channels == 1 and info.frames > 0
-
-
-def _tmp_path(target: Path) -> Path:
-    # Same folder (so os.replace is atomic) and a name no "*.wav" glob picks up.
-    return target.with_name(f".{target.name}.part")
+def _ffmpeg(pairs: list[tuple[Path, Path]], out_args: list[str], check: bool = False) -> None:
+    """One ffmpeg call writing input i of `pairs` to its target with `out_args`; every target appears
+    (atomically) when the call succeeds and, with `check`, every output is a usable wav; none otherwise."""
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(target)) for _, target in pairs]
+        cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-y"]
+        for src, _ in pairs:
+            cmd += ["-i", str(src)]
+        for i, tmp in enumerate(tmps):
+            cmd += ["-map", f"{i}:a:0", *out_args, str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            lines = proc.stderr.strip().splitlines()
+            raise ConvertError(lines[-1] if lines else f"ffmpeg exit code {proc.returncode}")
+        bad = [info.problem for info in map(probe, tmps) if not info.ok] if check else []
+        if bad:
+            raise ConvertError(f"no usable audio in ffmpeg's output ({bad[0]})")
 
 
 def encode_m4a(pairs: list[tuple[Path, Path]]) -> None:
@@ -74,54 +87,27 @@ def encode_m4a(pairs: list[tuple[Path, Path]]) -> None:
 
     Bit-exact flags and no metadata keep reruns byte-identical; targets appear atomically.
     """
-    cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-y", "-fflags", "+bitexact"]
-    for src, _ in pairs:
-        cmd += ["-i", str(src)]
-    for i, (_, target) in enumerate(pairs):
-        cmd += ["-map", f"{i}:a:0", "-c:a", "aac", "-aac_coder", "fast", "-b:a", "48k",
-                "-flags:a", "+bitexact", "-map_metadata", "-1", "-f", "ipod", str(_tmp_path(target))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        for _, target in pairs:
-            _tmp_path(target).unlink(missing_ok=True)
-        raise ValueError(f"ffmpeg could not encode m4a: {proc.stderr.strip()[-300:]}")
-    for _, target in pairs:
-        os.replace(_tmp_path(target), target)
+    try:
+        _ffmpeg(pairs, ["-fflags", "+bitexact", "-c:a", "aac", "-aac_coder", "fast", "-b:a", "48k",
+                        "-flags:a", "+bitexact", "-map_metadata", "-1", "-f", "ipod"])
+    except ConvertError as err:
+        raise ConvertError(f"ffmpeg could not encode m4a: {str(err)[-300:]}") from None
 
 
-def _run_ffmpeg(exe: str, pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, str]], int]:
-    """Decode ``(m4a, target)`` pairs in one ffmpeg call; returns (failures, done)."""
-    cmd = [exe, "-nostdin", "-loglevel", "error", "-y"]
-    for src, _ in pairs:
-        cmd += ["-i", str(src)]
-    for i, (_, target) in enumerate(pairs):
-        cmd += ["-map", f"{i}:a:0", *_OUT_ARGS, str(_tmp_path(target))]
-    for _, target in pairs:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _convert_batch(pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, str]], int]:
+    """Decode ``(m4a, target)`` pairs in one ffmpeg call, or one by one when it fails (one bad
+    input fails the whole call); returns (failures, done)."""
+    try:
+        _ffmpeg(pairs, _OUT_ARGS, check=True)
+        return [], len(pairs)
+    except ConvertError as err:
+        if len(pairs) == 1:
+            return [(pairs[0][0], str(err))], 0
     failures, done = [], 0
-    for src, target in pairs:
-        tmp = _tmp_path(target)
-        if proc.returncode == 0 and is_valid_wav(tmp):
-            os.replace(tmp, target)
-            done += 1
-            continue
-        tmp.unlink(missing_ok=True)
-        reason = proc.stderr.strip().splitlines()[-1] if proc.returncode else "no audio in output"
-        failures.append((src, reason or f"ffmpeg exit code {proc.returncode}"))
-    return failures, done
-
-
-def _convert_batch(exe: str, pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, str]], int]:
-    failures, done = _run_ffmpeg(exe, pairs)
-    if failures and len(pairs) > 1:  # one bad input fails the whole call: retry singly
-        retry = {src for src, _ in failures}
-        failures = []
-        for pair in pairs:
-            if pair[0] in retry:
-                bad, ok = _run_ffmpeg(exe, [pair])
-                failures += bad
-                done += ok
+    for pair in pairs:
+        bad, ok = _convert_batch([pair])
+        failures += bad
+        done += ok
     return failures, done
 
 
@@ -132,25 +118,25 @@ def convert_tree(src: Path, dst: Path, workers: int = 2, progress: bool = True) 
     finished temporary file, so an interrupted run leaves no half-written wav.
     """
     src, dst = Path(src), Path(dst)
-    exe = find_ffmpeg()
+    find_ffmpeg()
     if not src.is_dir():
-        raise ValueError(f"src={str(src)!r} is not a folder; pass the VoxCeleb2 m4a root "
-                         "(the folder holding the id0xxxx speaker folders)")
+        raise ConvertError(f"src={str(src)!r} is not a folder; pass the VoxCeleb2 m4a root "
+                           "(the folder holding the id0xxxx speaker folders)")
     if workers < 1:
-        raise ValueError(f"workers={workers} must be at least 1")
+        raise ConvertError(f"workers={workers} must be at least 1")
     start = time.perf_counter()
     report = ConvertReport()
     todo = []
     for m4a in sorted(src.glob("*/*/*.m4a")):
         target = dst / m4a.relative_to(src).with_suffix(".wav")
-        if is_valid_wav(target):
+        if probe(target).ok:
             report.skipped += 1
         else:
             todo.append((m4a, target))
     batches = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
     with tqdm(total=len(todo), desc="m4a -> wav", unit="file", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=workers) as pool:
-        for failures, done in pool.map(lambda b: _convert_batch(exe, b), batches):
+        for failures, done in pool.map(_convert_batch, batches):
             report.converted += done
             report.failed += [(str(path), reason) for path, reason in failures]
             bar.update(done + len(failures))

@@ -33,11 +33,12 @@ from scipy.fft import next_fast_len
 from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
+from rawnet_lib.audio import SAMPLE_RATE
 from rawnet_lib.convert import convert_tree, encode_m4a, find_ffmpeg
+from rawnet_lib.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CorpusSize", "SIZES", "Voice", "find_voices", "generate_corpus", "ensure_demo_corpus"]
 
-SR = 16000
 SPLITS = {"vox2_train": "VoxCeleb2/m4a", "vox1_dev": "VoxCeleb1/dev_wav",
           "vox1_eval": "VoxCeleb1/eval_wav"}  # split -> folder under DB
 _INSTALL = "run ./setup.sh install or apt-get install espeak-ng sox ffmpeg"
@@ -199,11 +200,11 @@ def _video_channel(rng: np.random.Generator) -> dict:
     """One recording set-up: microphone band, room, noise colour and level, speaking style."""
     low, high = rng.uniform(50, 250), rng.uniform(3400, 7600)
     rt60, drr_db = rng.uniform(0.15, 0.7), rng.uniform(0, 15)  # room size, mic distance
-    t = np.arange(int(SR * min(rt60, 0.5))) / SR
+    t = np.arange(int(SAMPLE_RATE * min(rt60, 0.5))) / SAMPLE_RATE
     tail = rng.standard_normal(t.size) * np.exp(-6.9 * t / rt60)
     tail *= 10 ** (-drr_db / 20) / np.sqrt(np.sum(tail ** 2))
     ir = np.concatenate([[1.0], np.zeros(int(rng.integers(16, 160))), tail])
-    return {"sos": butter(int(rng.integers(1, 4)), [low, high], "bandpass", fs=SR, output="sos"),
+    return {"sos": butter(int(rng.integers(1, 4)), [low, high], "bandpass", fs=SAMPLE_RATE, output="sos"),
             "ir": ir / np.sqrt(np.sum(ir ** 2)), "noise_slope": rng.uniform(0, 1),
             "snr": rng.uniform(5, 20), "peak": 10 ** (rng.uniform(-12, -1) / 20),
             "pitch": int(rng.integers(-6, 7)), "rate": int(rng.integers(-15, 16))}
@@ -224,13 +225,13 @@ def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator
     pitch = int(np.clip(rng.integers(42, 59) + channel["pitch"], 10, 90))
     n_words = max(2, round(1.1 * seconds * factor * voice.words_per_s * rate / 175))
     audio, sr, _ = _synth(voice, _sentence(rng, n_words), pitch, rate)
-    ratio = Fraction(SR, sr) / Fraction(factor).limit_denominator(50)  # shifts formants too
+    ratio = Fraction(SAMPLE_RATE, sr) / Fraction(factor).limit_denominator(50)  # shifts formants too
     audio = _trim(audio)
     if ratio != 1:
         up, down = ratio.numerator, ratio.denominator
         audio = resample_poly(audio, up, down, window=_lowpass(max(up, down)))
     pad = rng.integers(800, 4800, size=2)
-    audio = np.concatenate([np.zeros(pad[0]), audio[:int(seconds * SR)], np.zeros(pad[1])])
+    audio = np.concatenate([np.zeros(pad[0]), audio[:int(seconds * SAMPLE_RATE)], np.zeros(pad[1])])
     wet = fftconvolve(audio, channel["ir"])[:audio.size]
     n_fft = next_fast_len(wet.size, real=True)
     spectrum = np.fft.rfft(rng.standard_normal(n_fft))
@@ -245,14 +246,8 @@ def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator
 
 def _wav_bytes(audio: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, audio, SR, format="WAV", subtype="PCM_16")
+    sf.write(buf, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
     return buf.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _render_speaker(job: dict) -> float:
@@ -266,13 +261,13 @@ def _render_speaker(job: dict) -> float:
             for u in range(n_utts):
                 rng = np.random.default_rng([job["seed"], 3, job["num"], v, u])
                 audio = _render(job["voice"], job["factor"], channel, rng, job["size"])
-                total += audio.size / SR
+                total += audio.size / SAMPLE_RATE
                 if job["m4a"]:
                     wav = Path(tmp) / f"{v}_{u}.wav"
                     wav.write_bytes(_wav_bytes(audio))
                     to_encode.append((wav, folder / f"{u + 1:05d}.m4a"))
                 else:
-                    _atomic_write(folder / f"{u + 1:05d}.wav", _wav_bytes(audio))
+                    atomic_write_bytes(folder / f"{u + 1:05d}.wav", _wav_bytes(audio))
         if to_encode:
             encode_m4a(to_encode)
     return total
@@ -378,7 +373,7 @@ def _write_trials(db: Path, speakers: list[dict], size: CorpusSize, seed: int) -
                                                            replace=False)
         cleaned = [line for i, line in enumerate(lines) if i not in set(drop)]
         for fname, body in ((f"{name}.txt", lines), (f"{name}2.txt", cleaned)):
-            _atomic_write(db / "VoxCeleb1" / fname, ("\n".join(body) + "\n").encode())
+            atomic_write_text(db / "VoxCeleb1" / fname, "\n".join(body) + "\n")
             counts[fname] = len(body)
     return counts
 
@@ -441,7 +436,7 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
     speakers = _plan(_assign(usable, preset, np.random.default_rng([seed, 0])), preset, seed)
     state = {"size": size, "seed": seed, "voice_kind": usable[0].kind, "voices_requested": voices}
     db.mkdir(parents=True, exist_ok=True)
-    _atomic_write(db / ".corpus_pending.json", json.dumps(state).encode())
+    atomic_write_text(db / ".corpus_pending.json", json.dumps(state))
     jobs = [{"size": preset, "seed": seed, "num": int(s["id"][2:]), "voice": s["voice"],
              "factor": s["factor"], "videos": s["videos"], "dir": str(db / SPLITS[s["split"]] / s["id"]),
              "m4a": s["split"] == "vox2_train"} for s in speakers]
@@ -452,7 +447,7 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
     trials = _write_trials(db, speakers, preset, seed)
     manifest = _manifest(state, speakers, seconds, trials, skipped)
     manifest["generation_seconds"] = round(time.perf_counter() - start, 1)
-    _atomic_write(db / "corpus.json", json.dumps(manifest, indent=1).encode())
+    atomic_write_text(db / "corpus.json", json.dumps(manifest, indent=1))
     (db / ".corpus_pending.json").unlink()
     c, hours = manifest["counts"], sum(manifest["seconds_of_audio"].values()) / 3600
     print(f"{size} corpus: " + ", ".join(f"{c[s]['speakers']} {s}" for s in SPLITS)

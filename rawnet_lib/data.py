@@ -2,7 +2,10 @@
 
 A tree is `root/<speaker>/<video>/<utt>.wav`; a key is the path relative to root. Scanning a
 VoxCeleb2 tree (a million files) reads every header once, so the result is cached as a list
-file (`key<TAB>frames`) and bad files are known before the first training step.
+file (`key<TAB>frames`, or `key<TAB>reason` for a file left out) and bad files are known before
+the first training step. Whether a file is usable is :func:`rawnet_lib.audio.probe`'s answer,
+the same as the dataset check's; float wavs are read whole to find NaN or Inf samples (PCM
+files, all of VoxCeleb, cost one header read).
 """
 from __future__ import annotations
 
@@ -13,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from rawnet_lib.audio import AudioError, random_crop
+from rawnet_lib.audio import SAMPLE_RATE, AudioError, probe, random_crop
 from rawnet_lib.config import REPO_DIR, DataConfig
 from rawnet_lib.io import atomic_write_text
 
@@ -45,7 +47,7 @@ class UtteranceList:
         index = {s: i for i, s in enumerate(self.speakers())}
         return np.array([index[k.split("/", 1)[0]] for k in self.keys], dtype=np.int64)
 
-    def seconds(self, sample_rate: int = 16000) -> float:
+    def seconds(self, sample_rate: int = SAMPLE_RATE) -> float:
         return float(self.frames.sum()) / sample_rate
 
     def bad_summary(self, limit: int = 5) -> str:
@@ -58,24 +60,10 @@ class UtteranceList:
         return "\n".join(lines)
 
 
-def _header(path: Path, sample_rate: int) -> tuple[int, str]:
-    """(frames, problem) of one file from its header; problem is '' for a usable file."""
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        return 0, f"unreadable ({err})"
-    if info.samplerate != sample_rate:
-        return 0, f"sample rate {info.samplerate} Hz, expected {sample_rate}"
-    if info.channels != 1:
-        return 0, f"{info.channels} channels, expected mono"
-    if info.frames == 0:
-        return 0, "no samples"
-    return info.frames, ""
-
-
-def scan_utterances(root: str | Path, sample_rate: int = 16000, workers: int = 8,
+def scan_utterances(root: str | Path, sample_rate: int = SAMPLE_RATE, workers: int = 8,
                     progress: bool = True) -> UtteranceList:
-    """Every `spk/video/utt.wav` under root with its length; bad headers go to `.bad`."""
+    """Every `spk/video/utt.wav` under root with its length; unusable entries (a bad header, NaN
+    samples in a float file, a folder named like a file) go to `.bad` with the reason."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist; give data_path the folder that holds "
@@ -85,16 +73,16 @@ def scan_utterances(root: str | Path, sample_rate: int = 16000, workers: int = 8
         raise FileNotFoundError(f"no spk/video/utt.wav files under {root}; convert .m4a files first "
                                 "(python -m rawnet_lib.convert) or check the path")
     with ThreadPoolExecutor(workers) as pool:
-        heads = list(tqdm(pool.map(lambda p: _header(p, sample_rate), paths), total=len(paths),
+        infos = list(tqdm(pool.map(lambda p: probe(p, sample_rate, scan=True), paths), total=len(paths),
                           desc=f"scan {root.name}", disable=not progress, leave=False))
     keys, frames, bad = [], [], []
-    for path, (n, problem) in zip(paths, heads):
+    for path, info in zip(paths, infos):
         key = path.relative_to(root).as_posix()
-        if problem:
-            bad.append((key, problem))
-        else:
+        if info.ok:
             keys.append(key)
-            frames.append(n)
+            frames.append(info.frames)
+        else:
+            bad.append((key, info.problem))
     return UtteranceList(root, keys, np.array(frames, dtype=np.int64), bad)
 
 
@@ -111,7 +99,7 @@ def _list_file(data_path: Path, subdir: str) -> Path:
     return list_dir(data_path) / (subdir.strip("/").replace("/", "_") + ".tsv")
 
 
-def load_utterances(data_path: Path, subdir: str, refresh: bool = False, sample_rate: int = 16000,
+def load_utterances(data_path: Path, subdir: str, refresh: bool = False, sample_rate: int = SAMPLE_RATE,
                     progress: bool = True) -> UtteranceList:
     """The utterance list of `data_path/subdir`, scanned once and then read from its list file."""
     root = data_path / subdir
@@ -148,7 +136,7 @@ class CropDataset(Dataset):
     """(random crop, speaker index) per utterance; the crop depends only on (seed, epoch, index),
     so a run is reproducible and resumable whatever the number of loader workers."""
 
-    def __init__(self, utts: UtteranceList, n_samples: int, seed: int, sample_rate: int = 16000,
+    def __init__(self, utts: UtteranceList, n_samples: int, seed: int, sample_rate: int = SAMPLE_RATE,
                  skip_bad: bool = False):
         self.utts, self.n_samples, self.seed, self.sample_rate = utts, n_samples, seed, sample_rate
         self.labels = utts.labels()
@@ -170,7 +158,8 @@ class CropDataset(Dataset):
             except AudioError as err:
                 if not self.skip_bad:
                     raise
-                # The header was fine but the data is not: train on a neighbour rather than stop mid-epoch.
+                # The list said usable but the file is not (changed since the scan, or NaN samples in a crop):
+                # train on a neighbour rather than stop mid-epoch.
                 i, last = (i + 1) % len(self), err
                 continue
             return torch.from_numpy(x), int(self.labels[i])

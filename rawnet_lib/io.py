@@ -1,47 +1,69 @@
 """Atomic file writes: a reader (or a resumed run) never sees a half-written file.
 
-Each writer goes to a temporary file in the target's folder, flushes it to disk, then
-`os.replace`s it over the target, which is atomic on POSIX file systems.
+Each writer goes to a temporary file in the target's folder (`.<name>.<random>.tmp`, which no
+`*.wav` glob picks up), flushes it to disk, then `os.replace`s it over the target, which is
+atomic on POSIX file systems. :func:`atomic_path` does the same for files an external program
+(ffmpeg, sox) writes.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_open", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_open", "atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save"]
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path` for writing; it replaces `path` only on success."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` for a program to write; it replaces `path` when the block
+    ends without an exception, and is deleted when the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should read like any new file
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask; reading it means setting it, so threads (convert's pool) take turns."""
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

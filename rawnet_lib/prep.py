@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.check import CheckReport, check_dataset
+from rawnet_lib.audio import SAMPLE_RATE
+from rawnet_lib.check import CheckReport, check_dataset, data_dirs
 from rawnet_lib.config import DataConfig
 from rawnet_lib.convert import ConvertReport, convert_tree
 from rawnet_lib.data import UtteranceList, load_utterances, resolve_data_path
@@ -35,22 +36,23 @@ def find_m4a_dir(data_path: Path) -> Path | None:
 
 
 def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lists: list[str] | None = None,
-            workers: int = 2, progress: bool = True) -> PrepResult:
-    """Convert VoxCeleb2 m4a (resumable), write the list files, and check the whole data set."""
+            workers: int = 2, progress: bool = True, min_seconds: float = 1.0) -> PrepResult:
+    """Convert VoxCeleb2 m4a (resumable), write the list files, and check the whole data set
+    (files shorter than `min_seconds` are a warning of the check)."""
     data_path = resolve_data_path(cfg)
     conversion = None
     m4a = find_m4a_dir(data_path)
     if convert and m4a is not None:
         conversion = convert_tree(m4a, data_path / cfg.train_dir, workers=workers, progress=progress)
         print(conversion.summary())
-    dirs = list(dict.fromkeys([cfg.train_dir, *cfg.eval_dirs]))
+    dirs = data_dirs(cfg)
     lists = {d: load_utterances(data_path, d, refresh=True, progress=progress) for d in dirs if (data_path / d).is_dir()}
-    report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], workers=workers,
-                           progress=progress) if check else None
+    report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=min_seconds,
+                           workers=workers, progress=progress) if check else None
     return PrepResult(data_path, conversion, lists, report)
 
 
-def utterance_table(lists: dict[str, UtteranceList], sample_rate: int = 16000) -> pd.DataFrame:
+def utterance_table(lists: dict[str, UtteranceList], sample_rate: int = SAMPLE_RATE) -> pd.DataFrame:
     """Speakers, utterances and hours per folder."""
     rows = [{"folder": d, "speakers": len(u.speakers()), "utterances": len(u), "hours": round(u.seconds(sample_rate) / 3600, 2),
              "mean seconds": round(u.seconds(sample_rate) / max(len(u), 1), 2), "unusable files": len(u.bad)}

@@ -3,22 +3,26 @@
 A list has one trial per line, ``label enroll test`` separated by whitespace, label 1 = same
 speaker, keys relative to a wav root (``spk/video/utt.wav``). Vox1-E/H keys may live in
 ``dev_wav`` or ``eval_wav``, so a key resolves against a list of roots. Reading reports every
-problem of a file at once, because fixing a downloaded list one error per run is slow and a
-bad list gives a wrong EER; a 580k-line list costs one split of the whole text plus numpy.
+problem of a file at once (files not on disk included, when given the roots), because fixing
+a downloaded list one error per run is slow and a bad list gives a wrong EER; a 580k-line list
+costs one split of the whole text plus numpy. A UTF-8 byte order mark (Windows editors write
+one) is stripped with a :class:`TrialListWarning`, not reported as a bad label.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from rawnet_lib.io import atomic_write_text
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialList", "official_list_path", "read_trials", "write_trials",
-           "resolve", "missing_files", "check_trial_files", "make_trials", "speaker_of"]
+__all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "official_list_path", "read_trials",
+           "write_trials", "resolve", "make_trials", "speaker_of"]
 
 OFFICIAL_LISTS: dict[str, str] = {
     "O": "veri_test.txt", "O2": "veri_test2.txt",
@@ -33,12 +37,19 @@ _FIXES = {
     "same file on both sides": "remove trials that compare a file with itself",
     "label disagrees with speaker ids": "the speaker id is the first path component; fix the label or the paths",
     "empty list": _FORMAT,
+    "file not on disk": "keys resolve against the VoxCeleb1 folders (Vox1-E/H need both dev_wav and eval_wav): "
+                        "add the missing folder, check data_path, or use the list that matches the data",
 }
+_BOM = b"\xef\xbb\xbf"
 _SHOWN = 5  # offending lines quoted per problem kind
 
 
 class TrialListError(WorkbookError, ValueError):
     """A trial list that cannot be used; the message names the file, every problem and the fix."""
+
+
+class TrialListWarning(UserWarning):
+    """Something in a trial list that reading fixed (a byte order mark); the list is usable."""
 
 
 def speaker_of(key: str) -> str:
@@ -121,6 +132,11 @@ def _read_text(path: Path) -> tuple[bytes, str]:
                              f"({', '.join(OFFICIAL_LISTS.values())}), or check the path") from None
     except OSError as err:
         raise TrialListError(f"trial list {path} cannot be read ({err}); give a readable text file") from None
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+        warnings.warn(TrialListWarning(
+            f"trial list {path} starts with a UTF-8 byte order mark; it was stripped and the list read as usual "
+            f"(to remove it from the file: sed -i '1s/^\\xEF\\xBB\\xBF//' '{path}')"), stacklevel=3)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -154,8 +170,9 @@ def _codes(keys: list[str], index: dict[str, int]) -> np.ndarray:
     return np.fromiter((index.setdefault(k, len(index)) for k in keys), np.int64, len(keys))
 
 
-def read_trials(path: str | Path) -> TrialList:
-    """Parse a trial list, raising one TrialListError that lists every problem in it."""
+def read_trials(path: str | Path, roots: Sequence[Path] | None = None) -> TrialList:
+    """Parse a trial list, raising one TrialListError that lists every problem in it; with `roots`,
+    lines whose files no root holds are among the problems."""
     path = Path(path)
     data, text = _read_text(path)
     problems = _Problems(path, text)
@@ -189,6 +206,13 @@ def read_trials(path: str | Path) -> TrialList:
     se, st = spk[e], spk[t]
     known = (se >= 0) & (st >= 0) & (is_one | is_zero)
     problems.add("label disagrees with speaker ids", line_of[known & ((se == st) != is_one)])
+    if roots is not None:
+        on_disk = np.fromiter((_find(k, roots) is not None for k in index), bool, len(index))
+        lost_e, lost_t = ~on_disk[e], ~on_disk[t]
+        lost = np.flatnonzero(lost_e | lost_t)
+        notes = [" and ".join(k for k, gone in ((enroll[i], lost_e[i]), (test[i], lost_t[i])) if gone) + " not found"
+                 for i in lost[:_SHOWN]]
+        problems.add("file not on disk", line_of[lost], notes)
     problems.raise_any()
     return TrialList(is_one.astype(np.int8), enroll, test, path)
 
@@ -207,7 +231,7 @@ def _check_keys(keys: list[str]) -> None:
                          "whitespace separated, so rename those files (or leave them out)")
 
 
-def _find(key: str, roots: list[Path]) -> Path | None:
+def _find(key: str, roots: Sequence[Path]) -> Path | None:
     for root in roots:
         candidate = Path(root) / key
         if candidate.is_file():
@@ -222,28 +246,6 @@ def resolve(key: str, roots: list[Path]) -> Path:
         raise FileNotFoundError(f"trial file {key} is in none of the roots {', '.join(map(str, roots))}; "
                                 "check data_path and that VoxCeleb1 dev_wav and eval_wav are both present")
     return found
-
-
-def missing_files(trials: TrialList, roots: list[Path]) -> list[str]:
-    """Keys of `trials` that no root holds, sorted."""
-    return [k for k in trials.files() if _find(k, roots) is None]
-
-
-def check_trial_files(trials: TrialList, roots: list[Path], known_speakers: set[str] | None = None) -> list[str]:
-    """Problems of a list against the disk (and a speaker set) as readable lines; empty = fine."""
-    out = []
-    name = trials.path or "trial list"
-    missing = missing_files(trials, roots)
-    if missing:
-        out.append(f"{name}: {len(missing)} of {len(trials.files())} files are in none of the roots "
-                   f"{', '.join(map(str, roots))}, e.g. {', '.join(missing[:_SHOWN])}; "
-                   "fix data_path, add the missing VoxCeleb1 folder, or use the matching list")
-    if known_speakers is not None:
-        unknown = [s for s in trials.speakers() if s not in known_speakers]
-        if unknown:
-            out.append(f"{name}: {len(unknown)} of {len(trials.speakers())} speakers are not known, "
-                       f"e.g. {', '.join(unknown[:_SHOWN])}; the list does not match this data")
-    return out
 
 
 def _sample_pairs(lo: np.ndarray, hi: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

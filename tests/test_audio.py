@@ -1,5 +1,6 @@
-"""Tests for rawnet_lib.audio: tiling, the reference's test-time crops, random training crops
-(partial reads), and the errors for files the workbook cannot use."""
+"""Tests for rawnet_lib.audio: the probe that decides whether a file is usable, tiling, the
+reference's test-time crops, random training crops (partial reads), and the errors for files
+the workbook cannot use."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 import soundfile as sf
 
 import rawnet_lib.audio as audio
-from rawnet_lib.audio import (AudioError, audio_frames, eval_crops, peak_normalise, random_crop, read_audio,
-                              tile)
+from rawnet_lib.audio import (SAMPLE_RATE, AudioError, AudioInfo, eval_crops, peak_normalise, probe, random_crop,
+                              read_audio, tile)
 
 
 def _wav(path: Path, x: np.ndarray, sr: int = 16000, subtype: str = "FLOAT") -> Path:
@@ -136,7 +137,7 @@ def test_read_audio_full_and_partial(tmp_path):
     np.testing.assert_array_equal(full, x)
     np.testing.assert_array_equal(read_audio(path, start=100, frames=50), x[100:150])
     np.testing.assert_array_equal(read_audio(path, start=990), x[990:])
-    assert audio_frames(path) == 1000
+    assert probe(path).frames == 1000
 
 
 def test_read_audio_pcm16(tmp_path):
@@ -150,7 +151,8 @@ def test_read_audio_pcm16(tmp_path):
     ("rate", "sample rate 8000"),
     ("stereo", "2 channels"),
     ("text", "unreadable"),
-    ("zero_bytes", "unreadable"),
+    ("zero_bytes", "empty file"),
+    ("folder", "a folder"),
     ("no_frames", "no samples"),
     ("missing", "unreadable"),
 ])
@@ -166,6 +168,8 @@ def test_read_audio_errors_name_the_file(tmp_path, case, match):
         path.write_bytes(b"")
     elif case == "no_frames":
         _wav(path, np.zeros(0, dtype=np.float32))
+    elif case == "folder":
+        path.mkdir()
     with pytest.raises(AudioError, match=match) as info:
         read_audio(path)
     assert str(path) in str(info.value)
@@ -173,12 +177,67 @@ def test_read_audio_errors_name_the_file(tmp_path, case, match):
 
 
 @pytest.mark.parametrize("content", [b"", b"RIFF....WAVEjunk", b"hello"])
-def test_audio_frames_error_names_the_file(tmp_path, content):
+def test_probe_of_a_broken_header_names_the_problem(tmp_path, content):
     path = tmp_path / "broken.wav"
     path.write_bytes(content)
-    with pytest.raises(AudioError) as info:
-        audio_frames(path)
-    assert str(path) in str(info.value)
+    info = probe(path)
+    assert not info.ok and info.frames == 0
+    assert [kind for kind, _ in info.problems] == ["empty" if not content else "unreadable"]
+    with pytest.raises(AudioError) as err:
+        info.raise_if_bad()
+    assert str(path) in str(err.value) and "re-download or re-convert" in str(err.value)
+
+
+# --- probe ----------------------------------------------------------------------------------
+
+def test_probe_of_a_usable_file(tmp_path):
+    path = _wav(tmp_path / "ok.wav", np.zeros(24_000, dtype=np.int16), subtype="PCM_16")
+    info = probe(path, scan=True)
+    assert info == AudioInfo(path, 24_000, SAMPLE_RATE, 1, "PCM_16")
+    assert info.ok and info.problem == "" and info.seconds == 1.5
+    info.raise_if_bad()  # no exception
+
+
+def test_probe_lists_every_header_problem_and_keeps_the_header(tmp_path):
+    path = _wav(tmp_path / "both.wav", np.zeros((4000, 2), dtype=np.float32), sr=8000)
+    info = probe(path)
+    assert [kind for kind, _ in info.problems] == ["sample_rate", "channels"]
+    assert info.problem == "sample rate 8000 Hz, expected 16000; 2 channels, expected mono"
+    assert (info.frames, info.sample_rate, info.channels, info.seconds) == (4000, 8000, 2, 0.5)
+    assert probe(path, sample_rate=8000).problems == (("channels", "2 channels, expected mono"),)
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_probe_scan_finds_nan_and_inf_in_float_files(tmp_path, subtype, bad):
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, 40_000)
+    x[[7, 39_999]] = bad  # one early, one in the very last frame
+    path = _wav(tmp_path / "nan.wav", x, subtype=subtype)
+    assert probe(path).ok  # the header cannot tell
+    info = probe(path, scan=True)
+    assert info.problems == (("nonfinite", "2 NaN or Inf sample(s)"),)
+    with pytest.raises(AudioError, match="NaN or Inf") as err:
+        info.raise_if_bad()
+    assert str(path) in str(err.value) and "pcm_s16le" in str(err.value)
+
+
+def test_probe_scan_reads_float_files_in_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(audio, "_SCAN_BLOCK", 1000)
+    x = np.zeros(4500, dtype=np.float32)
+    x[4321] = np.nan  # in the last, partial block
+    assert probe(_wav(tmp_path / "nan.wav", x), scan=True).problems[0][0] == "nonfinite"
+    assert probe(_wav(tmp_path / "ok.wav", np.zeros(4500, dtype=np.float32)), scan=True).ok
+
+
+def test_read_and_crop_refuse_nan_samples_the_header_hides(tmp_path):
+    x = np.full(20_000, 0.1, dtype=np.float32)
+    x[50] = np.nan
+    path = _wav(tmp_path / "nan.wav", x)
+    with pytest.raises(AudioError, match="NaN or Inf"):
+        read_audio(path)
+    np.testing.assert_array_equal(read_audio(path, start=100, frames=10), x[100:110])  # a clean part reads
+    with pytest.raises(AudioError, match="NaN or Inf"):
+        random_crop(path, 30_000, np.random.default_rng(0))  # tiled: the whole file
 
 
 # --- random_crop ----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from rawnet_lib.audio import AUDIO_PROBLEMS
 from rawnet_lib.check import CheckReport, DatasetError, check_dataset
+from rawnet_lib.data import scan_utterances
 
 SR = 16000
 
@@ -39,7 +41,7 @@ def broken_db(tmp_path: Path) -> Path:
     """A VoxCeleb-like tree under a path with a space and non-ASCII, holding one or two of every problem."""
     db = tmp_path / "my dätäbase"
     dev, ev, vox2 = db / "VoxCeleb1/dev_wav", db / "VoxCeleb1/eval_wav", db / "VoxCeleb2/wav"
-    # usable: 6 files of 5 speakers, 1 + 1 + 2 + 1.5 + 1 + 2 = 8.5 s
+    # usable: 6 files of 5 speakers, 1 + 1 + 2 + 1.5 + 1 + 2 = 8.5 s (and short.wav, 0.2 s, below)
     _wav(dev / "id001/vidA/00001.wav")
     _wav(dev / "id001/vidB/00001.wav")
     _wav(dev / "id002/vïd C/ütt 1.wav", seconds=2.0)  # non-ASCII and spaces are fine
@@ -49,7 +51,7 @@ def broken_db(tmp_path: Path) -> Path:
     x[SR + 777] = 0.5  # one sample between the silence probes: not silent
     (vox2 / "id101/v").mkdir(parents=True)
     sf.write(str(vox2 / "id101/v/00001.wav"), x, SR, subtype="PCM_16")
-    # problems: 13 files with audio problems, 3 that are not usable wavs at all
+    # problems: 14 files and a folder with audio problems, 3 that are not usable wavs at all
     _raw(dev / "id001/vidA/empty.wav", b"")
     _raw(dev / "id001/vidA/truncated.wav", _wav_bytes()[:20])
     _raw(dev / "id001/vidA/text.wav", "not audio, just text\n".encode())
@@ -60,48 +62,76 @@ def broken_db(tmp_path: Path) -> Path:
     _wav(dev / "id002/v/tiny silent.wav", seconds=0.3, silent=True)  # also short
     _wav(dev / "id002/v/short.wav", seconds=0.2)
     _wav(dev / "id002/v/nothing.wav", seconds=0.0)
+    nan = np.full(SR, 0.1)
+    nan[SR // 2] = np.nan  # a float wav's header cannot show it
+    sf.write(str(dev / "id002/v/nan.wav"), nan, SR, subtype="FLOAT")
+    (vox2 / "id100/v/00004.wav").mkdir()  # a folder where an utterance file belongs
     _raw(vox2 / "id100/v/00002.m4a", b"\x00\x00\x00 ftypM4A ")
     _raw(vox2 / "id100/v/notes.txt", b"hello")
     _wav(dev / "id001/loose.wav")
-    # trial list O: one pair fine (across dev and eval), two keys on no disk; a .txt list that does not parse
+    # trial list O: one pair fine (across dev and eval), two keys on no disk and a bad label; a .txt list
+    # that does not parse; a list that starts with a byte order mark and is otherwise fine
     (db / "VoxCeleb1/veri_test.txt").write_text(
         "1 id001/vidA/00001.wav id001/vidB/00001.wav\n"
         "0 id001/vidA/00001.wav id003/v/00001.wav\n"
-        "0 id001/x/gone.wav id009/v/00001.wav\n")
+        "0 id001/x/gone.wav id009/v/00001.wav\n"
+        "same id001/vidA/00001.wav id001/vidB/00001.wav\n")
     (db / "broken list.txt").write_text("1 id001/vidA/00001.wav\n")
+    (db / "bom list.txt").write_bytes(b"\xef\xbb\xbf1 id001/vidA/00001.wav id001/vidB/00001.wav\n")
     return db
 
 
 def test_every_problem_in_one_run(broken_db: Path):
     dirs = ["VoxCeleb2/wav", "VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav", "VoxCeleb1/test"]
-    report = check_dataset(broken_db, dirs=dirs, trial_lists=["O", "E", str(broken_db / "broken list.txt")],
-                           min_seconds=0.5, progress=False)
+    lists = ["O", "E", str(broken_db / "broken list.txt"), str(broken_db / "bom list.txt")]
+    report = check_dataset(broken_db, dirs=dirs, trial_lists=lists, min_seconds=0.5, progress=False)
     counts = {kind: p.count for kind, p in report.problems.items()}
     assert counts == {
-        "missing_dir": 1, "m4a": 1, "other_file": 1, "bad_layout": 1, "empty": 1, "unreadable": 2,
-        "sample_rate": 2, "channels": 1, "no_frames": 1, "silent": 2, "short": 2,
-        "list_missing": 1, "list_invalid": 1, "list_files_missing": 2,
+        "missing_dir": 1, "m4a": 1, "other_file": 1, "bad_layout": 1, "not_a_file": 1, "empty": 1, "unreadable": 2,
+        "sample_rate": 2, "channels": 1, "no_frames": 1, "nonfinite": 1, "silent": 2, "short": 2,
+        "list_missing": 1, "list_invalid": 2, "list_warning": 1,
     }
     ex = {kind: " | ".join(p.examples) for kind, p in report.problems.items()}
     assert "VoxCeleb1/test" in ex["missing_dir"]
     assert "VoxCeleb2/wav/id100/v/00002.m4a" in ex["m4a"] and "convert" in report.problems["m4a"].fix
     assert "notes.txt" in ex["other_file"] and "id001/loose.wav" in ex["bad_layout"]
+    assert ex["not_a_file"] == "VoxCeleb2/wav/id100/v/00004.wav: a folder, not a file"
     assert "vidA/empty.wav" in ex["empty"] and "nothing.wav" in ex["no_frames"]
     assert "truncated.wav" in ex["unreadable"] and "text.wav" in ex["unreadable"]
-    assert "VoxCeleb1/dev_wav/id002/v/8k.wav: 8000 Hz" in ex["sample_rate"] and "id003/v/8k.wav" in ex["sample_rate"]
+    assert "VoxCeleb1/dev_wav/id002/v/8k.wav: sample rate 8000 Hz" in ex["sample_rate"]
+    assert "id003/v/8k.wav" in ex["sample_rate"]
     assert "ffmpeg" in report.problems["sample_rate"].fix and "16000" in report.problems["sample_rate"].fix
     assert "stereo.wav: 2 channels" in ex["channels"]
+    assert ex["nonfinite"] == "VoxCeleb1/dev_wav/id002/v/nan.wav: 1 NaN or Inf sample(s)"
     assert report.problems["silent"].examples == ["VoxCeleb1/dev_wav/id002/v/silent.wav",
                                                   "VoxCeleb1/dev_wav/id002/v/tiny silent.wav"]
     assert "id101" not in ex["silent"]  # a single non-zero sample off the probes is found
     assert "short.wav: 0.20 s" in ex["short"] and "tiny silent.wav: 0.30 s" in ex["short"]
+    assert report.problems["short"].warning and report.problems["short"].title == "shorter than 0.5 s"
     assert "list_test_all.txt" in ex["list_missing"]
+    # every problem of list O at once: the bad label and the two files on no disk, by line
+    o_list = next(e for e in report.problems["list_invalid"].examples if "veri_test.txt" in e)
+    assert "label not 0/1: 1 line(s)" in o_list and "line 4: 'same " in o_list
+    assert "file not on disk: 1 line(s)" in o_list
+    assert "line 3: '0 id001/x/gone.wav id009/v/00001.wav' (id001/x/gone.wav and id009/v/00001.wav not found)" in o_list
     assert "broken list.txt" in ex["list_invalid"] and "line 1" in ex["list_invalid"]
-    assert "id009/v/00001.wav" in ex["list_files_missing"] and "id001/x/gone.wav" in ex["list_files_missing"]
-    assert report.files == 19  # 6 usable + 10 broken wavs at the right depth + m4a, txt, loose.wav
-    assert (report.utterances, report.speakers) == (6, 5)
-    assert report.hours == pytest.approx(8.5 / 3600)
+    assert "bom list.txt" in ex["list_warning"] and "byte order mark" in ex["list_warning"]
+    assert "label" not in ex["list_warning"] and report.problems["list_warning"].warning
+    assert report.files == 21  # 6 usable + 11 broken wavs at the right depth + m4a, txt, loose.wav, a folder
+    assert (report.utterances, report.speakers) == (7, 5)  # a short file is usable: a warning, not an error
+    assert report.hours == pytest.approx(8.7 / 3600)
     assert not report.ok
+
+
+def test_training_leaves_out_exactly_the_files_the_check_finds_unusable(broken_db: Path):
+    """Both ask audio.probe: the same files, folders and NaN files, for the same reasons."""
+    for d in ("VoxCeleb2/wav", "VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav"):
+        report = check_dataset(broken_db, dirs=[d], trial_lists=[], progress=False)
+        in_check = {e for kind, p in report.problems.items() if kind in AUDIO_PROBLEMS for e in p.examples}
+        utts = scan_utterances(broken_db / d, workers=1, progress=False)
+        assert {f"{d}/{key}: {why}" for key, why in utts.bad} == in_check
+        silent = report.problems["silent"].count if "silent" in report.problems else 0
+        assert len(utts) == report.utterances + silent  # silence trains (peak 0); the check calls it an error
 
 
 def test_report_text_dict_and_raise(broken_db: Path):
@@ -112,7 +142,7 @@ def test_report_text_dict_and_raise(broken_db: Path):
     assert "\n      " in text  # the multi-line list error is indented under its kind
     as_dict = json.loads(json.dumps(report.to_dict()))
     assert as_dict["ok"] is False and as_dict["problems"]["empty"]["count"] == 1
-    assert as_dict["problems"]["sample_rate"]["examples"][0].endswith("8000 Hz")
+    assert as_dict["problems"]["sample_rate"]["examples"][0].endswith("sample rate 8000 Hz, expected 16000")
     with pytest.raises(DatasetError) as info:
         report.raise_if_bad()
     assert isinstance(info.value, ValueError) and "unreadable audio: 2" in str(info.value)
@@ -121,15 +151,50 @@ def test_report_text_dict_and_raise(broken_db: Path):
 def test_clean_tree_is_ok(tmp_path: Path):
     db = tmp_path / "clean db ü"
     _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav")
-    _wav(db / "VoxCeleb1/eval_wav/id002/v1/00001.wav", seconds=0.5)
+    _wav(db / "VoxCeleb1/eval_wav/id002/v1/00001.wav", seconds=1.5)
     (db / "VoxCeleb1/veri_test.txt").write_text("0 id001/v1/00001.wav id002/v1/00001.wav\n")
     report = check_dataset(db, dirs=["VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav"], workers=1, progress=False)
-    assert report.ok, str(report)
+    assert report.ok and not report.problems, str(report)
     assert (report.files, report.utterances, report.speakers) == (2, 2, 2)
-    assert report.hours == pytest.approx(1.5 / 3600)
-    assert "no problems found" in str(report)
+    assert report.hours == pytest.approx(2.5 / 3600)
+    assert str(report).endswith("no problems found")
     report.raise_if_bad()  # no exception
     assert CheckReport(db).ok
+
+
+def test_short_files_and_a_bom_are_warnings_with_their_count(tmp_path: Path):
+    db = tmp_path / "db"
+    _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav", seconds=2.0)
+    for i, seconds in enumerate((0.05, 0.3, 0.5, 0.7, 0.9, 0.99, 0.2)):
+        _wav(db / f"VoxCeleb1/dev_wav/id002/v{i}/00001.wav", seconds=seconds)
+    (db / "VoxCeleb1/veri_test.txt").write_bytes(b"\xef\xbb\xbf0 id001/v1/00001.wav id002/v0/00001.wav\n")
+    report = check_dataset(db, dirs=["VoxCeleb1/dev_wav"], progress=False)  # min_seconds defaults to 1 s
+    assert report.ok, str(report)
+    report.raise_if_bad()  # warnings alone never raise
+    assert report.utterances == 8  # short files are usable: training tiles them
+    short = report.problems["short"]
+    assert (short.count, len(short.examples), short.warning) == (7, 5, True)
+    assert short.examples[0] == "VoxCeleb1/dev_wav/id002/v0/00001.wav: 0.05 s"
+    text = str(report)
+    assert "no problems found, 2 kind(s) of warning:" in text
+    assert "  warning: shorter than 1 s: 7" in text and "... and 2 more" in text
+    assert "  warning: trial list read after a fix: 1" in text and "veri_test.txt starts with a UTF-8 byte" in text
+    assert report.to_dict()["problems"]["short"]["warning"] is True
+    quieter = check_dataset(db, dirs=["VoxCeleb1/dev_wav"], min_seconds=0.25, progress=False)
+    assert quieter.problems["short"].count == 2 and quieter.min_seconds == 0.25
+
+
+def test_warnings_come_after_errors_and_do_not_hide_them(tmp_path: Path):
+    db = tmp_path / "db"
+    _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav", seconds=0.5)
+    _wav(db / "VoxCeleb1/dev_wav/id001/v1/00002.wav", sr=8000)
+    report = check_dataset(db, dirs=["VoxCeleb1/dev_wav"], trial_lists=[], progress=False)
+    assert not report.ok
+    text = str(report)
+    assert "1 kind(s) of problem, 1 kind(s) of warning:" in text
+    assert text.index("wrong sample rate: 1") < text.index("warning: shorter than 1 s: 1")
+    with pytest.raises(DatasetError, match="wrong sample rate"):
+        report.raise_if_bad()
 
 
 def test_bad_trial_list_name_raises_before_walking(tmp_path: Path):

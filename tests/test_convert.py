@@ -9,7 +9,9 @@ import pytest
 import soundfile as sf
 
 from rawnet_lib import convert
-from rawnet_lib.convert import ConvertReport, convert_tree, encode_m4a, is_valid_wav
+from rawnet_lib.audio import probe
+from rawnet_lib.convert import ConvertError, ConvertReport, convert_tree, encode_m4a
+from rawnet_lib.io import atomic_path
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 
@@ -47,7 +49,7 @@ def test_converts_every_file_to_16k_mono(m4a_tree: Path, tmp_path: Path) -> None
         info = sf.info(str(tmp_path / "wav" / f"{rel}.wav"))
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
         assert abs(info.duration - seconds) < 0.05  # AAC priming is trimmed by ffmpeg
-    assert not list((tmp_path / "wav").rglob("*.part"))
+    assert not list((tmp_path / "wav").rglob(".*.tmp"))
 
 
 def test_second_run_skips_everything_and_repairs_damage(m4a_tree: Path, tmp_path: Path) -> None:
@@ -59,7 +61,7 @@ def test_second_run_skips_everything_and_repairs_damage(m4a_tree: Path, tmp_path
     (dst / f"{FILES[1][0]}.wav").write_bytes(b"RIFF\0\0")  # a half-written file
     repaired = convert_tree(m4a_tree, dst, progress=False)
     assert (repaired.converted, repaired.skipped) == (2, len(FILES) - 2)
-    assert is_valid_wav(dst / f"{FILES[1][0]}.wav")
+    assert probe(dst / f"{FILES[1][0]}.wav").ok
 
 
 def test_corrupt_m4a_is_reported_and_the_rest_converts(m4a_tree: Path, tmp_path: Path) -> None:
@@ -71,7 +73,7 @@ def test_corrupt_m4a_is_reported_and_the_rest_converts(m4a_tree: Path, tmp_path:
     assert [path for path, _ in report.failed] == [str(bad)]
     assert report.failed[0][1]  # ffmpeg's message, not an empty reason
     assert not (tmp_path / "wav" / "id00001" / "vid11xxxxxxx" / "00009.wav").exists()
-    assert not list((tmp_path / "wav").rglob("*.part"))
+    assert not list((tmp_path / "wav").rglob(".*.tmp"))
     assert "failed 1" in report.summary() and str(bad) in report.summary()
 
 
@@ -84,13 +86,34 @@ def test_encoding_is_byte_identical(m4a_tree: Path, tmp_path: Path) -> None:
 
 
 def test_errors_name_the_problem(m4a_tree: Path, tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(ConvertError, match="not a folder"):
         convert_tree(tmp_path / "missing", tmp_path / "wav", progress=False)
-    with pytest.raises(ValueError, match="workers=0"):
+    with pytest.raises(ConvertError, match="workers=0"):
         convert_tree(m4a_tree, tmp_path / "wav", workers=0, progress=False)
     monkeypatch.setattr(convert.shutil, "which", lambda name: None)
-    with pytest.raises(ValueError, match="apt-get install ffmpeg"):
+    with pytest.raises(ConvertError, match="apt-get install ffmpeg"):
         convert_tree(m4a_tree, tmp_path / "wav", progress=False)
+
+
+def test_failed_encoding_leaves_no_target_and_no_temporary_file(tmp_path: Path) -> None:
+    src = tmp_path / "not audio.wav"
+    src.write_text("not audio")
+    with pytest.raises(ConvertError, match="could not encode m4a"):
+        encode_m4a([(src, tmp_path / "out" / "a.m4a")])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_atomic_path_replaces_the_target_only_when_the_block_succeeds(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "t.wav"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".t.wav.") and tmp.suffix == ".tmp"
+        tmp.write_text("new")
+        assert not target.exists()
+    assert target.read_text() == "new"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the program failed")
+    assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == ["t.wav"]
 
 
 def test_cli_converts_and_returns_zero(m4a_tree: Path, tmp_path: Path, capsys) -> None:

@@ -55,7 +55,7 @@ def test_layout_and_names(db: Path, manifest: dict) -> None:
         assert re.fullmatch(r"\d{5}\.(wav|m4a)", utt)
     assert len(m4a) == manifest["counts"]["vox2_train"]["utterances"]
     assert len(wav) == sum(manifest["counts"][s]["utterances"] for s in ("vox1_dev", "vox1_eval"))
-    assert not list(db.rglob("*.part")) and not (db / ".corpus_pending.json").exists()
+    assert not list(db.rglob(".*.tmp")) and not (db / ".corpus_pending.json").exists()
 
 
 @needs_tools

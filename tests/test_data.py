@@ -67,6 +67,31 @@ def test_scan_reports_bad_files_with_reasons(tree):
     assert bad["id10003/vidZ/text.wav"].startswith("unreadable")
 
 
+def test_scan_leaves_out_nan_files_and_folders_named_like_files(tree):
+    nan = np.random.default_rng(0).uniform(-0.5, 0.5, 3000).astype(np.float32)
+    nan[1234] = np.nan
+    sf.write(str(tree / "id10001/vidZ/nan.wav"), nan, 16000, subtype="FLOAT")
+    (tree / "id10002/vidZ/00004.wav").mkdir()
+    utts = scan_utterances(tree, workers=2, progress=False)
+    bad = dict(utts.bad)
+    assert bad["id10001/vidZ/nan.wav"] == "1 NaN or Inf sample(s)"
+    assert bad["id10002/vidZ/00004.wav"] == "a folder, not a file"
+    assert utts.keys == sorted(GOOD) and len(utts.bad) == 6
+    text = utts.bad_summary(limit=10)
+    assert "nan.wav: 1 NaN or Inf sample(s)" in text and "00004.wav: a folder, not a file" in text
+
+
+def test_crop_dataset_skips_nan_in_a_file_listed_before_the_scan_knew(utts):
+    """A list file written by an older version holds a NaN file as usable; the crop refuses it."""
+    x = np.full(9000, 0.1, dtype=np.float32)
+    x[::100] = np.nan
+    sf.write(str(utts.root / utts.keys[1]), x, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="NaN or Inf"):
+        CropDataset(utts, n_samples=400, seed=0)[1]
+    skipping = CropDataset(utts, n_samples=400, seed=0, skip_bad=True)
+    torch.testing.assert_close(skipping[1][0], skipping[2][0], rtol=0, atol=0)
+
+
 def test_bad_summary_lists_files_and_the_fix(tree):
     utts = scan_utterances(tree, workers=2, progress=False)
     text = utts.bad_summary(limit=2)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rawnet_lib.trials import (OFFICIAL_LISTS, TrialList, TrialListError, check_trial_files, make_trials,
+from rawnet_lib.trials import (OFFICIAL_LISTS, TrialList, TrialListError, TrialListWarning, make_trials,
                                official_list_path, read_trials, resolve, write_trials)
 
 
@@ -128,7 +128,7 @@ def _touch(path: Path) -> None:
     path.write_bytes(b"x")
 
 
-def test_resolve_and_check_trial_files(tmp_path):
+def test_resolve_finds_a_key_in_the_first_root_that_holds_it(tmp_path):
     dev, ev = tmp_path / "dev wav", tmp_path / "eval_wäv"
     _touch(dev / "a/v/1.wav")
     _touch(ev / "a/v/1.wav")
@@ -138,14 +138,41 @@ def test_resolve_and_check_trial_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="c/v/1.wav"):
         resolve("c/v/1.wav", [dev, ev])
 
-    good = TrialList(np.array([0], np.int8), ["a/v/1.wav"], ["b/v/1.wav"])
-    assert check_trial_files(good, [dev, ev]) == []
-    assert check_trial_files(good, [dev, ev], known_speakers={"a", "b"}) == []
-    bad = TrialList(np.array([0, 0], np.int8), ["a/v/1.wav", "a/v/1.wav"], ["c/v/1.wav", "d/v/9.wav"])
-    problems = check_trial_files(bad, [dev, ev], known_speakers={"a", "b"})
-    assert len(problems) == 2
-    assert "2 of 3 files" in problems[0] and "c/v/1.wav" in problems[0] and "d/v/9.wav" in problems[0]
-    assert "2 of 3 speakers" in problems[1] and "c, d" in problems[1]
+
+def test_files_not_on_disk_are_listed_by_line_with_the_other_problems(tmp_path):
+    dev, ev = tmp_path / "dev wav", tmp_path / "eval_wäv"
+    for key in ("a/v/1.wav", "a/w/2.wav", "b/v/1.wav"):
+        _touch((dev if key.startswith("a") else ev) / key)
+    path = _write(tmp_path, "1 a/v/1.wav a/w/2.wav\n"     # 1 fine, across videos
+                            "0 a/v/1.wav c/v/1.wav\n"     # 2 c missing
+                            "1 a/v/1.wav\n"               # 3 too few fields
+                            "0 d/v/9.wav c/v/1.wav\n"     # 4 both missing
+                            "yes a/w/2.wav b/v/1.wav\n")  # 5 bad label, files present
+    assert read_trials(_write(tmp_path, "0 a/v/1.wav b/v/1.wav\n", "ok.txt"), [dev, ev]).files() == [
+        "a/v/1.wav", "b/v/1.wav"]
+    with pytest.raises(TrialListError) as info:
+        read_trials(path, [dev, ev])
+    msg = str(info.value)
+    assert "wrong field count: 1 line(s)" in msg and "label not 0/1: 1 line(s)" in msg
+    assert "file not on disk: 2 line(s)" in msg
+    assert "line 2: '0 a/v/1.wav c/v/1.wav' (c/v/1.wav not found)" in msg
+    assert "line 4: '0 d/v/9.wav c/v/1.wav' (d/v/9.wav and c/v/1.wav not found)" in msg
+    assert "dev_wav and eval_wav" in msg  # the fix
+    with pytest.raises(TrialListError) as info:
+        read_trials(path)  # without roots the disk is not asked
+    assert "not on disk" not in str(info.value)
+
+
+def test_a_byte_order_mark_is_stripped_with_a_warning(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf1 a/v/1.wav a/w/2.wav\r\n0 a/v/1.wav b/v/1.wav\r\n")
+    with pytest.warns(TrialListWarning, match="byte order mark") as caught:
+        trials = read_trials(path)
+    assert str(path) in str(caught[0].message)
+    assert trials.labels.tolist() == [1, 0] and trials.enroll == ["a/v/1.wav", "a/v/1.wav"]
+    path.write_bytes(b"\xef\xbb\xbfx a/v/1.wav a/w/2.wav\n")  # a real label problem is still one, on line 1
+    with pytest.warns(TrialListWarning), pytest.raises(TrialListError, match="line 1: 'x a/v/1.wav"):
+        read_trials(path)
 
 
 def test_write_rejects_keys_with_spaces(tmp_path):
@@ -206,6 +233,7 @@ def test_make_trials_rejects_unusable_keys(keys, match):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=300))
+@pytest.mark.filterwarnings("ignore::rawnet_lib.trials.TrialListWarning")  # a leading BOM is legal input
 def test_random_bytes_give_trials_or_trial_list_error(tmp_path, data):
     path = tmp_path / "fuzz.txt"
     path.write_bytes(data)

@@ -21,6 +21,8 @@ from pathlib import Path
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from rawnet_lib.errors import run_cli
+
 __all__ = ["ConvertReport", "convert_tree", "encode_m4a", "find_ffmpeg", "is_valid_wav"]
 
 SAMPLE_RATE = 16000
@@ -170,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -408,7 +408,8 @@ def cli_parser(prog: str, doc: str | None, preset: str | None = "demo", fields: 
     `--resume true`), lists one or more (`--trial_lists O E H`).
     """
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=preset, help=config_help if preset is None else f"{config_help} (default {preset})")
+    parser.add_argument("--config", default=preset,
+                        help=config_help if preset is None else f"{config_help} (default {preset})")
     group = parser.add_argument_group("config fields", "each overrides the preset's value")
     notes = _field_help()
     for name, default in Config().flat().items():

@@ -360,7 +360,8 @@ def test_yaml_blocks_injected_with_f_survive():
     cfg = notebook_config(_namespace(TRAIN_DECLARED, yaml_blocks))
     assert cfg.preset == "smoke" and cfg.model.sinc_filters == load_config("smoke").model.sinc_filters
     assert (cfg.train.devices, cfg.train.mode, cfg.train.device) == (2, "performance", "cpu")
-    assert (cfg.train.resume, cfg.train.overwrite, cfg.train.out_dir, cfg.train.master_port) == (True, True, "/runs", 29999)
+    train = cfg.train
+    assert (train.resume, train.overwrite, train.out_dir, train.master_port) == (True, True, "/runs", 29999)
     assert cfg.model.fast is True and cfg.data.data_path == "/db"
     # A parameter given with -p wins over the YAML.
     cfg = notebook_config(_namespace(TRAIN_DECLARED, {**yaml_blocks, "devices": 3}))
@@ -382,7 +383,8 @@ def test_misspelt_injected_parameter_names_the_declared_one():
     # A notebook without a Config refuses the YAML blocks too: they would change nothing.
     with pytest.raises(ConfigError, match=r"'model'"):
         declared_parameters(_namespace({"sources": ""}, {"model": {"fast": True}}))
-    assert declared_parameters(_namespace({"sources": "", "n_worst": 10}, {"n_worst": 2})) == {"sources": "", "n_worst": 2}
+    values = declared_parameters(_namespace({"sources": "", "n_worst": 10}, {"n_worst": 2}))
+    assert values == {"sources": "", "n_worst": 2}
 
 
 def test_injected_values_are_read_from_papermills_cell():

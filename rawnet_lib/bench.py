@@ -3,6 +3,7 @@
     python -m rawnet_lib.bench all                    # everything, paper preset, batch 8 (~10 min)
     python -m rawnet_lib.bench train --repeats 7      # one measurement kind
     python -m rawnet_lib.bench all --quick            # smoke preset, tiny repeats (< 1 min)
+    python -m rawnet_lib.bench train --config demo    # the demo preset's model
 
 Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
 ratio, device, torch, threads, ...); the functions return the same dicts for
@@ -18,7 +19,6 @@ is the same number for both paths: "gflops" is useful work per second, not instr
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from rawnet_lib import fastsinc
-from rawnet_lib.config import Config, ModelConfig, load_config
+from rawnet_lib.config import Config, ModelConfig, cli_config, cli_parser, load_config
 from rawnet_lib.embed import autocast
+from rawnet_lib.errors import run_cli
 from rawnet_lib.model import build_model
 
 __all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
@@ -418,24 +419,22 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m rawnet_lib.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m rawnet_lib.bench", __doc__, preset=None, fields=("data_path",),
+                        config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
     parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "peak", "scale", "all"])
-    parser.add_argument("--preset", default=None, help="model preset (default paper; smoke with --quick)")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
-    parser.add_argument("--data_path", default="", help="folder with VoxCeleb2/ (default: the demo corpus)")
     parser.add_argument("--checkpoint", default="", help="trained weights for the embedding comparison")
     args = parser.parse_args(argv)
+    custom = bool(args.config or args.batch or args.repeats)
     defaults = QUICK if args.quick else {"preset": "paper", "batch": 8, "repeats": 5}
-    preset = args.preset or defaults["preset"]
+    args.config = preset = args.config or defaults["preset"]
     batch, repeats = args.batch or defaults["batch"], args.repeats or defaults["repeats"]
     n_classes = 10 if args.quick else PAPER_CLASSES
-    data = args.data_path or None
+    data = cli_config(args).data.data_path or None   # --data_path, else the preset's ('': the demo corpus)
     if args.what == "all":
-        return run_all(preset, batch, repeats, args.quick and not (args.preset or args.batch or args.repeats),
-                       data)
+        return run_all(preset, batch, repeats, args.quick and not custom, data)
     run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
            "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
            "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
@@ -444,9 +443,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                         load_config(preset).model.embedding_dim, 1 if args.quick else 3),
            "peak": lambda: matmul_peak(512 if args.quick else 2048, repeats),
            "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
-                                        data_path=args.data_path)}
+                                        data_path=str(data or ""))}
     return run[args.what]()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,16 +5,26 @@ Layers, later wins: dataclass defaults (the reference RawNet2 recipe) -> the pre
 injects them with `-f params/x.yaml`) -> flat overrides (`devices=8`, `data_path=...`).
 Unknown keys raise, because papermill only warns about them and a misspelt option would
 otherwise vanish silently.
+
+Notebooks and command lines reach the same layers through one door each: `notebook_config`
+(the parameters papermill injected, checked against those the notebook declares) and
+`cli_parser` / `cli_config` (one flag per field, generated from the dataclasses).
 """
 from __future__ import annotations
 
+import argparse
+import ast
+import copy
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import yaml
 
@@ -22,11 +32,28 @@ from rawnet_lib.errors import WorkbookError
 
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "Config",
-    "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
+    "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
+    "declared_parameters", "notebook_config", "cli_parser", "cli_config",
 ]
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-PARAMS_DIR = REPO_DIR / "params"
+
+def _workspace() -> Path:
+    """Where `outputs/` lives: the source checkout the package is imported from (an editable
+    install, PYTHONPATH, torchrun's ranks), else the nearest folder at or above the working
+    directory holding `notebooks/` (a checkout used with a regular `pip install .`; papermill
+    runs notebooks inside `notebooks/`), else the working directory itself."""
+    source = Path(__file__).resolve().parents[1]
+    if (source / "pyproject.toml").is_file():
+        return source
+    cwd = Path.cwd()
+    return next((d for d in (cwd, *cwd.parents) if (d / "notebooks").is_dir() and (d / "params").is_dir()), cwd)
+
+
+REPO_DIR = _workspace()
+# The presets are package data (rawnet_lib/params/*.yaml; `params/` at the top of the checkout
+# links to them, for `papermill -f params/x.yaml`), so a regular install finds them too.
+PARAMS_DIR = Path(os.fspath(resources.files("rawnet_lib") / "params"))
+BLOCK_NAMES = ("model", "data", "optim", "train", "evaluation")
 
 
 class ConfigError(WorkbookError, ValueError):
@@ -253,9 +280,11 @@ def _unknown(key: Any, valid: list[str], where: str) -> typing.NoReturn:
     raise ConfigError(f"{where}: unknown parameter {key!r}{hint}")
 
 
-def load_config(preset: str | Path | None = "demo", blocks: Mapping[str, Any] | None = None,
+def load_config(preset: str | Path | Config | None = "demo", blocks: Mapping[str, Any] | None = None,
                 **overrides: Any) -> Config:
     """Build the run's config: defaults, then the preset YAML, then `blocks`, then `overrides`.
+
+    `preset` may also be a Config (a checkpoint's) to start from instead of defaults and YAML.
 
     >>> load_config("paper", devices=8).train.devices
     8
@@ -265,7 +294,9 @@ def load_config(preset: str | Path | None = "demo", blocks: Mapping[str, Any] | 
         overrides = {"blocks": blocks, **overrides}
         blocks = None
     config = Config()
-    if preset:
+    if isinstance(preset, Config):
+        config = copy.deepcopy(preset)
+    elif preset:
         path = preset_path(preset)
         values = _read_yaml(path)
         _apply(config, values, str(path))
@@ -280,3 +311,125 @@ def write_f_params(config: Config, path: Path) -> None:
     from rawnet_lib.io import atomic_write_text
     lines = [f"preset:\t{config.preset}"] + [f"{k}:\t{v}" for k, v in config.flat().items()]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _layered(start: str | Path | Config | None, blocks: Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:
+    """load_config, except that over a base Config (a checkpoint's) the model block must stay
+    that of the weights: a changed model field would otherwise be silently ignored."""
+    overrides = dict(overrides)
+    if "blocks" in overrides:   # the model field, whose name is load_config's `blocks` argument
+        model = blocks.get("model") or {}
+        if not isinstance(model, Mapping):
+            raise ConfigError(f"YAML blocks: block 'model' must be a mapping of fields, got {model!r}")
+        blocks = {**blocks, "model": {**model, "blocks": overrides.pop("blocks")}}
+    config = load_config(start, blocks, **overrides)
+    if isinstance(start, Config) and config.model != start.model:
+        changed = [f.name for f in dataclasses.fields(ModelConfig)
+                   if getattr(config.model, f.name) != getattr(start.model, f.name)]
+        raise ConfigError(f"model.{', model.'.join(changed)}: the model block comes from the checkpoint's weights "
+                          f"({', '.join(f'{k}={getattr(start.model, k)!r}' for k in changed)}); "
+                          "remove these from the parameters or the YAML")
+    return config
+
+
+# -- notebooks -------------------------------------------------------------------------------
+def _injected(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The names and values papermill injected: IPython keeps each executed cell's source in
+    `In`, and papermill's cell starts with `# Parameters`, one `name = literal` per line."""
+    values: dict[str, Any] = {}
+    for source in namespace.get("In") or ():
+        if not source.lstrip().startswith("# Parameters"):
+            continue
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                name = node.targets[0].id
+                try:
+                    values[name] = ast.literal_eval(node.value)
+                except ValueError:      # not a literal (papermill writes literals): the value it left
+                    values[name] = namespace.get(name)
+    return values
+
+
+def declared_parameters(namespace: Mapping[str, Any], accept: Collection[str] = ()) -> dict[str, Any]:
+    """A notebook's parameters and their values; refuses injected names it does not declare.
+
+    Declared means annotated in the parameters cell (`epochs: int = None  # help`), which IPython
+    records in `__annotations__`. papermill only warns about an undeclared `-p epcohs 3` and runs
+    on with the default, so it is an error here, with the closest declared names. `accept` names
+    more that may be injected without a declaration (the YAML blocks of `-f params/x.yaml`).
+    Outside papermill (JupyterLab, a plain dict) nothing is injected and nothing is refused.
+    """
+    declared = list(namespace.get("__annotations__") or {})
+    injected = _injected(namespace)
+    for name in injected:
+        if name not in declared and name not in accept:
+            _unknown(name, declared + list(accept), "papermill parameters (-p / -f)")
+    return {**{name: namespace.get(name) for name in declared}, **injected}
+
+
+def notebook_config(namespace: Mapping[str, Any], base: Config | None = None, own: Collection[str] = ()) -> Config:
+    """The notebook's Config: its preset (or `base`, e.g. a checkpoint's config), then the YAML
+    blocks papermill injected with `-f params/x.yaml`, then the declared parameters that are
+    Config fields and not None. Call it as `cfg = notebook_config(globals())`.
+
+    Parameters default to None, "keep what the preset or YAML says", so nothing the notebook
+    declares overrides a value silently. `own` names parameters the notebook uses itself although
+    a Config field has the same name (evaluate's `out_dir` is where its results go).
+    """
+    values = declared_parameters(namespace, accept=("preset", *BLOCK_NAMES))
+    fields = Config().flat()
+    blocks = {k: values[k] for k in BLOCK_NAMES if values.get(k) is not None}
+    overrides = {k: v for k, v in values.items() if k in fields and k not in own and v is not None}
+    return _layered(base if base is not None else values.get("preset"), blocks, overrides)
+
+
+# -- command lines ---------------------------------------------------------------------------
+_DEST = "config."   # argparse dest prefix of the generated flags, so that cli_config finds them
+
+
+def _items(values: list[Any]) -> list[Any]:
+    """`--blocks 16 16 32` and `--blocks "[16, 16, 32]"` mean the same list."""
+    return values[0] if len(values) == 1 and isinstance(values[0], list) else values
+
+
+def _field_help() -> dict[str, str]:
+    """Each field's trailing comment in the dataclasses above, the one place that documents it."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]+#(.*)$", source, re.M)}
+
+
+def cli_parser(prog: str, doc: str | None, preset: str | None = "demo", fields: Collection[str] | None = None,
+               skip: Collection[str] = (), config_help: str = "preset name in params/ or a YAML file"
+               ) -> argparse.ArgumentParser:
+    """A module's argument parser: `--config` (a preset name or a YAML) and one flag per Config
+    field (or those in `fields`), minus `skip`, the flags the module adds itself.
+
+    A flag left out keeps the preset's value. Booleans take a value or none (`--resume` is
+    `--resume true`), lists one or more (`--trial_lists O E H`).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=preset,
+                        help=config_help if preset is None else f"{config_help} (default {preset})")
+    group = parser.add_argument_group("config fields", "each overrides the preset's value")
+    notes = _field_help()
+    for name, default in Config().flat().items():
+        if (fields is not None and name not in fields) or name in skip:
+            continue
+        kind = type(default)
+        options: dict[str, Any] = {"type": str if kind is str else yaml.safe_load, "default": None,
+                                   "dest": _DEST + name, "metavar": kind.__name__.upper(),
+                                   "help": f"{notes.get(name, name)} (built-in default {default!r})"}
+        if kind is bool:
+            options.update(nargs="?", const=True)
+        elif kind is list:
+            options.update(nargs="+", metavar="ITEM")
+        group.add_argument(f"--{name}", **options)
+    return parser
+
+
+def cli_config(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The Config of parsed `cli_parser` arguments: `base` (e.g. a checkpoint's) or `--config`,
+    then every generated flag that was given."""
+    overrides = {k.removeprefix(_DEST): _items(v) if isinstance(v, list) else v
+                 for k, v in vars(args).items() if k.startswith(_DEST) and v is not None}
+    return _layered(base if base is not None else args.config, {}, overrides)

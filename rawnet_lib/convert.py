@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rawnet_lib.audio import SAMPLE_RATE, probe
-from rawnet_lib.errors import WorkbookError
+from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_path
 
 __all__ = ["ConvertError", "ConvertReport", "convert_tree", "encode_m4a", "find_ffmpeg"]
@@ -156,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

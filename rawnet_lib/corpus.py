@@ -34,7 +34,9 @@ from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
 from rawnet_lib.audio import SAMPLE_RATE
+from rawnet_lib.config import REPO_DIR
 from rawnet_lib.convert import convert_tree, encode_m4a, find_ffmpeg
+from rawnet_lib.errors import run_cli
 from rawnet_lib.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CorpusSize", "SIZES", "Voice", "find_voices", "generate_corpus", "ensure_demo_corpus"]
@@ -459,7 +461,7 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
 
 def _default_root(size: str) -> Path:
     parent = os.environ.get("RAWNET_DEMO_ROOT")
-    return Path(parent or Path(__file__).resolve().parents[1] / "outputs" / "demo_corpus") / size
+    return Path(parent or REPO_DIR / "outputs" / "demo_corpus") / size
 
 
 def ensure_demo_corpus(size: str = "demo", root: Path | None = None, seed: int = 0) -> Path:
@@ -495,4 +497,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -3,6 +3,8 @@
     python -m rawnet_lib.evaluate --checkpoint outputs/train/train_1P/DNNS/demo/models/best_opt_eval.pt
     torchrun --standalone --nproc_per_node=8 -m rawnet_lib.evaluate --lists O E H --device cuda
 
+Any config field is a flag (`--data_path /data/DB --crop_mode full`); left out, it keeps the checkpoint's.
+
 Every rank embeds a share of the files (`embed_files`); rank 0 alone scores and writes. Embeddings
 are cached on disk per checkpoint and embedding settings, so O, E and H share one extraction and
 a second evaluation of the same checkpoint embeds nothing. Results go to `<run>/eval/<checkpoint
@@ -16,7 +18,6 @@ stem>/` (`outputs/eval/<stem>/` for a checkpoint outside a run folder):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,9 +31,10 @@ import pandas as pd
 import torch
 
 from rawnet_lib import dist
-from rawnet_lib.config import REPO_DIR, Config, ModelConfig, load_config
+from rawnet_lib.config import REPO_DIR, Config, ModelConfig, cli_config, cli_parser, load_config
 from rawnet_lib.data import load_utterances, resolve_data_path
 from rawnet_lib.embed import embed_files
+from rawnet_lib.errors import run_cli
 from rawnet_lib.io import atomic_open, atomic_write_text
 from rawnet_lib.metrics import summarize
 from rawnet_lib.model import RawNet2, build_model
@@ -392,22 +394,20 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # out_dir, overwrite and the lists are this evaluation's, not the training run's fields of that name
+    parser = cli_parser("python -m rawnet_lib.evaluate", __doc__, preset="paper",
+                        skip=("out_dir", "overwrite", "trial_lists"),
+                        config_help="settings for a bare reference state_dict: preset name or YAML")
     parser.add_argument("--checkpoint", default="", help="a .pt file; empty = the newest run's best model")
-    parser.add_argument("--preset", default="paper", help="settings for a bare reference state_dict")
-    parser.add_argument("--data_path", "--data-path", default=None, help="folder holding VoxCeleb1/ ('' = the demo corpus)")
-    parser.add_argument("--lists", nargs="+", default=None, help="O E H (O2 E2 H2 cleaned) or .txt paths")
-    parser.add_argument("--crop_mode", "--crop-mode", default=None, choices=("reference", "full"))
-    parser.add_argument("--asnorm", action="store_true", help="also score with adaptive s-norm")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
-    parser.add_argument("--out_dir", "--out-dir", default=None, help="default: <run>/eval/<checkpoint stem>/")
+    parser.add_argument("--lists", nargs="+", default=None,
+                        help="O E H (O2 E2 H2 cleaned) or .txt paths; default: the checkpoint's trial_lists")
+    parser.add_argument("--out_dir", default=None, help="default: <run>/eval/<checkpoint stem>/")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results of another checkpoint or other settings in out_dir")
     args = parser.parse_args(argv)
     ckpt = resolve_checkpoint(args.checkpoint)
-    _, cfg = load_checkpoint_model(ckpt, base=args.preset)
-    cfg = with_overrides(cfg, data_path=args.data_path, crop_mode=args.crop_mode, device=args.device,
-                         asnorm=args.asnorm or None)
+    _, cfg = load_checkpoint_model(ckpt, base=args.config)
+    cfg = cli_config(args, base=cfg)
     try:
         table = evaluate(ckpt, cfg, args.lists, args.out_dir, overwrite=args.overwrite)
         if not table.empty:
@@ -417,4 +417,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

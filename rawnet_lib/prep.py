@@ -1,10 +1,11 @@
 """Data preparation in one call: m4a conversion, list files, the dataset check, and a summary.
 
     python -m rawnet_lib.prep --data_path /data/DB      # or no path: the demo corpus
+    python -m rawnet_lib.prep --config smoke --trial_lists O E   # the preset's data block, two lists
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import pandas as pd
 
 from rawnet_lib.audio import SAMPLE_RATE
 from rawnet_lib.check import CheckReport, check_dataset, data_dirs
-from rawnet_lib.config import DataConfig
+from rawnet_lib.config import DataConfig, cli_config, cli_parser
 from rawnet_lib.convert import ConvertReport, convert_tree
 from rawnet_lib.data import UtteranceList, load_utterances, resolve_data_path
+from rawnet_lib.errors import run_cli
 
 __all__ = ["M4A_DIRS", "PrepResult", "find_m4a_dir", "prepare", "utterance_table", "sample_utterances"]
 
@@ -76,18 +78,16 @@ def sample_utterances(lists: dict[str, UtteranceList], n: int, seed: int = 0) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_path", default="", help="folder holding VoxCeleb1/ and VoxCeleb2/ ('' = demo)")
-    parser.add_argument("--demo_size", default="demo", help="demo corpus size when no data path is given")
-    parser.add_argument("--lists", nargs="*", default=["O", "E", "H"], help="trial lists to check")
-    parser.add_argument("--workers", type=int, default=2)
+    parser = cli_parser("python -m rawnet_lib.prep", __doc__,
+                        fields=[f.name for f in dataclasses.fields(DataConfig)] + ["trial_lists"])
+    parser.add_argument("--workers", type=int, default=2, help="parallel conversion / check workers")
     args = parser.parse_args(argv)
-    result = prepare(DataConfig(data_path=args.data_path, demo_size=args.demo_size),
-                     trial_lists=args.lists, workers=args.workers)
+    cfg = cli_config(args)
+    result = prepare(cfg.data, trial_lists=cfg.evaluation.trial_lists, workers=args.workers)
     print(utterance_table(result.lists).to_string(index=False))
     print(result.check)
     return 0 if result.check is None or result.check.ok else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -12,28 +12,26 @@ notebooks/train.ipynb starts the same command through `rawnet_lib.launch`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from rawnet_lib import dist
-from rawnet_lib.config import Config, load_config
+from rawnet_lib.config import Config, cli_config, cli_parser
 from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
 from rawnet_lib.embed import autocast, embed_files
+from rawnet_lib.errors import run_cli
 from rawnet_lib.metrics import eer as compute_eer
 from rawnet_lib.model import build_model
 from rawnet_lib.run import RunDir, NonFiniteLossError, emit, load_checkpoint, validation_trials
@@ -222,15 +220,7 @@ def _seed_fps(total_samples: int, n_utts: int, stats: dict[str, float], rank: di
 
 
 def _parse_args(argv: list[str] | None) -> Config:
-    fields = Config().flat()
-    parser = argparse.ArgumentParser(prog="python -m rawnet_lib.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", help="preset name in params/ or a YAML file (default demo)")
-    for name, default in fields.items():
-        parser.add_argument(f"--{name}", type=yaml.safe_load, default=None, metavar=type(default).__name__.upper(),
-                            help=f"overrides the preset (built-in default {default!r})")
-    args = vars(parser.parse_args(argv))
-    return load_config(args.pop("config"), **{k: v for k, v in args.items() if v is not None})
+    return cli_config(cli_parser("python -m rawnet_lib.train", __doc__).parse_args(argv))
 
 
 @record  # under torchrun, a failing rank's traceback is reported with its rank
@@ -241,9 +231,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted: the run folder keeps the last finished epoch; continue with --resume true",
-              file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, interrupted="interrupted: the run folder keeps the last finished epoch; continue with --resume true")

@@ -1,8 +1,11 @@
-"""Tests for rawnet_lib.config: presets, the paper recipe, layering, coercion, errors, f_params.txt."""
+"""Tests for rawnet_lib.config: presets, the paper recipe, layering, coercion, errors, f_params.txt,
+notebook parameters and command-line flags."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rawnet_lib.io
-from rawnet_lib.config import PARAMS_DIR, Config, ConfigError, load_config, preset_path, write_f_params
+from rawnet_lib.config import (PARAMS_DIR, Config, ConfigError, cli_config, cli_parser, declared_parameters,
+                               load_config, notebook_config, preset_path, write_f_params)
+from rawnet_lib.errors import run_cli
 
 PRESETS = ["paper", "demo", "smoke"]
 
@@ -323,3 +328,162 @@ def test_fuzz_random_yaml_text_raises_only_config_error(tmp_path, text):
     except ConfigError:
         return
     assert isinstance(cfg, Config)
+
+
+# --- notebook parameters --------------------------------------------------------------------
+# IPython keeps each executed cell's source in `In` and the annotated names of the parameters
+# cell in `__annotations__`; papermill's injected cell starts with `# Parameters`.
+
+TRAIN_DECLARED = {"preset": "demo", "devices": None, "data_path": None, "epochs": None, "fast": None,
+                  "mode": None, "device": None, "resume": None, "overwrite": None, "out_dir": None,
+                  "master_port": None}
+
+
+def _namespace(declared: dict, injected: dict | None = None) -> dict:
+    """What a notebook's globals hold after its parameters cell (and papermill's cell, if any)."""
+    cells = ["", "\n".join(f"{k}: {type(v).__name__} = {v!r}" for k, v in declared.items())]
+    if injected is not None:
+        cells.append("# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in injected.items()))
+    return {"In": cells, "__annotations__": {k: object for k in declared}, **declared, **(injected or {})}
+
+
+def test_notebook_defaults_keep_the_preset():
+    assert notebook_config(_namespace(TRAIN_DECLARED)) == load_config("demo")
+    assert notebook_config({**TRAIN_DECLARED, "__annotations__": dict.fromkeys(TRAIN_DECLARED)}) == load_config("demo")
+
+
+def test_yaml_blocks_injected_with_f_survive():
+    """papermill -f x.yaml injects the preset and the blocks; parameters left at None keep them."""
+    yaml_blocks = {"preset": "smoke", "train": {"devices": 2, "mode": "performance", "device": "cpu", "resume": True,
+                                                "overwrite": True, "out_dir": "/runs", "master_port": 29999},
+                   "model": {"fast": True}, "data": {"data_path": "/db"}}
+    cfg = notebook_config(_namespace(TRAIN_DECLARED, yaml_blocks))
+    assert cfg.preset == "smoke" and cfg.model.sinc_filters == load_config("smoke").model.sinc_filters
+    assert (cfg.train.devices, cfg.train.mode, cfg.train.device) == (2, "performance", "cpu")
+    train = cfg.train
+    assert (train.resume, train.overwrite, train.out_dir, train.master_port) == (True, True, "/runs", 29999)
+    assert cfg.model.fast is True and cfg.data.data_path == "/db"
+    # A parameter given with -p wins over the YAML.
+    cfg = notebook_config(_namespace(TRAIN_DECLARED, {**yaml_blocks, "devices": 3}))
+    assert cfg.train.devices == 3 and cfg.train.mode == "performance"
+
+
+def test_fast_can_be_switched_off(tmp_path):
+    preset = tmp_path / "fast.yaml"
+    preset.write_text("model: {fast: true}\ntrain: {amp: bf16}\n")
+    on = notebook_config(_namespace({**TRAIN_DECLARED, "preset": str(preset)}))
+    assert on.model.fast is True
+    off = notebook_config(_namespace({**TRAIN_DECLARED, "preset": str(preset)}, {"fast": False}))
+    assert off.model.fast is False and off.train.amp == "bf16"
+
+
+def test_misspelt_injected_parameter_names_the_declared_one():
+    with pytest.raises(ConfigError, match=r"'epcohs'.*did you mean epochs"):
+        notebook_config(_namespace(TRAIN_DECLARED, {"epcohs": 3}))
+    # A notebook without a Config refuses the YAML blocks too: they would change nothing.
+    with pytest.raises(ConfigError, match=r"'model'"):
+        declared_parameters(_namespace({"sources": ""}, {"model": {"fast": True}}))
+    values = declared_parameters(_namespace({"sources": "", "n_worst": 10}, {"n_worst": 2}))
+    assert values == {"sources": "", "n_worst": 2}
+
+
+def test_injected_values_are_read_from_papermills_cell():
+    """A later cell may reuse a block name (model.ipynb's `model` is the network): the injected
+    literal counts, not whatever the name holds by the time the config cell runs."""
+    namespace = _namespace({"preset": "smoke"}, {"model": {"fast": True}})
+    namespace["model"] = object()
+    assert notebook_config(namespace).model.fast is True
+
+
+def test_interactive_edits_count_without_papermill():
+    namespace = _namespace({**TRAIN_DECLARED, "preset": "smoke"})
+    namespace["epochs"] = 7        # the user edited and reran the parameters cell
+    namespace["In"].append("print(1)")
+    assert notebook_config(namespace).train.epochs == 7
+
+
+def test_own_parameters_are_not_config_fields():
+    """evaluate.ipynb's out_dir is where its results go, not the training run's out_dir."""
+    namespace = _namespace({"preset": "smoke", "out_dir": "/eval", "data_path": None})
+    assert notebook_config(namespace, own=("out_dir",)).train.out_dir == load_config("smoke").train.out_dir
+    assert notebook_config(namespace).train.out_dir == "/eval"
+
+
+def test_a_base_config_keeps_its_model_block():
+    base = load_config("smoke", epochs=5, data_path="/ckpt_db")
+    cfg = notebook_config(_namespace({"preset": "paper", "data_path": None, "crop_mode": "full"}), base=base)
+    assert cfg.model == base.model and cfg.train.epochs == 5 and cfg.data.data_path == "/ckpt_db"
+    assert cfg.evaluation.crop_mode == "full"
+    with pytest.raises(ConfigError, match=r"model\.sinc_filters.*checkpoint"):
+        notebook_config(_namespace({"preset": "paper"}, {"preset": "demo", "model": {"sinc_filters": 4}}), base=base)
+
+
+def test_injected_bad_value_names_the_field():
+    with pytest.raises(ConfigError, match="epochs"):
+        notebook_config(_namespace(TRAIN_DECLARED, {"epochs": "many"}))
+    with pytest.raises(ConfigError, match=r"train\.epoch'.*epochs"):
+        notebook_config(_namespace(TRAIN_DECLARED, {"train": {"epoch": 3}}))
+
+
+# --- command lines --------------------------------------------------------------------------
+
+def test_cli_flags_are_generated_from_the_config():
+    parser = cli_parser("prog", None)
+    cfg = cli_config(parser.parse_args(["--config", "smoke", "--amp", "off", "--resume", "--fast", "false",
+                                        "--blocks", "8", "8", "16", "--trial_lists", "[O, E]", "--lr", "1e-2"]))
+    assert (cfg.preset, cfg.train.amp, cfg.train.resume, cfg.model.fast) == ("smoke", "off", True, False)
+    assert cfg.model.blocks == [8, 8, 16] and cfg.evaluation.trial_lists == ["O", "E"] and cfg.optim.lr == 0.01
+    assert cli_config(parser.parse_args(["--config", "smoke"])) == load_config("smoke")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--epcohs", "3"])
+
+
+def test_cli_fields_and_skip_choose_the_flags():
+    parser = cli_parser("prog", None, fields=("data_path", "out_dir"), skip=("out_dir",))
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert flags == {"-h", "--help", "--config", "--data_path"}
+    with pytest.raises(ConfigError, match=r"model\.n_samples"):
+        cli_config(cli_parser("prog", None).parse_args(["--n_samples", "243"]), base=load_config("smoke"))
+
+
+def test_train_parse_args_layers_flags_over_the_preset():
+    from rawnet_lib.train import _parse_args
+    cfg = _parse_args(["--config", "smoke", "--epochs", "3", "--device", "cpu"])
+    assert cfg == load_config("smoke", epochs=3, device="cpu")
+
+
+def test_run_cli_prints_expected_errors_alone(capsys):
+    def bad_preset():
+        load_config("nosuch")
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(bad_preset)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown preset 'nosuch'") and "Traceback" not in err
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: 1)
+    assert info.value.code == 1
+    with pytest.raises(ZeroDivisionError):   # a bug keeps its traceback
+        run_cli(lambda: 1 / 0)
+
+
+def test_module_command_prints_the_message_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "rawnet_lib.prep", "--config", "smoke", "--trial_lists", "X"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(rawnet_lib.io.__file__).parents[1])})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: trial list 'X'") and "Traceback" not in done.stderr
+
+
+# --- presets as package data ----------------------------------------------------------------
+
+def test_presets_are_package_data():
+    """A regular install only has what the package carries: the presets must be inside it."""
+    package = Path(rawnet_lib.io.__file__).parent
+    assert PARAMS_DIR.resolve() == (package / "params").resolve()
+    assert {p.name for p in PARAMS_DIR.glob("*.yaml")} >= {f"{n}.yaml" for n in PRESETS}
+    pyproject = (package.parent / "pyproject.toml").read_text()
+    assert '"params/*.yaml"' in pyproject
+    # `papermill -f params/demo.yaml` from the checkout still finds the same file.
+    assert (package.parent / "params" / "demo.yaml").read_text() == (PARAMS_DIR / "demo.yaml").read_text()

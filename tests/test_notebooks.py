@@ -6,12 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import nbformat
 import pytest
+import yaml
 from papermill.inspection import inspect_notebook
 
 from rawnet_lib.demo import NOTEBOOKS, notebook_parameters
 from rawnet_lib.prep import prepare, sample_utterances, utterance_table
-from rawnet_lib.config import DataConfig
+from rawnet_lib.config import BLOCK_NAMES, Config, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -36,8 +38,13 @@ def test_notebook_is_committed_clean_with_a_parameters_cell(path: Path) -> None:
 
 @pytest.mark.parametrize("name", [n for n in NOTEBOOKS if (REPO / "notebooks" / f"{n}.ipynb").exists()])
 def test_demo_passes_only_parameters_the_notebooks_declare(name: str) -> None:
-    declared = set(inspect_notebook(str(REPO / "notebooks" / f"{name}.ipynb")))
-    assert set(notebook_parameters(name, "tiny", "smoke", 1)) <= declared
+    """What the notebook accepts: its declared parameters, and the YAML blocks where it builds a Config."""
+    path = REPO / "notebooks" / f"{name}.ipynb"
+    accepted = set(inspect_notebook(str(path)))
+    if _loader_call(_code_cells(path)[1]).func.id == "notebook_config":
+        accepted |= {"preset", *BLOCK_NAMES}
+    for preset in ("smoke", "demo"):
+        assert set(notebook_parameters(name, "tiny", preset, 1)) <= accepted
 
 
 def test_prepare_converts_lists_and_checks(tiny_db: Path, tmp_path: Path) -> None:
@@ -71,3 +78,81 @@ def test_model_notebook_reads_a_checkpoint(run_notebook, smoke_run: Path, tiny_d
     checkpoint = smoke_run / "models" / "best_opt_eval.pt"
     run_notebook("model", checkpoint=str(checkpoint), data_path=str(tiny_db), figures_dir=str(tmp_path))
     assert (tmp_path / "best_opt_eval" / "sinc_bands.npz").is_file()
+
+
+# --- parameters never override silently -----------------------------------------------------
+
+def _code_cells(path: Path) -> list[str]:
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def _loader_call(source: str) -> ast.Call:
+    """The notebook_config / declared_parameters call of a notebook's config cell."""
+    calls = [n for n in ast.walk(ast.parse(source.replace("%matplotlib inline", "")))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("notebook_config", "declared_parameters")]
+    assert calls, "the config cell must check the parameters with notebook_config(globals()) or declared_parameters"
+    assert all(isinstance(c.args[0], ast.Call) and c.args[0].func.id == "globals" for c in calls)
+    return calls[-1]
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_config_field_parameters_default_to_the_preset(path: Path) -> None:
+    """A declared parameter that is a Config field defaults to None (keep the preset or YAML),
+    unless the notebook says it is its own (evaluate's out_dir)."""
+    params, config = _code_cells(path)[:2]
+    call = _loader_call(config)
+    own = next((ast.literal_eval(k.value) for k in call.keywords if k.arg == "own"), ())
+    fields = set(Config().flat())
+    for node in ast.parse(params).body:
+        name = node.target.id
+        if call.func.id == "notebook_config" and name in fields and name not in own:
+            assert ast.literal_eval(node.value) is None, f"{name} would override the preset; default it to None"
+
+
+def test_demo_benchmarks_its_preset_at_real_size() -> None:
+    """The smoke preset's model is so small that fixed overheads make the fast path look slower."""
+    assert notebook_parameters("benchmark", "demo", "demo", 1, "/db") == {"preset": "demo", "scale": False,
+                                                                        "data_path": "/db"}
+    assert notebook_parameters("benchmark", "tiny", "smoke", 1)["quick"] is True
+
+
+@pytest.fixture(scope="module")
+def train_config_cells(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.ipynb cut after its config cell, plus a cell printing the resolved config."""
+    nb = json.loads((REPO / "notebooks" / "train.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"][:2]
+    show = {**code[1], "source": ['print("CONFIG=" + json.dumps(cfg.to_dict()))'], "metadata": {}}
+    nb["cells"] = [*code, show]
+    path = tmp_path_factory.mktemp("nb") / "train_config.ipynb"
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def _execute(path: Path, **parameters) -> dict:
+    import papermill as pm
+    out = path.with_name("out_" + path.name)
+    pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(REPO / "notebooks"),
+                        kernel_name="python3", progress_bar=False)
+    text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    return json.loads(text.split("CONFIG=", 1)[1].splitlines()[0])
+
+
+@pytest.mark.slow
+def test_train_notebook_keeps_what_f_yaml_sets_and_fast_switches_off(train_config_cells: Path, tmp_path: Path) -> None:
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("preset: smoke\nmodel: {fast: true}\ntrain: {devices: 2, mode: performance, device: cpu,\n"
+                         "  resume: true, out_dir: /runs, nnodes: 2, master_port: 29999}\n")
+    injected = yaml.safe_load(yaml_file.read_text())             # what papermill -f mine.yaml injects
+    cfg = _execute(train_config_cells, **injected)
+    assert cfg["preset"] == "smoke" and cfg["model"]["fast"] is True
+    assert {k: cfg["train"][k] for k in injected["train"]} == injected["train"]
+    assert _execute(train_config_cells, **injected, fast=False)["model"]["fast"] is False
+
+
+@pytest.mark.slow
+def test_misspelt_parameter_fails_naming_the_declared_one() -> None:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+    with pytest.raises(PapermillExecutionError, match=r"epcohs.*did you mean epochs"):
+        pm.execute_notebook(str(REPO / "notebooks" / "train.ipynb"), None, parameters={"epcohs": 3},
+                            cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)

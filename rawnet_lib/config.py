@@ -28,6 +28,7 @@ from typing import Any, Collection, Mapping
 
 import yaml
 
+from rawnet_lib.audio import SAMPLE_RATE
 from rawnet_lib.errors import WorkbookError
 
 __all__ = [
@@ -64,7 +65,7 @@ class ConfigError(WorkbookError, ValueError):
 class ModelConfig:
     """RawNet2 architecture; defaults are the paper / reference model."""
     n_samples: int = 59049          # crop length (3^10); also the size of the `ln` layer
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE  # the audio every file must have (VoxCeleb: 16 kHz)
     sinc_filters: int = 128         # SincNet band-pass filters in `first_conv`
     sinc_kernel: int = 251          # taps of each sinc filter (odd)
     blocks: list[int] = field(default_factory=lambda: [128, 128, 256, 256, 256, 256])
@@ -87,6 +88,7 @@ class DataConfig:
     val_pairs: int = 2000                       # trials in a generated val_trial.txt
     num_workers: int = 2                        # data-loader workers per rank
     on_bad_audio: str = "stop"                  # stop | skip: what training does with unreadable files
+    min_seconds: float = 1.0                    # the check warns about files shorter than this
 
 
 @dataclass

@@ -38,9 +38,9 @@ def find_m4a_dir(data_path: Path) -> Path | None:
 
 
 def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lists: list[str] | None = None,
-            workers: int = 2, progress: bool = True, min_seconds: float = 1.0) -> PrepResult:
+            workers: int = 2, progress: bool = True) -> PrepResult:
     """Convert VoxCeleb2 m4a (resumable), write the list files, and check the whole data set
-    (files shorter than `min_seconds` are a warning of the check)."""
+    (files shorter than `cfg.min_seconds` are a warning of the check)."""
     data_path = resolve_data_path(cfg)
     conversion = None
     m4a = find_m4a_dir(data_path)
@@ -49,7 +49,7 @@ def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lis
         print(conversion.summary())
     dirs = data_dirs(cfg)
     lists = {d: load_utterances(data_path, d, refresh=True, progress=progress) for d in dirs if (data_path / d).is_dir()}
-    report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=min_seconds,
+    report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=cfg.min_seconds,
                            workers=workers, progress=progress) if check else None
     return PrepResult(data_path, conversion, lists, report)
 

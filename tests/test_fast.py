@@ -138,7 +138,7 @@ def test_fast_bf16_embeddings_close_to_exact_float32(smoke_run, tiny_db):
     (measured 0.994 / 0.9994 here; 0.9996 / 0.99988 for the demo model after 10 epochs, where
     the exact path under bf16 autocast gets only 0.95 / 0.98 because its sinc phases, up to
     ~400 rad, are rounded to bf16 too). Untrained weights are more sensitive: not used here."""
-    from rawnet_lib.evaluate import load_checkpoint_model
+    from rawnet_lib.checkpoint import load_checkpoint_model
     model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
     x = bench._crops(cfg, 16, tiny_db)
     with torch.no_grad():

@@ -60,7 +60,7 @@ def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimize
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     """Write atomically: a run killed mid-write keeps the previous file."""
-    atomic_torch_save(dict(state), path)
+    atomic_torch_save(state, path)
 
 
 def _plain(value: Any) -> Any:

@@ -45,6 +45,7 @@ def test_reference_shapes_give_the_paper_model() -> None:
     assert (cfg, n_classes) == (load_config("paper").model, 5994)
 
 
+@pytest.mark.slow  # trains the smoke run
 def test_training_checkpoint_carries_its_config(smoke_run: Path) -> None:
     model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
     assert cfg.to_dict() == yaml.safe_load((smoke_run / "config.yaml").read_text())
@@ -85,6 +86,7 @@ def test_a_checkpoint_holding_a_python_object_is_refused_without_running_it(tmp_
     assert not marker.exists(), "nothing in the file was executed"
 
 
+@pytest.mark.slow  # trains the smoke run
 def test_our_checkpoints_hold_only_tensors_and_plain_values(smoke_run: Path) -> None:
     for name in ("last.pt", "best_opt_eval.pt"):
         state = torch.load(smoke_run / "models" / name, map_location="cpu", weights_only=True)  # no allow-list

@@ -64,7 +64,7 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, 
     if isinstance(sources, (str, Path)):
         sources = [s.strip() for s in str(sources).split(",") if s.strip()]
     if not sources:
-        from rawnet_lib.evaluate import newest_run
+        from rawnet_lib.run import newest_run
         sources = [newest_run()]
     files: list[Path] = []
     for source in map(Path, sources):

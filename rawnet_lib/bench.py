@@ -269,7 +269,7 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
     models = {}
     for path in PATHS:
         if checkpoint:
-            from rawnet_lib.evaluate import load_checkpoint_model
+            from rawnet_lib.checkpoint import load_checkpoint_model
             model, _ = load_checkpoint_model(checkpoint, base=preset)
             model.cfg.fast = PATHS[path]["fast"]
         else:

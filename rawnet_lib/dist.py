@@ -10,16 +10,17 @@ import datetime
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["RankInfo", "setup", "cleanup", "resolve_device_kind", "available_devices", "barrier",
-           "gather_objects", "all_reduce_sum", "DistError"]
+__all__ = ["RankInfo", "setup", "single", "cleanup", "resolve_device_kind", "available_devices", "barrier",
+           "main_first", "gather_objects", "all_reduce_sum", "DistError"]
 
+T = TypeVar("T")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
@@ -27,13 +28,17 @@ class DistError(WorkbookError, RuntimeError):
     """A device or process-group problem; the message says which rank and what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RankInfo:
+    """This process's place in the run; made once by `setup` (or `single`) and passed down."""
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
-    is_main: bool
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes the run folder, caches and results."""
+        return self.rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -87,7 +92,12 @@ def setup(kind: str = "auto", timeout_s: float = 600.0) -> RankInfo:
     if world > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(BACKENDS[kind], timeout=datetime.timedelta(seconds=timeout_s),
                                       **({"device_id": device} if kind == "cuda" else {}))
-    return RankInfo(rank, world, local_rank, device, rank == 0)
+    return RankInfo(rank, world, device)
+
+
+def single(device: str | torch.device = "cpu") -> RankInfo:
+    """One process without a process group on `device` (notebooks, tests)."""
+    return RankInfo(0, 1, torch.device(device))
 
 
 def cleanup() -> None:
@@ -98,6 +108,14 @@ def cleanup() -> None:
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
+
+
+def main_first(rank: RankInfo, work: Callable[[], T]) -> T:
+    """`work()` on rank 0, then, after a barrier, on the others: rank 0 builds what they then
+    find (the demo corpus, a cache) and prints the progress."""
+    result = work() if rank.is_main else None
+    barrier()
+    return result if rank.is_main else work()
 
 
 def gather_objects(obj: Any) -> list[Any]:

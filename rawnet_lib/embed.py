@@ -4,11 +4,17 @@ Reference mode: each file is cut into the reference's test crops, the crops of m
 through the model together, and a file's embedding is the mean of its crops' `fc1_gru`
 outputs. Full mode feeds each whole utterance (only for models without the fixed-length
 layer norm). Each rank embeds a slice of the files; every rank gets all embeddings back.
+
+`cached_embeddings` keeps them on disk per checkpoint and embedding settings, so evaluating
+O, E and H shares one extraction and a second evaluation embeds nothing.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -17,10 +23,12 @@ from tqdm.auto import tqdm
 
 from rawnet_lib import dist
 from rawnet_lib.audio import eval_crops, peak_normalise, read_audio
-from rawnet_lib.config import EvalConfig, ModelConfig
+from rawnet_lib.checkpoint import checkpoint_fingerprint
+from rawnet_lib.config import Config, ConfigError, EvalConfig, ModelConfig
+from rawnet_lib.io import atomic_open
 from rawnet_lib.trials import resolve
 
-__all__ = ["embed_files", "autocast"]
+__all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast"]
 
 
 class _FileCrops(Dataset):
@@ -59,14 +67,11 @@ def _batches(loader: DataLoader, batch_size: int) -> Iterator[tuple[list[int], t
 
 @torch.no_grad()
 def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg: ModelConfig,
-                ecfg: EvalConfig, device: torch.device, amp: str = "off", workers: int = 2,
+                ecfg: EvalConfig, rank: dist.RankInfo, amp: str = "off", workers: int = 2,
                 progress: bool = True) -> dict[str, np.ndarray]:
-    """{key: mean crop embedding} for every key, computed once across all ranks."""
-    if ecfg.crop_mode == "full" and mcfg.layer_norm:
-        raise ValueError("crop_mode: full needs a model without the fixed-length layer norm "
-                         "(layer_norm: false); use crop_mode: reference for the paper model")
-    rank, world = _rank_world()
-    mine = keys[rank::world]
+    """{key: mean crop embedding} for every key on every rank, each rank embedding a share."""
+    _check_crops(mcfg, ecfg)
+    mine = keys[rank.rank::rank.world_size]
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
@@ -75,10 +80,10 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
     batch = 1 if ecfg.crop_mode == "full" else ecfg.eval_batch_size
     sums = np.zeros((len(mine), mcfg.embedding_dim), dtype=np.float64)
     counts = np.zeros(len(mine))
-    bar = tqdm(total=len(mine), desc="embed", disable=not progress or rank != 0, leave=False)
+    bar = tqdm(total=len(mine), desc="embed", disable=not progress or not rank.is_main, leave=False)
     for owners, x in _batches(loader, batch):
-        with autocast(device, amp):
-            out = net.embed(x.to(device)).float().cpu().numpy()
+        with autocast(rank.device, amp):
+            out = net.embed(x.to(rank.device)).float().cpu().numpy()
         np.add.at(sums, owners, out)
         np.add.at(counts, owners, 1)
         bar.update(len(set(owners)))  # batches hold whole files only
@@ -91,7 +96,62 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
     return merged
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _check_crops(mcfg: ModelConfig, ecfg: EvalConfig) -> None:
+    if ecfg.crop_mode == "full" and mcfg.layer_norm:
+        raise ConfigError(f"crop_mode={ecfg.crop_mode!r} needs a model without the fixed-length layer norm, "
+                          f"but this one has layer_norm over {mcfg.n_samples} samples; use crop_mode: reference")
+    if ecfg.crop_mode == "reference" and not 0 < ecfg.eval_hop <= mcfg.n_samples:
+        raise ConfigError(f"eval_hop={ecfg.eval_hop} must be in 1..n_samples ({mcfg.n_samples}), or test crops "
+                          "skip audio; use the checkpoint's own evaluation settings or a smaller hop")
+
+
+# -- the on-disk cache ------------------------------------------------------------------------------
+def embedding_settings(cfg: Config, roots: Sequence[Path]) -> dict[str, Any]:
+    """What an embedding depends on besides the weights."""
+    ev = cfg.evaluation
+    return {"crop_mode": ev.crop_mode, "n_samples": cfg.model.n_samples,
+            "eval_hop": ev.eval_hop if ev.crop_mode == "reference" else None, "amp": cfg.train.amp,
+            "roots": [str(Path(r).resolve()) for r in roots]}
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["meta"]))["fingerprint"] != fingerprint:
+                return {}  # another checkpoint's embeddings: replaced on the next write
+            return dict(zip(z["keys"].tolist(), z["emb"]))
+    except (OSError, ValueError, KeyError):
+        return {}  # unreadable cache: rebuilt
+
+
+def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys: Sequence[str],
+                      roots: Sequence[Path], cfg: Config, rank: dist.RankInfo, cache_dir: str | Path = "cache",
+                      progress: bool = True) -> dict[str, np.ndarray]:
+    """{key: embedding} for `keys`, embedding only the files the on-disk cache lacks.
+
+    One npz per embedding settings (crop mode, crop length, hop, amp, roots) holds every file
+    embedded so far, tagged with the checkpoint's SHA-1; a changed checkpoint starts it afresh.
+    Call on every rank: they share the extraction and rank 0 writes the file atomically.
+    """
+    _check_crops(cfg.model, cfg.evaluation)
+    settings = embedding_settings(cfg, roots)
+    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"embeddings_{tag}.npz"
+    fingerprint = checkpoint_fingerprint(checkpoint_path)
+    store = _read_cache(path, fingerprint)
+    # Rank 0's view decides, so ranks without the cache folder (no shared disk) still agree.
+    missing = dist.gather_objects(sorted(set(keys) - set(store)))[0]
+    if progress and rank.is_main:
+        print(f"embeddings: {len(keys) - len(missing)} of {len(keys)} files cached, embedding {len(missing)}")
+    if missing:
+        store.update(embed_files(model, missing, [Path(r) for r in roots], cfg.model, cfg.evaluation, rank,
+                                 amp=cfg.train.amp, workers=cfg.data.num_workers, progress=progress))
+        if rank.is_main:
+            names = sorted(store)
+            meta = json.dumps({"fingerprint": fingerprint, "checkpoint": str(checkpoint_path), **settings})
+            with atomic_open(path, "wb") as f:
+                np.savez(f, keys=np.array(names), emb=np.stack([store[k] for k in names]), meta=np.array(meta))
+        dist.barrier()
+    return {k: store[k] for k in keys if k in store}  # all keys on rank 0 (and wherever the cache is shared)

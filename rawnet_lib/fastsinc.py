@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BLOCK", "folded_taps", "sinc_abs_pool", "fast_sinc_pool", "fast_frame_features", "clear_cache",
+__all__ = ["BLOCK", "folded_taps", "sinc_abs_pool", "fast_sinc_pool", "fast_frame_features",
            "set_compile", "compile_enabled"]
 
 BLOCK = 6  # outputs per window; a multiple of 6 (two halves, each whole pooling windows)
@@ -313,11 +313,6 @@ def fast_sinc_pool(conv: nn.Module, x: Tensor, block: int = BLOCK) -> Tensor:
         hit = (key, taps, tuple(m.to(dtype) for m in folded_taps(taps, block)))
         _cache[conv] = hit
     return sinc_abs_pool(x, hit[1], hit[2], block)
-
-
-def clear_cache() -> None:
-    """Forget every cached filter bank (they are also dropped with their module)."""
-    _cache.clear()
 
 
 # --- the channels-last body --------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""A training run's folder, in the seed's layout, written by rank 0 only and always atomically.
+"""A training run's folder, in the seed's layout, written by rank 0 only and always atomically;
+and finding runs and their checkpoints again.
+
+Rank 0 holds a `RunDir`; the other ranks hold a `NullRunDir` with the same methods, which
+write nothing, so the training loop calls them on every rank without asking which it is.
 
     <out_dir>/train_<N>P/DNNS/<name>/
       models/best_opt_eval.pt   best model + optimiser + config (what evaluation needs)
@@ -9,35 +13,39 @@
       prof/                     torch.profiler trace (profile: true)
       eers.txt                  "epoch:<N>, TA_eval_eer:<eer>" per epoch
       f_params.txt              every parameter, "key:<tab>value"
+      val_trial.txt             the validation trials, when the data set has none (val_from)
       config.yaml, history.json, run.json (git commit, versions, host), summary.json
+      eval/<checkpoint stem>/   what rawnet_lib.evaluate writes for a checkpoint of models/
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from rawnet_lib import dist
+from rawnet_lib.checkpoint import model_checkpoint, save_checkpoint, training_checkpoint
 from rawnet_lib.config import REPO_DIR, Config, write_f_params
 from rawnet_lib.data import load_utterances
-from rawnet_lib.io import atomic_torch_save, atomic_write_text
-from rawnet_lib.trials import make_trials, write_trials
 from rawnet_lib.errors import WorkbookError
+from rawnet_lib.io import atomic_write_text
+from rawnet_lib.scoring import write_scores
+from rawnet_lib.trials import TrialList, make_trials, write_trials
 
-__all__ = ["RunDir", "RunExistsError", "NonFiniteLossError", "run_path", "emit", "load_checkpoint",
-           "validation_trials", "EVENT_PREFIX"]
+__all__ = ["RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path", "emit",
+           "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX"]
 
 EVENT_PREFIX = "@@rawnet "
 MIN_FREE_BYTES = 1 << 30
@@ -47,7 +55,11 @@ class RunExistsError(WorkbookError, FileExistsError):
     """The run folder holds an earlier run; nothing is overwritten without being asked."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class RunNotFoundError(WorkbookError, FileNotFoundError):
+    """No finished run where one was looked for."""
+
+
+class NonFiniteLossError(WorkbookError, FloatingPointError):
     """The loss became NaN or inf; the message names the epoch and step."""
 
 
@@ -87,29 +99,26 @@ def check_run_dir(cfg: Config) -> Path:
 class RunDir:
     path: Path
     cfg: Config
-    is_main: bool
     events: bool  # progress as event lines for the notebook instead of a terminal bar
+    val_trials: Path | None  # the per-epoch validation list (mode full)
+    _last_emit: float = field(default=0.0, repr=False)
 
     @classmethod
-    def create(cls, cfg: Config, rank: dist.RankInfo) -> "RunDir":
+    def create(cls, cfg: Config, rank: dist.RankInfo, data_path: Path) -> RunDir:
+        """Rank 0 makes the folder (and its validation list); every rank gets the run after it."""
         path = run_path(cfg)
+        val_trials = _validation_trials(cfg, data_path, path) if cfg.train.mode == "full" else None
         if rank.is_main:
-            check_run_dir(cfg)
-            if cfg.train.overwrite and not cfg.train.resume and path.exists():
-                shutil.rmtree(path)
-            for sub in ("models", "results", "log", "prof"):
-                (path / sub).mkdir(parents=True, exist_ok=True)
-            for stale in path.rglob(".*.tmp"):  # a write a killed run never finished: never read
-                stale.unlink()
-            atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_f_params(cfg, path / "f_params.txt")
+            _make_folder(cfg, path, data_path, val_trials)
         dist.barrier()
-        return cls(path, cfg, rank.is_main, os.environ.get("RAWNET_EVENTS") == "1")
+        return (cls if rank.is_main else NullRunDir)(path, cfg, os.environ.get("RAWNET_EVENTS") == "1", val_trials)
 
-    # -- logging -------------------------------------------------------------------------
+    def last_checkpoint(self) -> Path | None:
+        path = self.path / "models" / "last.pt"
+        return path if path.exists() else None
+
+    # -- logging and progress ----------------------------------------------------------------
     def log(self, epoch: int, line: str) -> None:
-        if not self.is_main:
-            return
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
         with open(self.path / "log" / f"eval_epoch{epoch}.txt", "a") as f:
             f.write(stamped + "\n")
@@ -117,8 +126,6 @@ class RunDir:
             emit("log", line=line)
 
     def start(self, **facts: Any) -> None:
-        if not self.is_main:
-            return
         info = {"command": sys.argv, "python": sys.version.split()[0], "torch": torch.__version__,
                 "host": platform.node(), "git_commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **facts}
@@ -129,7 +136,19 @@ class RunDir:
             emit("start", path=str(self.path), **facts)
         print(message, flush=True)
 
-    def profiler(self) -> torch.profiler.profile:
+    def progress_bar(self, total: int, desc: str) -> tqdm:
+        """An epoch's terminal bar; hidden when the notebook gets events instead."""
+        return tqdm(total=total, desc=desc, disable=self.events, dynamic_ncols=True)
+
+    def step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float) -> None:
+        """A training step's running figures: an event every 2 s, a log line every 50 steps."""
+        if self.events and time.time() - self._last_emit > 2:
+            emit("step", epoch=epoch, step=step, steps=steps, loss=loss, acc=acc)
+            self._last_emit = time.time()
+        if step % 50 == 0 or step == steps:
+            self.log(epoch, f"epoch {epoch} step {step}/{steps} loss {loss:.4f} acc {acc:.4f} lr {lr:.3e}")
+
+    def profiler(self) -> torch.profiler.profile | None:
         prof = torch.profiler.profile(
             schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
             on_trace_ready=torch.profiler.tensorboard_trace_handler(str(self.path / "prof")),
@@ -138,21 +157,22 @@ class RunDir:
         return prof
 
     # -- epoch end -------------------------------------------------------------------------
+    def write_scores(self, epoch: int, scores: np.ndarray, trials: TrialList) -> None:
+        write_scores(self.path / "results" / f"eval_epoch{epoch}.txt", scores, trials)
+
     def end_epoch(self, epoch: int, stats: dict[str, float], history: list[dict], model: torch.nn.Module,
                   optimizer, scheduler, scaler, speakers: list[str], best: bool) -> None:
         eer = stats["val_eer"]
         eers = "".join(f"epoch:{h['epoch']}, TA_eval_eer:{h['val_eer']:.4f}\n" for h in history)
         atomic_write_text(self.path / "eers.txt", eers)
         atomic_write_text(self.path / "history.json", json.dumps(history, indent=1))
-        model_state = {"model": model.state_dict(), "config": self.cfg.to_dict(), "speakers": speakers,
-                       "epoch": epoch, "val_eer": eer}
+        weights = model_checkpoint(model, self.cfg, speakers, epoch, eer)
         if self.cfg.train.save_every_epoch:
-            atomic_torch_save(model_state, self.path / "models" / f"TA_{epoch}_{eer:.4f}.pt")
-        full = {**model_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "history": history, "rng": _rng_state()}
+            save_checkpoint(weights, self.path / "models" / f"TA_{epoch}_{eer:.4f}.pt")
+        full = training_checkpoint(weights, optimizer, scheduler, scaler, history)
         if best:
-            atomic_torch_save(full, self.path / "models" / "best_opt_eval.pt")
-        atomic_torch_save(full, self.path / "models" / "last.pt")  # last: a crash never leaves it half-written
+            save_checkpoint(full, self.path / "models" / "best_opt_eval.pt")
+        save_checkpoint(full, self.path / "models" / "last.pt")  # last: a crash never leaves it half-written
         line = (f"epoch {epoch}: loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} val EER {100 * eer:.2f} % "
                 f"{stats['crops_per_s']:.1f} crops/s ({stats['crops_per_s_per_device']:.1f}/device, "
                 f"{stats['audio_seconds_per_s']:.0f} audio s/s) "
@@ -169,60 +189,102 @@ class RunDir:
         out = {"run": str(self.path), "epochs": len(history), "best_epoch": best.get("epoch"),
                "best_val_eer": best.get("val_eer"), "final_val_eer": history[-1]["val_eer"] if history else None}
         atomic_write_text(self.path / "summary.json", json.dumps(out, indent=1))
-        return out
+        return self._report(out)
 
     def finish_performance(self, stats: dict[str, float]) -> dict[str, Any]:
-        if not self.is_main:
-            return {}
         out = {"mode": "performance", "run": str(self.path), "devices": self.cfg.train.devices * self.cfg.train.nnodes,
                "amp": self.cfg.train.amp, "batch_size": self.cfg.train.batch_size, **stats}
         atomic_write_text(self.path / "performance.json", json.dumps(out, indent=1))
+        return self._report(out)
+
+    def _report(self, out: dict[str, Any]) -> dict[str, Any]:
+        """The run's result: an event for the launcher, or one JSON line on a shell."""
+        if self.events:
+            emit("result", summary=out)
+        else:
+            print(json.dumps(out), flush=True)
         return out
 
-    def last_checkpoint(self) -> Path | None:
-        path = self.path / "models" / "last.pt"
-        return path if path.exists() else None
 
+class NullRunDir(RunDir):
+    """The run folder as ranks other than 0 see it: its paths, and writers that write nothing."""
 
-def load_checkpoint(path: Path | None, model: torch.nn.Module, optimizer, scheduler, scaler) -> dict[str, Any] | None:
-    """Restore a `last.pt` (resume); None when the run has no finished epoch yet."""
-    if path is None:
+    def log(self, epoch: int, line: str) -> None:
+        pass
+
+    def start(self, **facts: Any) -> None:
+        pass
+
+    def progress_bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, disable=True)
+
+    def step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float) -> None:
+        pass
+
+    def profiler(self) -> None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001  (torch raises many types for a damaged file)
-        raise RuntimeError(f"{path} cannot be read ({err}); it was not written by a finished epoch. "
-                           "Remove it to resume from the epoch before, or set overwrite: true") from None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return state
+
+    def write_scores(self, epoch: int, scores: np.ndarray, trials: TrialList) -> None:
+        pass
+
+    def end_epoch(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def summary(self, history: list[dict]) -> dict[str, Any]:
+        return {}
+
+    def finish_performance(self, stats: dict[str, float]) -> dict[str, Any]:
+        return {}
 
 
-def validation_trials(cfg: Config, data_path: Path, run: RunDir) -> Path:
-    """The per-epoch validation list: a file of the data set, or one made from held-out
-    utterances (val_from) with the run's seed and kept in the run folder."""
+def _validation_trials(cfg: Config, data_path: Path, path: Path) -> Path:
+    """The data set's validation list, or one kept in the run folder (made from val_from)."""
     given = data_path / cfg.data.val_trials
-    if given.is_file():
-        return given
-    path = run.path / Path(cfg.data.val_trials).name
-    if run.is_main and not path.exists():
+    return given if given.is_file() else path / Path(cfg.data.val_trials).name
+
+
+def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | None) -> None:
+    check_run_dir(cfg)
+    if cfg.train.overwrite and not cfg.train.resume and path.exists():
+        shutil.rmtree(path)
+    for sub in ("models", "results", "log", "prof"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    for stale in path.rglob(".*.tmp"):  # a write a killed run never finished: never read
+        stale.unlink()
+    atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_f_params(cfg, path / "f_params.txt")
+    if val_trials is not None and not val_trials.exists():  # held-out utterances, with the run's seed
         keys = load_utterances(data_path, cfg.data.val_from, progress=False).keys
-        write_trials(path, make_trials(keys, cfg.data.val_pairs, cfg.train.seed))
-    dist.barrier()
+        write_trials(val_trials, make_trials(keys, cfg.data.val_pairs, cfg.train.seed))
+
+
+# -- finding runs again ------------------------------------------------------------------------
+def newest_run(out_dir: str | Path = "outputs/train") -> Path:
+    """The run folder under out_dir (relative to the repository) whose models/best_opt_eval.pt is newest."""
+    root = Path(out_dir) if Path(out_dir).is_absolute() else REPO_DIR / out_dir
+    found = sorted(root.rglob("models/best_opt_eval.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RunNotFoundError(f"no finished run under {root} (no models/best_opt_eval.pt); train one with "
+                               "notebooks/train.ipynb or give a checkpoint path")
+    return found[-1].parent.parent
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    """A checkpoint path as given, relative to the repository, or ("" / None) the newest run's best model."""
+    if not checkpoint:
+        return newest_run() / "models" / "best_opt_eval.pt"
+    path = Path(checkpoint).expanduser()
+    if not path.exists() and not path.is_absolute() and (REPO_DIR / path).exists():
+        return REPO_DIR / path
     return path
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def default_out_dir(checkpoint: str | Path) -> Path:
+    """`<run>/eval/<stem>/` for a checkpoint in a run's models/, else `outputs/eval/<stem>/`."""
+    path = Path(checkpoint)
+    if path.parent.name == "models":
+        return path.parent.parent / "eval" / path.stem
+    return REPO_DIR / "outputs" / "eval" / path.stem
 
 
 def _git_commit() -> str:

@@ -1,6 +1,7 @@
-"""Trial scores from embeddings, and the score files of a run."""
+"""Trial scores from embeddings (cosine, adaptive s-norm), and the score files of a run."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 from rawnet_lib.io import atomic_open
 from rawnet_lib.trials import TrialList
 
-__all__ = ["cosine_scores", "write_scores"]
+__all__ = ["cosine_scores", "asnorm_scores", "write_scores"]
 
 
 def cosine_scores(embeddings: dict[str, np.ndarray], trials: TrialList, chunk: int = 1024) -> np.ndarray:
@@ -30,6 +31,37 @@ def cosine_scores(embeddings: dict[str, np.ndarray], trials: TrialList, chunk: i
         part = slice(start, start + chunk)
         scores[part] = np.einsum("ij,ij->i", unit[enroll[part]], unit[test[part]])
     return scores
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float32)
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
+def asnorm_scores(emb: Mapping[str, np.ndarray], trials: TrialList, cohort_emb: np.ndarray | Mapping[str, np.ndarray],
+                  top_k: int = 100, chunk: int = 4096) -> np.ndarray:
+    """Adaptive s-norm: 0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t), where mu and sd of a side
+    are the mean and (population) std of its top_k cosine scores against the cohort.
+
+    top_k is capped at the cohort size (then this is plain s-norm); at least 2 are needed.
+    """
+    cohort = _unit(np.stack(list(cohort_emb.values())) if isinstance(cohort_emb, Mapping) else cohort_emb)
+    k = min(top_k, len(cohort))
+    if k < 2:
+        raise ValueError(f"AS-norm needs top_k >= 2 cohort scores per side, got top_k={top_k} with a cohort of "
+                         f"{len(cohort)}; raise asnorm_top_k / asnorm_cohort")
+    files = trials.files()
+    unit = _unit(np.stack([emb[f] for f in files]))
+    mu, sd = np.empty(len(files)), np.empty(len(files))
+    for start in range(0, len(files), chunk):  # (chunk x cohort) at a time: E has 145k files
+        s = unit[start:start + chunk] @ cohort.T
+        top = np.partition(s, len(cohort) - k, axis=1)[:, len(cohort) - k:].astype(np.float64)
+        mu[start:start + chunk], sd[start:start + chunk] = top.mean(1), np.maximum(top.std(1), 1e-12)
+    index = {f: i for i, f in enumerate(files)}
+    e = np.fromiter((index[f] for f in trials.enroll), np.int64, len(trials))
+    t = np.fromiter((index[f] for f in trials.test), np.int64, len(trials))
+    raw = cosine_scores(emb, trials).astype(np.float64)
+    return 0.5 * ((raw - mu[e]) / sd[e] + (raw - mu[t]) / sd[t])
 
 
 def write_scores(path: Path, scores: np.ndarray, trials: TrialList, with_names: bool = False) -> None:

@@ -12,9 +12,7 @@ notebooks/train.ipynb starts the same command through `rawnet_lib.launch`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -25,17 +23,18 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 
 from rawnet_lib import dist
-from rawnet_lib.config import Config, cli_config, cli_parser
-from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
+from rawnet_lib.checkpoint import resume_training
+from rawnet_lib.check import DatasetError
+from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
+from rawnet_lib.data import CropDataset, UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.embed import autocast, embed_files
 from rawnet_lib.errors import run_cli
 from rawnet_lib.metrics import eer as compute_eer
 from rawnet_lib.model import build_model
-from rawnet_lib.run import RunDir, NonFiniteLossError, emit, load_checkpoint, validation_trials
-from rawnet_lib.scoring import cosine_scores, write_scores
+from rawnet_lib.run import NonFiniteLossError, RunDir
+from rawnet_lib.scoring import cosine_scores
 from rawnet_lib.trials import read_trials
 
 __all__ = ["train", "make_optimizer", "main"]
@@ -54,16 +53,15 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Opt
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: dist.RankInfo,
-                epoch: int, run: RunDir | None, max_steps: int | None = None) -> dict[str, float]:
+                epoch: int, run: RunDir, max_steps: int | None = None) -> dict[str, float]:
     """One pass over the loader (or max_steps steps); returns loss, accuracy and throughput."""
     model.train()
     steps = min(len(loader), max_steps or len(loader))
     warmup = min(cfg.train.warmup_steps, steps // 2)  # short epochs still get a throughput figure
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not rank.is_main or run is None or run.events,
-               dynamic_ncols=True)
-    profiler = run.profiler() if run is not None and cfg.train.profile and epoch == 1 else None
+    bar = run.progress_bar(steps, f"epoch {epoch}")
+    profiler = run.profiler() if cfg.train.profile and epoch == 1 else None
     totals = np.zeros(3)  # loss sum, correct, crops
-    timed_crops, t_start, last_emit = 0, None, time.time()
+    timed_crops, t_start = 0, None
     for step, (x, y) in enumerate(loader, start=1):
         if step > steps:
             break
@@ -83,22 +81,16 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()  # keras decay: every iteration
-        # bookkeeping and progress
+        # bookkeeping and progress (this rank's running figures)
         totals += [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
         if t_start is not None:
             timed_crops += len(y)
         if profiler is not None:
             profiler.step()
-        if rank.is_main and run is not None:
-            stats = {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}", refresh=False)
-            bar.update()
-            if run.events and time.time() - last_emit > 2:
-                emit("step", epoch=epoch, step=step, steps=steps, **stats)
-                last_emit = time.time()
-            if step % 50 == 0 or step == steps:
-                run.log(epoch, f"epoch {epoch} step {step}/{steps} loss {stats['loss']:.4f} "
-                               f"acc {stats['acc']:.4f} lr {scheduler.get_last_lr()[0]:.3e}")
+        loss_avg, acc = totals[0] / totals[2], totals[1] / totals[2]
+        bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
+        bar.update()
+        run.step(epoch, step, steps, loss_avg, acc, scheduler.get_last_lr()[0])
     bar.close()
     if profiler is not None:
         profiler.stop()
@@ -110,17 +102,15 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
             "audio_seconds_per_s": rate * cfg.model.n_samples / cfg.model.sample_rate}
 
 
-def validate(model, cfg: Config, data_path: Path, trials_path: Path, rank: dist.RankInfo,
-             run: RunDir, epoch: int) -> float:
-    """Embed the validation files across all ranks, score once on rank 0, return the EER (fraction)."""
-    trials = read_trials(trials_path)
+def validate(model, cfg: Config, data_path: Path, rank: dist.RankInfo, run: RunDir, epoch: int) -> float:
+    """Embed the validation files across all ranks; every rank scores the gathered embeddings
+    (the same EER everywhere), rank 0's run folder keeps the scores."""
+    trials = read_trials(run.val_trials)
     roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
-    emb = embed_files(model, trials.files(), roots, cfg.model, cfg.evaluation, rank.device,
+    emb = embed_files(model, trials.files(), roots, cfg.model, cfg.evaluation, rank,
                       amp=cfg.train.amp, workers=cfg.data.num_workers, progress=not run.events)
-    if not rank.is_main:
-        return float("nan")
     scores = cosine_scores(emb, trials)
-    write_scores(run.path / "results" / f"eval_epoch{epoch}.txt", scores, trials)
+    run.write_scores(epoch, scores, trials)
     return compute_eer(scores, trials.labels)
 
 
@@ -132,16 +122,13 @@ def train(cfg: Config) -> dict[str, Any]:
     random.seed(cfg.train.seed + rank.rank)
     try:
         if cfg.train.batch_size % rank.world_size:
-            raise ValueError(f"batch_size {cfg.train.batch_size} does not split evenly over "
+            raise ConfigError(f"batch_size {cfg.train.batch_size} does not split evenly over "
                              f"{rank.world_size} processes; use a multiple of {rank.world_size}")
-        # rank 0 builds the demo corpus, scans the tree once and creates the run folder; the others wait
-        data_path = resolve_data_path(cfg.data) if rank.is_main else None
-        utts = load_utterances(data_path, cfg.data.train_dir) if rank.is_main else None
-        if utts is not None and utts.bad and cfg.data.on_bad_audio == "stop":
-            raise ValueError(utts.bad_summary())  # before the run folder exists: fix the data, run again
-        run = RunDir.create(cfg, rank)
-        data_path = data_path or resolve_data_path(cfg.data)
-        utts = utts or load_utterances(data_path, cfg.data.train_dir, progress=False)
+        # rank 0 builds the demo corpus and scans the tree once; the others then read its list
+        data_path, utts = dist.main_first(rank, lambda: _training_data(cfg))
+        if utts.bad and cfg.data.on_bad_audio == "stop":
+            raise DatasetError(utts.bad_summary())  # before the run folder exists: fix the data, run again
+        run = RunDir.create(cfg, rank, data_path)
         if utts.bad:
             run.log(0, f"skipping {len(utts.bad)} unusable training file(s):\n{utts.bad_summary()}")
         speakers = utts.speakers()
@@ -155,12 +142,11 @@ def train(cfg: Config) -> dict[str, Any]:
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
-        state = load_checkpoint(run.last_checkpoint(), model, optimizer, scheduler, scaler) if cfg.train.resume else None
+        state = resume_training(run.last_checkpoint(), model, optimizer, scheduler, scaler) if cfg.train.resume else None
         # Batch-norm statistics stay per rank after the initial sync, as the reference's broadcast_buffers=False.
         net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []
         best_eer = min([h["val_eer"] for h in history if not math.isnan(h["val_eer"])], default=math.inf)
-        trials_path = validation_trials(cfg, data_path, run) if cfg.train.mode == "full" else None
         run.start(speakers=len(speakers), utterances=len(utts), hours=utts.seconds() / 3600)
 
         if cfg.train.mode == "performance":
@@ -178,17 +164,21 @@ def train(cfg: Config) -> dict[str, Any]:
             stats = train_epoch(net, loader, optimizer, scheduler, scaler, cfg, rank, epoch, run)
             stats["epoch_seconds"] = time.time() - t0
             stats["fps_seed"] = _seed_fps(utts.frames.sum(), len(utts), stats, rank)
-            stats["val_eer"] = validate(net, cfg, data_path, trials_path, rank, run, epoch)
+            stats["val_eer"] = validate(net, cfg, data_path, rank, run, epoch)
             stats["epoch"] = epoch
             history.append(stats)
-            if rank.is_main:
-                best = stats["val_eer"] < best_eer
-                best_eer = min(best_eer, stats["val_eer"])
-                run.end_epoch(epoch, stats, history, model, optimizer, scheduler, scaler, speakers, best)
+            best = stats["val_eer"] < best_eer
+            best_eer = min(best_eer, stats["val_eer"])
+            run.end_epoch(epoch, stats, history, model, optimizer, scheduler, scaler, speakers, best)
             dist.barrier()
-        return run.summary(history) if rank.is_main else {}
+        return run.summary(history)
     finally:
         dist.cleanup()
+
+
+def _training_data(cfg: Config) -> tuple[Path, UtteranceList]:
+    data_path = resolve_data_path(cfg.data)
+    return data_path, load_utterances(data_path, cfg.data.train_dir)
 
 
 def _batch_keys(loader: DataLoader, step: int) -> list[str]:
@@ -225,9 +215,7 @@ def _parse_args(argv: list[str] | None) -> Config:
 
 @record  # under torchrun, a failing rank's traceback is reported with its rank
 def main(argv: list[str] | None = None) -> None:
-    summary = train(_parse_args(argv))
-    if summary:
-        print(json.dumps(summary), flush=True)
+    train(_parse_args(argv))  # rank 0 reports the result (an event for the launcher, else JSON)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checkpoint loading, the embedding cache, AS-norm, the evaluation table and the evaluate notebook."""
+"""The embedding cache, the evaluation table, run discovery and the evaluate notebook."""
 from __future__ import annotations
 
 import json
@@ -12,26 +12,32 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
+from rawnet_lib import dist, embed
 from rawnet_lib import evaluate as ev
-from rawnet_lib.config import load_config
+from rawnet_lib.checkpoint import checkpoint_fingerprint, load_checkpoint_model, read_checkpoint
+from rawnet_lib.config import ConfigError
+from rawnet_lib.embed import cached_embeddings
 from rawnet_lib.metrics import eer
 from rawnet_lib.model import build_model
-from rawnet_lib.trials import TrialList, read_trials
+from rawnet_lib.run import default_out_dir, newest_run
+from rawnet_lib.trials import read_trials
+
+
+CPU = dist.single("cpu")
 
 
 @pytest.fixture
 def count_embeds(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record the keys of every embed_files call the cache makes."""
     calls: list[list[str]] = []
-    real = ev.embed_files
+    real = embed.embed_files
 
     def counting(model, keys, *args, **kwargs):
         calls.append(list(keys))
         return real(model, keys, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "embed_files", counting)
+    monkeypatch.setattr(embed, "embed_files", counting)
     return calls
 
 
@@ -44,57 +50,10 @@ def checkpoint(smoke_run: Path, tmp_path: Path) -> Path:
     return path
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("layer_norm", [True, False])
-def test_bare_reference_state_dict_is_inferred_and_loads_strictly(tmp_path: Path, layer_norm: bool) -> None:
-    cfg = load_config("smoke", {"model": {"blocks": [8, 8, 16, 16, 24]}}, gru_units=40, embedding_dim=24,
-                      layer_norm=layer_norm)
-    model = build_model(cfg, n_classes=7)
-    state = model.state_dict()
-    path = tmp_path / "reference.pt"
-    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # as nn.DataParallel saves it
-
-    loaded, got = ev.load_checkpoint_model(path, base="smoke")
-
-    for field in ("sinc_filters", "blocks", "gru_units", "gru_layers", "embedding_dim", "layer_norm", "sinc_kernel"):
-        assert getattr(got.model, field) == getattr(cfg.model, field), field
-    if layer_norm:
-        assert got.model.n_samples == cfg.model.n_samples
-    assert loaded.fc2_gru.out_features == 7
-    assert set(loaded.state_dict()) == set(state)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
-    assert not loaded.training
-
-
-def test_reference_shapes_give_the_paper_model() -> None:
-    state = build_model("paper", n_classes=5994).state_dict()
-    cfg, n_classes = ev.infer_model_config(state)
-    assert (cfg, n_classes) == (load_config("paper").model, 5994)
-
-
-def test_training_checkpoint_carries_its_config(smoke_run: Path) -> None:
-    model, cfg = ev.load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
-    assert cfg.to_dict() == yaml.safe_load((smoke_run / "config.yaml").read_text())
-    assert model.embed(torch.randn(2, cfg.model.n_samples)).shape == (2, cfg.model.embedding_dim)
-
-
-def test_non_checkpoints_are_refused_with_the_file_named(tmp_path: Path) -> None:
-    text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.pt is not a readable PyTorch checkpoint"):
-        ev.load_checkpoint_model(text)
-    other = tmp_path / "other.pt"
-    torch.save({"weight": torch.zeros(3)}, other)
-    with pytest.raises(ValueError, match=r"other.pt: not a RawNet2 state_dict: no first_conv.low_hz_"):
-        ev.load_checkpoint_model(other)
-    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
-        ev.load_checkpoint_model(tmp_path / "missing.pt")
-
-
 # -- embedding cache -----------------------------------------------------------------------------
 def _eval_setup(tiny_db: Path, checkpoint: Path):
     """Model, config, roots and two overlapping key sets (a few O files; some of them plus H-only files)."""
-    model, cfg = ev.load_checkpoint_model(checkpoint)
+    model, cfg = load_checkpoint_model(checkpoint)
     cfg = ev.with_overrides(cfg, eval_hop=cfg.model.n_samples)  # fewer crops per file: a quicker test
     roots = [tiny_db / d for d in cfg.data.eval_dirs]
     o_keys = read_trials(tiny_db / "VoxCeleb1" / "veri_test.txt").files()[:6]
@@ -106,9 +65,9 @@ def test_cache_embeds_each_file_once_and_a_new_checkpoint_invalidates(
         tiny_db: Path, checkpoint: Path, tmp_path: Path, count_embeds: list[list[str]]) -> None:
     model, cfg, roots, o_keys, h_keys = _eval_setup(tiny_db, checkpoint)
     cache = tmp_path / "cache"
-    first = ev.cached_embeddings(model, checkpoint, o_keys, roots, cfg, cache_dir=cache, progress=False)
-    both = ev.cached_embeddings(model, checkpoint, o_keys + h_keys, roots, cfg, cache_dir=cache, progress=False)
-    again = ev.cached_embeddings(model, checkpoint, h_keys, roots, cfg, cache_dir=cache, progress=False)
+    first = cached_embeddings(model, checkpoint, o_keys, roots, cfg, CPU, cache_dir=cache, progress=False)
+    both = cached_embeddings(model, checkpoint, o_keys + h_keys, roots, cfg, CPU, cache_dir=cache, progress=False)
+    again = cached_embeddings(model, checkpoint, h_keys, roots, cfg, CPU, cache_dir=cache, progress=False)
 
     assert count_embeds == [sorted(o_keys), sorted(set(h_keys) - set(o_keys))]  # the H call reuses O's files
     assert all(np.array_equal(first[k], both[k]) for k in o_keys)
@@ -117,16 +76,16 @@ def test_cache_embeds_each_file_once_and_a_new_checkpoint_invalidates(
 
     # Other embedding settings use their own cache file.
     hop = ev.with_overrides(cfg, eval_hop=cfg.evaluation.eval_hop // 2)
-    ev.cached_embeddings(model, checkpoint, o_keys, roots, hop, cache_dir=cache, progress=False)
+    cached_embeddings(model, checkpoint, o_keys, roots, hop, CPU, cache_dir=cache, progress=False)
     assert count_embeds[-1] == sorted(o_keys) and len(list(cache.glob("*.npz"))) == 2
 
     # Rewriting the checkpoint with other weights embeds everything again, with the new weights.
-    state = torch.load(checkpoint, weights_only=False)
+    state = read_checkpoint(checkpoint)
     state["model"]["fc1_gru.bias"] += 1.0
     torch.save(state, checkpoint)
-    model2, _ = ev.load_checkpoint_model(checkpoint)
+    model2, _ = load_checkpoint_model(checkpoint)
     calls = len(count_embeds)
-    fresh = ev.cached_embeddings(model2, checkpoint, o_keys, roots, cfg, cache_dir=cache, progress=False)
+    fresh = cached_embeddings(model2, checkpoint, o_keys, roots, cfg, CPU, cache_dir=cache, progress=False)
     assert count_embeds[calls:] == [sorted(o_keys)]
     assert np.allclose(fresh[o_keys[0]], first[o_keys[0]] + 1.0, atol=1e-4)
 
@@ -135,61 +94,15 @@ def test_full_utterance_mode_needs_a_model_without_layer_norm(
         tiny_db: Path, checkpoint: Path, tmp_path: Path) -> None:
     model, cfg, roots, o_keys, _ = _eval_setup(tiny_db, checkpoint)
     full = ev.with_overrides(cfg, crop_mode="full")
-    with pytest.raises(ValueError, match="crop_mode='full' needs a model without the fixed-length layer norm"):
-        ev.cached_embeddings(model, checkpoint, o_keys, roots, full, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="crop_mode='full' needs a model without the fixed-length layer norm"):
+        cached_embeddings(model, checkpoint, o_keys, roots, full, CPU, cache_dir=tmp_path, progress=False)
 
     free = ev.with_overrides(full, layer_norm=False)
     path = tmp_path / "no_ln.pt"
     torch.save(build_model(free).state_dict(), path)
-    model, _ = ev.load_checkpoint_model(path, base=free)
-    emb = ev.cached_embeddings(model, path, o_keys[:3], roots, free, cache_dir=tmp_path, progress=False)
+    model, _ = load_checkpoint_model(path, base=free)
+    emb = cached_embeddings(model, path, o_keys[:3], roots, free, CPU, cache_dir=tmp_path, progress=False)
     assert all(v.shape == (free.model.embedding_dim,) and np.isfinite(v).all() for v in emb.values())
-
-
-# -- AS-norm -------------------------------------------------------------------------------------
-def _random_setup(seed: int = 0, n_files: int = 12, dim: int = 8, n_cohort: int = 15):
-    rng = np.random.default_rng(seed)
-    keys = [f"s{i % 4}/v/{i}.wav" for i in range(n_files)]
-    emb = dict(zip(keys, rng.standard_normal((n_files, dim))))
-    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
-    trials = TrialList(np.array([a[:2] == b[:2] for a, b in pairs], np.int8), [a for a, _ in pairs],
-                       [b for _, b in pairs])
-    return emb, trials, rng.standard_normal((n_cohort, dim))
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def test_asnorm_matches_its_definition() -> None:
-    emb, trials, cohort = _random_setup()
-    top_k = 5
-    got = ev.asnorm_scores(emb, trials, cohort, top_k)
-
-    def stats(x: np.ndarray) -> tuple[float, float]:
-        top = np.sort(_unit(cohort) @ _unit(x))[-top_k:]
-        return top.mean(), top.std()
-
-    for i, (a, b) in enumerate(zip(trials.enroll, trials.test)):
-        s = float(_unit(emb[a]) @ _unit(emb[b]))
-        (mu_e, sd_e), (mu_t, sd_t) = stats(emb[a]), stats(emb[b])
-        assert got[i] == pytest.approx(0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t), rel=1e-4, abs=1e-4)
-
-
-def test_asnorm_is_symmetric_and_invariant_to_scale_and_cohort_order() -> None:
-    emb, trials, cohort = _random_setup(1)
-    base = ev.asnorm_scores(emb, trials, cohort, 6)
-    swapped = TrialList(trials.labels, trials.test, trials.enroll)
-    scaled = {k: 3.5 * v for k, v in emb.items()}
-    order = np.random.default_rng(2).permutation(len(cohort))
-    np.testing.assert_allclose(ev.asnorm_scores(emb, swapped, cohort, 6), base, rtol=1e-6)
-    np.testing.assert_allclose(ev.asnorm_scores(scaled, trials, 0.1 * cohort[order], 6), base, rtol=1e-4, atol=1e-5)
-    # A cohort mapping works like the array, and top_k beyond the cohort means all of it (plain s-norm).
-    as_map = {str(i): c for i, c in enumerate(cohort)}
-    np.testing.assert_allclose(ev.asnorm_scores(emb, trials, as_map, 1000),
-                               ev.asnorm_scores(emb, trials, cohort, len(cohort)), rtol=1e-6)
-    with pytest.raises(ValueError, match="top_k=1"):
-        ev.asnorm_scores(emb, trials, cohort, 1)
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -197,7 +110,7 @@ def test_asnorm_is_symmetric_and_invariant_to_scale_and_cohort_order() -> None:
 def evaluated(smoke_run: Path, tiny_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
     """The smoke run evaluated on O and its cleaned twin (the same files), with AS-norm."""
     ckpt = smoke_run / "models" / "best_opt_eval.pt"
-    _, cfg = ev.load_checkpoint_model(ckpt)
+    _, cfg = load_checkpoint_model(ckpt)
     cfg = ev.with_overrides(cfg, data_path=str(tiny_db), asnorm=True, asnorm_cohort=12, asnorm_top_k=5)
     out = tmp_path_factory.mktemp("eval")
     return ev.evaluate(ckpt, cfg, ["O", "O2"], out_dir=out, progress=False), out
@@ -223,13 +136,13 @@ def test_evaluate_writes_scores_and_a_consistent_table(evaluated, smoke_run: Pat
     info = json.loads((out / "metrics.json").read_text())
     pd.testing.assert_frame_equal(csv, pd.DataFrame(info["metrics"]), check_dtype=False)
     assert info["checkpoint"] == str(smoke_run / "models" / "best_opt_eval.pt") and info["data_path"] == str(tiny_db)
-    assert info["fingerprint"] == ev.checkpoint_fingerprint(smoke_run / "models" / "best_opt_eval.pt")
+    assert info["fingerprint"] == checkpoint_fingerprint(smoke_run / "models" / "best_opt_eval.pt")
     assert info["config"]["evaluation"]["asnorm"] is True
 
 
 def test_results_of_other_settings_are_never_replaced_silently(checkpoint: Path, tiny_db: Path,
                                                                 tmp_path: Path) -> None:
-    _, cfg = ev.load_checkpoint_model(checkpoint)
+    _, cfg = load_checkpoint_model(checkpoint)
     cfg = ev.with_overrides(cfg, data_path=str(tiny_db))
     out = tmp_path / "eval"
     ev.evaluate(checkpoint, cfg, ["O"], out_dir=out, progress=False)
@@ -260,15 +173,15 @@ def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Pat
 
 def test_newest_run_picks_the_latest_best_model(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished run"):
-        ev.newest_run(tmp_path)
+        newest_run(tmp_path)
     for i, name in enumerate(("old", "new")):
         path = tmp_path / "train_1P" / "DNNS" / name / "models" / "best_opt_eval.pt"
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x")
         os.utime(path, (1_000_000 + i, 1_000_000 + i))
     (tmp_path / "train_1P" / "DNNS" / "unfinished" / "models").mkdir(parents=True)
-    assert ev.newest_run(tmp_path) == tmp_path / "train_1P" / "DNNS" / "new"
-    assert ev.default_out_dir(ev.newest_run(tmp_path) / "models" / "best_opt_eval.pt") == \
+    assert newest_run(tmp_path) == tmp_path / "train_1P" / "DNNS" / "new"
+    assert default_out_dir(newest_run(tmp_path) / "models" / "best_opt_eval.pt") == \
         tmp_path / "train_1P" / "DNNS" / "new" / "eval" / "best_opt_eval"
 
 

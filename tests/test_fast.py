@@ -184,7 +184,7 @@ def test_fast_bf16_embeddings_close_to_exact_float32(smoke_run, tiny_db):
     (measured 0.994 / 0.9994 here; 0.9996 / 0.99988 for the demo model after 10 epochs, where
     the exact path under bf16 autocast gets only 0.95 / 0.98 because its sinc phases, up to
     ~400 rad, are rounded to bf16 too). Untrained weights are more sensitive: not used here."""
-    from rawnet_lib.evaluate import load_checkpoint_model
+    from rawnet_lib.checkpoint import load_checkpoint_model
     model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
     x = bench._crops(cfg, 16, tiny_db)
     with torch.no_grad():
@@ -273,7 +273,7 @@ def test_compiled_kernels_match_eager():
         fastsinc._kernel("sinc_pool")(s, a, out, code)
         peak, pool_code = fastsinc._kernel("pool_peak")(y)
         results[compiled] = out, code, peak, pool_code
-    (out_e, code_e, peak_e, pool_code_e), (out_c, code_c, peak_c, pool_code_c) = results[False], results[True]
+    (out_e, _, peak_e, _), (out_c, code_c, peak_c, pool_code_c) = results[False], results[True]
     torch.testing.assert_close(out_c, out_e, **ONE_ROUNDING)
     torch.testing.assert_close(peak_c, peak_e, **ONE_ROUNDING)
     # each code picks a window maximum: top half windows hold s + a, bottom half s - a, reversed

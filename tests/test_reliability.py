@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rawnet_lib.audio import AudioError, random_crop, read_audio
+from rawnet_lib.checkpoint import read_checkpoint
 from rawnet_lib.config import load_config
 from rawnet_lib.data import load_utterances
-from rawnet_lib.launch import TrainingFailed, launch, launch_command
+from rawnet_lib.launch import launch, launch_command
 from rawnet_lib.run import NonFiniteLossError, run_path
 from rawnet_lib.train import train
 
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "models" / "last.pt", weights_only=False)["model"]
+    return read_checkpoint(run / "models" / "last.pt")["model"]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -106,7 +107,7 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_checkpoint(
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2 .*batch \['id0"):
         train(cfg)
-    last = torch.load(run_path(cfg) / "models" / "last.pt", weights_only=False)
+    last = read_checkpoint(run_path(cfg) / "models" / "last.pt")
     assert last["epoch"] == 1
 
 
@@ -133,7 +134,7 @@ def test_sigkill_mid_checkpoint_then_resume_loses_nothing(smoke_run: Path, tiny_
     assert died.returncode == 137, died.stdout + died.stderr
     run = run_path(load_config("smoke", out_dir=str(out), name="fixture"))
     assert list(run.rglob(".last.pt.*.tmp")), "the half-written checkpoint is where the kill left it"
-    assert torch.load(run / "models" / "last.pt", weights_only=False)["epoch"] == 1  # the good one
+    assert read_checkpoint(run / "models" / "last.pt")["epoch"] == 1  # the good one
     train(load_config("smoke", data_path=str(tiny_db), out_dir=str(out), name="fixture", epochs=2, resume=True))
     assert not list(run.rglob("*.tmp"))
     assert _same_weights(run, smoke_run)

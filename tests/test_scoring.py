@@ -1,4 +1,4 @@
-"""Cosine trial scores and the score files."""
+"""Cosine and AS-norm trial scores, and the score files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rawnet_lib.scoring import cosine_scores, write_scores
+from rawnet_lib.scoring import asnorm_scores, cosine_scores, write_scores
 from rawnet_lib.trials import TrialList
 
 
@@ -47,3 +47,49 @@ def test_score_files_in_the_reference_format(tmp_path: Path) -> None:
     write_scores(tmp_path / "n.txt", scores, trials, with_names=True)
     assert (tmp_path / "s.txt").read_text() == "0.500000 1\n-0.250000 0\n"
     assert (tmp_path / "n.txt").read_text() == "0.500000 1 a/v/1.wav a/v/2.wav\n-0.250000 0 a/v/1.wav b/v/3.wav\n"
+
+
+# -- AS-norm -------------------------------------------------------------------------------------
+def _random_setup(seed: int = 0, n_files: int = 12, dim: int = 8, n_cohort: int = 15):
+    rng = np.random.default_rng(seed)
+    keys = [f"s{i % 4}/v/{i}.wav" for i in range(n_files)]
+    emb = dict(zip(keys, rng.standard_normal((n_files, dim))))
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
+    trials = TrialList(np.array([a[:2] == b[:2] for a, b in pairs], np.int8), [a for a, _ in pairs],
+                       [b for _, b in pairs])
+    return emb, trials, rng.standard_normal((n_cohort, dim))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_asnorm_matches_its_definition() -> None:
+    emb, trials, cohort = _random_setup()
+    top_k = 5
+    got = asnorm_scores(emb, trials, cohort, top_k)
+
+    def stats(x: np.ndarray) -> tuple[float, float]:
+        top = np.sort(_unit(cohort) @ _unit(x))[-top_k:]
+        return top.mean(), top.std()
+
+    for i, (a, b) in enumerate(zip(trials.enroll, trials.test)):
+        s = float(_unit(emb[a]) @ _unit(emb[b]))
+        (mu_e, sd_e), (mu_t, sd_t) = stats(emb[a]), stats(emb[b])
+        assert got[i] == pytest.approx(0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t), rel=1e-4, abs=1e-4)
+
+
+def test_asnorm_is_symmetric_and_invariant_to_scale_and_cohort_order() -> None:
+    emb, trials, cohort = _random_setup(1)
+    base = asnorm_scores(emb, trials, cohort, 6)
+    swapped = TrialList(trials.labels, trials.test, trials.enroll)
+    scaled = {k: 3.5 * v for k, v in emb.items()}
+    order = np.random.default_rng(2).permutation(len(cohort))
+    np.testing.assert_allclose(asnorm_scores(emb, swapped, cohort, 6), base, rtol=1e-6)
+    np.testing.assert_allclose(asnorm_scores(scaled, trials, 0.1 * cohort[order], 6), base, rtol=1e-4, atol=1e-5)
+    # A cohort mapping works like the array, and top_k beyond the cohort means all of it (plain s-norm).
+    as_map = {str(i): c for i, c in enumerate(cohort)}
+    np.testing.assert_allclose(asnorm_scores(emb, trials, as_map, 1000),
+                               asnorm_scores(emb, trials, cohort, len(cohort)), rtol=1e-6)
+    with pytest.raises(ValueError, match="top_k=1"):
+        asnorm_scores(emb, trials, cohort, 1)

@@ -1,22 +1,27 @@
 """Training: the seed's output layout, 1 and 2 processes, resume equality, modes, refusals."""
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from rawnet_lib.checkpoint import read_checkpoint
 from rawnet_lib.config import load_config
 from rawnet_lib.launch import launch, launch_command
-from rawnet_lib.run import RunExistsError, run_path
+from rawnet_lib.dist import RankInfo
+from rawnet_lib.model import build_model
+from rawnet_lib.run import NullRunDir, RunDir, RunExistsError, run_path
 from rawnet_lib.train import make_optimizer, train
-from rawnet_lib.trials import read_trials
+from rawnet_lib.trials import TrialList, read_trials
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "models" / "last.pt", weights_only=False)["model"]
+    return read_checkpoint(run / "models" / "last.pt")["model"]
 
 
 def assert_seed_layout(run: Path, epochs: int) -> None:
@@ -37,7 +42,7 @@ def assert_seed_layout(run: Path, epochs: int) -> None:
     params = dict(line.split(":\t", 1) for line in (run / "f_params.txt").read_text().splitlines())
     assert params["n_samples"] == "6561" and params["batch_size"] == "8"
     assert (run / "prof").is_dir()
-    best = torch.load(run / "models" / "best_opt_eval.pt", weights_only=False)
+    best = read_checkpoint(run / "models" / "best_opt_eval.pt")
     assert {"model", "optimizer", "config", "speakers", "epoch", "val_eer"} <= set(best)
     assert not list(run.rglob("*.tmp")), "no temporary file may be left behind"
 
@@ -104,8 +109,28 @@ def test_batch_must_split_over_ranks(tiny_db: Path, tmp_path: Path, monkeypatch:
         train(cfg)
 
 
+def test_ranks_other_than_0_get_a_run_folder_that_writes_nothing(tiny_db: Path, tmp_path: Path) -> None:
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), epochs=1)
+    run = RunDir.create(cfg, RankInfo(1, 2, torch.device("cpu")), tiny_db)
+    assert isinstance(run, NullRunDir) and run.path == run_path(cfg)
+    methods = {name for name, value in vars(RunDir).items() if inspect.isfunction(value) and not name.startswith("_")}
+    assert methods - set(vars(NullRunDir)) == {"last_checkpoint"}, "every writer has a silent twin"
+
+    model = build_model(cfg, 3)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    run.log(1, "a line")
+    run.start(speakers=3, utterances=9, hours=0.1)
+    run.step(1, 50, 50, 1.0, 0.5, 1e-3)
+    run.write_scores(1, np.zeros(1), TrialList(np.ones(1, np.int8), ["a/v/1.wav"], ["a/v/2.wav"]))
+    stats = {"val_eer": 0.5, "loss": 1.0, "accuracy": 0.5, "crops_per_s": 1.0, "crops_per_s_per_device": 1.0,
+             "audio_seconds_per_s": 1.0, "fps_seed": 1.0, "epoch": 1}
+    run.end_epoch(1, stats, [stats], model, optimizer, scheduler, None, ["a", "b", "c"], True)
+    assert run.summary([stats]) == {} and run.finish_performance(stats) == {}
+    assert run.profiler() is None and run.progress_bar(5, "epoch 1").disable
+    assert not tmp_path.exists() or not any(tmp_path.iterdir()), "rank 1 wrote nothing"
+
+
 def test_no_weight_decay_on_batch_norm() -> None:
-    from rawnet_lib.model import build_model
     model = build_model("smoke", 4)
     optimizer, scheduler = make_optimizer(model, load_config("smoke"))
     decayed, plain = optimizer.param_groups

@@ -1,0 +1,199 @@
+"""Reading and writing checkpoints: ours (training and resume) and bare reference state_dicts.
+
+Every load goes through `read_checkpoint`, with `torch.load(weights_only=True)`: a checkpoint
+from elsewhere can hold tensors and plain Python values, never code. So what we save is only
+that: the config as a dict, the RNG states as lists and tensors, the history as floats.
+
+    model checkpoint (TA_<epoch>_<eer>.pt)  model, config, speakers, epoch, val_eer
+    training checkpoint (last.pt, best_opt_eval.pt)  + optimizer, scheduler, scaler, history, rng
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rawnet_lib.config import Config, ModelConfig, load_config
+from rawnet_lib.errors import WorkbookError
+from rawnet_lib.io import atomic_torch_save
+from rawnet_lib.model import RawNet2, build_model
+
+__all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
+           "resume_training", "load_checkpoint_model", "infer_model_config", "checkpoint_fingerprint"]
+
+_HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
+         "or a reference RawNet2 state_dict")
+# Checkpoints written before the RNG state was stored as lists hold numpy arrays and scalars;
+# rebuilding those runs no code, so they stay readable.
+_np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 | 1
+_NUMPY_GLOBALS = [_np_core.multiarray.scalar, _np_core.multiarray._reconstruct, np.ndarray, np.dtype,
+                  type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
+_fingerprints: dict[tuple[str, int, int], str] = {}
+
+
+class CheckpointError(WorkbookError, ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or not a RawNet2; the message says which."""
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def model_checkpoint(model: torch.nn.Module, cfg: Config, speakers: Sequence[str], epoch: int,
+                     val_eer: float) -> dict[str, Any]:
+    """What evaluation needs: the weights, the config that builds them, and where they came from."""
+    return {"model": model.state_dict(), "config": cfg.to_dict(), "speakers": list(speakers),
+            "epoch": int(epoch), "val_eer": float(val_eer)}
+
+
+def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                        history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """A `model_checkpoint` plus everything `resume_training` restores."""
+    return {**weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "history": [{k: _plain(v) for k, v in h.items()} for h in history],
+            "rng": _rng_state()}
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """Write atomically: a run killed mid-write keeps the previous file."""
+    atomic_torch_save(state, path)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (np.float64 from a sum, np.bool_) as the Python values weights_only reads."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _rng_state() -> dict[str, Any]:
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, key.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path, fix: str = _HELP) -> Any:
+    """The stored object, loaded with weights_only=True (tensors and plain values only); `fix`
+    ends the message when the file is missing or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (torch raises many types for a file that is not a checkpoint)
+        text = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            raise CheckpointError(f"{path} holds Python objects besides tensors and plain values ({unsafe[1]}); "
+                                  "loading them could run code, so it is refused. If you trust its source, load "
+                                  "it yourself and save only its state_dict") from None
+        detail = text.split("WeightsUnpickler error:")[-1].strip() or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail.splitlines()[0]}); "
+                              f"{fix}") from None
+
+
+def resume_training(path: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: Any) -> dict[str, Any] | None:
+    """Restore a training checkpoint (`last.pt`) into these objects and the RNGs; None without one."""
+    if path is None:
+        return None
+    state = read_checkpoint(path, fix="it was not written by a finished epoch: remove it to resume from "
+                                      "the epoch before, or set overwrite: true")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def infer_model_config(state: Mapping[str, torch.Tensor], base: ModelConfig | None = None) -> tuple[ModelConfig, int]:
+    """(ModelConfig, n_classes) read off a RawNet2 state_dict's tensor shapes.
+
+    The sinc kernel length and sample rate are not stored in the weights (the filters are
+    computed), so they come from `base` (the paper's 251 taps by default).
+    """
+    needed = ["first_conv.low_hz_", "block0.0.conv1.weight", "gru.weight_hh_l0", "fc1_gru.weight"]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(f"not a RawNet2 state_dict: no {', '.join(missing)} among its {len(state)} keys "
+                              f"(first: {', '.join(list(state)[:4])})")
+    cfg = copy.deepcopy(base or ModelConfig())
+    cfg.layer_norm = "ln.gamma" in state
+    if cfg.layer_norm:
+        cfg.n_samples = int(state["ln.gamma"].shape[0])
+    cfg.sinc_filters = int(state["first_conv.low_hz_"].shape[0])
+    cfg.blocks = []
+    while f"block{len(cfg.blocks)}.0.conv1.weight" in state:
+        cfg.blocks.append(int(state[f"block{len(cfg.blocks)}.0.conv1.weight"].shape[0]))
+    cfg.gru_units = int(state["gru.weight_hh_l0"].shape[1])
+    cfg.gru_layers = sum(1 for k in state if k.startswith("gru.weight_hh_l"))
+    cfg.embedding_dim = int(state["fc1_gru.weight"].shape[0])
+    n_classes = int(state["fc2_gru.weight"].shape[0]) if "fc2_gru.weight" in state else 0
+    return cfg, n_classes
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
+                          base: Config | str = "paper") -> tuple[RawNet2, Config]:
+    """(model in eval mode on `device`, its Config) from one of our checkpoints or a bare state_dict.
+
+    Our checkpoints carry their config. For a bare reference state_dict (optionally saved from
+    nn.DataParallel, keys `module.*`) the architecture is inferred from the tensor shapes and the
+    other blocks come from `base` (a Config or preset name). Loading is strict; fc2_gru is kept
+    when present so that every key is accounted for.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "config" in obj:
+        state = obj["model"]
+        cfg = load_config(None, {k: v for k, v in obj["config"].items() if k != "preset"})
+        cfg.preset = str(obj["config"].get("preset", ""))
+        _, n_classes = infer_model_config(state, cfg.model)
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = obj
+        if all(k.startswith("module.") for k in state):
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+        cfg = load_config(base) if isinstance(base, str) else copy.deepcopy(base)
+        try:
+            cfg.model, n_classes = infer_model_config(state, cfg.model)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}; {_HELP}") from None
+    else:
+        keys = list(obj)[:6] if isinstance(obj, Mapping) else []
+        raise CheckpointError(f"{path} holds a {type(obj).__name__} (keys {keys}), neither a training checkpoint "
+                              f"(model, config, ...) nor a state_dict; {_HELP}")
+    model = build_model(cfg.model, n_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit a RawNet2 of {cfg.model} "
+                              f"({' '.join(str(err).split())[:400]}); for a bare state_dict pick the preset "
+                              "whose sinc_kernel matches (base=...)") from None
+    return model.to(device).eval(), cfg
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """Full SHA-1 of the file's bytes (memoised per size and mtime): a rewritten checkpoint
+    always invalidates, a copied or touched one does not."""
+    path = Path(path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _fingerprints:
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _fingerprints[memo] = digest.hexdigest()
+    return _fingerprints[memo]

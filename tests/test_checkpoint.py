@@ -1,0 +1,144 @@
+"""Checkpoints: ours carry their config and load with weights_only=True, bare reference
+state_dicts are inferred, resume restores the RNGs, and nothing that could run code loads."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rawnet_lib.checkpoint import (CheckpointError, infer_model_config, load_checkpoint_model, model_checkpoint,
+                                   read_checkpoint, resume_training, save_checkpoint, training_checkpoint)
+from rawnet_lib.config import load_config
+from rawnet_lib.errors import WorkbookError
+from rawnet_lib.model import build_model
+from rawnet_lib.train import make_optimizer
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_bare_reference_state_dict_is_inferred_and_loads_strictly(tmp_path: Path, layer_norm: bool) -> None:
+    cfg = load_config("smoke", {"model": {"blocks": [8, 8, 16, 16, 24]}}, gru_units=40, embedding_dim=24,
+                      layer_norm=layer_norm)
+    model = build_model(cfg, n_classes=7)
+    state = model.state_dict()
+    path = tmp_path / "reference.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # as nn.DataParallel saves it
+
+    loaded, got = load_checkpoint_model(path, base="smoke")
+
+    for field in ("sinc_filters", "blocks", "gru_units", "gru_layers", "embedding_dim", "layer_norm", "sinc_kernel"):
+        assert getattr(got.model, field) == getattr(cfg.model, field), field
+    if layer_norm:
+        assert got.model.n_samples == cfg.model.n_samples
+    assert loaded.fc2_gru.out_features == 7
+    assert set(loaded.state_dict()) == set(state)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert not loaded.training
+
+
+def test_reference_shapes_give_the_paper_model() -> None:
+    state = build_model("paper", n_classes=5994).state_dict()
+    cfg, n_classes = infer_model_config(state)
+    assert (cfg, n_classes) == (load_config("paper").model, 5994)
+
+
+@pytest.mark.slow  # trains the smoke run
+def test_training_checkpoint_carries_its_config(smoke_run: Path) -> None:
+    model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
+    assert cfg.to_dict() == yaml.safe_load((smoke_run / "config.yaml").read_text())
+    assert model.embed(torch.randn(2, cfg.model.n_samples)).shape == (2, cfg.model.embedding_dim)
+
+
+def test_non_checkpoints_are_refused_with_the_file_named(tmp_path: Path) -> None:
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.pt is not a readable PyTorch checkpoint"):
+        load_checkpoint_model(text)
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match=r"other.pt: not a RawNet2 state_dict: no first_conv.low_hz_"):
+        load_checkpoint_model(other)
+    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
+        load_checkpoint_model(tmp_path / "missing.pt")
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a malicious checkpoint would do with a worse call."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_holding_a_python_object_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "trojan.pt"
+    state = build_model("smoke", n_classes=3).state_dict()
+    torch.save({"model": state, "config": {}, "extra": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"trojan.pt holds Python objects .*could run code, so it is refused"):
+        load_checkpoint_model(path)
+    assert isinstance(CheckpointError("x"), WorkbookError)
+    assert not marker.exists(), "nothing in the file was executed"
+
+
+@pytest.mark.slow  # trains the smoke run
+def test_our_checkpoints_hold_only_tensors_and_plain_values(smoke_run: Path) -> None:
+    for name in ("last.pt", "best_opt_eval.pt"):
+        state = torch.load(smoke_run / "models" / name, map_location="cpu", weights_only=True)  # no allow-list
+        assert {"model", "config", "optimizer", "scheduler", "scaler", "history", "rng"} <= set(state)
+        assert all(type(v) in (int, float) for h in state["history"] for v in h.values())
+
+
+def _training_objects(seed: int):
+    torch.manual_seed(seed)
+    cfg = load_config("smoke")
+    model = build_model(cfg, n_classes=3)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    return cfg, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
+
+
+def _draws() -> tuple[float, float, torch.Tensor]:
+    return random.random(), float(np.random.random()), torch.rand(3)
+
+
+def test_resume_restores_weights_optimiser_and_every_rng(tmp_path: Path) -> None:
+    cfg, model, optimizer, scheduler, scaler = _training_objects(0)
+    model(torch.randn(2, cfg.model.n_samples)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    random.seed(1)
+    np.random.seed(2)
+    path = tmp_path / "last.pt"
+    save_checkpoint(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 1, np.float64(0.25)),
+                                        optimizer, scheduler, scaler, [{"epoch": 1, "val_eer": np.float64(0.25)}]),
+                    path)
+    expected = _draws()
+
+    _, fresh, fresh_opt, fresh_sched, fresh_scaler = _training_objects(1)
+    state = resume_training(path, fresh, fresh_opt, fresh_sched, fresh_scaler)
+    got = _draws()
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+    assert fresh_opt.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert fresh_sched.last_epoch == scheduler.last_epoch and state["history"] == [{"epoch": 1, "val_eer": 0.25}]
+    assert resume_training(None, fresh, fresh_opt, fresh_sched, fresh_scaler) is None
+
+
+def test_a_damaged_last_checkpoint_names_the_way_back(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK half a checkpoint")
+    _, model, optimizer, scheduler, scaler = _training_objects(0)
+    with pytest.raises(CheckpointError, match=r"last.pt is not a readable .*remove it to resume from the epoch before"):
+        resume_training(path, model, optimizer, scheduler, scaler)
+
+
+def test_checkpoints_written_with_numpy_rng_state_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"rng": {"numpy": np.random.get_state()}, "val_eer": np.float64(0.5)}, path)
+    state = read_checkpoint(path)
+    assert state["val_eer"] == 0.5 and state["rng"]["numpy"][1].dtype == np.uint32

@@ -2,8 +2,9 @@
 players to listen to them.
 
 Score files are those `rawnet_lib.evaluate` writes (`score target`, or `score target enroll test`
-for the `_names.txt` variant). The widgets need a Jupyter front end to play audio; without one
-(papermill, tests) they render as their text description, so headless runs do not fail.
+for the `_names.txt` variant). The widgets need a Jupyter front end and a kernel to play audio;
+without one (papermill, tests, a saved notebook opened later) they show their text form, which
+points to the static players of `rawnet_lib.listen` shown above them.
 """
 from __future__ import annotations
 
@@ -193,18 +194,27 @@ def trial_player(row: pd.Series | dict, roots: Sequence[str | Path]) -> widgets.
     return widgets.VBox([header, widgets.HBox(sides)])
 
 
+class _Browser(widgets.VBox):
+    """The browser's box; its text form (what a saved notebook shows without a kernel) says so
+    instead of listing its children."""
+
+    def __repr__(self) -> str:
+        return "[trial browser: needs a running kernel; the table above plays without one]"
+
+
 def misverified_browser(trials: pd.DataFrame, roots: Sequence[str | Path]) -> widgets.VBox:
     """A table of trials (e.g. from worst_trials) with a speaker filter, a score range slider and
     a trial chooser that shows the chosen trial's players."""
     if trials.empty:
-        return widgets.VBox([widgets.HTML("no trials to show")])
+        return _Browser([widgets.HTML("no trials to show")])
     trials = trials.reset_index(drop=True)  # row labels pick the trial
     speakers = sorted(set(trials["enroll"].map(speaker_of)) | set(trials["test"].map(speaker_of)))
     speaker = widgets.Dropdown(options=["(all)", *speakers], description="speaker")
     low, high = float(trials["score"].min()), float(trials["score"].max())
     score = widgets.FloatRangeSlider(value=(low, high), min=low, max=high, step=max((high - low) / 100, 1e-6),
-                                     description="score", readout_format=".3f")
-    chooser = widgets.Dropdown(description="trial")
+                                     description="score", readout_format=".3f",
+                                     style={"description_width": "initial"}, layout=widgets.Layout(width="460px"))
+    chooser = widgets.Dropdown(description="trial", layout=widgets.Layout(width="720px"))
     table, player = widgets.HTML(), widgets.VBox()
 
     def selected() -> pd.DataFrame:
@@ -232,4 +242,4 @@ def misverified_browser(trials: pd.DataFrame, roots: Sequence[str | Path]) -> wi
     score.observe(refresh, names="value")
     chooser.observe(show_trial, names="value")
     refresh()
-    return widgets.VBox([widgets.HBox([speaker, score]), table, chooser, player])
+    return _Browser([widgets.HBox([speaker, score]), table, chooser, player])

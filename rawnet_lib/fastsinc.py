@@ -15,7 +15,7 @@ Two changes, both exact in float32 up to rounding:
    (n = (BLOCK+K-1)/2), gives S = s @ B_s and A = a @ B_a with half-width matrices:
    first-half outputs = S + A, second-half outputs (reversed) = S - A. That is
    (BLOCK+K-1)/(2K) = 0.51x the multiply-adds of the direct convolution, as large regular
-   GEMMs that run near the CPU's matmul peak (bf16 under autocast).
+   GEMMs that run near the CPU's matmul peak (float32, also under autocast: see below).
    BLOCK/2 is a multiple of 3, so |.| and the max over each pooling window are taken straight
    on S and A, already in (time, channel) order. The backward pass is written out: only the
    argmax and sign of each window are kept (int8); the gradients are two more pairs of GEMMs
@@ -32,12 +32,14 @@ Two changes, both exact in float32 up to rounding:
    (layer summaries, FMS inspection), the blocks are called as modules instead, so the hooks
    still fire.
 
-Filters are built once per forward from `SincConv.filters()` (in float32 even under autocast:
-its sines take phases up to ~400 rad, which bf16 cannot represent). With gradients off
+AMP follows the exact path's policy: the filters (`SincConv.filters()`, whose sines take phases
+up to ~400 rad that bf16 cannot represent) and the sinc front end run in float32 under autocast,
+and so does the residual sum of each block; the convolutions, FMS and GRU run in the AMP dtype.
+Filters are built once per forward. With gradients off
 (evaluation, embedding) the half-width filter matrices are cached per module until `low_hz_`
 or `band_hz_` change (their version counter moves on every optimiser step and load_state_dict).
 
-The fast preset is `model.fast: true` with `train.amp: bf16` (autocast; no loss scaling).
+The fast preset is `model.fast: true` with `train.amp: bf16` (autocast; no loss scaling needed).
 rawnet_lib/bench.py measures speed and agreement against the exact path.
 """
 from __future__ import annotations
@@ -292,9 +294,8 @@ def sinc_abs_pool(x: Tensor, taps: Tensor, folded: tuple[Tensor, Tensor] | None 
 
 
 def _taps(conv: nn.Module) -> Tensor:
-    """(C, K) float32 taps, autocast off (see the module docstring)."""
-    with torch.autocast(conv.low_hz_.device.type, enabled=False):
-        return conv.filters().view(conv.out_channels, -1)
+    """(C, K) float32 taps (`SincConv.filters` builds them in float32 even under autocast)."""
+    return conv.filters().view(conv.out_channels, -1)
 
 
 def fast_sinc_pool(conv: nn.Module, x: Tensor, block: int = BLOCK) -> Tensor:
@@ -378,7 +379,9 @@ def _block(blk: nn.Module, x: Tensor) -> Tensor:
     out = _conv(blk.conv1, x if blk.first else _act(blk.bn1, x))
     out = _conv(blk.conv2, _act(blk.bn2, out))
     identity = _conv(blk.conv_downsample, x) if hasattr(blk, "conv_downsample") else x
-    out = _max_pool3(out.add_(identity))  # a conv's backward does not need its output
+    # The residual sum in x's dtype: float32 under autocast, as on the exact path (in bf16 it
+    # costs embedding cosine). A conv's backward does not need its output, so add in place.
+    out = _max_pool3(out.to(x.dtype).add_(identity))
     s = torch.sigmoid(blk.frm.fc(_time_mean(out))).to(out.dtype)[:, :, None, None]  # FMS gate
     return torch.addcmul(s, out, s)  # out * s + s
 
@@ -388,8 +391,10 @@ def _hooked(model: nn.Module) -> bool:
 
 
 def fast_frame_features(model: nn.Module, x: Tensor) -> Tensor:
-    """`RawNet2.frame_features` after the layer norm: waveform (B, T) -> (B, C, frames)."""
-    x = fast_sinc_pool(model.first_conv, x)                        # (B, C, T'), channels innermost
+    """`RawNet2.frame_features` after the layer norm: waveform (B, T) -> (B, C, frames).
+    The sinc front end runs in float32 under autocast too, as on the exact path (README: AMP)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = fast_sinc_pool(model.first_conv, x)                    # (B, C, T'), channels innermost
     if _hooked(model):  # call the modules so hooks see what they expect
         x = F.leaky_relu(model.first_bn(x), LEAKY_SLOPE)
         for i in range(model.n_blocks):

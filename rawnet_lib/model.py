@@ -78,11 +78,16 @@ class SincConv(nn.Module):
         return low, high
 
     def filters(self) -> Tensor:
-        """The band-pass filter taps, (out_channels, 1, kernel_size), peak gain normalised to 1."""
-        low, high = self.cutoffs()
-        band = high - low
-        left = (torch.sin(high @ self.n_) - torch.sin(low @ self.n_)) / (self.n_ / 2) * self.window_
-        taps = torch.cat([left, 2 * band, left.flip(dims=[1])], dim=1) / (2 * band)
+        """The band-pass filter taps, (out_channels, 1, kernel_size), peak gain normalised to 1.
+
+        Always float32, autocast or not: the phases `high @ n_` reach ~400 rad, where bf16's
+        spacing is 2 rad (filter taps off by up to 21 %) and fp16's 0.25 rad.
+        """
+        with torch.autocast(self.low_hz_.device.type, enabled=False):
+            low, high = self.cutoffs()
+            band = high - low
+            left = (torch.sin(high @ self.n_) - torch.sin(low @ self.n_)) / (self.n_ / 2) * self.window_
+            taps = torch.cat([left, 2 * band, left.flip(dims=[1])], dim=1) / (2 * band)
         return taps.view(self.out_channels, 1, self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, T) -> (B, C, T - kernel + 1)
@@ -161,8 +166,9 @@ class RawNet2(nn.Module):
             x = self.ln(x)
         if self.cfg.fast:  # the same maths, fused and channels-last (rawnet_lib/fastsinc.py)
             return fast_frame_features(self, x)
-        x = self.first_conv(x.unsqueeze(1))
-        x = self.lrelu_keras(self.first_bn(F.max_pool1d(x.abs(), 3)))
+        with torch.autocast(x.device.type, enabled=False):  # sinc, |.| and pool in float32 (README: AMP)
+            x = F.max_pool1d(self.first_conv(x.unsqueeze(1)).abs(), 3)
+        x = self.lrelu_keras(self.first_bn(x))
         for i in range(self.n_blocks):
             x = getattr(self, f"block{i}")(x)  # the registered child, so hooks on `block<i>` fire
         return self.lrelu_keras(self.bn_before_gru(x))

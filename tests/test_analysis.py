@@ -1,17 +1,26 @@
 """Score files, EER history, worst trials, the trial players and the analysis notebook."""
 from __future__ import annotations
 
+import base64
+import io
+import json
+import re
 from pathlib import Path
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 
 from rawnet_lib import analysis as an
+from rawnet_lib.audio import audio_frames, read_audio
 from rawnet_lib.evaluate import evaluate
+from rawnet_lib.listen import trials_table, utterances_table
 from rawnet_lib.scoring import write_scores
-from rawnet_lib.trials import TrialList
+from rawnet_lib.trials import TrialList, resolve
+
+_CLIP = re.compile(r'<audio controls[^>]* src="data:audio/wav;base64,([A-Za-z0-9+/=]+)"')
 
 # A hand-made list: speaker a/b/c, label 1 = same speaker.
 HAND = pd.DataFrame({
@@ -101,11 +110,50 @@ def test_trial_player_and_browser(eval_dir: Path) -> None:
     speaker.value = "(all)"
     score.value = (score.max, score.max)
     assert [worst.loc[i, "score"] for _, i in chooser.options] == [worst["score"].max()]
+    # what a saved notebook shows in place of the widget without a kernel
+    assert "needs a running kernel" in browser._repr_mimebundle_()["text/plain"]
+    assert score.style.description_width == "initial"
+
+
+def _clips(html: str) -> list[tuple[np.ndarray, object]]:
+    """The samples and format of every embedded <audio> clip, in order."""
+    out = []
+    for data in _CLIP.findall(html):
+        raw = io.BytesIO(base64.b64decode(data, validate=True))
+        info = sf.info(raw)
+        raw.seek(0)
+        out.append((sf.read(raw, dtype="float32")[0], info))
+    return out
+
+
+def test_static_tables_play_both_sides_without_a_kernel(eval_dir: Path) -> None:
+    scores = an.load_scores(eval_dir / "scores_O_names.txt")
+    roots = an.audio_roots(eval_dir / "scores_O_names.txt")
+    worst = pd.concat([an.worst_trials(scores, kind, n=3) for kind in ("false_reject", "false_accept")],
+                      ignore_index=True)
+    html = trials_table(worst, roots, per_kind=2, seconds=0.5).data
+    shown = worst.groupby("kind").head(2)
+    files = [resolve(key, [Path(r) for r in roots]) for _, row in shown.iterrows() for key in (row.enroll, row.test)]
+    clips = _clips(html)
+    assert len(clips) == len(files) == 2 * len(shown)
+    for (wave, info), path in zip(clips, files):
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert len(wave) == min(8000, audio_frames(path))
+        # PCM16 rounds each sample to a step of 2^-15
+        np.testing.assert_allclose(wave, np.clip(read_audio(path)[:len(wave)], -1, 1), rtol=0, atol=2.0 ** -15)
+    assert all(f"{s:.4f}" in html for s in shown["score"]) and all(k in html for k in shown["enroll"])
+
+    utts = utterances_table(files[:2], files[0].parents[2], seconds=0.25).data
+    assert [len(w) for w, _ in _clips(utts)] == [min(4000, audio_frames(p)) for p in files[:2]]
+    assert str(files[0].relative_to(files[0].parents[2])) in utts
 
 
 @pytest.mark.notebook
 def test_analysis_notebook_saves_figures(eval_dir: Path, smoke_run: Path, run_notebook) -> None:
-    run_notebook("analysis", sources=str(smoke_run), n_worst=2)
+    out = run_notebook("analysis", sources=str(smoke_run), n_worst=2)
+    html = [o["data"]["text/html"] for cell in json.loads(out.read_text())["cells"] for o in cell.get("outputs", [])
+            if "text/html" in o.get("data", {})]
+    assert any(_clips("".join(h)) for h in html)  # the worst trials play in the saved notebook
     figures = smoke_run / "figures"
     for name in ("det", "hist_O", "hist_O2", f"val_eer_{smoke_run.name}"):
         for ext in ("png", "svg"):

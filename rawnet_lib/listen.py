@@ -1,0 +1,81 @@
+"""Audio players that still play in a saved notebook, opened without a kernel.
+
+Widgets need their kernel, and JupyterLab sanitises the HTML of a notebook it does not trust
+(every notebook executed elsewhere, e.g. by papermill): it keeps the `src` of `<audio>` but
+drops the one of `<source>`, which is where IPython.display.Audio puts its data. So the players
+here are `<audio controls src="data:audio/wav;base64,...">` elements in plain HTML tables,
+each holding a short clip: 16 kHz mono PCM16, about 43 kB of notebook per second of audio.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from IPython.display import HTML
+
+from rawnet_lib.audio import audio_frames, read_audio
+from rawnet_lib.trials import resolve
+
+__all__ = ["CLIP_SECONDS", "wav_bytes", "audio_element", "trials_table", "utterances_table"]
+
+CLIP_SECONDS = 3.0  # enough to hear a voice; 10 trials x 2 sides of it add about 2.6 MB to the notebook
+_STYLE = "border-collapse: collapse; text-align: left"
+
+
+def wav_bytes(wave: np.ndarray, sample_rate: int = 16000) -> bytes:
+    """A mono float waveform as a PCM16 wav file (samples beyond [-1, 1] are clipped)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(wave, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def audio_element(path: str | Path, seconds: float = CLIP_SECONDS, sample_rate: int = 16000) -> str:
+    """An `<audio controls>` element holding the first `seconds` of a wav file."""
+    wave = read_audio(path, frames=round(seconds * sample_rate), sample_rate=sample_rate)
+    data = base64.b64encode(wav_bytes(wave, sample_rate)).decode("ascii")
+    return f'<audio controls preload="none" src="data:audio/wav;base64,{data}"></audio>'
+
+
+def _table(header: Sequence[str], rows: list[list[str]], caption: str) -> HTML:
+    """An HTML table of already escaped cells."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return HTML(f'<table style="{_STYLE}"><caption>{html.escape(caption)}</caption>'
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _file_cell(name: str, path: Path, seconds: float) -> str:
+    return f"<code>{html.escape(name)}</code><br>{audio_element(path, seconds)}"
+
+
+def trials_table(trials: pd.DataFrame, roots: Sequence[str | Path], per_kind: int = 5,
+                 seconds: float = CLIP_SECONDS) -> HTML:
+    """Trials (e.g. from worst_trials, worst first) as a static table with both sides playable:
+    the first `per_kind` of each kind, each side cut to its first `seconds`."""
+    if "kind" in trials:
+        trials = trials.groupby("kind", sort=False).head(per_kind)
+    else:
+        trials = trials.head(per_kind)
+    folders = [Path(r) for r in roots]
+    rows = []
+    for _, row in trials.iterrows():
+        same = "same speaker" if int(row["label"]) == 1 else "different speakers"
+        rows.append([html.escape(str(row.get("kind", "")).replace("_", " ")), f"{float(row['score']):.4f}", same,
+                     *(_file_cell(row[side], resolve(row[side], folders), seconds) for side in ("enroll", "test"))])
+    caption = f"{len(rows)} trials, first {seconds:g} s of each file (plays without a kernel)"
+    return _table(["kind", "score", "label", "enroll", "test"], rows, caption)
+
+
+def utterances_table(paths: Sequence[str | Path], root: str | Path, seconds: float = CLIP_SECONDS,
+                     sample_rate: int = 16000) -> HTML:
+    """Utterance files as a static table of players (names relative to root), each cut to its
+    first `seconds`."""
+    rows = [[_file_cell(str(Path(p).relative_to(root)), Path(p), seconds),
+             f"{audio_frames(p) / sample_rate:.2f} s"] for p in paths]
+    return _table(["utterance", "length"], rows, f"{len(rows)} utterances, first {seconds:g} s of each")

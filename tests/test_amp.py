@@ -1,0 +1,108 @@
+"""AMP on both compute paths: sinc filters and the sinc front end in float32, the rest in the AMP
+dtype, embeddings close to float32, and fp16 loss scaling that survives an overflow step.
+
+CPU autocast runs the same code as CUDA/NPU autocast, so these hold there too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rawnet_lib import bench, fastsinc
+from rawnet_lib.config import load_config
+from rawnet_lib.model import RawNet2, SincConv, build_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The goal for an untrained paper model (issue 11); 1 - cosine grows with the unit roundoff
+# squared, so fp16 (u = 2^-11) sits far inside its bound and bf16 (u = 2^-8) near it.
+COSINE = {"bf16": (0.97, 0.99), "fp16": (0.99, 0.99)}  # (min, mean)
+
+
+@pytest.fixture(autouse=True)
+def eager_kernels():
+    previous = fastsinc.set_compile(False)
+    yield
+    fastsinc.set_compile(previous)
+
+
+def _models(preset: str, n_classes: int = 0) -> dict[str, RawNet2]:
+    """{exact, fast} models of a preset with the same seeded weights and calibrated batch norm."""
+    torch.manual_seed(0)
+    cfg = load_config(preset).model
+    exact = build_model(dataclasses.replace(cfg, fast=False), n_classes)
+    bench.calibrate_batch_norm(exact, torch.randn(8, cfg.n_samples, generator=torch.Generator().manual_seed(9)))
+    fast = build_model(dataclasses.replace(cfg, fast=True), n_classes)
+    fast.load_state_dict(exact.state_dict())
+    return {"exact": exact.eval(), "fast": fast.eval()}
+
+
+@pytest.mark.parametrize("amp", DTYPES)
+def test_sinc_filters_are_built_in_float32_under_autocast(amp: str) -> None:
+    conv = SincConv()  # the paper's 128 filters of 251 taps, phases up to ~400 rad
+    reference = conv.filters()
+    with torch.autocast("cpu", dtype=DTYPES[amp]):
+        taps = conv.filters()
+    assert taps.dtype == torch.float32
+    torch.testing.assert_close(taps, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["exact", "fast"])
+@pytest.mark.parametrize("amp", DTYPES)
+def test_front_end_in_float32_and_the_rest_in_the_amp_dtype(path: str, amp: str) -> None:
+    """What reaches first_bn (sinc, |.|, pool) is the float32 result; the convolutions after it
+    compute in the AMP dtype."""
+    model = _models("smoke")[path]
+    seen: dict[str, list[torch.Tensor]] = {"front": [], "conv": []}
+    model.first_bn.register_forward_hook(lambda m, args, out: seen["front"].append(args[0]))
+    model.block0[0].conv1.register_forward_hook(lambda m, args, out: seen["conv"].append(out))
+    x = torch.randn(2, model.cfg.n_samples, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.embed(x)
+        with torch.autocast("cpu", dtype=DTYPES[amp]):
+            model.embed(x)
+    (plain, mixed), (_, conv) = seen["front"], seen["conv"]
+    assert mixed.dtype == torch.float32 and conv.dtype == DTYPES[amp]
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)  # the same float32 operations
+
+
+@pytest.mark.parametrize("path", ["exact", "fast"])
+@pytest.mark.parametrize("amp", DTYPES)
+def test_amp_embeddings_close_to_float32(path: str, amp: str) -> None:
+    model = _models("demo")[path]
+    x = torch.randn(8, model.cfg.n_samples, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model.embed(x)
+        with torch.autocast("cpu", dtype=DTYPES[amp]):
+            mixed = model.embed(x).float()
+    cosine = F.cosine_similarity(mixed, reference).double()
+    low, mean = COSINE[amp]
+    assert cosine.min() >= low and cosine.mean() >= mean, (cosine.min().item(), cosine.mean().item())
+
+
+@pytest.mark.parametrize("path", ["exact", "fast"])
+def test_fp16_loss_scaling_survives_an_overflow_step(path: str) -> None:
+    """train.py's fp16 step with its scaler (GradScaler's defaults): the first scale, 2^16,
+    overflows the fp16 gradients of the untrained smoke model (65,504 at most), so that step is
+    skipped and the scale halves until the gradients fit; then the weights move and stay finite."""
+    model = _models("smoke", n_classes=4)[path].train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(4, model.cfg.n_samples, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(4)
+    scales, changed = [scaler.get_scale()], []
+    while not any(changed) and len(changed) < 20:
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        changed.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters())))
+    assert not changed[0] and scales[1] == scales[0] / 2  # the overflow step: skipped, scale backed off
+    assert changed[-1] and all(torch.isfinite(p).all() for p in model.parameters()) and torch.isfinite(loss)
+    assert scales[-1] == scales[-2]  # a step that fits keeps its scale

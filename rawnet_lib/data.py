@@ -73,7 +73,7 @@ def scan_utterances(root: str | Path, sample_rate: int = SAMPLE_RATE, workers: i
     """Every `spk/video/utt.wav` under root with its length; unusable entries (a bad header, NaN
     samples in a float file, a folder named like a file) go to `.bad` with the reason."""
     root = _require_tree(root)
-    paths = [root / key for key, _ in _wav_files(root)]
+    paths = [root / key for key, _, _ in _wav_files(root, workers)]
     if not paths:
         raise FileNotFoundError(f"no spk/video/utt.wav files under {root}; convert .m4a files first "
                                 "(python -m rawnet_lib.convert) or check the path")
@@ -99,25 +99,27 @@ def _require_tree(root: str | Path) -> Path:
     return root
 
 
-def _entries(path: Path) -> list[os.DirEntry]:
+def _entries(path: str | Path) -> list[os.DirEntry]:
     with os.scandir(path) as it:
         return sorted(it, key=lambda e: e.name)
 
 
-def _wav_files(root: Path) -> list[tuple[str, tuple[int, int]]]:
-    """(key, (size, mtime_ns)) of every `spk/video/*.wav` entry under root, in path order (a
+def _wav_files(root: Path, workers: int = 8) -> list[tuple[str, int, int]]:
+    """(key, size, mtime_ns) of every `spk/video/*.wav` entry under root, in path order (a
     folder named like a file is listed too: the scan reports it). Folders are told apart by
-    their directory-entry type, so only the wav entries are statted."""
+    their directory-entry type, so only the wav entries are statted; speaker folders are read
+    by `workers` threads, since a stat waits on the file system (most on a network one)."""
+    speakers = [e for e in _entries(root) if e.is_dir()]
+    with ThreadPoolExecutor(workers) as pool:
+        return [f for files in pool.map(_speaker_files, speakers) for f in files]
+
+
+def _speaker_files(speaker: os.DirEntry) -> list[tuple[str, int, int]]:
     out = []
-    for spk in _entries(root):
-        if not spk.is_dir():
-            continue
-        for video in _entries(Path(spk.path)):
-            if not video.is_dir():
-                continue
-            for utt in _entries(Path(video.path)):
-                if utt.name.endswith(".wav"):
-                    out.append((f"{spk.name}/{video.name}/{utt.name}", _stat(utt)))
+    for video in _entries(speaker.path):
+        if video.is_dir():
+            prefix = f"{speaker.name}/{video.name}/"
+            out += [(prefix + utt.name, *_stat(utt)) for utt in _entries(video.path) if utt.name.endswith(".wav")]
     return out
 
 
@@ -133,10 +135,8 @@ def tree_signature(root: str | Path) -> str:
     """`<n> files <sha1>`: the count of wav files under root and a hash of their keys, sizes
     and modification times. Adding, removing, renaming or rewriting a file changes it."""
     files = _wav_files(_require_tree(root))
-    digest = hashlib.sha1()
-    for key, (size, mtime) in files:
-        digest.update(f"{key}\t{size}\t{mtime}\n".encode())
-    return f"{len(files)} files {digest.hexdigest()}"
+    text = "".join(f"{key}\t{size}\t{mtime}\n" for key, size, mtime in files)
+    return f"{len(files)} files {hashlib.sha1(text.encode()).hexdigest()}"
 
 
 def list_dir(data_path: Path) -> Path:

@@ -121,6 +121,7 @@ def train(cfg: Config) -> dict[str, Any]:
     np.random.seed(cfg.train.seed + rank.rank)
     random.seed(cfg.train.seed + rank.rank)
     try:
+        dist.check_fast_path(cfg.model.fast, rank.device)
         if cfg.train.batch_size % rank.world_size:
             raise ConfigError(f"batch_size {cfg.train.batch_size} does not split evenly over "
                              f"{rank.world_size} processes; use a multiple of {rank.world_size}")

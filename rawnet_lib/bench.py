@@ -4,6 +4,7 @@
     python -m rawnet_lib.bench train --repeats 7      # one measurement kind
     python -m rawnet_lib.bench all --quick            # smoke preset, tiny repeats (< 1 min)
     python -m rawnet_lib.bench train --config demo    # the demo preset's model
+    python -m rawnet_lib.bench scale-data             # a VoxCeleb2-shaped tree of 209,790 links (not in `all`)
 
 Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
 ratio, device, torch, threads, ...); the functions return the same dicts for
@@ -44,11 +45,13 @@ from rawnet_lib.errors import run_cli
 from rawnet_lib.model import build_model
 
 __all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
-           "calibrate_batch_norm", "bench_load", "bench_score", "bench_scale", "run_all", "plot_comparison", "main"]
+           "calibrate_batch_norm", "bench_load", "bench_score", "bench_scale", "bench_data_scale", "run_all", "plot_comparison", "main"]
 
 PATHS = {"exact": {"fast": False, "amp": "off"}, "fast": {"fast": True, "amp": "bf16"}}
 QUICK = {"preset": "smoke", "batch": 4, "repeats": 2}
+SCALE_QUICK = {"speakers": 20, "videos": 2, "utterances": 3, "batches": 4}
 PAPER_CLASSES = 5994  # VoxCeleb2 dev speakers: the output layer of the paper model
+VOX2_FILES = 1_092_009  # VoxCeleb2 dev utterances
 
 
 # --- counting and context -----------------------------------------------------------------------
@@ -374,6 +377,67 @@ def bench_scale(preset: str = "paper", batch: int = 8, steps: int = 6, warmup: i
     return out
 
 
+def _link_tree(root: Path, sources: list[Path], speakers: int, videos: int, utterances: int) -> int:
+    """root/<spk>/<video>/<utt>.wav as hard links to `sources`, in turn; returns the file count."""
+    n = 0
+    for s in range(speakers):
+        for v in range(videos):
+            folder = root / f"id{s:05d}" / f"vid{v:04d}"
+            folder.mkdir(parents=True)
+            for u in range(utterances):
+                os.link(sources[n % len(sources)], folder / f"{u + 1:05d}.wav")
+                n += 1
+    return n
+
+
+def bench_data_scale(preset: str = "paper", data_path: str | Path | None = None, speakers: int = PAPER_CLASSES,
+                     videos: int = 5, utterances: int = 7, ranks: int = 8, workers: int = 2, batch: int = 32,
+                     batches: int = 60, sources: int = 16) -> list[dict[str, Any]]:
+    """The data side at VoxCeleb2 scale, simulated: a tree of speakers x videos x utterances hard
+    links to a few real wavs of the training folder (a temporary folder inside the data path, on
+    the same file system, removed afterwards), then its signature, the scan into a list file,
+    the cached list load, the dataset and `ranks` DistributedSamplers, and the loader's crops/s.
+
+    Only a few distinct files are read, all from the page cache: this measures the metadata
+    and CPU side (what grows with the file count), not the throughput of the disk."""
+    from torch.utils.data import DistributedSampler
+    from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path, tree_signature
+    cfg = load_config(preset)
+    root = Path(data_path) if data_path else resolve_data_path(cfg.data)
+    wavs = sorted((root / cfg.data.train_dir).glob("*/*/*.wav"))[:sources]
+    if not wavs:
+        raise FileNotFoundError(f"no wav files under {root / cfg.data.train_dir} to link to; give --data_path")
+    out = []
+
+    def measure(step: str, fn: Callable[[], Any], files: int, **extra: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = max(time.perf_counter() - t0, 1e-6)
+        out.append(_record("scale_data", path="-", step=step, files=files, seconds=round(seconds, 3),
+                           files_per_s=round(files / seconds), vox2_seconds=round(VOX2_FILES * seconds / files, 1),
+                           **extra))
+        return result
+    with tempfile.TemporaryDirectory(prefix=".rawnet_scale_", dir=root) as tmp:
+        tree = Path(tmp) / cfg.data.train_dir
+        n = speakers * videos * utterances
+        measure("build", lambda: _link_tree(tree, wavs, speakers, videos, utterances), n, speakers=speakers,
+                videos=speakers * videos, sources=len(wavs))
+        measure("signature", lambda: tree_signature(tree), n)
+        measure("scan", lambda: load_utterances(Path(tmp), cfg.data.train_dir, progress=False), n)
+        utts = measure("list_load", lambda: load_utterances(Path(tmp), cfg.data.train_dir, progress=False), n,
+                       list_mib=round(next(Path(tmp).glob("lists/*.tsv")).stat().st_size / 2 ** 20, 1))
+        data = measure("dataset", lambda: CropDataset(utts, cfg.model.n_samples, cfg.train.seed), n)
+
+        def samplers() -> None:
+            for r in range(ranks):  # what each rank does at start-up and at every epoch
+                sampler = DistributedSampler(data, ranks, r, shuffle=True, seed=cfg.train.seed, drop_last=True)
+                sampler.set_epoch(1)
+                list(sampler)
+        measure("samplers", samplers, n, ranks=ranks)
+        out += bench_load(preset, batch, batches, workers, data_path=tmp)
+    return out
+
+
 def run_all(preset: str = "paper", batch: int = 8, repeats: int = 5, quick: bool = False,
             data_path: str | Path | None = None, scale: bool = True) -> list[dict[str, Any]]:
     """Every measurement; quick: smoke preset, small batch, 2 rounds, small lists, no scaling runs."""
@@ -421,7 +485,8 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = cli_parser("python -m rawnet_lib.bench", __doc__, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
-    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "peak", "scale", "all"])
+    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "peak", "scale", "scale-data",
+                                         "all"])
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
@@ -443,7 +508,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                         load_config(preset).model.embedding_dim, 1 if args.quick else 3),
            "peak": lambda: matmul_peak(512 if args.quick else 2048, repeats),
            "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
-                                        data_path=str(data or ""))}
+                                        data_path=str(data or "")),
+           "scale-data": lambda: bench_data_scale(preset, data, **(SCALE_QUICK if args.quick else {}))}
     return run[args.what]()
 
 

@@ -15,10 +15,11 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as torch_dist
 
+from rawnet_lib.config import ConfigError
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["RankInfo", "setup", "single", "cleanup", "resolve_device_kind", "available_devices", "barrier",
-           "main_first", "gather_objects", "all_reduce_sum", "DistError"]
+           "main_first", "gather_objects", "all_reduce_sum", "check_fast_path", "DistError"]
 
 T = TypeVar("T")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -64,6 +65,19 @@ def resolve_device_kind(kind: str = "auto") -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise DistError("device: cuda asked for, but PyTorch sees no CUDA device; use device: cpu or auto")
     return kind
+
+
+def check_fast_path(fast: bool, device: str | torch.device, source: str = "model.fast: true",
+                    fix: str = "use the accelerator path there, fast: false with amp: bf16 (--fast false --amp bf16), "
+                               "or device: cpu to keep the fast path") -> None:
+    """Refuse `model.fast: true` on an accelerator, before any work. Its kernels were written and
+    measured for CPUs (torch.compile'd element-wise loops, a GEMM-folded sinc layer, a bf16
+    channels-last body) and have never run on CUDA or an NPU, so they are not offered there;
+    the accelerator path is the exact model with AMP. Never a silent switch to the other path."""
+    kind = getattr(device, "type", device)  # a torch.device (or the like) or its kind
+    if fast and kind != "cpu":
+        raise ConfigError(f"{source} asks for the CPU fast path (rawnet_lib/fastsinc.py), which is not "
+                          f"validated on {kind}; {fix}")
 
 
 def available_devices(kind: str) -> int:

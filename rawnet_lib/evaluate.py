@@ -114,6 +114,8 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
         cfg = with_overrides(cfg)
         cfg.model = ckpt_cfg.model
     cfg = cfg or ckpt_cfg
+    dist.check_fast_path(cfg.model.fast, rank.device, f"{ckpt} (model.fast: true)",
+                         "evaluate it with --device cpu (the model block, fast included, comes from the checkpoint)")
     data_path = dist.main_first(rank, lambda: resolve_data_path(cfg.data))  # rank 0 builds the demo corpus
     roots = [data_path / d for d in cfg.data.eval_dirs]
     out = Path(out_dir) if out_dir else default_out_dir(ckpt)

@@ -21,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import REPO_DIR, Config
-from rawnet_lib.dist import DistError, available_devices, resolve_device_kind
+from rawnet_lib.dist import DistError, available_devices, check_fast_path, resolve_device_kind
 from rawnet_lib.run import EVENT_PREFIX, check_run_dir, run_path
 from rawnet_lib.errors import WorkbookError
 
@@ -33,15 +33,22 @@ class TrainingFailed(WorkbookError, RuntimeError):
 
 
 def launch_command(cfg: Config, config_file: Path) -> list[str]:
-    """The shell command for this config: plain python for one process, torchrun otherwise."""
+    """The shell command for this config: plain python for one process, torchrun otherwise.
+
+    Several nodes meet through torchrun's c10d rendezvous at master_addr:master_port, which node
+    0 hosts (`is_host`, so two "nodes" on one machine do not both try to serve it); the
+    rendezvous then numbers the nodes itself (by host name), so global rank 0, the one that writes
+    the run folder and reports, is on the node whose name sorts first, not necessarily node 0.
+    """
     train = ["-m", "rawnet_lib.train", "--config", str(config_file)]
     if cfg.train.devices == 1 and cfg.train.nnodes == 1:
         return [sys.executable, *train]
     if cfg.train.nnodes == 1:
         rendezvous = ["--standalone"]
     else:
-        rendezvous = [f"--nnodes={cfg.train.nnodes}", f"--node_rank={cfg.train.node_rank}",
-                      f"--master_addr={cfg.train.master_addr}", f"--master_port={cfg.train.master_port}"]
+        rendezvous = [f"--nnodes={cfg.train.nnodes}", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint={cfg.train.master_addr}:{cfg.train.master_port}",
+                      f"--rdzv_id={cfg.train.name}", f"--rdzv_conf=is_host={int(cfg.train.node_rank == 0)}"]
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
             f"--nproc_per_node={cfg.train.devices}", *train]
 
@@ -50,6 +57,7 @@ def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
     """Run training to the end and return its summary (or performance figures)."""
     check_run_dir(cfg)  # refuse to clobber an earlier run before starting any process
     kind = resolve_device_kind(cfg.train.device)
+    check_fast_path(cfg.model.fast, kind)
     if cfg.train.devices > available_devices(kind):
         raise DistError(f"devices={cfg.train.devices}, but this machine has {available_devices(kind)} {kind} "
                         f"device(s); set devices to at most that (or device: cpu for gloo ranks)")

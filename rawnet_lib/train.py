@@ -4,9 +4,9 @@ One device or the CPU:
     python -m rawnet_lib.train --config demo
 8 GPUs / NPUs on one machine:
     torchrun --standalone --nproc_per_node=8 -m rawnet_lib.train --config paper --data_path /data/DB
-2 machines x 8 devices (run on each, node_rank 0 and 1):
-    torchrun --nnodes=2 --node_rank=0 --master_addr=host0 --master_port=29500 --nproc_per_node=8 \\
-        -m rawnet_lib.train --config paper --data_path /data/DB
+2 machines x 8 devices (the same on each; scripts/slurm_train.sh does it under Slurm):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \\
+        -m rawnet_lib.train --config paper --data_path /data/DB --nnodes 2
 Any config field is a flag (`--epochs 3 --amp bf16`); `--config` takes a preset name or a YAML.
 notebooks/train.ipynb starts the same command through `rawnet_lib.launch`.
 """
@@ -121,6 +121,7 @@ def train(cfg: Config) -> dict[str, Any]:
     np.random.seed(cfg.train.seed + rank.rank)
     random.seed(cfg.train.seed + rank.rank)
     try:
+        dist.check_fast_path(cfg.model.fast, rank.device)
         if cfg.train.batch_size % rank.world_size:
             raise ConfigError(f"batch_size {cfg.train.batch_size} does not split evenly over "
                              f"{rank.world_size} processes; use a multiple of {rank.world_size}")

@@ -118,26 +118,83 @@ def test_scan_errors(tmp_path):
 
 # --- load_utterances and the list file ------------------------------------------------------
 
-def test_load_utterances_caches_and_reads_back(tree):
+def test_load_utterances_caches_and_reads_back(tree, capsys):
     data_path = tree.parent
     first = load_utterances(data_path, "wav", progress=False)
     list_file = data_path / "lists" / "wav.tsv"
     assert list_file.is_file()
     lines = list_file.read_text().splitlines()
-    assert lines[:5] == [f"{k}\t{GOOD[k]}" for k in sorted(GOOD)]
-    assert len(lines) == 9
+    assert lines[0] == data.SIGNATURE_TAG + data.tree_signature(tree)
+    assert lines[1:6] == [f"{k}\t{GOOD[k]}" for k in sorted(GOOD)]
+    assert len(lines) == 10
 
-    (tree / "id10001/vidA/00001.wav").unlink()           # the cache, not the tree, answers now
+    list_file.write_text(list_file.read_text().replace("\t9000", "\t9001"))  # the list, not the tree, answers
     again = load_utterances(data_path, "wav", progress=False)
     assert again.root == first.root == tree
     assert again.keys == first.keys
-    np.testing.assert_array_equal(again.frames, first.frames)
+    assert again.frames.tolist() == [9001 if n == 9000 else n for n in first.frames]
     assert again.frames.dtype == np.int64
     assert again.bad == first.bad
+    assert capsys.readouterr().err == ""             # reused without a word
 
     fresh = load_utterances(data_path, "wav", refresh=True, progress=False)
-    assert "id10001/vidA/00001.wav" not in fresh.keys and len(fresh) == 4
-    assert len(list_file.read_text().splitlines()) == 8
+    np.testing.assert_array_equal(fresh.frames, first.frames)
+
+
+def _bump_mtime(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize("change, expect", [
+    ("remove", "had 9 wav files when it was written and has 8 now"),
+    ("add", "had 9 wav files when it was written and has 10 now"),
+    ("touch", "added, removed, renamed or rewritten"),
+    ("rewrite", "added, removed, renamed or rewritten"),
+    ("rename", "added, removed, renamed or rewritten"),
+])
+def test_load_utterances_rescans_a_changed_tree_with_a_message(tree, capsys, change, expect):
+    data_path = tree.parent
+    load_utterances(data_path, "wav", progress=False)
+    capsys.readouterr()
+    target = tree / "id10001/vidA/00001.wav"
+    if change == "remove":
+        target.unlink()
+    elif change == "add":
+        _write(tree / "id10004/vidA/00001.wav", 2000)
+    elif change == "touch":
+        _bump_mtime(target)
+    elif change == "rewrite":  # same name, new length, same mtime: the size still tells
+        st = target.stat()
+        _write(target, 4000)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        target.rename(target.with_name("00009.wav"))
+    utts = load_utterances(data_path, "wav", progress=False)
+    err = capsys.readouterr().err
+    assert "wav.tsv is stale" in err and expect in err and "rescanning" in err
+    assert utts.keys == scan_utterances(tree, progress=False).keys
+    assert load_utterances(data_path, "wav", progress=False).keys == utts.keys  # the new list is reused
+    assert capsys.readouterr().err == ""
+
+
+def test_load_utterances_rescans_a_list_without_signature(tree, capsys):
+    data_path = tree.parent
+    load_utterances(data_path, "wav", progress=False)
+    list_file = data_path / "lists" / "wav.tsv"
+    list_file.write_text("\n".join(list_file.read_text().splitlines()[1:]) + "\n")  # as before the signature
+    utts = load_utterances(data_path, "wav", progress=False)
+    assert "no tree signature" in capsys.readouterr().err
+    assert utts.keys == sorted(GOOD)
+    assert list_file.read_text().startswith(data.SIGNATURE_TAG)
+
+
+def test_tree_signature_counts_wav_entries_at_utterance_depth(tree):
+    count, digest = data.tree_signature(tree).split()[::2]
+    assert int(count) == 9 and len(digest) == 40    # 5 good + 4 bad; notes.txt and loose.wav are not in
+    (tree / "id10001/notes2.txt").write_text("x")
+    _write(tree / "id10001/loose2.wav", 100)
+    assert data.tree_signature(tree).split()[::2] == [count, digest]
 
 
 def test_list_file_name_for_nested_subdir(tree):
@@ -205,7 +262,7 @@ def test_load_utterances_on_read_only_data(tree, tmp_path, monkeypatch):
     first = load_utterances(data_path, "wav", progress=False)
     assert not (data_path / "lists").exists()
     (cached,) = (tmp_path / "repo" / "outputs" / "lists").glob("*/wav.tsv")
-    assert cached.read_text().splitlines()[0] == f"{sorted(GOOD)[0]}\t{GOOD[sorted(GOOD)[0]]}"
+    assert cached.read_text().splitlines()[1] == f"{sorted(GOOD)[0]}\t{GOOD[sorted(GOOD)[0]]}"
     again = load_utterances(data_path, "wav", progress=False)
     assert again.keys == first.keys and again.bad == first.bad
 

@@ -98,7 +98,7 @@ def test_launch_commands_use_torchrun_rendezvous() -> None:
     eight = launch_command(load_config("smoke", devices=8), Path("c.yaml"))
     assert "torch.distributed.run" in eight and "--standalone" in eight and "--nproc_per_node=8" in eight
     nodes = launch_command(load_config("smoke", devices=8, nnodes=2, node_rank=1, master_addr="h0"), Path("c.yaml"))
-    assert {"--nnodes=2", "--node_rank=1", "--master_addr=h0", "--master_port=29500"} <= set(nodes)
+    assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=h0:29500", "--rdzv_conf=is_host=0"} <= set(nodes)
 
 
 def test_batch_must_split_over_ranks(tiny_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

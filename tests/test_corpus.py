@@ -120,6 +120,7 @@ def test_manifest_describes_the_corpus(db: Path, manifest: dict) -> None:
         manifest["counts"][s]["utterances"] for s in corpus.SPLITS)
 
 
+@pytest.mark.slow
 @needs_tools
 def test_same_seed_gives_identical_bytes_whatever_the_workers(db: Path, tmp_path: Path) -> None:
     again = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
@@ -127,6 +128,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(db: Path, tmp_path
     assert first.keys() == second.keys() and first == second
 
 
+@pytest.mark.slow
 @needs_tools
 def test_other_seed_gives_other_corpus(db: Path, tmp_path: Path) -> None:
     other = generate_corpus(tmp_path, "tiny", seed=1, workers=2, progress=False)

@@ -254,6 +254,7 @@ def _window_values(code, y, signed):
 ONE_ROUNDING = {"rtol": 2.0 ** -23, "atol": 2.0 ** -23}
 
 
+@pytest.mark.slow
 def test_compiled_kernels_match_eager():
     """torch.compile'd pooling kernels compute what the eager ops compute.
 
@@ -301,6 +302,7 @@ def test_model_gflop_matches_the_reference_arithmetic():
     assert flop["train"] == pytest.approx(3 * flop["total"])
 
 
+@pytest.mark.slow
 def test_bench_quick_prints_one_json_line_per_measurement(tiny_db, capsys):
     records = bench.main(["all", "--quick", "--data_path", str(tiny_db)])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -221,24 +222,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return value.lower() in ("true", "yes", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    elif hint in (int, float) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and (hint is float or float(value).is_integer()):
+            return hint(value)
         if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                return hint(value)  # YAML reads `1e-3` as a string
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

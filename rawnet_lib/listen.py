@@ -19,7 +19,7 @@ import pandas as pd
 import soundfile as sf
 from IPython.display import HTML
 
-from rawnet_lib.audio import audio_frames, read_audio
+from rawnet_lib.audio import probe, read_audio
 from rawnet_lib.trials import resolve
 
 __all__ = ["CLIP_SECONDS", "wav_bytes", "audio_element", "trials_table", "utterances_table"]
@@ -77,5 +77,5 @@ def utterances_table(paths: Sequence[str | Path], root: str | Path, seconds: flo
     """Utterance files as a static table of players (names relative to root), each cut to its
     first `seconds`."""
     rows = [[_file_cell(str(Path(p).relative_to(root)), Path(p), seconds),
-             f"{audio_frames(p) / sample_rate:.2f} s"] for p in paths]
+             f"{probe(p).frames / sample_rate:.2f} s"] for p in paths]
     return _table(["utterance", "length"], rows, f"{len(rows)} utterances, first {seconds:g} s of each")

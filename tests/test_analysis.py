@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from rawnet_lib import analysis as an
-from rawnet_lib.audio import audio_frames, read_audio
+from rawnet_lib.audio import probe, read_audio
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.listen import trials_table, utterances_table
 from rawnet_lib.scoring import write_scores
@@ -138,13 +138,13 @@ def test_static_tables_play_both_sides_without_a_kernel(eval_dir: Path) -> None:
     assert len(clips) == len(files) == 2 * len(shown)
     for (wave, info), path in zip(clips, files):
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
-        assert len(wave) == min(8000, audio_frames(path))
+        assert len(wave) == min(8000, probe(path).frames)
         # PCM16 rounds each sample to a step of 2^-15
         np.testing.assert_allclose(wave, np.clip(read_audio(path)[:len(wave)], -1, 1), rtol=0, atol=2.0 ** -15)
     assert all(f"{s:.4f}" in html for s in shown["score"]) and all(k in html for k in shown["enroll"])
 
     utts = utterances_table(files[:2], files[0].parents[2], seconds=0.25).data
-    assert [len(w) for w, _ in _clips(utts)] == [min(4000, audio_frames(p)) for p in files[:2]]
+    assert [len(w) for w, _ in _clips(utts)] == [min(4000, probe(p).frames) for p in files[:2]]
     assert str(files[0].relative_to(files[0].parents[2])) in utts
 
 

@@ -82,7 +82,7 @@ def test_example_sweep_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch):
+def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch, run_notebook):
     smoke = {"preset": "smoke", "data": {"data_path": str(tiny_db)}, "train": {"epochs": 1}}
     spec = _write(tmp_path / "tiny.yaml", {"seeds": [1, 2], "lists": ["O"], "arms": {
         "ref": smoke, "aam": {**smoke, "loss": {"head": "aam", "margin": 0.2, "scale": 30}}}})
@@ -122,3 +122,8 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     runs_table = pd.read_csv(out / "runs.csv")
     assert (runs_table["eer_boot_low"] <= runs_table["eer"] + 1e-9).all()
     assert (out / "det_O.png").is_file() and json.loads((out / "summary.json").read_text())["baseline"] == "ref"
+
+    # the notebook over the same code: every run is reused, the tables and the DET figure come back
+    executed = json.loads(run_notebook("sweep", sweep=str(spec), out=str(out), n_boot=50).read_text())
+    text = json.dumps([c.get("outputs", []) for c in executed["cells"]])
+    assert "reuse   aam-seed2" in text and "eer_ci_low" in text and "image/png" in text

@@ -26,7 +26,8 @@ from rawnet_lib.io import atomic_torch_save
 from rawnet_lib.model import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
-           "resume_training", "load_checkpoint_model", "infer_model_config", "checkpoint_fingerprint"]
+           "resume_training", "load_checkpoint_model", "infer_model_config", "checkpoint_fingerprint",
+           "init_from_checkpoint"]
 
 _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
          "or a reference RawNet2 state_dict")
@@ -117,6 +118,39 @@ def resume_training(path: Path | None, model: torch.nn.Module, optimizer: torch.
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return state
+
+
+def init_from_checkpoint(path: str | Path, model: torch.nn.Module) -> list[str]:
+    """Fine-tuning start (`init_from`): the weights only of one of our checkpoints or a bare state_dict.
+
+    Two tensors may differ in shape from the new run and are then left at their fresh
+    initialisation, each with a note for the run log: the layer norm `ln` (its size is the crop
+    length, so longer fine-tuning crops need a new one; gamma 1, beta 0 is the identity affine
+    and the normalisation itself keeps working), and `fc2_gru` (other speakers or speed
+    perturbation change the classes). Any other difference is an error, as a wrong model would be.
+    """
+    obj = read_checkpoint(path, fix=f"init_from: {_HELP}")
+    state = obj["model"] if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) else obj
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"init_from: {path} holds a {type(state).__name__}, not weights; {_HELP}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    notes = []
+    for prefix, why in (("ln.", "the crop length changed: ln re-initialised (gamma 1, beta 0) for "),
+                        ("fc2_gru.", "the classes changed: fc2_gru re-initialised for ")):
+        mismatched = [k for k in own if k.startswith(prefix) and k in state and state[k].shape != own[k].shape]
+        if mismatched:
+            notes.append(f"init_from {path}: {why}{tuple(own[mismatched[0]].shape)} "
+                         f"(checkpoint {tuple(state[mismatched[0]].shape)})")
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            state.update({k: v for k, v in own.items() if k.startswith(prefix)})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"init_from {path}: the weights do not fit this run's model "
+                              f"({' '.join(str(err).split())[:400]}); give the model block of the checkpoint's "
+                              "run (only n_samples may change)") from None
+    return notes
 
 
 def infer_model_config(state: Mapping[str, torch.Tensor], base: ModelConfig | None = None) -> tuple[ModelConfig, int]:

@@ -33,7 +33,7 @@ from rawnet_lib.audio import SAMPLE_RATE
 from rawnet_lib.errors import WorkbookError
 
 __all__ = [
-    "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "Config",
+    "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
     "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
     "declared_parameters", "notebook_config", "cli_parser", "cli_config",
 ]
@@ -55,7 +55,10 @@ REPO_DIR = _workspace()
 # The presets are package data (rawnet_lib/params/*.yaml; `params/` at the top of the checkout
 # links to them, for `papermill -f params/x.yaml`), so a regular install finds them too.
 PARAMS_DIR = Path(os.fspath(resources.files("rawnet_lib") / "params"))
-BLOCK_NAMES = ("model", "data", "optim", "train", "evaluation")
+BLOCK_NAMES = ("model", "data", "optim", "train", "evaluation", "loss", "augment")
+HEADS = ("softmax", "am", "aam")
+LR_SCHEDULES = ("keras", "none", "cosine", "exponential", "step", "sgdr")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 class ConfigError(WorkbookError, ValueError):
@@ -90,6 +93,7 @@ class DataConfig:
     num_workers: int = 2                        # data-loader workers per rank
     on_bad_audio: str = "stop"                  # stop | skip: what training does with unreadable files
     min_seconds: float = 1.0                    # the check warns about files shorter than this
+    speed_perturb: list[float] = field(default_factory=lambda: [1.0])  # speed factors; each a new speaker
 
 
 @dataclass
@@ -98,8 +102,17 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4      # not applied to batch-norm parameters
     amsgrad: bool = True
-    lr_decay: str = "keras"         # keras: lr / (1 + keras_decay * step) | none
+    lr_decay: str = "keras"         # keras: lr / (1 + keras_decay * step) | none | cosine | exponential | step | sgdr
     keras_decay: float = 1e-4
+    optimizer: str = "adam"         # adam | adamw | sgd
+    momentum: float = 0.9           # sgd only
+    nesterov: bool = False          # sgd only
+    warmup_epochs: float = 0.0      # linear warm-up from 0, per iteration, before any lr_decay
+    min_lr: float = 5e-6            # the floor of cosine and sgdr (RawNet2-modified: 5e-6)
+    lr_gamma: float = 0.75          # exponential / step: lr *= gamma per epoch / per step_epochs
+    step_epochs: int = 1            # step: epochs between decays
+    restart_epochs: int = 10        # sgdr: epochs of the first cosine cycle
+    restart_mult: int = 1           # sgdr: each cycle this many times longer than the one before
 
 
 @dataclass
@@ -124,6 +137,7 @@ class TrainConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    init_from: str = ""             # start from these weights only (fine-tuning); a new run, not a resume
 
 
 @dataclass
@@ -139,12 +153,40 @@ class EvalConfig:
 
 
 @dataclass
+class LossConfig:
+    """The classification head and its loss; softmax is the reference (numerically unchanged)."""
+    head: str = "softmax"           # softmax | am (additive margin) | aam (additive angular margin)
+    margin: float = 0.2             # am: cos - m; aam: cos(theta + m) at the target class
+    scale: float = 30.0             # am / aam: logits are scale * cosine
+    margin_schedule: list[int] = field(default_factory=list)  # [first, last] epoch: margin 0 -> margin
+    add_ce: bool = False            # am / aam: add cross-entropy of the plain scaled cosines
+    easy_margin: bool = False       # aam: margin only where theta + m stays below pi/2
+
+
+@dataclass
+class AugmentConfig:
+    """Additive noise (MUSAN layout) and reverberation (RIRS_NOISES layout) of training crops."""
+    enabled: bool = False           # off: the reference recipe (no augmentation)
+    noise_dir: str = ""             # folder with noise/ music/ speech/ (MUSAN); empty = built-in set
+    rir_dir: str = ""               # folder of room impulse responses (RIRS_NOISES); empty = built-in set
+    noise_prob: float = 0.5         # share of crops with additive noise
+    rir_prob: float = 0.5           # share of crops with reverberation
+    snr_noise: list[float] = field(default_factory=lambda: [0.0, 15.0])  # dB range, noise/
+    snr_music: list[float] = field(default_factory=lambda: [5.0, 15.0])  # dB range, music/
+    snr_babble: list[float] = field(default_factory=lambda: [13.0, 20.0])  # dB range, speech/ babble
+    babble_files: list[int] = field(default_factory=lambda: [3, 7])  # speech files per babble, range
+    sets_dir: str = "outputs/augment_sets"  # where the built-in sets are made on first use
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     preset: str = ""
 
     def flat(self) -> dict[str, Any]:
@@ -154,7 +196,7 @@ class Config:
 
     def blocks(self) -> dict[str, Any]:
         return {"model": self.model, "data": self.data, "optim": self.optim,
-                "train": self.train, "evaluation": self.evaluation}
+                "train": self.train, "evaluation": self.evaluation, "loss": self.loss, "augment": self.augment}
 
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, **{k: dataclasses.asdict(v) for k, v in self.blocks().items()}}
@@ -162,8 +204,9 @@ class Config:
     def validate(self) -> "Config":
         choices = {("train", "amp"): ("off", "bf16", "fp16"), ("train", "mode"): ("full", "performance"),
                    ("train", "device"): ("auto", "cpu", "cuda", "npu"),
-                   ("optim", "lr_decay"): ("keras", "none"), ("data", "on_bad_audio"): ("stop", "skip"),
-                   ("evaluation", "crop_mode"): ("reference", "full")}
+                   ("optim", "lr_decay"): LR_SCHEDULES, ("data", "on_bad_audio"): ("stop", "skip"),
+                   ("evaluation", "crop_mode"): ("reference", "full"), ("loss", "head"): HEADS,
+                   ("optim", "optimizer"): OPTIMIZERS}
         for (block, key), allowed in choices.items():
             value = getattr(getattr(self, block), key)
             if value not in allowed:
@@ -178,7 +221,39 @@ class Config:
         for item in self.evaluation.trial_lists:
             if item not in ("O", "E", "H", "O2", "E2", "H2") and not item.endswith(".txt"):
                 raise ConfigError(f"trial list {item!r}: use O, E, H (O2, E2, H2 cleaned) or a .txt path")
+        self._validate_recipe()
         return self
+
+    def _validate_recipe(self) -> None:
+        """The loss, augmentation, speed and schedule fields (issue 12)."""
+        loss, aug, optim = self.loss, self.augment, self.optim
+        if loss.scale <= 0 or loss.margin < 0:
+            raise ConfigError(f"scale={loss.scale}, margin={loss.margin}: the scale must be positive, the margin >= 0")
+        schedule = loss.margin_schedule
+        if schedule and (len(schedule) != 2 or not 0 <= schedule[0] <= schedule[1]):
+            raise ConfigError(f"margin_schedule={schedule} must be [first_epoch, last_epoch] with "
+                              "0 <= first <= last, or [] for a constant margin")
+        if not self.data.speed_perturb or any(f <= 0 for f in self.data.speed_perturb) \
+                or len(set(self.data.speed_perturb)) != len(self.data.speed_perturb):
+            raise ConfigError(f"speed_perturb={self.data.speed_perturb} must list distinct positive factors, "
+                              "e.g. [0.9, 1.0, 1.1], or [1.0] for none")
+        for name in ("snr_noise", "snr_music", "snr_babble", "babble_files"):
+            pair = getattr(aug, name)
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ConfigError(f"{name}={pair} must be a range [low, high] with low <= high")
+        if aug.babble_files[0] < 1:
+            raise ConfigError(f"babble_files={aug.babble_files}: a babble needs at least 1 speech file")
+        for name in ("noise_prob", "rir_prob"):
+            if not 0 <= getattr(aug, name) <= 1:
+                raise ConfigError(f"{name}={getattr(aug, name)} must be a probability between 0 and 1")
+        if optim.warmup_epochs < 0 or optim.min_lr < 0 or not 0 < optim.lr_gamma <= 1:
+            raise ConfigError(f"warmup_epochs={optim.warmup_epochs}, min_lr={optim.min_lr}, lr_gamma={optim.lr_gamma}: "
+                              "warm-up and min_lr must be >= 0 and lr_gamma in (0, 1]")
+        if optim.optimizer == "sgd" and optim.nesterov and optim.momentum <= 0:
+            raise ConfigError(f"nesterov: true needs momentum > 0 (momentum={optim.momentum})")
+        for name in ("step_epochs", "restart_epochs", "restart_mult"):
+            if getattr(optim, name) < 1:
+                raise ConfigError(f"{name}={getattr(optim, name)} must be at least 1")
 
 
 def preset_path(preset: str | Path) -> Path:

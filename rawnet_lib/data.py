@@ -23,17 +23,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Callable, Sequence
+
 import numpy as np
+import soxr
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from rawnet_lib.audio import SAMPLE_RATE, AudioError, probe, random_crop
+from rawnet_lib.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
 from rawnet_lib.config import REPO_DIR, DataConfig
 from rawnet_lib.io import atomic_write_text
 
 __all__ = ["UtteranceList", "scan_utterances", "tree_signature", "load_utterances", "resolve_data_path", "list_dir",
-           "CropDataset"]
+           "CropDataset", "perturbed_speakers", "speed_crop"]
 
 
 @dataclass
@@ -209,16 +212,46 @@ def resolve_data_path(cfg: DataConfig) -> Path:
     return ensure_demo_corpus(cfg.demo_size)
 
 
+def perturbed_speakers(speakers: Sequence[str], factors: Sequence[float]) -> list[str]:
+    """Class names under speed perturbation: one identity per (factor, speaker), factor-major,
+    `id00012` for factor 1.0 and `id00012@sp0.9` otherwise (WeSpeaker: each speed a new speaker)."""
+    return [s if f == 1.0 else f"{s}@sp{f:g}" for f in factors for s in speakers]
+
+
+def speed_crop(path: Path, n_samples: int, factor: float, rng: np.random.Generator,
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A crop played `factor` times faster (pitch and tempo, as Kaldi's speed perturbation):
+    about n_samples * factor samples read, resampled by soxr as if recorded at sample_rate * factor."""
+    if factor == 1.0:
+        return random_crop(path, n_samples, rng, sample_rate)
+    raw = random_crop(path, int(np.ceil(n_samples * factor)) + 16, rng, sample_rate)
+    y = soxr.resample(raw, sample_rate * factor, sample_rate, quality="HQ")
+    return peak_normalise(tile(y, n_samples)).astype(np.float32)
+
+
 class CropDataset(Dataset):
     """(random crop, speaker index) per utterance; the crop depends only on (seed, epoch, index),
-    so a run is reproducible and resumable whatever the number of loader workers."""
+    so a run is reproducible and resumable whatever the number of loader workers.
+
+    `speed_perturb` factors other than [1.0]: each crop's factor is drawn per (seed, epoch,
+    index) and its label is factor_index * n_speakers + speaker (`perturbed_speakers`).
+    `augment` (rawnet_lib.augment.Augmenter) then changes the crop with its own draws, so the
+    crop positions are those of the run without augmentation.
+    """
 
     def __init__(self, utts: UtteranceList, n_samples: int, seed: int, sample_rate: int = SAMPLE_RATE,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, speed_perturb: Sequence[float] = (1.0,),
+                 augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None):
         self.utts, self.n_samples, self.seed, self.sample_rate = utts, n_samples, seed, sample_rate
         self.labels = utts.labels()
         self.skip_bad = skip_bad
+        self.factors, self.augment = list(speed_perturb), augment
+        self.n_speakers = len(utts.speakers())
         self.epoch = 0
+
+    def speakers(self) -> list[str]:
+        """The class names, in label order."""
+        return perturbed_speakers(self.utts.speakers(), self.factors)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -230,8 +263,11 @@ class CropDataset(Dataset):
         i, last = index, None
         for _ in range(len(self)):  # a loop, not recursion: a long run of bad files must not overflow the stack
             rng = np.random.default_rng([self.seed, self.epoch, i])
+            extra = np.random.default_rng([self.seed, self.epoch, i, 1])  # speed and augmentation draws
+            k = int(extra.integers(len(self.factors))) if len(self.factors) > 1 else 0
             try:
-                x = random_crop(self.utts.root / self.utts.keys[i], self.n_samples, rng, self.sample_rate)
+                x = speed_crop(self.utts.root / self.utts.keys[i], self.n_samples, self.factors[k], rng,
+                               self.sample_rate)
             except AudioError as err:
                 if not self.skip_bad:
                     raise
@@ -239,5 +275,7 @@ class CropDataset(Dataset):
                 # train on a neighbour rather than stop mid-epoch.
                 i, last = (i + 1) % len(self), err
                 continue
-            return torch.from_numpy(x), int(self.labels[i])
+            if self.augment is not None:
+                x = self.augment(x, extra)
+            return torch.from_numpy(x), k * self.n_speakers + int(self.labels[i])
         raise AudioError(f"none of the {len(self)} files under {self.utts.root} is readable; last: {last}")

@@ -3,7 +3,8 @@
 waveform -> layer norm -> SincNet filter bank -> |.| -> max-pool -> BN -> LeakyReLU
          -> 6 residual blocks, each ending in max-pool and filter-wise feature map scaling
          -> BN -> LeakyReLU -> GRU (last step) -> fc1_gru = embedding
-         -> (training) scale to norm 10 -> fc2_gru -> speaker logits
+         -> (training) the head (rawnet_lib/losses.py): softmax = scale to norm 10 -> fc2_gru,
+            am / aam = scaled cosine to fc2_gru's rows -> speaker logits
 
 Parameter names and shapes match the reference implementation (`block0.0.conv1.weight`,
 `first_conv.low_hz_`, ...), so its checkpoints load with `strict=True`.
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rawnet_lib.config import Config, ModelConfig, load_config
+from rawnet_lib.config import Config, LossConfig, ModelConfig, load_config
 from rawnet_lib.fastsinc import fast_frame_features
+from rawnet_lib.losses import head_logits
 
 __all__ = ["LayerNorm", "SincConv", "FMS", "ResidualBlock", "RawNet2", "build_model", "stage_frames"]
 
@@ -134,9 +136,10 @@ class ResidualBlock(nn.Module):
 
 
 class RawNet2(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_classes: int = 0):
+    def __init__(self, cfg: ModelConfig, n_classes: int = 0, loss: LossConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        self.loss = loss or LossConfig()
         if cfg.layer_norm:
             self.ln = LayerNorm(cfg.n_samples)
         self.first_conv = SincConv(cfg.sinc_filters, cfg.sinc_kernel, cfg.sample_rate)
@@ -153,6 +156,8 @@ class RawNet2(nn.Module):
         if n_classes:
             self.fc2_gru = nn.Linear(cfg.embedding_dim, n_classes)
         self.apply(_init_weights)
+        if n_classes and self.loss.head != "softmax":
+            self.fc2_gru.bias.requires_grad_(False)  # cosine heads have no bias; the key stays for the names
 
     def blocks(self) -> list[ResidualBlock]:
         return [getattr(self, f"block{i}")[0] for i in range(self.n_blocks)]
@@ -181,10 +186,8 @@ class RawNet2(nn.Module):
         return self.fc1_gru(out[:, -1])
 
     def forward(self, x: Tensor) -> Tensor:
-        """Speaker logits (B, n_classes) from the embedding scaled to L2 norm 10."""
-        code = self.embed(x)
-        code = code / (code.norm(p=2, dim=1, keepdim=True) / 10)
-        return self.fc2_gru(code)
+        """Speaker logits (B, n_classes) of the head (softmax: fc2_gru of the embedding scaled to norm 10)."""
+        return head_logits(self.embed(x), self.fc2_gru, self.loss)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -196,11 +199,12 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_model(config: Config | ModelConfig | str = "paper", n_classes: int = 0) -> RawNet2:
-    """RawNet2 for a config, its model block, or a preset name; n_classes=0 leaves out fc2_gru."""
+    """RawNet2 for a config, its model block, or a preset name; n_classes=0 leaves out fc2_gru.
+    A full Config also gives the head (its loss block); a model block alone gets softmax."""
     if isinstance(config, str):
         config = load_config(config)
     if isinstance(config, Config):
-        config = config.model
+        return RawNet2(config.model, n_classes, config.loss)
     return RawNet2(config, n_classes)
 
 

@@ -25,13 +25,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rawnet_lib import dist
-from rawnet_lib.checkpoint import resume_training
+from rawnet_lib import schedules
+from rawnet_lib.augment import Augmenter, builtin_babble_dir
+from rawnet_lib.checkpoint import init_from_checkpoint, resume_training
 from rawnet_lib.check import DatasetError
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
 from rawnet_lib.data import CropDataset, UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.embed import autocast, embed_files
 from rawnet_lib.errors import run_cli
 from rawnet_lib.metrics import eer as compute_eer
+from rawnet_lib.losses import MarginLoss, build_loss
 from rawnet_lib.model import build_model
 from rawnet_lib.run import NonFiniteLossError, RunDir
 from rawnet_lib.scoring import cosine_scores
@@ -40,22 +43,17 @@ from rawnet_lib.trials import read_trials
 __all__ = ["train", "make_optimizer", "main"]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam (amsgrad) without weight decay on batch-norm parameters, and the keras decay."""
-    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-          for p in m.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in bn], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}]
-    optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad)
-    decay = cfg.optim.keras_decay if cfg.optim.lr_decay == "keras" else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * step))
-    return optimizer, scheduler
+def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
+    """The optim block's optimiser and per-iteration schedule (rawnet_lib/schedules.py; default the reference's)."""
+    return schedules.make_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: dist.RankInfo,
-                epoch: int, run: RunDir, max_steps: int | None = None) -> dict[str, float]:
+                epoch: int, run: RunDir, max_steps: int | None = None,
+                criterion: MarginLoss | None = None) -> dict[str, float]:
     """One pass over the loader (or max_steps steps); returns loss, accuracy and throughput."""
     model.train()
+    criterion = criterion or build_loss(cfg.loss)
     steps = min(len(loader), max_steps or len(loader))
     warmup = min(cfg.train.warmup_steps, steps // 2)  # short epochs still get a throughput figure
     bar = run.progress_bar(steps, f"epoch {epoch}")
@@ -71,7 +69,7 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
         # forward, backward, step (fp16: the scaler skips steps whose gradients overflow)
         with autocast(rank.device, cfg.train.amp):
             logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            loss = criterion(logits.float(), y, epoch)  # the head's loss (softmax: cross-entropy)
         if not torch.isfinite(loss) and cfg.train.amp != "fp16":
             raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step} (rank {rank.rank}), "
                                      f"batch {_batch_keys(loader, step)}; the last good checkpoint is kept: "
@@ -129,21 +127,27 @@ def train(cfg: Config) -> dict[str, Any]:
         data_path, utts = dist.main_first(rank, lambda: _training_data(cfg))
         if utts.bad and cfg.data.on_bad_audio == "stop":
             raise DatasetError(utts.bad_summary())  # before the run folder exists: fix the data, run again
+        augment = dist.main_first(rank, lambda: Augmenter.from_config(  # rank 0 makes the built-in sets once
+            cfg.augment, builtin_babble_dir(data_path, cfg.data.val_from), cfg.model.sample_rate))
         run = RunDir.create(cfg, rank, data_path)
         if utts.bad:
             run.log(0, f"skipping {len(utts.bad)} unusable training file(s):\n{utts.bad_summary()}")
-        speakers = utts.speakers()
         dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate,
-                              skip_bad=cfg.data.on_bad_audio == "skip")
+                              skip_bad=cfg.data.on_bad_audio == "skip", speed_perturb=cfg.data.speed_perturb,
+                              augment=augment)
+        speakers = dataset.speakers()
         sampler = DistributedSampler(dataset, rank.world_size, rank.rank, shuffle=True,
                                      seed=cfg.train.seed, drop_last=True)
         loader = DataLoader(dataset, cfg.train.batch_size // rank.world_size, sampler=sampler,
                             num_workers=cfg.data.num_workers, drop_last=True,
                             pin_memory=rank.device.type == "cuda")
         model = build_model(cfg, len(speakers)).to(rank.device)
-        optimizer, scheduler = make_optimizer(model, cfg)
+        optimizer, scheduler = make_optimizer(model, cfg, len(loader))
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
         state = resume_training(run.last_checkpoint(), model, optimizer, scheduler, scaler) if cfg.train.resume else None
+        if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule
+            for note in init_from_checkpoint(cfg.train.init_from, model):
+                run.log(0, note)
         # Batch-norm statistics stay per rank after the initial sync, as the reference's broadcast_buffers=False.
         net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []

@@ -200,7 +200,7 @@ def test_non_string_top_level_key_is_a_config_error(tmp_path):
     ("amp", "fp8", ["off", "bf16", "fp16"]),
     ("mode", "fast", ["full", "performance"]),
     ("device", "tpu", ["auto", "cpu", "cuda", "npu"]),
-    ("lr_decay", "cosine", ["keras", "none"]),
+    ("lr_decay", "cosin", ["keras", "none", "cosine", "exponential", "step", "sgdr"]),
     ("on_bad_audio", "ignore", ["stop", "skip"]),
     ("crop_mode", "middle", ["reference", "full"]),
 ])

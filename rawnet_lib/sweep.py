@@ -1,0 +1,237 @@
+"""Compare recipes over seeds: train every arm x seed, evaluate, and report intervals.
+
+    python -m rawnet_lib.sweep params/sweeps/demo_recipes.yaml --out outputs/sweeps/demo_recipes
+    papermill notebooks/sweep.ipynb out.ipynb -p sweep params/sweeps/demo_recipes.yaml
+
+A sweep file holds `seeds: [...]`, `lists: [O, ...]` and `arms: {name: overrides}`, where the
+overrides are YAML blocks as in params/ (`loss: {head: aam}`) plus an optional `preset:`
+(default: the file's top-level `preset:`, else demo). Each arm x seed is an ordinary run folder,
+`DIR/train_1P/DNNS/<arm>-seed<seed>/`, evaluated into its `eval/best_opt_eval/`. Every arm's
+config is built and checked before anything trains. Run again, the sweep reuses finished runs
+and evaluations and resumes an interrupted run from its last finished epoch.
+
+Under DIR: runs.csv (one row per run and list, with a bootstrap CI over trials), summary.csv /
+.json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
+paired.csv (each arm minus the first over the same seeds), det_<list>.png (all arms, the
+scores of their seeds pooled).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from rawnet_lib.augment import find_noises, find_rirs
+from rawnet_lib.checkpoint import read_checkpoint
+from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config
+from rawnet_lib.errors import WorkbookError, run_cli
+from rawnet_lib.evaluate import evaluate
+from rawnet_lib.io import atomic_open, atomic_write_text
+from rawnet_lib.plots import det_plot, save_figure
+from rawnet_lib.run import run_path
+from rawnet_lib.stats import bootstrap_eer, paired_difference, t_interval
+from rawnet_lib.train import train
+
+__all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
+
+SWEEP_KEYS = ("seeds", "lists", "arms", "preset")
+OWNED = ("seed", "name", "out_dir", "resume", "overwrite", "trial_lists")  # set by the sweep itself
+
+
+@dataclass
+class Sweep:
+    """A checked sweep: its file, seeds, lists, and one Config per (arm, seed)."""
+    path: Path
+    out: Path
+    seeds: list[int]
+    lists: list[str]
+    configs: dict[str, dict[int, Config]]
+
+    @property
+    def arms(self) -> list[str]:
+        return list(self.configs)
+
+
+def sweep_file(sweep: str | Path) -> Path:
+    """A sweep YAML as given, relative to the repository (notebooks run in notebooks/), or by name in params/sweeps/."""
+    path = Path(sweep).expanduser()
+    for candidate in (path, REPO_DIR / path, PARAMS_DIR / "sweeps" / f"{sweep}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in (PARAMS_DIR / "sweeps").glob("*.yaml"))
+    raise ConfigError(f"sweep file {sweep} does not exist; give a YAML path or one of {', '.join(names)}")
+
+
+def load_sweep(sweep: str | Path, out: str | Path | None = None) -> Sweep:
+    """Read and check a sweep file: every arm's config is built (unknown keys and values raise,
+    naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training."""
+    path = sweep_file(sweep)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path} must hold seeds:, lists: and arms:, not {type(spec).__name__}")
+    unknown = [k for k in spec if k not in SWEEP_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SWEEP_KEYS)}")
+    seeds, lists, arms = spec.get("seeds"), spec.get("lists", ["O"]), spec.get("arms")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
+        raise ConfigError(f"{path}: seeds must be a list of distinct integers, e.g. [1, 2, 3], got {seeds!r}")
+    if not (isinstance(lists, list) and lists):
+        raise ConfigError(f"{path}: lists must name trial lists, e.g. [O, E, H], got {lists!r}")
+    if not (isinstance(arms, dict) and arms):
+        raise ConfigError(f"{path}: arms must map names to overrides, e.g. {{baseline: {{preset: demo}}}}, got {arms!r}")
+    out = Path(out) if out else REPO_DIR / "outputs" / "sweeps" / path.stem
+    configs = {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists, out)
+                           for seed in seeds} for name, overrides in arms.items()}
+    for name, by_seed in configs.items():
+        _check_inputs(path, name, next(iter(by_seed.values())))
+    return Sweep(path, out, list(seeds), [str(x) for x in lists], configs)
+
+
+def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
+    where = f"{path}: arm {name!r}"
+    if "/" in name or name.startswith("."):
+        raise ConfigError(f"{where}: an arm name becomes a folder name; use letters, digits, - and _")
+    overrides = dict(overrides or {}) if isinstance(overrides, dict) or overrides is None else overrides
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: the overrides must be a mapping of blocks (loss: {{head: aam}}), got {overrides!r}")
+    owned = [k for k in OWNED if k in overrides or any(isinstance(v, dict) and k in v for v in overrides.values())]
+    if owned:
+        raise ConfigError(f"{where}: {', '.join(owned)} are set by the sweep (seeds:, lists:, --out); remove them")
+    arm_preset = overrides.pop("preset", preset)
+    try:
+        return load_config(arm_preset, overrides, seed=seed, name=f"{name}-seed{seed}", out_dir=str(out),
+                           trial_lists=[str(x) for x in lists])
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_inputs(path: Path, name: str, cfg: Config) -> None:
+    where = f"{path}: arm {name!r}"
+    aug = cfg.augment
+    try:
+        if aug.enabled and aug.noise_dir:
+            find_noises(aug.noise_dir)
+        if aug.enabled and aug.rir_dir:
+            find_rirs(aug.rir_dir)
+        if cfg.train.init_from:
+            read_checkpoint(cfg.train.init_from)
+    except WorkbookError as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
+    """Train (or reuse, or resume) one arm x seed; returns its run folder."""
+    folder = run_path(cfg)
+    if (folder / "summary.json").is_file():
+        log(f"reuse   {folder.name} (finished)")
+        return folder
+    resume = (folder / "models" / "last.pt").is_file()
+    log(f"{'resume ' if resume else 'train  '} {folder.name}")
+    cfg.train.resume, cfg.train.overwrite = resume, not resume  # a folder without last.pt never finished an epoch
+    train(cfg)
+    return folder
+
+
+def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -> pd.DataFrame:
+    out = folder / "eval" / "best_opt_eval"
+    done = out / "metrics.json"
+    if done.is_file():
+        rows = pd.DataFrame(json.loads(done.read_text()).get("metrics", []))
+        if not rows.empty and set(lists) <= set(rows.loc[rows["scoring"] == "cosine", "list"]):
+            return rows
+    return evaluate(folder / "models" / "best_opt_eval.pt", cfg, lists, out, progress=progress)
+
+
+def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,
+              n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+    """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
+    spec = load_sweep(sweep, out)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
+    for arm, by_seed in spec.configs.items():
+        for seed, cfg in by_seed.items():
+            folder = _train_run(cfg, print)
+            _evaluate_run(folder, cfg, spec.lists, progress)
+    return summarise(spec, n_boot)
+
+
+def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]]]:
+    rows, pooled = [], {}
+    for arm, by_seed in spec.configs.items():
+        for seed, cfg in by_seed.items():
+            out = run_path(cfg) / "eval" / "best_opt_eval"
+            metrics = pd.DataFrame(json.loads((out / "metrics.json").read_text())["metrics"])
+            for tag in spec.lists:
+                tag = Path(tag).stem if tag.endswith(".txt") else tag
+                m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
+                data = np.loadtxt(out / f"scores_{tag}.txt", usecols=(0, 1), ndmin=2)
+                low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
+                rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
+                             "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
+                             "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg))})
+                pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
+    return pd.DataFrame(rows), pooled
+
+
+def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+    """runs.csv, summary.csv/.json, paired.csv and det_<list>.png under the sweep folder; returns the tables."""
+    runs, pooled = _runs_table(spec, n_boot)
+    summary, paired = [], []
+    base = spec.arms[0]
+    for (arm, tag), group in runs.groupby(["arm", "list"], sort=False):
+        eer_m, eer_lo, eer_hi = t_interval(group["eer"])
+        dcf_m, dcf_lo, dcf_hi = t_interval(group["min_dcf_0.01"])
+        summary.append({"arm": arm, "list": tag, "n_seeds": len(group), "eer_mean": eer_m, "eer_ci_low": eer_lo,
+                        "eer_ci_high": eer_hi, "min_dcf_0.01_mean": dcf_m, "min_dcf_0.01_ci_low": dcf_lo,
+                        "min_dcf_0.01_ci_high": dcf_hi})
+        if arm != base:
+            ref = runs[(runs["arm"] == base) & (runs["list"] == tag)].set_index("seed")["eer"]
+            mine = group.set_index("seed")["eer"]
+            common = sorted(set(ref.index) & set(mine.index))
+            diff, lo, hi = paired_difference(ref[common], mine[common])
+            paired.append({"arm": arm, "baseline": base, "list": tag, "n_pairs": len(common), "eer_diff": diff,
+                           "eer_diff_ci_low": lo, "eer_diff_ci_high": hi,
+                           "relative_change_percent": 100 * diff / ref[common].mean()})
+    tables = {"runs": runs, "summary": pd.DataFrame(summary), "paired": pd.DataFrame(paired)}
+    for name, table in tables.items():
+        with atomic_open(spec.out / f"{name}.csv", "w") as f:
+            table.to_csv(f, index=False)
+    atomic_write_text(spec.out / "summary.json", json.dumps(
+        {"sweep": str(spec.path), "seeds": spec.seeds, "lists": spec.lists, "baseline": base,
+         "confidence": 0.95, "eer_unit": "percent", **{k: t.to_dict(orient="records") for k, t in tables.items()}},
+        indent=1))
+    for tag, arms in pooled.items():
+        curves = {f"{arm} ({len(parts)} seeds)": (np.concatenate([p[:, 0] for p in parts]),
+                                                  np.concatenate([p[:, 1] for p in parts]))
+                  for arm, parts in arms.items()}
+        fig = det_plot(curves)
+        fig.axes[0].set_title(f"{spec.path.stem}: list {tag}")
+        save_figure(fig, spec.out, f"det_{tag}")
+    return tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rawnet_lib.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep YAML (seeds, lists, arms) or a name in params/sweeps/")
+    parser.add_argument("--out", default=None, help="sweep folder (default outputs/sweeps/<sweep name>)")
+    parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per run and list")
+    args = parser.parse_args(argv)
+    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot)
+    print(tables["summary"].to_string(index=False))
+    if not tables["paired"].empty:
+        print(tables["paired"].to_string(index=False))
+
+
+if __name__ == "__main__":
+    run_cli(main, interrupted="interrupted: run the same command again to continue the sweep")

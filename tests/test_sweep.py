@@ -1,0 +1,129 @@
+"""Issue 12: confidence intervals against scipy, sweep files checked before training, and a
+tiny sweep (smoke preset, tiny corpus, 2 seeds x 2 arms x 1 epoch) resumed after an interruption."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats as sps
+
+from rawnet_lib import sweep as sweep_mod
+from rawnet_lib.config import ConfigError
+from rawnet_lib.augment import AugmentError
+from rawnet_lib.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
+
+
+def test_t_interval_matches_scipy():
+    x = np.array([3.1, 2.4, 4.0, 3.3])
+    mean, low, high = t_interval(x)
+    ref = sps.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sps.sem(x))
+    assert mean == pytest.approx(x.mean()) and (low, high) == pytest.approx(ref, rel=1e-12)
+    assert np.isnan(t_interval([2.0])[1])
+    a, b = np.array([3.0, 4.0, 5.0]), np.array([2.0, 3.5, 3.9])
+    diff = paired_difference(a, b)
+    ref = sps.ttest_rel(b, a).confidence_interval(0.95)
+    assert diff[1:] == pytest.approx((ref.low, ref.high), rel=1e-12)
+
+
+def test_bootstrap_matches_scipy_percentile():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200)
+    n_boot = 4000
+    ours = bootstrap_interval(np.mean, [x], n_boot=n_boot, seed=1)
+    ref = sps.bootstrap((x,), np.mean, n_resamples=n_boot, method="percentile", random_state=2).confidence_interval
+    # two Monte-Carlo estimates of a 2.5 % quantile of the bootstrap distribution (sd ~ se): each
+    # has sd sqrt(p(1-p)/B) / pdf(z_p) * se; allow 5 such sds for their difference
+    se = x.std(ddof=1) / np.sqrt(len(x))
+    sd = np.sqrt(0.025 * 0.975 / n_boot) / sps.norm.pdf(sps.norm.ppf(0.025)) * se
+    assert ours == pytest.approx((ref.low, ref.high), abs=5 * np.sqrt(2) * sd)
+
+
+def test_bootstrap_eer_brackets_the_eer():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(1, 1, 300), rng.normal(-1, 1, 3000)])
+    labels = np.concatenate([np.ones(300), np.zeros(3000)])
+    low, high = bootstrap_eer(scores, labels, n_boot=300)
+    true_eer = sps.norm.cdf(-1)  # the crossing of two unit normals 2 apart
+    assert low < true_eer < high and high - low < 0.1
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the first arm is the baseline
+    return path
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ({"seeds": [1], "arms": {"a": {"loss": {"hed": "am"}}}}, ConfigError,
+     r"arm 'a': YAML blocks: unknown parameter 'loss.hed'; did you mean head"),
+    ({"seeds": [1], "arms": {"a": {"loss": {"head": "arc"}}}}, ConfigError,
+     r"arm 'a': head='arc' is not one of softmax, am, aam"),
+    ({"seeds": [1], "arms": {"a": {"train": {"seed": 4}}}}, ConfigError, r"seed are set by the sweep"),
+    ({"seeds": [1], "arms": {"a": {}}, "armz": {}}, ConfigError, r"unknown key\(s\) armz; valid keys: seeds"),
+    ({"seeds": "1", "arms": {"a": {}}}, ConfigError, r"seeds must be a list of distinct integers"),
+    ({"seeds": [1], "arms": {"a": {"augment": {"enabled": True, "noise_dir": "EMPTY"}}}}, AugmentError,
+     r"arm 'a': noise_dir .* has no \.wav files"),
+])
+def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, match):
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite a bad sweep"))
+    with pytest.raises(error, match=match):
+        sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+
+
+def test_example_sweep_loads(tmp_path):
+    spec = sweep_mod.load_sweep("demo_recipes", tmp_path)
+    assert spec.arms[:2] == ["reference_2020", "modern"] and spec.seeds == [1, 2, 3]
+    assert spec.configs["modern"][2].train.seed == 2 and spec.configs["modern"][2].loss.head == "aam"
+
+
+@pytest.mark.slow
+def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch, run_notebook):
+    smoke = {"preset": "smoke", "data": {"data_path": str(tiny_db)}, "train": {"epochs": 1}}
+    spec = _write(tmp_path / "tiny.yaml", {"seeds": [1, 2], "lists": ["O"], "arms": {
+        "ref": smoke, "aam": {**smoke, "loss": {"head": "aam", "margin": 0.2, "scale": 30}}}})
+    out = tmp_path / "sweep"
+    real_train, calls = sweep_mod.train, []
+
+    def interrupted(cfg):  # the third run is killed after its epoch was saved, before it finished
+        calls.append(cfg.train.name)
+        result = real_train(cfg)
+        if len(calls) == 3:
+            (sweep_mod.run_path(cfg) / "summary.json").unlink()
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(sweep_mod, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.run_sweep(spec, out, progress=False, n_boot=50)
+    runs = out / "train_1P" / "DNNS"
+    stamps = {p.parent.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/models/best_opt_eval.pt")}
+    assert sorted(stamps) == ["aam-seed1", "ref-seed1", "ref-seed2"]
+
+    calls.clear()
+    tables = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50)
+    assert calls == ["aam-seed1", "aam-seed2"]  # only the interrupted run (resumed) and the missing one
+    assert json.loads((runs / "aam-seed1" / "summary.json").read_text())["epochs"] == 1
+    for name, stamp in stamps.items():  # finished and resumed runs keep their weights
+        assert (runs / name / "models" / "best_opt_eval.pt").stat().st_mtime_ns == stamp
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary[["arm", "list", "n_seeds"]].itertuples(index=False, name=None)) == [("ref", "O", 2), ("aam", "O", 2)]
+    for arm in ("ref", "aam"):
+        row = summary[summary["arm"] == arm].iloc[0]
+        eers = tables["runs"].query("arm == @arm")["eer"]
+        assert (row["eer_mean"], row["eer_ci_low"], row["eer_ci_high"]) == pytest.approx(t_interval(eers))
+    paired = pd.read_csv(out / "paired.csv")
+    assert list(paired["arm"]) == ["aam"] and paired["n_pairs"].iloc[0] == 2
+    runs_table = pd.read_csv(out / "runs.csv")
+    assert (runs_table["eer_boot_low"] <= runs_table["eer"] + 1e-9).all()
+    assert (out / "det_O.png").is_file() and json.loads((out / "summary.json").read_text())["baseline"] == "ref"
+
+    # the notebook over the same code: every run is reused, the tables and the DET figure come back
+    executed = json.loads(run_notebook("sweep", sweep=str(spec), out=str(out), n_boot=50).read_text())
+    text = json.dumps([c.get("outputs", []) for c in executed["cells"]])
+    assert "reuse   aam-seed2" in text and "eer_ci_low" in text and "image/png" in text

@@ -144,12 +144,8 @@ def init_from_checkpoint(path: str | Path, model: torch.nn.Module) -> list[str]:
                          f"(checkpoint {tuple(state[mismatched[0]].shape)})")
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
             state.update({k: v for k, v in own.items() if k.startswith(prefix)})
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"init_from {path}: the weights do not fit this run's model "
-                              f"({' '.join(str(err).split())[:400]}); give the model block of the checkpoint's "
-                              "run (only n_samples may change)") from None
+    _load_strict(model, state, f"init_from {path}: the weights do not fit this run's model",
+                 "give the model block of the checkpoint's run (only n_samples may change)")
     return notes
 
 
@@ -209,13 +205,17 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path} holds a {type(obj).__name__} (keys {keys}), neither a training checkpoint "
                               f"(model, config, ...) nor a state_dict; {_HELP}")
     model = build_model(cfg.model, n_classes)
+    _load_strict(model, state, f"{path}: the weights do not fit a RawNet2 of {cfg.model}",
+                 "for a bare state_dict pick the preset whose sinc_kernel matches (base=...)")
+    return model.to(device).eval(), cfg
+
+
+def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+    """load_state_dict(strict=True), its error cut to a readable line that says the fix."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: the weights do not fit a RawNet2 of {cfg.model} "
-                              f"({' '.join(str(err).split())[:400]}); for a bare state_dict pick the preset "
-                              "whose sinc_kernel matches (base=...)") from None
-    return model.to(device).eval(), cfg
+        raise CheckpointError(f"{what} ({' '.join(str(err).split())[:400]}); {fix}") from None
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:

@@ -175,3 +175,15 @@ def test_history_and_tensorboard_hold_the_loader_figures(smoke_run: Path) -> Non
             "epoch/loader_crops_per_s", "epoch/crops_per_s"} <= tags
     eers = [e.value for e in events.Scalars("epoch/val_eer")]
     assert eers == pytest.approx([h["val_eer"] for h in history], rel=1e-6)  # float32 in the event file
+
+
+def test_loader_plot_shows_both_rates_and_the_wait_share() -> None:
+    from rawnet_lib.plots import loader_plot
+    history = [{"epoch": e, "crops_per_s": 30.0, "loader_crops_per_s": 900.0 / e, "data_wait_share": 0.05 * e}
+               for e in (1, 2, 3)]
+    fig = loader_plot(history)
+    rates, wait = fig.axes
+    assert [len(line.get_xdata()) for line in rates.lines] == [3, 3]
+    assert wait.lines[0].get_ydata() == pytest.approx([5, 10, 15])
+    with pytest.raises(ValueError, match="loader_crops_per_s"):
+        loader_plot([{"epoch": 1, "crops_per_s": 1.0}])

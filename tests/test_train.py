@@ -148,6 +148,7 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
     run_notebook("train", preset="smoke", data_path=str(tiny_db), out_dir=str(tmp_path), epochs=1)
     run = tmp_path / "train_1P" / "DNNS" / "smoke"
     assert (run / "figures" / "history.png").stat().st_size > 0
+    assert (run / "figures" / "loader.png").stat().st_size > 0
     assert_seed_layout(run, epochs=1)
 
 

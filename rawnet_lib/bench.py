@@ -354,8 +354,8 @@ def _synthetic_vox1e(n_files: int, dim: int, n_trials: int, rows: slice = slice(
     noise = np.random.default_rng([seed, start]).standard_normal((stop - start, dim), dtype=np.float32)
     emb = centres[speaker[start:stop]] + 2 * noise
     enroll = rng.integers(0, n_files, n_trials)
-    test = np.where(rng.random(n_trials) < 0.5, enroll - enroll % 20 + rng.integers(0, 20, n_trials),
-                    rng.integers(0, n_files, n_trials))
+    same = np.minimum(enroll - enroll % 20 + rng.integers(0, 20, n_trials), n_files - 1)
+    test = np.where(rng.random(n_trials) < 0.5, same, rng.integers(0, n_files, n_trials))
     labels = (speaker[enroll] == speaker[test]).astype(np.int8)
     return keys, emb, TrialList(labels, [keys[i] for i in enroll], [keys[i] for i in test])
 

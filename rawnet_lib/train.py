@@ -145,6 +145,8 @@ def validate(model, cfg: Config, data_path: Path, rank: dist.RankInfo, run: RunD
 def train(cfg: Config) -> dict[str, Any]:
     """The whole run on this rank: data, model, epochs, validation, checkpoints."""
     rank = dist.setup(cfg.train.device)
+    if rank.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every training crop has one shape: tune the kernels once
     torch.manual_seed(cfg.train.seed + rank.rank)
     np.random.seed(cfg.train.seed + rank.rank)
     random.seed(cfg.train.seed + rank.rank)

@@ -187,3 +187,16 @@ def test_loader_plot_shows_both_rates_and_the_wait_share() -> None:
     assert wait.lines[0].get_ydata() == pytest.approx([5, 10, 15])
     with pytest.raises(ValueError, match="loader_crops_per_s"):
         loader_plot([{"epoch": 1, "crops_per_s": 1.0}])
+
+
+def test_validation_embedding_leaves_the_model_as_it_found_it(tmp_path: Path) -> None:
+    """Validation runs between epochs: training must go on in train mode, with gradients, without autocast."""
+    from rawnet_lib.embed import embed_files
+    root = _wav_tree(tmp_path / "db" / "eval", 3)
+    cfg = load_config("smoke", amp="bf16")
+    model = build_model(cfg, 3).train()
+    keys = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*.wav"))]
+    emb = embed_files(model, keys, [root], cfg.model, cfg.evaluation, CPU, amp="bf16", workers=0, progress=False)
+    assert sorted(emb) == keys and all(v.shape == (cfg.model.embedding_dim,) for v in emb.values())
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")

@@ -127,8 +127,8 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
 
 def _non_finite(loader, epoch: int, first: int, step: int, rank: dist.RankInfo) -> NonFiniteLossError:
     return NonFiniteLossError(
-        f"loss is not finite at epoch {epoch}, step {first} (rank {rank.rank}; steps {first}-{step} ran since, "
-        f"read at step {step}), batch {batch_keys(loader, first, first)}; the last good checkpoint is kept: "
+        f"loss is not finite at epoch {epoch}, step {first} (rank {rank.rank}; noticed at step {step}: steps "
+        f"{first}-{step} are lost), batch {batch_keys(loader, first, first)}; the last good checkpoint is kept: "
         "check those files, lower lr, or try amp: off")
 
 

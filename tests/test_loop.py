@@ -104,7 +104,7 @@ def test_a_non_finite_loss_is_named_by_its_step_at_the_next_read(tmp_path: Path,
     monkeypatch.setattr(train_module, "READ_SECONDS", math.inf)
     _poison(monkeypatch, 2)
     loader = _Batches(batches, {"n": 0})
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 \(rank 0; steps 2-4"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 \(rank 0; noticed at step 4: steps 2-4"):
         train_epoch(model, loader, optimizer, scheduler, scaler, cfg, CPU, 1, run)
     assert len(loader.seen) == 4, "stopped at the first read after the bad step"
 

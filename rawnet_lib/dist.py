@@ -10,8 +10,9 @@ import datetime
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -19,7 +20,8 @@ from rawnet_lib.config import ConfigError
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["RankInfo", "setup", "single", "cleanup", "resolve_device_kind", "available_devices", "barrier",
-           "main_first", "gather_objects", "all_reduce_sum", "check_fast_path", "DistError"]
+           "main_first", "share", "gather_rows", "broadcast_from_main", "all_reduce_sum", "check_fast_path",
+           "DistError"]
 
 T = TypeVar("T")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -132,13 +134,41 @@ def main_first(rank: RankInfo, work: Callable[[], T]) -> T:
     return result if rank.is_main else work()
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's object, in rank order, on every rank (a list of one without a process group)."""
+def share(n: int, rank: RankInfo) -> slice:
+    """This rank's contiguous part of n items: equal parts of ceil(n / world) (the last ones shorter),
+    so rank 0 can stack what it receives without being told where each row belongs."""
+    per = -(-n // rank.world_size)
+    return slice(min(rank.rank * per, n), min((rank.rank + 1) * per, n))
+
+
+def gather_rows(local: np.ndarray, n: int, rank: RankInfo) -> np.ndarray | None:
+    """The (n, dim) float32 rows whose `share(n, ...)` each rank holds, on rank 0 only (None elsewhere).
+
+    Point to point into one buffer: rank 0 holds the n rows once, the others only their share
+    (an all-gather would give every rank everything, and pickling would double it).
+    """
+    if not rank.distributed:
+        return local
+    per, dim = -(-n // rank.world_size), local.shape[1]
+    if not rank.is_main:
+        send = torch.zeros(per, dim, dtype=torch.float32, device=rank.device)
+        send[: len(local)] = torch.from_numpy(local)
+        torch_dist.send(send, dst=0)
+        return None
+    buffer = torch.empty(rank.world_size, per, dim, dtype=torch.float32, device=rank.device)
+    buffer[0, : len(local)] = torch.from_numpy(local)
+    for src in range(1, rank.world_size):
+        torch_dist.recv(buffer[src], src=src)
+    return buffer.reshape(-1, dim)[:n].cpu().numpy()
+
+
+def broadcast_from_main(obj: T) -> T:
+    """Rank 0's object on every rank (a decision, a key list, a metric); `obj` itself without a process group."""
     if not torch_dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

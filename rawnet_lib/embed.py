@@ -3,7 +3,8 @@
 Reference mode: each file is cut into the reference's test crops, the crops of many files go
 through the model together, and a file's embedding is the mean of its crops' `fc1_gru`
 outputs. Full mode feeds each whole utterance (only for models without the fixed-length
-layer norm). Each rank embeds a slice of the files; every rank gets all embeddings back.
+layer norm). Each rank embeds its share of the files and rank 0 alone receives them all (it
+scores); the other ranks keep nothing.
 
 `cached_embeddings` keeps them on disk per checkpoint and embedding settings, so evaluating
 O, E and H shares one extraction and a second evaluation embeds nothing.
@@ -69,9 +70,9 @@ def _batches(loader: DataLoader, batch_size: int) -> Iterator[tuple[list[int], t
 def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg: ModelConfig,
                 ecfg: EvalConfig, rank: dist.RankInfo, amp: str = "off", workers: int = 2,
                 progress: bool = True) -> dict[str, np.ndarray]:
-    """{key: mean crop embedding} for every key on every rank, each rank embedding a share."""
+    """{key: mean crop embedding} for every key on rank 0 ({} on the others), each rank embedding a share."""
     _check_crops(mcfg, ecfg)
-    mine = keys[rank.rank::rank.world_size]
+    mine = keys[dist.share(len(keys), rank)]
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
@@ -89,11 +90,8 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
         bar.update(len(set(owners)))  # batches hold whole files only
     bar.close()
     net.train(was_training)
-    local = dict(zip(mine, (sums / counts[:, None]).astype(np.float32)))
-    merged: dict[str, np.ndarray] = {}
-    for part in dist.gather_objects(local):
-        merged.update(part)
-    return merged
+    rows = dist.gather_rows((sums / counts[:, None]).astype(np.float32), len(keys), rank)
+    return {} if rows is None else dict(zip(keys, rows))
 
 
 def _check_crops(mcfg: ModelConfig, ecfg: EvalConfig) -> None:
@@ -142,7 +140,7 @@ def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys:
     fingerprint = checkpoint_fingerprint(checkpoint_path)
     store = _read_cache(path, fingerprint)
     # Rank 0's view decides, so ranks without the cache folder (no shared disk) still agree.
-    missing = dist.gather_objects(sorted(set(keys) - set(store)))[0]
+    missing = dist.broadcast_from_main(sorted(set(keys) - set(store)))
     if progress and rank.is_main:
         print(f"embeddings: {len(keys) - len(missing)} of {len(keys)} files cached, embedding {len(missing)}")
     if missing:

@@ -27,6 +27,7 @@ __all__ = [
     "det_plot",
     "score_histogram",
     "history_plot",
+    "loader_plot",
     "waveform_spectrogram",
     "filter_responses",
     "frequency_response",
@@ -172,6 +173,37 @@ def history_plot(
         axis.plot(epochs[keep], values[keep], "o-", markersize=3)
         axis.set_xlabel("epoch")
         axis.set_ylabel(ylabel)
+        axis.grid(True, linewidth=0.4)
+    return fig
+
+
+def loader_plot(
+    history: Sequence[Mapping[str, float]] | pd.DataFrame, ax: Axes | Sequence[Axes] | None = None
+) -> Figure:
+    """Per epoch: the training rate next to the loader's own rate (crops/s), and the share of
+    step time spent waiting for data. A loader rate near the training rate, or a large wait
+    share, says the loader (disk, decoding, too few workers) is what limits training.
+
+    ``history`` holds epoch, crops_per_s, loader_crops_per_s and data_wait_share (a fraction).
+    """
+    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
+    needed = ["crops_per_s", "loader_crops_per_s", "data_wait_share"]
+    missing = [c for c in needed if c not in frame]
+    if missing:
+        raise ValueError(f"history lacks {missing} (found {list(frame.columns)}); runs record them from "
+                         "this version on: train again to see the loader's figures")
+    epochs = frame["epoch"].to_numpy(float) if "epoch" in frame else np.arange(1, len(frame) + 1.0)
+    fig, (rates, wait) = _axes_list(ax, 2, (6.4, 3.0), nrows=1, ncols=2)
+    rates.plot(epochs, frame["crops_per_s"].to_numpy(float), "o-", markersize=3, label="training")
+    rates.plot(epochs, frame["loader_crops_per_s"].to_numpy(float), "s--", markersize=3, label="loader alone")
+    rates.set_ylabel("crops/s")
+    rates.set_yscale("log")
+    rates.legend()
+    wait.plot(epochs, 100 * frame["data_wait_share"].to_numpy(float), "o-", markersize=3)
+    wait.set_ylabel("waiting for data (% of step time)")
+    wait.set_ylim(0, 100)
+    for axis in (rates, wait):
+        axis.set_xlabel("epoch")
         axis.grid(True, linewidth=0.4)
     return fig
 

@@ -11,6 +11,8 @@ write nothing, so the training loop calls them on every rank without asking whic
       results/eval_epoch<N>.txt "score target" per validation trial
       log/eval_epoch<N>.txt     the epoch's training log
       prof/                     torch.profiler trace (profile: true)
+      tensorboard/              event files: loss, accuracy, lr per logged step; per epoch also val EER,
+                                crops/s, the loader's crops/s and data-wait share (tensorboard --logdir <run>)
       eers.txt                  "epoch:<N>, TA_eval_eer:<eer>" per epoch
       f_params.txt              every parameter, "key:<tab>value"
       val_trial.txt             the validation trials, when the data set has none (val_from)
@@ -41,13 +43,16 @@ from rawnet_lib.config import REPO_DIR, Config, write_f_params
 from rawnet_lib.data import load_utterances
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_write_text
-from rawnet_lib.scoring import write_scores
+from rawnet_lib.metrics import eer as compute_eer
+from rawnet_lib.scoring import cosine_scores, write_scores
 from rawnet_lib.trials import TrialList, make_trials, write_trials
 
-__all__ = ["RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path", "emit",
+__all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path", "emit",
            "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX"]
 
 EVENT_PREFIX = "@@rawnet "
+LOG_EVERY = 50  # training steps between log lines
+EPOCH_SCALARS = ("loss", "accuracy", "val_eer", "lr", "crops_per_s", "loader_crops_per_s", "data_wait_share")
 MIN_FREE_BYTES = 1 << 30
 
 
@@ -102,6 +107,7 @@ class RunDir:
     events: bool  # progress as event lines for the notebook instead of a terminal bar
     val_trials: Path | None  # the per-epoch validation list (mode full)
     _last_emit: float = field(default=0.0, repr=False)
+    _board: Any = field(default=None, repr=False)  # the TensorBoard writer, from start() on
 
     @classmethod
     def create(cls, cfg: Config, rank: dist.RankInfo, data_path: Path) -> RunDir:
@@ -130,6 +136,8 @@ class RunDir:
                 "host": platform.node(), "git_commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **facts}
         atomic_write_text(self.path / "run.json", json.dumps(info, indent=1))
+        from torch.utils.tensorboard import SummaryWriter  # here: importing run.py stays light
+        self._board = SummaryWriter(str(self.path / "tensorboard"), flush_secs=10)
         message = (f"run {self.path}: {facts['speakers']} speakers, {facts['utterances']} utterances, "
                    f"{facts['hours']:.2f} h; {self.cfg.train.devices * self.cfg.train.nnodes} process(es)")
         if self.events:
@@ -141,12 +149,18 @@ class RunDir:
         return tqdm(total=total, desc=desc, disable=self.events, dynamic_ncols=True)
 
     def step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float) -> None:
-        """A training step's running figures: an event every 2 s, a log line every 50 steps."""
+        """A training step's running figures, whenever the loop reads them (every LOG_EVERY steps,
+        a few seconds, the last step): an event every 2 s, a log line every LOG_EVERY steps,
+        TensorBoard scalars at the run's global step."""
         if self.events and time.time() - self._last_emit > 2:
             emit("step", epoch=epoch, step=step, steps=steps, loss=loss, acc=acc)
             self._last_emit = time.time()
-        if step % 50 == 0 or step == steps:
+        if step % LOG_EVERY == 0 or step == steps:
             self.log(epoch, f"epoch {epoch} step {step}/{steps} loss {loss:.4f} acc {acc:.4f} lr {lr:.3e}")
+        if self._board is not None:
+            at = (epoch - 1) * steps + step
+            for name, value in (("loss", loss), ("accuracy", acc), ("lr", lr)):
+                self._board.add_scalar(f"train/{name}", value, at)
 
     def profiler(self) -> torch.profiler.profile | None:
         prof = torch.profiler.profile(
@@ -157,8 +171,11 @@ class RunDir:
         return prof
 
     # -- epoch end -------------------------------------------------------------------------
-    def write_scores(self, epoch: int, scores: np.ndarray, trials: TrialList) -> None:
+    def score(self, epoch: int, embeddings: dict[str, np.ndarray], trials: TrialList) -> float:
+        """The validation EER from the gathered embeddings; the trial scores go to results/."""
+        scores = cosine_scores(embeddings, trials)
         write_scores(self.path / "results" / f"eval_epoch{epoch}.txt", scores, trials)
+        return compute_eer(scores, trials.labels)
 
     def end_epoch(self, epoch: int, stats: dict[str, float], history: list[dict], model: torch.nn.Module,
                   optimizer, scheduler, scaler, speakers: list[str], best: bool) -> None:
@@ -176,8 +193,13 @@ class RunDir:
         line = (f"epoch {epoch}: loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} val EER {100 * eer:.2f} % "
                 f"{stats['crops_per_s']:.1f} crops/s ({stats['crops_per_s_per_device']:.1f}/device, "
                 f"{stats['audio_seconds_per_s']:.0f} audio s/s) "
-                f"FPS(seed) {stats['fps_seed']:.0f}" + (" best" if best else ""))
+                f"FPS(seed) {stats['fps_seed']:.0f}; waiting for data {100 * stats['data_wait_share']:.0f} % "
+                f"of the time, loader {stats['loader_crops_per_s']:.0f} crops/s" + (" best" if best else ""))
         self.log(epoch, line)
+        if self._board is not None:
+            for name in EPOCH_SCALARS:
+                self._board.add_scalar(f"epoch/{name}", stats[name], epoch)
+            self._board.flush()
         if self.events:
             emit("epoch", **stats, best=best)
         else:
@@ -199,6 +221,8 @@ class RunDir:
 
     def _report(self, out: dict[str, Any]) -> dict[str, Any]:
         """The run's result: an event for the launcher, or one JSON line on a shell."""
+        if self._board is not None:
+            self._board.close()
         if self.events:
             emit("result", summary=out)
         else:
@@ -224,8 +248,8 @@ class NullRunDir(RunDir):
     def profiler(self) -> None:
         return None
 
-    def write_scores(self, epoch: int, scores: np.ndarray, trials: TrialList) -> None:
-        pass
+    def score(self, epoch: int, embeddings: dict[str, np.ndarray], trials: TrialList) -> float:
+        return float("nan")  # rank 0 scores; train broadcasts its EER
 
     def end_epoch(self, *args: Any, **kwargs: Any) -> None:
         pass

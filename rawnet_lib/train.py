@@ -33,14 +33,15 @@ from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
 from rawnet_lib.data import CropDataset, UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.embed import autocast, embed_files
 from rawnet_lib.errors import run_cli
-from rawnet_lib.metrics import eer as compute_eer
 from rawnet_lib.losses import MarginLoss, build_loss
 from rawnet_lib.model import build_model
-from rawnet_lib.run import NonFiniteLossError, RunDir
-from rawnet_lib.scoring import cosine_scores
+from rawnet_lib.loader import batch_keys, training_loader
+from rawnet_lib.run import LOG_EVERY, NonFiniteLossError, RunDir
 from rawnet_lib.trials import read_trials
 
-__all__ = ["train", "make_optimizer", "main"]
+__all__ = ["train", "train_epoch", "make_optimizer", "main"]
+
+READ_SECONDS = 2.0  # the host reads the running figures at least this often (and every LOG_EVERY steps)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
@@ -51,70 +52,99 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1
 def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: dist.RankInfo,
                 epoch: int, run: RunDir, max_steps: int | None = None,
                 criterion: MarginLoss | None = None) -> dict[str, float]:
-    """One pass over the loader (or max_steps steps); returns loss, accuracy and throughput."""
+    """One pass over the loader (or max_steps steps); returns loss, accuracy, throughput and the
+    loader's figures (share of the time spent waiting for data, its own crops/s).
+
+    No step waits for the device: the loss sum, the correct count and the first step with a
+    non-finite loss add up in device tensors, which the host reads every LOG_EVERY steps or
+    READ_SECONDS seconds, at the last step, and once more summed over ranks at the end.
+    """
     model.train()
     criterion = criterion or build_loss(cfg.loss)
     steps = min(len(loader), max_steps or len(loader))
     warmup = min(cfg.train.warmup_steps, steps // 2)  # short epochs still get a throughput figure
     bar = run.progress_bar(steps, f"epoch {epoch}")
     profiler = run.profiler() if cfg.train.profile and epoch == 1 else None
-    totals = np.zeros(3)  # loss sum, correct, crops
-    timed_crops, t_start = 0, None
-    for step, (x, y) in enumerate(loader, start=1):
-        if step > steps:
-            break
+    sums = torch.zeros(3, dtype=torch.float64, device=rank.device)  # finite loss sum, correct, finite crops
+    first_bad = torch.zeros((), dtype=torch.int64, device=rank.device)  # first non-finite step, 0: none
+    crops, timed_crops, waited, made, t_start, last_read = 0, 0, 0.0, 0.0, None, time.monotonic()
+    loss_sum = correct = finite_crops = bad = 0.0
+    batches = iter(loader)
+    for step in range(1, steps + 1):
         if step == warmup + 1:
             t_start = time.perf_counter()  # throughput excludes the warm-up steps
+        t0 = time.perf_counter()
+        x, y, make_seconds = next(batches)
+        if t_start is not None:  # the loader's figures over the timed steps
+            timed_crops, waited, made = timed_crops + len(y), waited + time.perf_counter() - t0, made + make_seconds
+        crops += len(y)
         x, y = x.to(rank.device, non_blocking=True), y.to(rank.device, non_blocking=True)
         # forward, backward, step (fp16: the scaler skips steps whose gradients overflow)
         with autocast(rank.device, cfg.train.amp):
             logits = model(x)
             loss = criterion(logits.float(), y, epoch)  # the head's loss (softmax: cross-entropy)
-        if not torch.isfinite(loss) and cfg.train.amp != "fp16":
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step} (rank {rank.rank}), "
-                                     f"batch {_batch_keys(loader, step)}; the last good checkpoint is kept: "
-                                     "check those files, lower lr, or try amp: off")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()  # keras decay: every iteration
-        # bookkeeping and progress (this rank's running figures)
-        totals += [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
-        if t_start is not None:
-            timed_crops += len(y)
+        # bookkeeping on the device; the host reads it only when due
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        first_bad = torch.where(~finite & (first_bad == 0), step, first_bad)
+        sums += torch.stack([torch.where(finite, loss, 0.0).double() * len(y), (logits.argmax(1) == y).sum().double(),
+                             finite.double() * len(y)])
         if profiler is not None:
             profiler.step()
-        loss_avg, acc = totals[0] / totals[2], totals[1] / totals[2]
-        bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
         bar.update()
-        run.step(epoch, step, steps, loss_avg, acc, scheduler.get_last_lr()[0])
+        if step % LOG_EVERY == 0 or step == steps or time.monotonic() - last_read >= READ_SECONDS:
+            loss_sum, correct, finite_crops, bad = torch.cat([sums, first_bad.double()[None]]).tolist()
+            if bad and cfg.train.amp != "fp16":
+                raise _non_finite(loader, epoch, int(bad), step, rank)
+            loss_avg, acc = loss_sum / max(finite_crops, 1), correct / crops
+            bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
+            run.step(epoch, step, steps, loss_avg, acc, scheduler.get_last_lr()[0])
+            last_read = time.monotonic()
     bar.close()
     if profiler is not None:
         profiler.stop()
     seconds = time.perf_counter() - t_start if t_start else float("nan")
-    loss_sum, correct, crops, timed = dist.all_reduce_sum([*totals, timed_crops], rank.device)
+    loss_sum, correct, finite_crops, crops, timed, waited, made, bad = dist.all_reduce_sum(
+        [loss_sum, correct, finite_crops, crops, timed_crops, waited, made, float(bad > 0)], rank.device)
+    if bad and cfg.train.amp != "fp16":  # another rank's loss: no checkpoint of these weights either
+        raise NonFiniteLossError(f"loss is not finite on {bad:.0f} other rank(s) at epoch {epoch}; their "
+                                 "message names the step and batch; the last good checkpoint is kept")
     rate = timed / seconds
-    return {"loss": loss_sum / crops, "accuracy": correct / crops, "crops": crops, "crops_per_s": rate,
-            "crops_per_s_per_device": rate / rank.world_size,
-            "audio_seconds_per_s": rate * cfg.model.n_samples / cfg.model.sample_rate}
+    return {"loss": loss_sum / max(finite_crops, 1), "accuracy": correct / crops, "crops": crops,
+            "crops_per_s": rate, "crops_per_s_per_device": rate / rank.world_size,
+            "audio_seconds_per_s": rate * cfg.model.n_samples / cfg.model.sample_rate,
+            "data_wait_share": waited / rank.world_size / seconds,
+            "loader_crops_per_s": timed * max(cfg.data.num_workers, 1) * rank.world_size / made if made else math.nan,
+            "lr": scheduler.get_last_lr()[0]}
+
+
+def _non_finite(loader, epoch: int, first: int, step: int, rank: dist.RankInfo) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"loss is not finite at epoch {epoch}, step {first} (rank {rank.rank}; noticed at step {step}: steps "
+        f"{first}-{step} are lost), batch {batch_keys(loader, first, first)}; the last good checkpoint is kept: "
+        "check those files, lower lr, or try amp: off")
 
 
 def validate(model, cfg: Config, data_path: Path, rank: dist.RankInfo, run: RunDir, epoch: int) -> float:
-    """Embed the validation files across all ranks; every rank scores the gathered embeddings
-    (the same EER everywhere), rank 0's run folder keeps the scores."""
+    """Embed the validation files across all ranks; rank 0 receives them, scores and keeps the
+    scores; every rank gets its EER (the same "best" decision everywhere)."""
     trials = read_trials(run.val_trials)
     roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
     emb = embed_files(model, trials.files(), roots, cfg.model, cfg.evaluation, rank,
                       amp=cfg.train.amp, workers=cfg.data.num_workers, progress=not run.events)
-    scores = cosine_scores(emb, trials)
-    run.write_scores(epoch, scores, trials)
-    return compute_eer(scores, trials.labels)
+    return dist.broadcast_from_main(run.score(epoch, emb, trials))
 
 
 def train(cfg: Config) -> dict[str, Any]:
     """The whole run on this rank: data, model, epochs, validation, checkpoints."""
     rank = dist.setup(cfg.train.device)
+    if rank.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every training crop has one shape: tune the kernels once
     torch.manual_seed(cfg.train.seed + rank.rank)
     np.random.seed(cfg.train.seed + rank.rank)
     random.seed(cfg.train.seed + rank.rank)
@@ -138,9 +168,8 @@ def train(cfg: Config) -> dict[str, Any]:
         speakers = dataset.speakers()
         sampler = DistributedSampler(dataset, rank.world_size, rank.rank, shuffle=True,
                                      seed=cfg.train.seed, drop_last=True)
-        loader = DataLoader(dataset, cfg.train.batch_size // rank.world_size, sampler=sampler,
-                            num_workers=cfg.data.num_workers, drop_last=True,
-                            pin_memory=rank.device.type == "cuda")
+        loader = training_loader(dataset, sampler, cfg.train.batch_size // rank.world_size, cfg.data.num_workers,
+                                 rank.device)
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = make_optimizer(model, cfg, len(loader))
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
@@ -155,16 +184,14 @@ def train(cfg: Config) -> dict[str, Any]:
         run.start(speakers=len(speakers), utterances=len(utts), hours=utts.seconds() / 3600)
 
         if cfg.train.mode == "performance":
-            sampler.set_epoch(1)
-            dataset.set_epoch(1)
+            loader.sampler.set_epoch(1)
             steps = cfg.train.perf_steps + cfg.train.warmup_steps
             stats = train_epoch(net, _repeat(loader, steps), optimizer, scheduler, scaler, cfg, rank, 1, run, steps)
             stats["fps_seed"] = _seed_fps(utts.frames.sum(), len(utts), stats, rank)
             return run.finish_performance(stats)
 
         for epoch in range(len(history) + 1, cfg.train.epochs + 1):
-            sampler.set_epoch(epoch)  # a new order every epoch (the Ascend port forgot this)
-            dataset.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)  # a new order and new crops every epoch (the Ascend port forgot this)
             t0 = time.time()
             stats = train_epoch(net, loader, optimizer, scheduler, scaler, cfg, rank, epoch, run)
             stats["epoch_seconds"] = time.time() - t0
@@ -184,15 +211,6 @@ def train(cfg: Config) -> dict[str, Any]:
 def _training_data(cfg: Config) -> tuple[Path, UtteranceList]:
     data_path = resolve_data_path(cfg.data)
     return data_path, load_utterances(data_path, cfg.data.train_dir)
-
-
-def _batch_keys(loader: DataLoader, step: int) -> list[str]:
-    """The utterances of a step's batch on this rank, for error messages (the order is seeded)."""
-    sampler, dataset = getattr(loader, "sampler", None), getattr(loader, "dataset", None)
-    if sampler is None or not isinstance(dataset, CropDataset):
-        return []
-    order, size = list(sampler), loader.batch_size
-    return [dataset.utts.keys[i] for i in order[(step - 1) * size: step * size]]
 
 
 def _repeat(loader: DataLoader, steps: int):

@@ -121,9 +121,10 @@ def test_ranks_other_than_0_get_a_run_folder_that_writes_nothing(tiny_db: Path, 
     run.log(1, "a line")
     run.start(speakers=3, utterances=9, hours=0.1)
     run.step(1, 50, 50, 1.0, 0.5, 1e-3)
-    run.write_scores(1, np.zeros(1), TrialList(np.ones(1, np.int8), ["a/v/1.wav"], ["a/v/2.wav"]))
+    assert np.isnan(run.score(1, {}, TrialList(np.ones(1, np.int8), ["a/v/1.wav"], ["a/v/2.wav"])))
     stats = {"val_eer": 0.5, "loss": 1.0, "accuracy": 0.5, "crops_per_s": 1.0, "crops_per_s_per_device": 1.0,
-             "audio_seconds_per_s": 1.0, "fps_seed": 1.0, "epoch": 1}
+             "audio_seconds_per_s": 1.0, "fps_seed": 1.0, "epoch": 1, "data_wait_share": 0.1,
+             "loader_crops_per_s": 1.0, "lr": 1e-3}
     run.end_epoch(1, stats, [stats], model, optimizer, scheduler, None, ["a", "b", "c"], True)
     assert run.summary([stats]) == {} and run.finish_performance(stats) == {}
     assert run.profiler() is None and run.progress_bar(5, "epoch 1").disable
@@ -147,6 +148,7 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
     run_notebook("train", preset="smoke", data_path=str(tiny_db), out_dir=str(tmp_path), epochs=1)
     run = tmp_path / "train_1P" / "DNNS" / "smoke"
     assert (run / "figures" / "history.png").stat().st_size > 0
+    assert (run / "figures" / "loader.png").stat().st_size > 0
     assert_seed_layout(run, epochs=1)
 
 

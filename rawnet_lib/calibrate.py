@@ -96,7 +96,7 @@ def fit_calibration(scores: ArrayLike, labels: ArrayLike, far: float = 0.01,
     """Fit the score -> LLR map on a development list (labels 1 = same speaker) and measure it."""
     s, y = validate_trials(scores, labels)
     # Balanced classes: the fitted log-odds is the LLR at a 0.5 prior, whatever the list's mix.
-    fit = LogisticRegression(C=1e6, class_weight="balanced").fit(s[:, None], y)
+    fit = LogisticRegression(C=1e6, class_weight="balanced", tol=1e-10, max_iter=1000).fit(s[:, None], y)
     cal = Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]), operating_thresholds(s, y, far), {})
     summary = summarize(s, y)
     cal.metrics = {"eer": summary["eer"], "min_dcf_0.01": summary["min_dcf_0.01"],

@@ -231,3 +231,11 @@ def test_cli_reports_a_bad_file_without_a_traceback(checkpoint: Path, tmp_path: 
                            str(bad), str(bad)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "bad.wav" in proc.stderr
+
+
+def test_verify_notebook_runs_headless(run_notebook, smoke_run: Path, tiny_db: Path) -> None:
+    checkpoint = smoke_run / "models" / "best_opt_eval.pt"
+    out = run_notebook("verify", checkpoint=str(checkpoint), data_path=str(tiny_db))
+    text = out.read_text()
+    assert "<audio" in text and "image/png" in text and "enroll vs impostor" in text
+    assert calibration_path(checkpoint).is_file()

@@ -5,6 +5,7 @@
     python -m rawnet_lib.bench all --quick            # smoke preset, tiny repeats (< 1 min)
     python -m rawnet_lib.bench train --config demo    # the demo preset's model
     python -m rawnet_lib.bench scale-data             # a VoxCeleb2-shaped tree of 209,790 links (not in `all`)
+    python -m rawnet_lib.bench infer                  # embedding on the CPU: exact, fast, onnxruntime
 
 Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
 ratio, device, torch, threads, ...); the functions return the same dicts for
@@ -45,8 +46,8 @@ from rawnet_lib.errors import run_cli
 from rawnet_lib.model import build_model
 
 __all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
-           "calibrate_batch_norm", "bench_load", "bench_score", "bench_gather", "bench_scale", "bench_data_scale",
-           "run_all", "plot_comparison", "main"]
+           "bench_infer", "calibrate_batch_norm", "bench_load", "bench_score", "bench_gather", "bench_scale",
+           "bench_data_scale", "run_all", "plot_comparison", "main"]
 
 PATHS = {"exact": {"fast": False, "amp": "off"}, "fast": {"fast": True, "amp": "bf16"}}
 QUICK = {"preset": "smoke", "batch": 4, "repeats": 2}
@@ -294,6 +295,46 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
     return _speed_records("embed", times, batch, model_gflop(cfg.model)["total"], preset=preset, batch=batch,
                           repeats=repeats, cosine_min=round(cosine.min().item(), 6),
                           cosine_mean=round(cosine.mean().item(), 6), trained=bool(checkpoint))
+
+
+def bench_infer(preset: str = "paper", batch: int = 32, repeats: int = 5,
+                data_path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Embedding crops per second on the CPU of the exact path, the fast path (bf16) and the ONNX
+    export run by onnxruntime, with each one's cosine to the exact path (issue 13, part 6)."""
+    from rawnet_lib.checkpoint import model_checkpoint, save_checkpoint
+    from rawnet_lib.export import export_model, onnx_embedder
+    cfg = load_config(preset)
+    x = _crops(cfg, batch, data_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    calibrate_batch_norm(model, x)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model_checkpoint(model, cfg, [], 0, 0.0), Path(tmp) / "m.pt")
+        ort_run, _ = onnx_embedder(export_model(Path(tmp) / "m.pt", "onnx", Path(tmp) / "m.onnx"))
+    emb: dict[str, torch.Tensor] = {}
+
+    def torch_path(name: str) -> Callable[[], None]:
+        def run() -> None:
+            model.cfg.fast = PATHS[name]["fast"]
+            with torch.no_grad(), autocast(torch.device("cpu"), PATHS[name]["amp"]):
+                emb[name] = model.embed(x).float()
+        return run
+
+    def onnxruntime() -> None:
+        emb["onnxruntime"] = torch.from_numpy(ort_run(x.numpy()))
+    times = _alternate({"exact": torch_path("exact"), "fast": torch_path("fast"), "onnxruntime": onnxruntime},
+                       repeats)
+    gflop = model_gflop(cfg.model)["total"]
+    out = []
+    for name, secs in times.items():
+        rate = batch / statistics.median(secs)
+        cosine = F.cosine_similarity(emb[name].double(), emb["exact"].double())
+        out.append(_record("infer", path=name, preset=preset, batch=batch, crops_per_s=round(rate, 2),
+                           gflops=round(rate * gflop, 1), gflop_per_crop=round(gflop, 3),
+                           cosine_mean=round(cosine.mean().item(), 6), cosine_min=round(cosine.min().item(), 6),
+                           rounds=[round(s, 4) for s in secs]))
+    return out
 
 
 def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, workers: int = 2,
@@ -547,8 +588,8 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = cli_parser("python -m rawnet_lib.bench", __doc__, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
-    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "gather", "peak", "scale",
-                                         "scale-data", "all"])
+    parser.add_argument("what", choices=["train", "memory", "embed", "infer", "load", "score", "gather", "peak",
+                                         "scale", "scale-data", "all"])
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
@@ -565,6 +606,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
            "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
            "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
+           "infer": lambda: bench_infer(preset, 4 * batch, repeats, data),
            "load": lambda: bench_load(preset, batch, 4 if args.quick else 100, data_path=data),
            "score": lambda: bench_score(*((20_000, 2_000) if args.quick else (580_000, 145_000)),
                                         load_config(preset).model.embedding_dim, 1 if args.quick else 3),

@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from rawnet_lib.config import Config, ConfigError, EvalConfig, ModelConfig
 from rawnet_lib.io import atomic_open
 from rawnet_lib.trials import resolve
 
-__all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast"]
+__all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast", "utterance_crops", "crop_batches",
+           "check_crops"]
 
 
 class _FileCrops(Dataset):
@@ -40,10 +41,17 @@ class _FileCrops(Dataset):
         return len(self.keys)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        x = peak_normalise(read_audio(resolve(self.keys[i], self.roots), sample_rate=self.mcfg.sample_rate))
-        if self.ecfg.crop_mode == "full":
-            return x[None].astype(np.float32)
-        return eval_crops(x, self.mcfg.n_samples, self.ecfg.eval_hop).astype(np.float32)
+        return utterance_crops(read_audio(resolve(self.keys[i], self.roots), sample_rate=self.mcfg.sample_rate),
+                               self.mcfg, self.ecfg)
+
+
+def utterance_crops(x: np.ndarray, mcfg: ModelConfig, ecfg: EvalConfig) -> np.ndarray:
+    """What the model sees of one utterance: (n_crops, n_samples) reference crops of the
+    peak-normalised samples, or the whole utterance as one row in full mode."""
+    x = peak_normalise(x)
+    if ecfg.crop_mode == "full":
+        return x[None].astype(np.float32)
+    return eval_crops(x, mcfg.n_samples, ecfg.eval_hop).astype(np.float32)
 
 
 def autocast(device: torch.device, amp: str):
@@ -52,8 +60,9 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _batches(loader: DataLoader, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Pack the crops of consecutive files into batches of about batch_size crops."""
+def crop_batches(loader: Iterable[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Pack the crops of consecutive files into batches of about batch_size crops; owners are
+    the files' positions in `loader`."""
     owners: list[int] = []
     crops: list[np.ndarray] = []
     for i, file_crops in enumerate(loader):
@@ -71,7 +80,7 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
                 ecfg: EvalConfig, rank: dist.RankInfo, amp: str = "off", workers: int = 2,
                 progress: bool = True) -> dict[str, np.ndarray]:
     """{key: mean crop embedding} for every key on rank 0 ({} on the others), each rank embedding a share."""
-    _check_crops(mcfg, ecfg)
+    check_crops(mcfg, ecfg)
     mine = keys[dist.share(len(keys), rank)]
     net = getattr(model, "module", model)
     was_training = net.training
@@ -82,7 +91,7 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
     sums = np.zeros((len(mine), mcfg.embedding_dim), dtype=np.float64)
     counts = np.zeros(len(mine))
     bar = tqdm(total=len(mine), desc="embed", disable=not progress or not rank.is_main, leave=False)
-    for owners, x in _batches(loader, batch):
+    for owners, x in crop_batches(loader, batch):
         with autocast(rank.device, amp):
             out = net.embed(x.to(rank.device)).float().cpu().numpy()
         np.add.at(sums, owners, out)
@@ -94,7 +103,7 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
     return {} if rows is None else dict(zip(keys, rows))
 
 
-def _check_crops(mcfg: ModelConfig, ecfg: EvalConfig) -> None:
+def check_crops(mcfg: ModelConfig, ecfg: EvalConfig) -> None:
     if ecfg.crop_mode == "full" and mcfg.layer_norm:
         raise ConfigError(f"crop_mode={ecfg.crop_mode!r} needs a model without the fixed-length layer norm, "
                           f"but this one has layer_norm over {mcfg.n_samples} samples; use crop_mode: reference")
@@ -133,7 +142,7 @@ def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys:
     embedded so far, tagged with the checkpoint's SHA-1; a changed checkpoint starts it afresh.
     Call on every rank: they share the extraction and rank 0 writes the file atomically.
     """
-    _check_crops(cfg.model, cfg.evaluation)
+    check_crops(cfg.model, cfg.evaluation)
     settings = embedding_settings(cfg, roots)
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"embeddings_{tag}.npz"

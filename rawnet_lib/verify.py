@@ -1,0 +1,364 @@
+"""Your own audio: embed, score and verify any files with a trained RawNet2 (or its ONNX export).
+
+    python -m rawnet_lib.verify embed --checkpoint C FILES_OR_FOLDERS --out emb.npz
+    python -m rawnet_lib.verify score --checkpoint C a.wav b.m4a          # one JSON line
+    python -m rawnet_lib.verify score --checkpoint C --trials pairs.txt    # scores, EER and minDCF with labels
+    python -m rawnet_lib.verify calibrate --checkpoint C --trials dev.txt  # score -> LLR, saved beside C
+
+    from rawnet_lib.verify import Verifier
+    v = Verifier.from_checkpoint("best_opt_eval.pt")      # or "rawnet2.onnx" (onnxruntime)
+    v.verify("a.wav", "b.flac")   # {'score': 0.71, 'llr': 3.2, 'decision': True, 'operating_point': 'eer', ...}
+
+Files of any container, rate and channel count are read by `anyaudio.load_any`. The crop
+protocol is explicit and goes with every result: `reference` (the reference's test crops of
+n_samples, averaged; what the model was evaluated with) or `full` (the whole utterance in one
+pass; only for models without the fixed-length layer norm). A pair list has one pair per line,
+`[label] a b`, label 1 = same speaker, paths absolute or relative to the list's folder (or --root).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rawnet_lib.anyaudio import describe, find_audio, load_any, to_model_rate
+from rawnet_lib.audio import AudioError
+from rawnet_lib.calibrate import Calibration, calibration_path, cllr, fit_calibration, load_calibration
+from rawnet_lib.checkpoint import load_checkpoint_model
+from rawnet_lib.config import Config, cli_config, cli_parser, load_config
+from rawnet_lib.dist import resolve_device_kind
+from rawnet_lib.embed import autocast, check_crops, crop_batches, utterance_crops
+from rawnet_lib.errors import WorkbookError, run_cli
+from rawnet_lib.io import atomic_open
+from rawnet_lib.metrics import summarize
+from rawnet_lib.trials import TrialListError
+
+__all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
+
+Item = str | Path | np.ndarray
+CLI_FIELDS = ("crop_mode", "eval_hop", "eval_batch_size", "device")
+
+
+class VerifyError(WorkbookError, ValueError):
+    """Nothing usable to embed or score; the message lists what failed and why."""
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings of many files, the ones that failed (path, why) and the protocol that made them."""
+    embeddings: dict[str, np.ndarray]
+    failed: list[tuple[str, str]]
+    protocol: dict[str, Any]
+
+    def save(self, path: str | Path) -> None:
+        """An npz: `keys`, `emb` (n, dim) and `meta` (JSON: protocol and failures), written atomically."""
+        keys = list(self.embeddings)
+        dim = len(next(iter(self.embeddings.values()))) if keys else 0
+        meta = json.dumps({"protocol": self.protocol, "failed": self.failed})
+        with atomic_open(path, "wb") as f:
+            np.savez(f, keys=np.array(keys, dtype=str),
+                     emb=np.stack(list(self.embeddings.values())) if keys else np.zeros((0, dim), np.float32),
+                     meta=np.array(meta))
+
+
+@dataclass
+class Pairs:
+    """A list of pairs to score: paths, and labels (1 = same speaker) when the list has them."""
+    a: list[Path]
+    b: list[Path]
+    labels: np.ndarray | None = None
+    source: str = ""
+
+
+def read_pairs(path: str | Path, roots: Sequence[str | Path] = ()) -> Pairs:
+    """Lines `label a b` or `a b` (blank lines and `#` comments skipped); relative paths are looked
+    up under `roots`, then the list's folder. Every bad line is reported at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrialListError(f"{path}: no such pair list; give a text file of lines 'label a b' or 'a b'")
+    search = [Path(r) for r in roots] + [path.parent]
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        tokens = line.split("#")[0].split()
+        if not tokens:
+            continue
+        if len(tokens) not in (2, 3) or (len(tokens) == 3 and tokens[0] not in ("0", "1")):
+            bad.append(f"line {number}: {line.strip()[:80]!r} is not 'label a b' (label 0 or 1) or 'a b'")
+            continue
+        rows.append((tokens[0] if len(tokens) == 3 else None,
+                     *(_locate(t, search) for t in tokens[-2:])))
+    kinds = {label is None for label, _, _ in rows}
+    if len(kinds) > 1:
+        bad.append("some lines have a label and some do not; label every line or none")
+    if bad or not rows:
+        raise TrialListError(f"{path}: " + ("; ".join(bad[:10]) if bad else "no pairs") +
+                             (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "") +
+                             "; fix these lines (format: '1 a.wav b.wav', 1 = same speaker)")
+    labels = None if rows[0][0] is None else np.array([int(label) for label, _, _ in rows])
+    return Pairs([a for _, a, _ in rows], [b for _, _, b in rows], labels, str(path))
+
+
+def _locate(token: str, roots: Sequence[Path]) -> Path:
+    """A pair's path: itself when absolute, else under the first root that holds it (the last root
+    otherwise, so that a missing file is reported with a path)."""
+    p = Path(token).expanduser()
+    if p.is_absolute():
+        return p
+    return next((r / p for r in roots if (r / p).exists()), roots[-1] / p)
+
+
+class Verifier:
+    """Embeddings and verification scores of any audio with one model and one crop protocol."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], cfg: Config, source: str,
+                 calibration: Calibration | None = None, backend: str = "torch"):
+        check_crops(cfg.model, cfg.evaluation)
+        if backend == "onnxruntime" and cfg.evaluation.crop_mode == "full":
+            raise VerifyError(f"{source}: an exported model takes crops of exactly {cfg.model.n_samples} samples; "
+                              "use crop_mode reference, or the checkpoint for crop_mode full")
+        self.forward, self.cfg, self.source, self.backend = forward, cfg, source, backend
+        self.calibration = calibration
+        self.speakers: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, preset: str | None = None, device: str = "auto",
+                        calibration: str | Path | None = None, **overrides: Any) -> "Verifier":
+        """From our checkpoint, a bare reference state_dict (`preset` gives what the weights do not
+        say, default paper) or an exported `.onnx` file (run by onnxruntime on the CPU).
+
+        `overrides` are evaluation fields (`crop_mode="full"`, `eval_hop=...`, `amp="bf16"`). The
+        calibration beside the file (`<stem>.calibration.json`) is used when there is one, or the
+        one `calibration` names.
+        """
+        path = Path(path)
+        if path.suffix.lower() == ".onnx":
+            from rawnet_lib.export import onnx_embedder
+            forward, cfg = onnx_embedder(path)
+            backend = "onnxruntime"
+        else:
+            model, cfg = load_checkpoint_model(path, base=preset or "paper")
+            kind = resolve_device_kind(device)
+            model.to(kind)
+            forward, backend = _torch_forward(model, torch.device(kind), overrides.get("amp", cfg.train.amp)), kind
+        cfg = _with(cfg, overrides)
+        found = Path(calibration) if calibration else calibration_path(path)
+        cal = load_calibration(found) if found.is_file() or calibration else None
+        return cls(forward, cfg, str(path), cal, backend)
+
+    # -- embedding ---------------------------------------------------------------------------
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """How every embedding of this verifier is made: stored with every result."""
+        ev, m = self.cfg.evaluation, self.cfg.model
+        return {"model": self.source, "backend": self.backend, "crop_mode": ev.crop_mode, "n_samples": m.n_samples,
+                "eval_hop": ev.eval_hop if ev.crop_mode == "reference" else None, "sample_rate": m.sample_rate}
+
+    def samples(self, item: Item, sr: int | None = None) -> np.ndarray:
+        """Mono float32 samples at the model's rate: a file of any format, or an array at `sr` Hz
+        (default: the model's rate)."""
+        rate = self.cfg.model.sample_rate
+        if isinstance(item, np.ndarray):
+            return to_model_rate(item, sr or rate, rate)
+        return load_any(item, rate)
+
+    def embed(self, item: Item, sr: int | None = None) -> np.ndarray:
+        """The embedding (embedding_dim,) of one file or array, or of an enrolled speaker's name."""
+        if isinstance(item, str) and item in self.speakers:
+            return self.speakers[item]
+        crops = utterance_crops(self.samples(item, sr), self.cfg.model, self.cfg.evaluation)
+        return self._embed_crops(iter([crops]))[0]
+
+    def _embed_crops(self, crops: Iterator[np.ndarray]) -> list[np.ndarray]:
+        """Mean crop embedding of each file's crops, many files per forward pass."""
+        batch = 1 if self.cfg.evaluation.crop_mode == "full" else self.cfg.evaluation.eval_batch_size
+        sums: dict[int, np.ndarray] = {}
+        counts: dict[int, int] = {}
+        for owners, x in crop_batches(crops, batch):
+            out = self.forward(x.numpy()).astype(np.float64)
+            for owner, row in zip(owners, out):
+                sums[owner] = sums.get(owner, 0) + row
+                counts[owner] = counts.get(owner, 0) + 1
+        return [(sums[i] / counts[i]).astype(np.float32) for i in sorted(sums)]
+
+    def embed_many(self, items: Iterable[str | Path], progress: bool = True) -> EmbeddingSet:
+        """Embeddings of files and folders (their audio, recursively), batched across files; a file
+        that cannot be read is listed in `failed` with the reason, and the rest goes on."""
+        files, failed = find_audio(items)
+        done: list[str] = []
+
+        def crops() -> Iterator[np.ndarray]:
+            for path in tqdm(files, desc="embed", disable=not progress, leave=False):
+                try:
+                    x = self.samples(path)
+                except AudioError as err:
+                    failed.append((str(path), str(err).removeprefix(f"{path}: ")))
+                    continue
+                done.append(str(path))
+                yield utterance_crops(x, self.cfg.model, self.cfg.evaluation)
+        vectors = self._embed_crops(crops())
+        return EmbeddingSet(dict(zip(done, vectors)), failed, self.protocol)
+
+    def enroll(self, name: str, files: Iterable[str | Path]) -> np.ndarray:
+        """A speaker's embedding: the mean of the unit embeddings of their files; `name` then works
+        wherever a file does (`score(name, "test.wav")`)."""
+        found = self.embed_many(files, progress=False)
+        if not found.embeddings:
+            raise VerifyError(f"enroll {name!r}: none of the files could be used:\n{describe(found.failed)}")
+        if found.failed:
+            warnings.warn(f"enroll {name!r}: left out\n{describe(found.failed)}", stacklevel=2)
+        unit = np.stack([_unit(e) for e in found.embeddings.values()])
+        self.speakers[name] = unit.mean(0).astype(np.float32)
+        return self.speakers[name]
+
+    # -- scoring -----------------------------------------------------------------------------
+    def score(self, a: Item, b: Item, sr: int | None = None) -> dict[str, Any]:
+        """{'score': cosine, 'llr': calibrated log-likelihood ratio (when calibrated), protocol...}."""
+        value = float(np.dot(_unit(self.embed(a, sr)), _unit(self.embed(b, sr))))
+        result: dict[str, Any] = {"score": value}
+        if self.calibration is not None:
+            result["llr"] = float(self.calibration.llr(value))
+        return {**result, "crop_mode": self.cfg.evaluation.crop_mode, "model": self.source}
+
+    def verify(self, a: Item, b: Item, operating_point: str = "eer", threshold: float | None = None,
+               sr: int | None = None) -> dict[str, Any]:
+        """score, llr, decision (True = same speaker) and the operating point used: one of the
+        calibration's (eer, min_dcf_0.01, far_<rate>) or an explicit score `threshold`."""
+        result = self.score(a, b, sr)
+        if threshold is None:
+            if self.calibration is None:
+                raise VerifyError(f"{self.source} has no calibration, so there is no operating point: calibrate "
+                                  "on a development list (Verifier.calibrate or python -m rawnet_lib.verify "
+                                  "calibrate) or pass threshold=")
+            threshold = self.calibration.threshold(operating_point)
+        else:
+            operating_point = "threshold"
+        return {**result, "decision": bool(result["score"] >= threshold), "operating_point": operating_point,
+                "threshold": float(threshold)}
+
+    def score_pairs(self, pairs: Pairs, progress: bool = True) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """Cosine per pair (NaN where a file failed) and the failed files; each file embedded once."""
+        found = self.embed_many(dict.fromkeys(map(str, pairs.a + pairs.b)), progress)
+        emb = {k: _unit(v) for k, v in found.embeddings.items()}
+        scores = np.array([float(np.dot(emb[str(a)], emb[str(b)])) if str(a) in emb and str(b) in emb else np.nan
+                           for a, b in zip(pairs.a, pairs.b)])
+        return scores, found.failed
+
+    def calibrate(self, pairs: Pairs, far: float = 0.01, save_to: str | Path | None = None,
+                  progress: bool = True) -> Calibration:
+        """Fit score -> LLR on a labelled development list and use it from now on; saved as JSON
+        (beside the checkpoint when `save_to` is None and the model is a file)."""
+        if pairs.labels is None:
+            raise TrialListError(f"{pairs.source}: calibration needs labels (lines '1 a b' / '0 a b')")
+        scores, failed = self.score_pairs(pairs, progress)
+        ok = np.isfinite(scores)
+        if failed:
+            warnings.warn(f"calibration: {int((~ok).sum())} pairs left out, their files failed:\n"
+                          f"{describe(failed)}", stacklevel=2)
+        self.calibration = fit_calibration(scores[ok], pairs.labels[ok], far,
+                                           {"trials": pairs.source, **self.protocol})
+        self.calibration.save(save_to or calibration_path(self.source))
+        return self.calibration
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def _torch_forward(model: torch.nn.Module, device: torch.device, amp: str) -> Callable[[np.ndarray], np.ndarray]:
+    @torch.no_grad()
+    def run(crops: np.ndarray) -> np.ndarray:
+        with autocast(device, amp):
+            return model.embed(torch.from_numpy(crops).to(device)).float().cpu().numpy()
+    return run
+
+
+def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """cfg with evaluation overrides (None keeps the value), validated like any Config."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return cfg
+    out = load_config(None, cfg.to_dict(), **given)
+    out.preset = cfg.preset
+    return out
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _parser(command: str):
+    parser = cli_parser(f"python -m rawnet_lib.verify {command}", __doc__, preset="paper", fields=CLI_FIELDS,
+                        config_help="settings for a bare reference state_dict: preset name or YAML")
+    parser.add_argument("--checkpoint", required=True, help="a .pt file (ours or a reference state_dict) or an .onnx")
+    if command == "embed":
+        parser.add_argument("inputs", nargs="+", help="audio files and folders")
+        parser.add_argument("--out", required=True, help="the .npz to write (keys, emb, meta)")
+    else:
+        parser.add_argument("files", nargs="*", help="two audio files (or leave out and give --trials)")
+        parser.add_argument("--trials", default="", help="a pair list: lines 'label a b' or 'a b'")
+        parser.add_argument("--root", nargs="*", default=[], help="folders relative paths in the list are under")
+        parser.add_argument("--out", default="", help="score file to write for --trials: 'score [label] a b'")
+        parser.add_argument("--operating_point", default="eer", help="eer | min_dcf_0.01 | far_<rate>")
+        parser.add_argument("--far", type=float, default=0.01, help="calibrate: the false-acceptance rate to keep")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("embed", "score", "calibrate")
+    if not argv or argv[0] not in commands:
+        raise VerifyError(f"give a command first: {' | '.join(commands)} (python -m rawnet_lib.verify score -h)")
+    command = argv.pop(0)
+    args = _parser(command).parse_args(argv)
+    device = cli_config(args).train.device
+    loaded = Verifier.from_checkpoint(args.checkpoint, preset=args.config, device=device)
+    verifier = Verifier(loaded.forward, cli_config(args, base=loaded.cfg), loaded.source, loaded.calibration,
+                        loaded.backend)  # the flags over the model's own evaluation settings
+    if command == "embed":
+        found = verifier.embed_many(args.inputs)
+        if not found.embeddings:
+            raise VerifyError(f"nothing could be embedded:\n{describe(found.failed)}")
+        found.save(args.out)
+        result = {"out": args.out, "embedded": len(found.embeddings), "failed": found.failed, **found.protocol}
+    elif command == "score" and not args.trials:
+        if len(args.files) != 2:
+            raise VerifyError(f"score takes two files (got {len(args.files)}) or --trials pairs.txt")
+        a, b = args.files
+        result = (verifier.verify(a, b, args.operating_point) if verifier.calibration else verifier.score(a, b))
+        result = {"a": a, "b": b, **result}
+    elif command == "score":
+        result = _score_list(verifier, read_pairs(args.trials, args.root), args.out)
+    else:
+        cal = verifier.calibrate(read_pairs(args.trials, args.root), args.far)
+        result = {"calibration": str(calibration_path(args.checkpoint)), "slope": cal.slope, "offset": cal.offset,
+                  **cal.metrics, "thresholds": cal.thresholds}
+    print(json.dumps(result))
+    return result
+
+
+def _score_list(verifier: Verifier, pairs: Pairs, out: str) -> dict[str, Any]:
+    scores, failed = verifier.score_pairs(pairs)
+    ok = np.isfinite(scores)
+    if out:
+        with atomic_open(out, "w") as f:
+            for i in np.flatnonzero(ok):
+                label = "" if pairs.labels is None else f" {pairs.labels[i]}"
+                f.write(f"{scores[i]:.6f}{label} {pairs.a[i]} {pairs.b[i]}\n")
+    result: dict[str, Any] = {"trials": len(scores), "scored": int(ok.sum()), "failed": failed,
+                              "out": out or None, **verifier.protocol}
+    if pairs.labels is not None and ok.any():
+        summary = summarize(scores[ok], pairs.labels[ok])
+        result.update(eer_percent=summary["eer_percent"], min_dcf_001=summary["min_dcf_0.01"],
+                      min_dcf_005=summary["min_dcf_0.05"])
+        if verifier.calibration is not None:
+            result["cllr"] = cllr(verifier.calibration.llr(scores[ok]), pairs.labels[ok])
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

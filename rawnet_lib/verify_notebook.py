@@ -1,0 +1,137 @@
+"""What notebooks/verify.ipynb shows, so that its cells stay a call and a display each.
+
+`verify_session(globals())` turns the notebook's parameters into a ready Verifier (calibrated
+on the development list when the checkpoint has no calibration yet) and the files to compare
+(by default two demo utterances of one speaker and one of another).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from rawnet_lib.anyaudio import find_audio
+from rawnet_lib.calibrate import Calibration
+from rawnet_lib.checkpoint import load_checkpoint_model
+from rawnet_lib.config import Config, notebook_config
+from rawnet_lib.data import resolve_data_path
+from rawnet_lib.plots import waveform_spectrogram
+from rawnet_lib.run import resolve_checkpoint
+from rawnet_lib.verify import Verifier, VerifyError, read_pairs
+
+__all__ = ["VerifySession", "verify_session", "demo_inputs", "inputs", "listen", "waveforms", "comparison_table",
+           "score_position"]
+
+OWN = ("checkpoint", "enroll", "test", "impostor", "dev_trials", "far", "operating_point")  # the notebook's, not Config fields
+
+
+@dataclass
+class VerifySession:
+    verifier: Verifier
+    cfg: Config
+    enroll: list[Path]
+    test: list[Path]
+    impostor: list[Path]
+    calibration_note: str
+
+
+def demo_inputs(data_path: Path) -> tuple[Path, Path, Path]:
+    """Two utterances of one speaker (different videos when there are) and one of another, from
+    the corpus's VoxCeleb1 folders."""
+    files, _ = find_audio([data_path / "VoxCeleb1"])
+    by_speaker: dict[str, list[Path]] = {}
+    for f in files:
+        by_speaker.setdefault(f.parent.parent.name, []).append(f)
+    speakers = [s for s, fs in sorted(by_speaker.items()) if len(fs) >= 2]
+    if len(speakers) < 2:
+        raise VerifyError(f"{data_path / 'VoxCeleb1'}: needs two speakers with two utterances each for the "
+                          "default inputs; give enroll=, test= and impostor= files")
+    first = by_speaker[speakers[0]]
+    other_video = next((f for f in first[1:] if f.parent != first[0].parent), first[1])
+    return first[0], other_video, by_speaker[speakers[1]][0]
+
+
+def verify_session(namespace: Mapping[str, Any]) -> VerifySession:
+    """The notebook's verifier and inputs from its parameters (`verify_session(globals())`)."""
+    ckpt = resolve_checkpoint(namespace.get("checkpoint"))
+    _, cfg = load_checkpoint_model(ckpt, base=namespace.get("preset") or "paper")
+    cfg = notebook_config(namespace, base=cfg, own=OWN)
+    verifier = Verifier.from_checkpoint(ckpt, preset=namespace.get("preset"), device=cfg.train.device,
+                                        crop_mode=cfg.evaluation.crop_mode, eval_hop=cfg.evaluation.eval_hop)
+    data_path = resolve_data_path(cfg.data)
+    given = [namespace.get(k) or "" for k in ("enroll", "test", "impostor")]
+    defaults = demo_inputs(data_path) if not all(given) else (None, None, None)
+    inputs = [find_audio([g])[0] if g else [d] for g, d in zip(given, defaults)]
+    note = f"calibration from {verifier.calibration.source.get('trials')}" if verifier.calibration else ""
+    if verifier.calibration is None:
+        dev = Path(namespace.get("dev_trials") or ckpt.parent.parent / Path(cfg.data.val_trials).name)
+        roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
+        verifier.calibrate(read_pairs(dev, roots), far=namespace.get("far") or 0.01)
+        note = f"calibrated now on {dev}, saved beside the checkpoint"
+    return VerifySession(verifier, cfg, *inputs, note)
+
+
+def inputs(session: VerifySession) -> dict[str, Path]:
+    return {"enroll": session.enroll[0], "test": session.test[0], "impostor": session.impostor[0]}
+
+
+def listen(session: VerifySession) -> None:
+    """A titled IPython Audio player per input, playing what the model hears (mono, its rate)."""
+    from IPython.display import Audio, Markdown, display
+    rate = session.cfg.model.sample_rate
+    for name, path in inputs(session).items():
+        display(Markdown(f"**{name}**: `{path}`"), Audio(session.verifier.samples(path), rate=rate))
+
+
+def comparison_table(session: VerifySession, operating_point: str = "eer") -> pd.DataFrame:
+    """Score, LLR and decision of enroll against test (same speaker expected) and against impostor."""
+    v = session.verifier
+    rows = []
+    for name, side in (("test", session.test), ("impostor", session.impostor)):
+        result = v.verify(session.enroll[0] if len(session.enroll) == 1 else _enrolled(v, session.enroll),
+                          side[0], operating_point)
+        rows.append({"pair": f"enroll vs {name}", "score": result["score"], "llr": result.get("llr"),
+                     "same speaker?": result["decision"], "operating point": result["operating_point"],
+                     "threshold": result["threshold"], "crop_mode": result["crop_mode"]})
+    return pd.DataFrame(rows)
+
+
+def _enrolled(v: Verifier, files: Sequence[Path]) -> str:
+    v.enroll("enrolled", files)
+    return "enrolled"
+
+
+def score_position(calibration: Calibration, scores: Mapping[str, float], ax=None) -> Figure:
+    """The development list's target and non-target score densities, with these scores marked."""
+    import matplotlib.pyplot as plt
+    fig, ax = (plt.subplots(figsize=(6, 3)) if ax is None else (ax.figure, ax))
+    hist = calibration.histogram
+    edges = np.asarray(hist["edges"])
+    for kind, color in (("target", "tab:green"), ("nontarget", "tab:red")):
+        counts = np.asarray(hist[kind], dtype=float)
+        ax.stairs(counts / max(counts.sum() * np.diff(edges).mean(), 1e-12), edges, color=color, label=kind,
+                  fill=True, alpha=0.35)
+    for (name, score), style in zip(scores.items(), ("-", "--", ":")):
+        ax.axvline(score, color="black", linestyle=style, label=f"{name}: {score:.3f}")
+    ax.axvline(calibration.thresholds["eer"], color="grey", linewidth=0.8, label="EER threshold")
+    ax.set_xlabel("cosine score")
+    ax.set_ylabel("density (development list)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def waveforms(session: VerifySession) -> Figure:
+    """Waveform over spectrogram of each input, side by side."""
+    import matplotlib.pyplot as plt
+    files = inputs(session)
+    fig, axes = plt.subplots(2, len(files), figsize=(4 * len(files), 3.5), sharey="row", squeeze=False,
+                             gridspec_kw={"height_ratios": (1, 2)})
+    for i, (name, path) in enumerate(files.items()):
+        waveform_spectrogram(session.verifier.samples(path), session.cfg.model.sample_rate, f"{name}: {path.name}", ax=axes[:, i])
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,63 @@
+"""Export: ONNX (onnxruntime) and TorchScript embeddings match PyTorch fp32, for the demo and paper presets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rawnet_lib.bench import calibrate_batch_norm
+from rawnet_lib.checkpoint import model_checkpoint, save_checkpoint
+from rawnet_lib.config import load_config
+from rawnet_lib.export import export_model, onnx_embedder
+from rawnet_lib.model import build_model
+
+PARITY = 0.9999  # cosine to PyTorch fp32 (issue 13); both run the same float32 maths
+
+
+def _checkpoint(preset: str, tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    cfg = load_config(preset)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    calibrate_batch_norm(model, torch.randn(2, cfg.model.n_samples))  # untrained weights, sane statistics
+    path = tmp_path / f"{preset}.pt"
+    save_checkpoint(model_checkpoint(model, cfg, [], 0, 0.0), path)
+    return model.eval(), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["demo", "paper"])
+def test_onnx_export_matches_pytorch(preset: str, tmp_path: Path) -> None:
+    model, ckpt = _checkpoint(preset, tmp_path)
+    out = export_model(ckpt, "onnx", tmp_path / f"{preset}.onnx")
+    graph = onnx.load(str(out))
+    assert "GRU" in {n.op_type for n in graph.graph.node}       # one ONNX GRU op, not an unrolled loop
+    assert [i.name for i in graph.graph.input] == ["waveform"]
+    run, cfg = onnx_embedder(out)
+    assert cfg.model == model.cfg
+    x = torch.randn(3, cfg.model.n_samples, generator=torch.Generator().manual_seed(1))  # batch 3: dynamic
+    with torch.no_grad():
+        ref = model.embed(x)
+    got = torch.from_numpy(run(x.numpy()))
+    assert got.shape == ref.shape
+    assert F.cosine_similarity(got.double(), ref.double()).min() >= PARITY
+
+
+@pytest.mark.slow
+def test_torchscript_export_and_onnx_verifier(tmp_path: Path) -> None:
+    from rawnet_lib.verify import Verifier
+    model, ckpt = _checkpoint("demo", tmp_path)
+    ts = torch.jit.load(str(export_model(ckpt, "torchscript", tmp_path / "demo.ts.pt")))
+    x = torch.randn(5, model.cfg.n_samples, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert F.cosine_similarity(ts(x), model.embed(x)).min() >= PARITY
+    onnx_file = export_model(ckpt, "onnx", tmp_path / "demo.onnx")
+    audio = np.sin(np.linspace(0, 4000, 40000)).astype(np.float32)
+    by_torch = Verifier.from_checkpoint(ckpt, device="cpu").embed(audio)
+    by_onnx = Verifier.from_checkpoint(onnx_file)
+    assert by_onnx.backend == "onnxruntime"
+    emb = by_onnx.embed(audio)
+    assert float(np.dot(emb, by_torch) / np.linalg.norm(emb) / np.linalg.norm(by_torch)) >= PARITY

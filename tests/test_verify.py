@@ -1,0 +1,241 @@
+"""Your own audio: the Verifier on files of many formats and rates, bad input, the CLI's JSON."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+
+from rawnet_lib.anyaudio import ShortAudioWarning
+from rawnet_lib.audio import AudioError, SAMPLE_RATE
+from rawnet_lib.bench import calibrate_batch_norm
+from rawnet_lib.calibrate import Calibration, calibration_path
+from rawnet_lib.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
+from rawnet_lib.config import load_config
+from rawnet_lib.embed import utterance_crops
+from rawnet_lib.model import build_model
+from rawnet_lib.verify import Verifier, VerifyError, main, read_pairs
+from rawnet_lib.trials import TrialListError
+
+REPO = Path(__file__).resolve().parents[1]
+SECONDS = 2.0
+
+
+def _voice(sr: int, f0: float, seconds: float = SECONDS, seed: int = 0) -> np.ndarray:
+    """A harmonic tone with vibrato and a little noise: speech-like enough to exercise the model."""
+    t = np.arange(int(seconds * sr)) / sr
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / sr
+    x = sum(np.sin(k * phase) / k for k in range(1, 12) if k * f0 * 1.1 < sr / 2)
+    x += 0.01 * np.random.default_rng(seed).standard_normal(t.size)
+    return (0.5 * x / np.abs(x).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo-preset checkpoint with batch-norm statistics of speech-like input (untrained weights)."""
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    calibrate_batch_norm(model, torch.from_numpy(np.stack([_voice(SAMPLE_RATE, f, 1.3)[:cfg.model.n_samples]
+                                                           for f in (90, 130, 180, 220)])))
+    path = tmp_path_factory.mktemp("ckpt") / "demo.pt"
+    save_checkpoint(model_checkpoint(model, cfg, [], 1, 0.5), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def verifier(checkpoint: Path) -> Verifier:
+    return Verifier.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One utterance in many formats and rates, written here (m4a through ffmpeg)."""
+    d = tmp_path_factory.mktemp("audio")
+    out = {}
+    for sr in (8000, 16000, 44100):
+        out[f"wav{sr}"] = d / f"x{sr}.wav"
+        sf.write(out[f"wav{sr}"], _voice(sr, 120), sr, subtype="PCM_16")
+    x = _voice(SAMPLE_RATE, 120)
+    out["stereo"] = d / "stereo.wav"
+    sf.write(out["stereo"], np.stack([x, 0.5 * x], axis=1), SAMPLE_RATE, subtype="PCM_16")
+    out["flac"] = d / "x.flac"
+    sf.write(out["flac"], x, SAMPLE_RATE, subtype="PCM_16")
+    out["ogg"] = d / "x.ogg"
+    sf.write(out["ogg"], x, SAMPLE_RATE, format="OGG", subtype="VORBIS")
+    if shutil.which("ffmpeg"):
+        out["m4a"] = d / "x.m4a"
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(out["wav16000"]), "-c:a", "aac",
+                        "-b:a", "96k", str(out["m4a"])], check=True)
+    out["other"] = d / "other.wav"
+    sf.write(out["other"], _voice(SAMPLE_RATE, 210, seed=1), SAMPLE_RATE, subtype="PCM_16")
+    return out
+
+
+def test_a_16k_wav_embeds_as_the_model_sees_its_reference_crops(verifier: Verifier, files) -> None:
+    x = sf.read(files["wav16000"], dtype="float32")[0]
+    crops = utterance_crops(x, verifier.cfg.model, verifier.cfg.evaluation)
+    expected = verifier.forward(crops).mean(0)
+    emb = verifier.embed(files["wav16000"])
+    assert emb.shape == (verifier.cfg.model.embedding_dim,) and len(crops) == 2
+    np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    assert verifier.protocol["crop_mode"] == "reference" and verifier.protocol["eval_hop"] == 15746
+
+
+def test_rates_channels_and_containers_become_the_same_16k_mono_signal(verifier: Verifier, files) -> None:
+    x = sf.read(files["wav16000"], dtype="float32")[0]
+    n = x.size
+    for sr in (8000, 44100):   # soxr's resampling of the file's own samples, at the model's rate
+        native = sf.read(files[f"wav{sr}"], dtype="float32")[0]
+        np.testing.assert_allclose(verifier.samples(files[f"wav{sr}"]), soxr.resample(native, sr, SAMPLE_RATE, "HQ"),
+                                   atol=1e-6)
+        assert abs(verifier.samples(files[f"wav{sr}"]).size - n) <= 1
+    np.testing.assert_allclose(verifier.samples(files["stereo"]), 0.75 * x, atol=1.5 / 32768)  # channel mean
+    # Lossless: equal up to one PCM16 step (libsndfile rounds float -> int16 per format).
+    np.testing.assert_allclose(verifier.samples(files["flac"]), x, rtol=0, atol=1.01 / 32768)
+    for lossy in ("ogg", "m4a"):
+        if lossy not in files:
+            continue
+        y = verifier.samples(files[lossy])
+        assert abs(y.size - n) < 0.05 * n, lossy
+        m = min(y.size, n)
+        assert np.corrcoef(x[:m], y[:m])[0, 1] > 0.95, lossy  # a codec keeps a clean harmonic tone
+
+
+def test_every_format_embeds_to_a_finite_vector_close_to_the_original(verifier: Verifier, files) -> None:
+    ref = verifier.embed(files["wav16000"])
+    for name, path in files.items():
+        emb = verifier.embed(path)
+        assert emb.shape == ref.shape and np.isfinite(emb).all(), name
+    # An array with its rate is the same as the file at that rate.
+    x44 = sf.read(files["wav44100"], dtype="float32")[0]
+    np.testing.assert_allclose(verifier.embed(x44, sr=44100), verifier.embed(files["wav44100"]), rtol=1e-5, atol=1e-6)
+
+
+def test_score_verify_and_enroll(verifier: Verifier, files) -> None:
+    same = verifier.score(files["wav16000"], files["flac"])
+    assert same["score"] == pytest.approx(1.0, abs=1e-3) and "llr" not in same  # one PCM16 step apart
+    with pytest.raises(VerifyError, match="no calibration"):
+        verifier.verify(files["wav16000"], files["other"])
+    result = verifier.verify(files["wav16000"], files["other"], threshold=2.0)
+    assert result["decision"] is False and result["operating_point"] == "threshold"
+    spk = verifier.enroll("alice", [files["wav16000"], files["flac"], files["stereo"]])
+    assert spk.shape == verifier.embed(files["wav16000"]).shape
+    assert verifier.score("alice", files["wav16000"])["score"] > 0.99
+
+
+def test_a_calibration_gives_llr_and_a_decision(checkpoint: Path, files) -> None:
+    cal = Calibration(slope=10.0, offset=-5.0, thresholds={"eer": 0.5, "far_0.01": 0.9}, metrics={})
+    v = Verifier.from_checkpoint(checkpoint, device="cpu")
+    v.calibration = cal
+    r = v.verify(files["wav16000"], files["other"])
+    assert r["llr"] == pytest.approx(10 * r["score"] - 5) and r["decision"] == (r["score"] >= 0.5)
+    assert v.verify(files["wav16000"], files["other"], "far_0.01")["threshold"] == 0.9
+
+
+def test_bad_files_are_named_and_a_batch_goes_on(verifier: Verifier, files, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wav"
+    empty.touch()
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio at all\n" * 20)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(AudioError, match=r"empty\.wav: empty file"):
+        verifier.embed(empty)
+    with pytest.raises(AudioError, match=r"notes\.wav: not readable audio.*re-export"):
+        verifier.embed(text)
+    found = verifier.embed_many([files["wav16000"], text, files["flac"], empty, tmp_path / "nothing",
+                                 tmp_path / "missing.wav"], progress=False)
+    assert list(found.embeddings) == [str(files["wav16000"]), str(files["flac"])]
+    failed = dict(found.failed)
+    assert set(failed) == {str(text), str(empty), str(tmp_path / "nothing"), str(tmp_path / "missing.wav")}
+    assert "without audio" in failed[str(tmp_path / "nothing")]
+
+
+def test_short_audio_warns(verifier: Verifier, tmp_path: Path) -> None:
+    path = tmp_path / "short.wav"
+    sf.write(path, _voice(SAMPLE_RATE, 150, 0.4), SAMPLE_RATE)
+    with pytest.warns(ShortAudioWarning, match="0.40 s"):
+        assert np.isfinite(verifier.embed(path)).all()
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
+    wrong = tmp_path / "optimizer.pt"
+    torch.save({"step": torch.tensor(3), "lr": 0.1}, wrong)
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        Verifier.from_checkpoint(wrong)
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"\x00garbage")
+    with pytest.raises(Exception, match=r"model\.onnx: onnxruntime cannot load it"):
+        Verifier.from_checkpoint(not_onnx)
+
+
+def test_pair_lists_with_and_without_labels(tmp_path: Path) -> None:
+    (tmp_path / "a.wav").touch()
+    good = tmp_path / "pairs.txt"
+    good.write_text("# label a b\n1 a.wav b.wav\n0 a.wav /abs/c.wav\n")
+    pairs = read_pairs(good)
+    assert pairs.labels.tolist() == [1, 0] and pairs.a[0] == tmp_path / "a.wav" and str(pairs.b[1]) == "/abs/c.wav"
+    assert read_pairs(_write(tmp_path / "u.txt", "a.wav b.wav\n")).labels is None
+    with pytest.raises(TrialListError, match=r"line 2.*line 3"):
+        read_pairs(_write(tmp_path / "bad.txt", "1 a b\n2 a b\na b c d\n"))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_cli_score_prints_one_json_line(checkpoint: Path, files, capsys) -> None:
+    main(["score", "--checkpoint", str(checkpoint), str(files["wav16000"]), str(files["other"])])
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1
+    result = json.loads(line[0])
+    assert set(result) >= {"score", "crop_mode", "a", "b"} and "decision" not in result
+
+
+def test_cli_embed_score_list_and_calibrate(checkpoint: Path, files, tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "model.pt"
+    shutil.copyfile(checkpoint, ckpt)
+    out = tmp_path / "emb.npz"
+    main(["embed", "--checkpoint", str(ckpt), str(files["wav16000"].parent), "--out", str(out)])
+    result = json.loads(capsys.readouterr().out)
+    with np.load(out) as z:
+        assert z["emb"].shape == (result["embedded"], 256) and json.loads(str(z["meta"]))["protocol"]["crop_mode"]
+    names = [files[k].name for k in ("wav16000", "flac", "stereo", "other", "wav44100")]
+    pairs = _write(tmp_path / "dev.txt", "".join(f"{int(i < 3)} {names[0]} {n}\n" for i, n in
+                                                  enumerate(names[1:3] + ["x.ogg"] + names[3:])))
+    main(["calibrate", "--checkpoint", str(ckpt), "--trials", str(pairs), "--root", str(files["wav16000"].parent)])
+    cal = json.loads(capsys.readouterr().out)
+    assert Path(cal["calibration"]) == calibration_path(ckpt) and calibration_path(ckpt).is_file()
+    main(["score", "--checkpoint", str(ckpt), "--trials", str(pairs), "--root", str(files["wav16000"].parent),
+          "--out", str(tmp_path / "scores.txt")])
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["scored"] == 5 and "eer_percent" in listed and "cllr" in listed
+    assert len((tmp_path / "scores.txt").read_text().splitlines()) == 5
+    main(["score", "--checkpoint", str(ckpt), str(files["wav16000"]), str(files["other"])])
+    scored = json.loads(capsys.readouterr().out)
+    assert set(scored) >= {"score", "llr", "decision", "operating_point", "threshold"}
+
+
+def test_cli_reports_a_bad_file_without_a_traceback(checkpoint: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_text("text")
+    proc = subprocess.run([sys.executable, "-m", "rawnet_lib.verify", "score", "--checkpoint", str(checkpoint),
+                           str(bad), str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "bad.wav" in proc.stderr
+
+
+def test_verify_notebook_runs_headless(run_notebook, smoke_run: Path, tiny_db: Path) -> None:
+    checkpoint = smoke_run / "models" / "best_opt_eval.pt"
+    out = run_notebook("verify", checkpoint=str(checkpoint), data_path=str(tiny_db))
+    text = out.read_text()
+    assert "<audio" in text and "image/png" in text and "enroll vs impostor" in text
+    assert calibration_path(checkpoint).is_file()

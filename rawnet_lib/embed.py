@@ -11,8 +11,10 @@ O, E and H shares one extraction and a second evaluation embeds nothing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -57,7 +59,23 @@ def utterance_crops(x: np.ndarray, mcfg: ModelConfig, ecfg: EvalConfig) -> np.nd
 def autocast(device: torch.device, amp: str):
     """torch.amp autocast for `amp` (off | bf16 | fp16) on this device type."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type == "cpu" and dtype is not None:
+        _warn_if_emulated(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@functools.cache
+def _warn_if_emulated(amp: str) -> None:
+    """Half-precision matrix products are only fast on CPUs that have instructions for them
+    (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16). Elsewhere oneDNN emulates them, several times
+    slower than float32 (measured 3-5x on an AVX2-only AMD EPYC): say so once, never silently."""
+    native = {"bf16": torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+              "fp16": torch.cpu._is_amx_fp16_supported()}[amp]
+    if not native:
+        warnings.warn(f"amp: {amp} on a CPU without {amp} matrix instructions "
+                      f"({torch.backends.cpu.get_cpu_capability()}): the products are emulated and run slower than "
+                      "float32 (and the fast path slower than the exact one); use amp: off with fast: false here",
+                      stacklevel=3)
 
 
 def crop_batches(loader: Iterable[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:

@@ -84,6 +84,7 @@ def test_bad_audio_stops_before_the_first_step(bad_tree: Path, tmp_path: Path) -
     assert not run_path(cfg).exists(), "stopped before the first step, without a run folder to refuse later"
 
 
+@pytest.mark.slow
 def test_bad_audio_is_skipped_and_counted_when_asked(bad_tree: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(bad_tree), out_dir=str(tmp_path / "runs"), epochs=1,
                       on_bad_audio="skip")
@@ -92,6 +93,7 @@ def test_bad_audio_is_skipped_and_counted_when_asked(bad_tree: Path, tmp_path: P
     assert "skipping 5 unusable training file(s)" in (run_path(cfg) / "log" / "eval_epoch0.txt").read_text()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_checkpoint(
         tiny_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), epochs=2)
@@ -184,6 +186,7 @@ FAIL_RANK_1 = """
 """
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_every_rank_with_its_name(tiny_db: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path / "runs"), devices=2, epochs=2)
     config_file = tmp_path / "config.yaml"
@@ -195,6 +198,7 @@ def test_a_failing_rank_ends_every_rank_with_its_name(tiny_db: Path, tmp_path: P
     assert "injected fault on rank 1" in output and "rank: 1" in output
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_all_ranks_and_leaves_a_resumable_run(tiny_db: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     script = (f"from rawnet_lib.config import load_config\nfrom rawnet_lib.launch import launch\n"
@@ -218,6 +222,7 @@ def test_ctrl_c_stops_all_ranks_and_leaves_a_resumable_run(tiny_db: Path, tmp_pa
     assert summary["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_an_error_in_the_kernel_side_loop_stops_the_whole_process_group(
         tiny_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not only Ctrl-C: any exception while the kernel follows the run (here, drawing the first

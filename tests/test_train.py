@@ -73,6 +73,7 @@ def test_existing_run_is_never_overwritten(smoke_run: Path, tiny_db: Path) -> No
     assert (smoke_run / "eers.txt").read_text() == before
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_through_the_launcher(tiny_db: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), name="ddp", devices=2, epochs=1)
     summary = launch(cfg)
@@ -81,6 +82,7 @@ def test_two_gloo_processes_through_the_launcher(tiny_db: Path, tmp_path: Path) 
     assert_seed_layout(run, epochs=1)
 
 
+@pytest.mark.slow
 def test_performance_mode_reports_throughput_only(tiny_db: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), mode="performance",
                       perf_steps=4, warmup_steps=1, amp="bf16", profile=True)

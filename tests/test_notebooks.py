@@ -87,9 +87,11 @@ def _code_cells(path: Path) -> list[str]:
 
 
 def _loader_call(source: str) -> ast.Call:
-    """The notebook_config / declared_parameters call of a notebook's config cell."""
+    """The notebook_config / declared_parameters call of a notebook's config cell (verify's
+    `verify_session(globals())` calls notebook_config with the checkpoint's config as base)."""
+    loaders = ("notebook_config", "declared_parameters", "verify_session")
     calls = [n for n in ast.walk(ast.parse(source.replace("%matplotlib inline", "")))
-             if isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("notebook_config", "declared_parameters")]
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") in loaders]
     assert calls, "the config cell must check the parameters with notebook_config(globals()) or declared_parameters"
     assert all(isinstance(c.args[0], ast.Call) and c.args[0].func.id == "globals" for c in calls)
     return calls[-1]
@@ -105,7 +107,7 @@ def test_config_field_parameters_default_to_the_preset(path: Path) -> None:
     fields = set(Config().flat())
     for node in ast.parse(params).body:
         name = node.target.id
-        if call.func.id == "notebook_config" and name in fields and name not in own:
+        if call.func.id in ("notebook_config", "verify_session") and name in fields and name not in own:
             assert ast.literal_eval(node.value) is None, f"{name} would override the preset; default it to None"
 
 

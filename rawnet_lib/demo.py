@@ -1,7 +1,7 @@
 """The whole workbook, end to end, headless: what `./setup.sh demo` runs.
 
 Generates the demo corpus, then executes the notebooks in reading order with papermill
-(data prep, model, training, evaluation, analysis, benchmark), each into
+(data prep, model, training, evaluation, analysis, verification, benchmark), each into
 `outputs/demo_runs/<time>/` with its outputs, so the run can be opened in JupyterLab.
 Training resumes the demo run when one exists, so repeating the command loses nothing.
 
@@ -10,6 +10,8 @@ Training resumes the demo run when one exists, so repeating the command loses no
 
 The benchmark times the demo preset's model at its real size (the smoke preset's is so small
 that fixed overheads hide what the fast path gains); with the smoke preset it runs its quick check.
+`notebooks/sweep.ipynb` is not part of the demo: comparing recipes over seeds trains a dozen
+demo models (`python -m rawnet_lib.sweep params/sweeps/demo_recipes.yaml --out DIR`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from rawnet_lib.errors import run_cli
 
 __all__ = ["NOTEBOOKS", "notebook_parameters", "run_demo"]
 
-NOTEBOOKS = ("data_prep", "model", "train", "evaluate", "analysis", "benchmark")
+NOTEBOOKS = ("data_prep", "model", "train", "evaluate", "analysis", "verify", "benchmark")
 
 
 def notebook_parameters(name: str, size: str, preset: str, devices: int, db: str = "") -> dict:
@@ -35,6 +37,7 @@ def notebook_parameters(name: str, size: str, preset: str, devices: int, db: str
         "train": {"preset": preset, "devices": devices, "resume": True, "data": {"demo_size": size}},
         "evaluate": {**common, "preset": preset},
         "analysis": {},
+        "verify": {},   # the demo run's best model on two demo speakers, calibrated on its validation list
         "benchmark": {"quick": True} if preset == "smoke" else {"preset": preset, "scale": False, "data_path": db},
     }[name]
 

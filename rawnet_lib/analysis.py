@@ -20,12 +20,17 @@ import pandas as pd
 
 from rawnet_lib.audio import read_audio
 from rawnet_lib.config import DataConfig
+from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.metrics import eer_threshold
 from rawnet_lib.plots import waveform_spectrogram
 from rawnet_lib.trials import resolve, speaker_of
 
 __all__ = ["load_scores", "score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
            "trial_player", "misverified_browser", "file_stem"]
+
+
+class ScoreFileError(WorkbookError, ValueError):
+    """A score file that cannot be read as `score target [enroll test]` lines; the message says why."""
 
 _KINDS = ("false_reject", "false_accept")
 _EERS_LINE = re.compile(r"epoch:\s*(\d+),\s*TA_eval_eer:\s*([-+0-9.eE]+|nan)")
@@ -37,12 +42,12 @@ def load_scores(path: str | Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, sep=" ", header=None, dtype={0: np.float64, 1: np.int8})
     except FileNotFoundError:
-        raise FileNotFoundError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first") from None
+        raise MissingPathError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first") from None
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ValueError(f"{path} is not a score file ({err}); expected lines `score target` or "
+        raise ScoreFileError(f"{path} is not a score file ({err}); expected lines `score target` or "
                          "`score target enroll test` as rawnet_lib.evaluate writes them") from None
     if frame.shape[1] not in (2, 4):
-        raise ValueError(f"{path} has {frame.shape[1]} columns; expected `score target` or `score target enroll test`")
+        raise ScoreFileError(f"{path} has {frame.shape[1]} columns; expected `score target` or `score target enroll test`")
     frame.columns = ["score", "label", "enroll", "test"][:frame.shape[1]]
     return frame
 
@@ -76,10 +81,10 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, 
         elif source.is_dir():
             files += _eval_dir_files(source)
         else:
-            raise FileNotFoundError(f"{source} is neither a score file nor a folder; give score files, "
+            raise MissingPathError(f"{source} is neither a score file nor a folder; give score files, "
                                     "evaluation folders (<run>/eval/<checkpoint>) or run folders")
     if not files:
-        raise FileNotFoundError(f"no score files in {', '.join(map(str, sources))}; evaluate the run first "
+        raise MissingPathError(f"no score files in {', '.join(map(str, sources))}; evaluate the run first "
                                 "(notebooks/evaluate.ipynb)")
     several = len({f.parent for f in files}) > 1
     labels = {}
@@ -112,7 +117,7 @@ def audio_roots(score_file: str | Path, data_path: str | Path = "") -> list[Path
         return [Path(data_path) / d for d in DataConfig().eval_dirs]
     roots = eval_info(score_file).get("roots")
     if not roots:
-        raise ValueError(f"no metrics.json beside {score_file} says where its audio is; give data_path, "
+        raise ScoreFileError(f"no metrics.json beside {score_file} says where its audio is; give data_path, "
                          "the folder holding VoxCeleb1/")
     return [Path(r) for r in roots]
 
@@ -131,7 +136,7 @@ def eer_history(run: str | Path) -> pd.DataFrame:
     """Validation EER (fraction) per epoch from a run's eers.txt: columns epoch, val_eer."""
     path = Path(run) / "eers.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; give a run folder that finished at least one epoch")
+        raise MissingPathError(f"{path} does not exist; give a run folder that finished at least one epoch")
     rows = [(int(m[1]), float(m[2])) for m in map(_EERS_LINE.match, path.read_text().splitlines()) if m]
     return pd.DataFrame(rows, columns=["epoch", "val_eer"])
 

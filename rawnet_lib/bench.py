@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from rawnet_lib import fastsinc
 from rawnet_lib.config import Config, ModelConfig, cli_config, cli_parser, load_config
 from rawnet_lib.embed import autocast
-from rawnet_lib.errors import run_cli
+from rawnet_lib.errors import MissingPathError, run_cli
 from rawnet_lib.model import build_model
 
 __all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
@@ -509,7 +509,7 @@ def bench_data_scale(preset: str = "paper", data_path: str | Path | None = None,
     root = Path(data_path) if data_path else resolve_data_path(cfg.data)
     wavs = sorted((root / cfg.data.train_dir).glob("*/*/*.wav"))[:sources]
     if not wavs:
-        raise FileNotFoundError(f"no wav files under {root / cfg.data.train_dir} to link to; give --data_path")
+        raise MissingPathError(f"no wav files under {root / cfg.data.train_dir} to link to; give --data_path")
     out = []
 
     def measure(step: str, fn: Callable[[], Any], files: int, **extra: Any) -> Any:

@@ -464,6 +464,20 @@ def _field_help() -> dict[str, str]:
     return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]+#(.*)$", source, re.M)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a did-you-mean for a misspelt flag (`--epcohs 3` names `--epochs`)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        unknown = [a.split("=")[0] for a in extra if a.startswith("--")]
+        if extra:
+            flags = [o for action in self._actions for o in action.option_strings]
+            hints = [f"{u} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(u, flags, n=2))
+                     else u for u in unknown]
+            self.error(f"unrecognized arguments: {' '.join(hints or extra)}")
+        return parsed
+
+
 def cli_parser(prog: str, doc: str | None, preset: str | None = "demo", fields: Collection[str] | None = None,
                skip: Collection[str] = (), config_help: str = "preset name in params/ or a YAML file"
                ) -> argparse.ArgumentParser:
@@ -473,7 +487,8 @@ def cli_parser(prog: str, doc: str | None, preset: str | None = "demo", fields: 
     A flag left out keeps the preset's value. Booleans take a value or none (`--resume` is
     `--resume true`), lists one or more (`--trial_lists O E H`).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)
     parser.add_argument("--config", default=preset,
                         help=config_help if preset is None else f"{config_help} (default {preset})")
     group = parser.add_argument_group("config fields", "each overrides the preset's value")

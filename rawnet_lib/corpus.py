@@ -36,10 +36,14 @@ from tqdm.auto import tqdm
 from rawnet_lib.audio import SAMPLE_RATE
 from rawnet_lib.config import REPO_DIR
 from rawnet_lib.convert import convert_tree, encode_m4a, find_ffmpeg
-from rawnet_lib.errors import run_cli
+from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CorpusSize", "SIZES", "Voice", "find_voices", "generate_corpus", "ensure_demo_corpus"]
+
+
+class CorpusError(WorkbookError, ValueError):
+    """The demo corpus cannot be made here (missing voices or tools, another corpus in the folder)."""
 
 SPLITS = {"vox2_train": "VoxCeleb2/m4a", "vox1_dev": "VoxCeleb1/dev_wav",
           "vox1_eval": "VoxCeleb1/eval_wav"}  # split -> folder under DB
@@ -93,7 +97,7 @@ class Voice:
 def _espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise ValueError(f"espeak-ng not found on PATH; {_INSTALL}")
+        raise CorpusError(f"espeak-ng not found on PATH; {_INSTALL}")
     return exe
 
 
@@ -108,7 +112,7 @@ def _synth(voice: Voice, text: str, pitch: int = 50, rate: int = 175) -> tuple[n
     if voice.kind != "mbrola":
         proc = subprocess.run([*speak, "--stdout", text], capture_output=True)
         if proc.returncode or len(proc.stdout) < 100:
-            raise ValueError(f"espeak-ng -v {voice.name} produced no audio: {proc.stderr[-200:]!r}")
+            raise CorpusError(f"espeak-ng -v {voice.name} produced no audio: {proc.stderr[-200:]!r}")
         audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float64")
         return audio, sr, proc.stderr.decode(errors="replace")
     pho = subprocess.run([*speak, "-q", "--pho", text], capture_output=True)
@@ -116,7 +120,7 @@ def _synth(voice: Voice, text: str, pitch: int = 50, rate: int = 175) -> tuple[n
                           input=pho.stdout, capture_output=True)
     wav = proc.stdout  # a streamed .wav: 44-byte header (sizes unset), then 16-bit samples
     if pho.returncode or proc.returncode or len(wav) < 144 or wav[36:40] != b"data":
-        raise ValueError(f"espeak-ng -v {voice.name} | mbrola produced no audio: "
+        raise CorpusError(f"espeak-ng -v {voice.name} | mbrola produced no audio: "
                          f"{(pho.stderr + proc.stderr)[-200:]!r}")
     audio = np.frombuffer(wav[44:44 + (len(wav) - 44) // 2 * 2], dtype="<i2") / 32768.0
     return audio, int.from_bytes(wav[24:28], "little"), proc.stderr.decode(errors="replace")
@@ -176,7 +180,7 @@ def _espeak_candidates() -> list[Voice]:
 def find_voices(voices: str = "auto") -> tuple[tuple[Voice, ...], tuple[tuple[str, str], ...]]:
     """(usable voices, skipped (name, reason)); ``auto`` prefers MBROLA when installed."""
     if voices not in ("auto", "mbrola", "espeak"):
-        raise ValueError(f"voices={voices!r}; choose 'auto', 'mbrola' or 'espeak'")
+        raise CorpusError(f"voices={voices!r}; choose 'auto', 'mbrola' or 'espeak'")
     candidates = _mbrola_candidates() if voices != "espeak" else _espeak_candidates()
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(_probe, candidates))
@@ -185,7 +189,7 @@ def find_voices(voices: str = "auto") -> tuple[tuple[Voice, ...], tuple[tuple[st
             results = list(pool.map(_probe, candidates))
     usable = tuple(r for r in results if isinstance(r, Voice))
     if not usable:
-        raise ValueError(f"no usable {voices} voice found; {_INSTALL}")
+        raise CorpusError(f"no usable {voices} voice found; {_INSTALL}")
     return usable, tuple((v.name, r) for v, r in zip(candidates, results) if isinstance(r, str))
 
 
@@ -282,7 +286,7 @@ def _assign(voices: tuple[Voice, ...], size: CorpusSize, rng: np.random.Generato
     scale = min(1.0, len(voices) / sum(size.voices))
     counts = [max(low, int(n * scale)) for n, low in zip(size.voices, (2, 1, 2))]
     if sum(counts) > len(voices):
-        raise ValueError(f"only {len(voices)} usable voices, need {sum(counts)}; install the "
+        raise CorpusError(f"only {len(voices)} usable voices, need {sum(counts)}; install the "
                          f"MBROLA voices ({_INSTALL}) or use voices='espeak'")
     order = [voices[i] for i in rng.permutation(len(voices))]
     pools = {g: [v for v in order if v.gender == g] for g in "fm"}
@@ -388,12 +392,12 @@ def _is_done(db: Path, size: str, seed: int, voices: str) -> bool:
         if (db / name).is_file():
             old = json.loads((db / name).read_text())
             if old["size"] != size or old["seed"] != seed or voices not in ("auto", old["voice_kind"]):
-                raise ValueError(f"{db} holds a corpus with size={old['size']!r}, seed={old['seed']}, "
+                raise CorpusError(f"{db} holds a corpus with size={old['size']!r}, seed={old['seed']}, "
                                  f"voices={old['voice_kind']!r}, not size={size!r}, seed={seed}, "
                                  f"voices={voices!r}; pick another root or delete that folder")
             return name == "corpus.json"
     if db.is_dir() and any(db.iterdir()):
-        raise ValueError(f"{db} exists but was not made by generate_corpus (no corpus.json); "
+        raise CorpusError(f"{db} exists but was not made by generate_corpus (no corpus.json); "
                          "pick another root or delete that folder")
     return False
 
@@ -426,9 +430,9 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
     at once; another size or seed in the same root raises.
     """
     if size not in SIZES:
-        raise ValueError(f"size={size!r}; choose one of {sorted(SIZES)}")
+        raise CorpusError(f"size={size!r}; choose one of {sorted(SIZES)}")
     if workers < 1:
-        raise ValueError(f"workers={workers} must be at least 1")
+        raise CorpusError(f"workers={workers} must be at least 1")
     db = Path(root) / "DB"
     if _is_done(db, size, seed, voices):
         return db
@@ -473,7 +477,7 @@ def ensure_demo_corpus(size: str = "demo", root: Path | None = None, seed: int =
     db = generate_corpus(Path(root) if root is not None else _default_root(size), size, seed)
     report = convert_tree(db / "VoxCeleb2" / "m4a", db / "VoxCeleb2" / "wav")
     if report.failed:
-        raise ValueError(f"converting the demo corpus failed ({report.summary()}); "
+        raise CorpusError(f"converting the demo corpus failed ({report.summary()}); "
                          f"delete {db} and rerun")
     return db
 

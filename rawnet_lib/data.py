@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from rawnet_lib.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
 from rawnet_lib.config import REPO_DIR, DataConfig
+from rawnet_lib.errors import MissingPathError
 from rawnet_lib.io import atomic_write_text
 
 __all__ = ["UtteranceList", "scan_utterances", "tree_signature", "load_utterances", "resolve_data_path", "list_dir",
@@ -78,7 +79,7 @@ def scan_utterances(root: str | Path, sample_rate: int = SAMPLE_RATE, workers: i
     root = _require_tree(root)
     paths = [root / key for key, _, _ in _wav_files(root, workers)]
     if not paths:
-        raise FileNotFoundError(f"no spk/video/utt.wav files under {root}; convert .m4a files first "
+        raise MissingPathError(f"no spk/video/utt.wav files under {root}; convert .m4a files first "
                                 "(python -m rawnet_lib.convert) or check the path")
     with ThreadPoolExecutor(workers) as pool:
         infos = list(tqdm(pool.map(lambda p: probe(p, sample_rate, scan=True), paths), total=len(paths),
@@ -97,7 +98,7 @@ def scan_utterances(root: str | Path, sample_rate: int = SAMPLE_RATE, workers: i
 def _require_tree(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist; give data_path the folder that holds "
+        raise MissingPathError(f"{root} does not exist; give data_path the folder that holds "
                                 "VoxCeleb1/ and VoxCeleb2/ (the seed's DB/), or leave it empty for the demo corpus")
     return root
 
@@ -205,7 +206,7 @@ def resolve_data_path(cfg: DataConfig) -> Path:
     if cfg.data_path:
         path = Path(cfg.data_path).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"data_path {path} does not exist; give the folder that holds VoxCeleb1/ "
+            raise MissingPathError(f"data_path {path} does not exist; give the folder that holds VoxCeleb1/ "
                                     "and VoxCeleb2/, or leave data_path empty to use the demo corpus")
         return path
     from rawnet_lib.corpus import ensure_demo_corpus

@@ -31,3 +31,7 @@ def run_cli(main: Callable[[], Any], interrupted: str = "interrupted") -> NoRetu
         print(interrupted, file=sys.stderr)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+class MissingPathError(WorkbookError, FileNotFoundError):
+    """A file or folder the user named (or the workbook needs from the user) is not there."""

@@ -476,6 +476,22 @@ def test_module_command_prints_the_message_without_traceback(tmp_path):
     assert done.stderr.startswith("error: trial list 'X'") and "Traceback" not in done.stderr
 
 
+def test_misspelt_flag_names_the_real_one(capsys):
+    from rawnet_lib.config import cli_parser
+    with pytest.raises(SystemExit) as exit_:
+        cli_parser("prog", None).parse_args(["--epcohs", "3"])
+    assert exit_.value.code == 2
+    assert "--epcohs (did you mean --epochs" in capsys.readouterr().err
+
+
+def test_missing_data_path_is_a_message_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "rawnet_lib.prep", "--data_path", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(rawnet_lib.io.__file__).parents[1])})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: data_path {tmp_path / 'nowhere'} does not exist")
+
+
 # --- presets as package data ----------------------------------------------------------------
 
 def test_presets_are_package_data():

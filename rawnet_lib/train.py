@@ -154,7 +154,7 @@ def train(cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"batch_size {cfg.train.batch_size} does not split evenly over "
                              f"{rank.world_size} processes; use a multiple of {rank.world_size}")
         # rank 0 builds the demo corpus and scans the tree once; the others then read its list
-        data_path, utts = dist.main_first(rank, lambda: _training_data(cfg))
+        data_path, utts = dist.main_first(rank, lambda: _training_data(cfg, check_tree=rank.is_main))
         if utts.bad and cfg.data.on_bad_audio == "stop":
             raise DatasetError(utts.bad_summary())  # before the run folder exists: fix the data, run again
         augment = dist.main_first(rank, lambda: Augmenter.from_config(  # rank 0 makes the built-in sets once
@@ -208,9 +208,9 @@ def train(cfg: Config) -> dict[str, Any]:
         dist.cleanup()
 
 
-def _training_data(cfg: Config) -> tuple[Path, UtteranceList]:
+def _training_data(cfg: Config, check_tree: bool) -> tuple[Path, UtteranceList]:
     data_path = resolve_data_path(cfg.data)
-    return data_path, load_utterances(data_path, cfg.data.train_dir)
+    return data_path, load_utterances(data_path, cfg.data.train_dir, check_tree=check_tree)
 
 
 def _repeat(loader: DataLoader, steps: int):

@@ -369,3 +369,17 @@ def test_crop_dataset_skip_bad_long_run_of_bad_files(tmp_path):
     ds = CropDataset(utts, n_samples=400, seed=0, skip_bad=True)
     x, label = ds[0]                               # every spk0 file is missing
     assert x.shape == (400,) and label == 1
+
+
+def test_a_rank_after_rank_0_trusts_the_list_without_statting_the_tree(tiny_db: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    db = tmp_path / "DB"
+    shutil.copytree(tiny_db, db, ignore=shutil.ignore_patterns("lists", "m4a"))
+    first = load_utterances(db, "VoxCeleb2/wav", progress=False)
+
+    def no_signature(root):
+        raise AssertionError("the tree was statted again")
+    monkeypatch.setattr(data, "tree_signature", no_signature)
+    again = load_utterances(db, "VoxCeleb2/wav", progress=False, check_tree=False)
+    assert again.keys == first.keys and list(again.frames) == list(first.frames)

@@ -19,25 +19,28 @@ import pandas as pd
 import soundfile as sf
 from IPython.display import HTML
 
-from rawnet_lib.audio import probe, read_audio
+from rawnet_lib.audio import SAMPLE_RATE, probe, read_audio
 from rawnet_lib.trials import resolve
 
-__all__ = ["CLIP_SECONDS", "wav_bytes", "audio_element", "trials_table", "utterances_table"]
+__all__ = ["CLIP_SECONDS", "wav_bytes", "audio_element", "trials_table", "utterances_table", "samples_table"]
 
 CLIP_SECONDS = 3.0  # enough to hear a voice; 10 trials x 2 sides of it add about 2.6 MB to the notebook
 _STYLE = "border-collapse: collapse; text-align: left"
 
 
-def wav_bytes(wave: np.ndarray, sample_rate: int = 16000) -> bytes:
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     """A mono float waveform as a PCM16 wav file (samples beyond [-1, 1] are clipped)."""
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(wave, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
 
-def audio_element(path: str | Path, seconds: float = CLIP_SECONDS, sample_rate: int = 16000) -> str:
+def audio_element(path: str | Path, seconds: float = CLIP_SECONDS, sample_rate: int = SAMPLE_RATE) -> str:
     """An `<audio controls>` element holding the first `seconds` of a wav file."""
-    wave = read_audio(path, frames=round(seconds * sample_rate), sample_rate=sample_rate)
+    return _player(read_audio(path, frames=round(seconds * sample_rate), sample_rate=sample_rate), sample_rate)
+
+
+def _player(wave: np.ndarray, sample_rate: int) -> str:
     data = base64.b64encode(wav_bytes(wave, sample_rate)).decode("ascii")
     return f'<audio controls preload="none" src="data:audio/wav;base64,{data}"></audio>'
 
@@ -73,9 +76,18 @@ def trials_table(trials: pd.DataFrame, roots: Sequence[str | Path], per_kind: in
 
 
 def utterances_table(paths: Sequence[str | Path], root: str | Path, seconds: float = CLIP_SECONDS,
-                     sample_rate: int = 16000) -> HTML:
+                     sample_rate: int = SAMPLE_RATE) -> HTML:
     """Utterance files as a static table of players (names relative to root), each cut to its
     first `seconds`."""
     rows = [[_file_cell(str(Path(p).relative_to(root)), Path(p), seconds),
              f"{probe(p).frames / sample_rate:.2f} s"] for p in paths]
     return _table(["utterance", "length"], rows, f"{len(rows)} utterances, first {seconds:g} s of each")
+
+
+def samples_table(named: dict[str, tuple[str | Path, np.ndarray]], sample_rate: int = SAMPLE_RATE,
+                  caption: str = "") -> HTML:
+    """Waveforms already in memory (e.g. what a model hears of a user's file), one row each:
+    name, source and a player of the whole waveform."""
+    rows = [[html.escape(name), f"<code>{html.escape(str(source))}</code>", _player(wave, sample_rate)]
+            for name, (source, wave) in named.items()]
+    return _table(["input", "file", "audio"], rows, caption)

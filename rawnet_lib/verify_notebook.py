@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from IPython.display import HTML
 from matplotlib.figure import Figure
 
 from rawnet_lib.anyaudio import find_audio
@@ -20,6 +21,7 @@ from rawnet_lib.calibrate import Calibration
 from rawnet_lib.checkpoint import load_checkpoint_model
 from rawnet_lib.config import Config, notebook_config
 from rawnet_lib.data import resolve_data_path
+from rawnet_lib.listen import samples_table
 from rawnet_lib.plots import waveform_spectrogram
 from rawnet_lib.run import resolve_checkpoint
 from rawnet_lib.verify import Verifier, VerifyError, read_pairs
@@ -80,12 +82,11 @@ def inputs(session: VerifySession) -> dict[str, Path]:
     return {"enroll": session.enroll[0], "test": session.test[0], "impostor": session.impostor[0]}
 
 
-def listen(session: VerifySession) -> None:
-    """A titled IPython Audio player per input, playing what the model hears (mono, its rate)."""
-    from IPython.display import Audio, Markdown, display
-    rate = session.cfg.model.sample_rate
-    for name, path in inputs(session).items():
-        display(Markdown(f"**{name}**: `{path}`"), Audio(session.verifier.samples(path), rate=rate))
+def listen(session: VerifySession) -> HTML:
+    """A player per input, playing what the model hears (mono, its rate); it plays in the saved
+    notebook too (rawnet_lib/listen.py)."""
+    named = {name: (path, session.verifier.samples(path)) for name, path in inputs(session).items()}
+    return samples_table(named, session.cfg.model.sample_rate, "the inputs as the model hears them")
 
 
 def comparison_table(session: VerifySession, operating_point: str = "eer") -> pd.DataFrame:

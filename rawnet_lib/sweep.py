@@ -158,10 +158,10 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
     spec = load_sweep(sweep, out)
     spec.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
-    for arm, by_seed in spec.configs.items():
-        for seed, cfg in by_seed.items():
-            folder = _train_run(cfg, print)
-            _evaluate_run(folder, cfg, spec.lists, progress)
+    for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds
+        for arm, by_seed in spec.configs.items():
+            folder = _train_run(by_seed[seed], print)
+            _evaluate_run(folder, by_seed[seed], spec.lists, progress)
     return summarise(spec, n_boot)
 
 

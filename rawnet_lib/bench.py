@@ -5,14 +5,15 @@
     python -m rawnet_lib.bench all --quick            # smoke preset, tiny repeats (< 1 min)
     python -m rawnet_lib.bench train --config demo    # the demo preset's model
     python -m rawnet_lib.bench scale-data             # a VoxCeleb2-shaped tree of 209,790 links (not in `all`)
-    python -m rawnet_lib.bench infer                  # embedding on the CPU: exact, fast, onnxruntime
+    python -m rawnet_lib.bench embed                  # embedding on the CPU: exact, fast, onnxruntime
 
 Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
 ratio, device, torch, threads, ...); the functions return the same dicts for
 notebooks/benchmark.ipynb. Paths:
 
 * exact: `model.fast: false`, `train.amp: off`, the reference maths in float32;
-* fast: `model.fast: true`, `train.amp: bf16` (rawnet_lib/fastsinc.py).
+* fast: `model.fast: true` (rawnet_lib/fastsinc.py) with `train.amp: bf16` where the CPU has bf16
+  instructions (AVX512-BF16 or AMX), else float32 (`embed.cpu_amp`: emulated bf16 is slower).
 
 The CPU may be shared with other work, so both paths run alternately in one process, one
 step each per round, and a ratio is the median of the per-round ratios. GFLOP per crop is
@@ -41,15 +42,15 @@ import torch.nn.functional as F
 
 from rawnet_lib import fastsinc
 from rawnet_lib.config import Config, ModelConfig, cli_config, cli_parser, load_config
-from rawnet_lib.embed import autocast
+from rawnet_lib.embed import autocast, cpu_amp, native_amp
 from rawnet_lib.errors import MissingPathError, run_cli
 from rawnet_lib.model import build_model
 
 __all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
-           "bench_infer", "calibrate_batch_norm", "bench_load", "bench_score", "bench_gather", "bench_scale",
+           "calibrate_batch_norm", "bench_load", "bench_score", "bench_gather", "bench_scale",
            "bench_data_scale", "run_all", "plot_comparison", "main"]
 
-PATHS = {"exact": {"fast": False, "amp": "off"}, "fast": {"fast": True, "amp": "bf16"}}
+PATHS = {"exact": {"fast": False, "amp": "off"}, "fast": {"fast": True, "amp": cpu_amp()}}
 QUICK = {"preset": "smoke", "batch": 4, "repeats": 2}
 SCALE_QUICK = {"speakers": 20, "videos": 2, "utterances": 3, "batches": 4}
 PAPER_CLASSES = 5994  # VoxCeleb2 dev speakers: the output layer of the paper model
@@ -141,15 +142,18 @@ def _speed_records(name: str, times: dict[str, list[float]], crops: int, gflop_p
 # --- the measurements ---------------------------------------------------------------------------
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> list[dict[str, Any]]:
-    """GFLOP/s of a size^3 matrix product in float32 and bf16: this machine's practical peak."""
+    """GFLOP/s of a size^3 matrix product in float32 and bf16: this machine's practical peak.
+    Where the CPU has no bf16 instructions (`native` false) the bf16 product is emulated, some
+    300x slower, and is timed at size 512 only."""
     out = []
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for dtype, amp in ((torch.float32, "off"), (torch.bfloat16, "bf16")):
+        n = size if native_amp(amp) else min(size, 512)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         secs = _alternate({"mm": lambda: a @ b}, repeats)["mm"]
-        out.append(_record("matmul_peak", dtype=str(dtype).split(".")[-1], size=size,
+        out.append(_record("matmul_peak", dtype=str(dtype).split(".")[-1], size=n, native=native_amp(amp),
                            seconds=round(statistics.median(secs), 5),
-                           gflops=round(2 * size ** 3 / statistics.median(secs) / 1e9, 1),
-                           gflops_best=round(2 * size ** 3 / min(secs) / 1e9, 1)))
+                           gflops=round(2 * n ** 3 / statistics.median(secs) / 1e9, 1),
+                           gflops_best=round(2 * n ** 3 / min(secs) / 1e9, 1)))
     return out
 
 
@@ -264,76 +268,52 @@ def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_path: str | Path | None = None,
                 checkpoint: str | Path | None = None) -> list[dict[str, Any]]:
-    """Embedding crops per second (eval mode, no gradients), and how close fast is to exact.
+    """Embedding crops per second (eval mode, no gradients) of the exact path, the fast path and
+    the ONNX export run by onnxruntime, each with its cosine to the exact path and its share of
+    this CPU's matrix-product peak (the faster of float32 and native bf16, measured here).
 
     `checkpoint` (ours or a reference state_dict) gives trained weights; else a seeded init
     with batch-norm statistics from the benchmark crops (`calibrate_batch_norm`).
     """
-    cfg = load_config(preset)
-    x = _crops(cfg, batch, data_path)
-    models = {}
-    for path in PATHS:
-        if checkpoint:
-            from rawnet_lib.checkpoint import load_checkpoint_model
-            model, _ = load_checkpoint_model(checkpoint, base=preset)
-            model.cfg.fast = PATHS[path]["fast"]
-        else:
-            torch.manual_seed(0)
-            model = build_model(_config(preset, path))
-            calibrate_batch_norm(model, x)
-        models[path] = model.eval()
-    cfg.model = models["exact"].cfg
-    emb: dict[str, torch.Tensor] = {}
-
-    def embed(path: str) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), autocast(torch.device("cpu"), PATHS[path]["amp"]):
-                emb[path] = models[path].embed(x).float()
-        return run
-    times = _alternate({path: embed(path) for path in PATHS}, repeats)
-    cosine = F.cosine_similarity(emb["exact"], emb["fast"]).double()
-    return _speed_records("embed", times, batch, model_gflop(cfg.model)["total"], preset=preset, batch=batch,
-                          repeats=repeats, cosine_min=round(cosine.min().item(), 6),
-                          cosine_mean=round(cosine.mean().item(), 6), trained=bool(checkpoint))
-
-
-def bench_infer(preset: str = "paper", batch: int = 32, repeats: int = 5,
-                data_path: str | Path | None = None) -> list[dict[str, Any]]:
-    """Embedding crops per second on the CPU of the exact path, the fast path (bf16) and the ONNX
-    export run by onnxruntime, with each one's cosine to the exact path (issue 13, part 6)."""
-    from rawnet_lib.checkpoint import model_checkpoint, save_checkpoint
+    from rawnet_lib.checkpoint import load_checkpoint_model, model_checkpoint, save_checkpoint
     from rawnet_lib.export import export_model, onnx_embedder
-    cfg = load_config(preset)
-    x = _crops(cfg, batch, data_path)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    calibrate_batch_norm(model, x)
+    if checkpoint:
+        model, cfg = load_checkpoint_model(checkpoint, base=preset)
+        x = _crops(cfg, batch, data_path)
+    else:
+        cfg = load_config(preset)
+        x = _crops(cfg, batch, data_path)
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        calibrate_batch_norm(model, x)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model_checkpoint(model, cfg, [], 0, 0.0), Path(tmp) / "m.pt")
         ort_run, _ = onnx_embedder(export_model(Path(tmp) / "m.pt", "onnx", Path(tmp) / "m.onnx"))
     emb: dict[str, torch.Tensor] = {}
 
-    def torch_path(name: str) -> Callable[[], None]:
+    def torch_path(path: str) -> Callable[[], None]:
         def run() -> None:
-            model.cfg.fast = PATHS[name]["fast"]
-            with torch.no_grad(), autocast(torch.device("cpu"), PATHS[name]["amp"]):
-                emb[name] = model.embed(x).float()
+            model.cfg.fast = PATHS[path]["fast"]
+            with torch.no_grad(), autocast(torch.device("cpu"), PATHS[path]["amp"]):
+                emb[path] = model.embed(x).float()
         return run
 
     def onnxruntime() -> None:
         emb["onnxruntime"] = torch.from_numpy(ort_run(x.numpy()))
-    times = _alternate({"exact": torch_path("exact"), "fast": torch_path("fast"), "onnxruntime": onnxruntime},
-                       repeats)
+    peak = max(r["gflops_best"] for r in matmul_peak(2048, 3) if r["native"])
+    times = _alternate({**{path: torch_path(path) for path in PATHS}, "onnxruntime": onnxruntime}, repeats)
     gflop = model_gflop(cfg.model)["total"]
     out = []
-    for name, secs in times.items():
+    for path, secs in times.items():
         rate = batch / statistics.median(secs)
-        cosine = F.cosine_similarity(emb[name].double(), emb["exact"].double())
-        out.append(_record("infer", path=name, preset=preset, batch=batch, crops_per_s=round(rate, 2),
-                           gflops=round(rate * gflop, 1), gflop_per_crop=round(gflop, 3),
+        cosine = F.cosine_similarity(emb[path].double(), emb["exact"].double())
+        out.append(_record("embed", path=path, amp=PATHS.get(path, {}).get("amp", "off"), preset=preset,
+                           batch=batch, crops_per_s=round(rate, 3), gflops=round(rate * gflop, 1),
+                           gflop_per_crop=round(gflop, 3), peak_gflops=peak, peak_share=round(rate * gflop / peak, 3),
+                           ratio=round(statistics.median(e / s for e, s in zip(times["exact"], secs)), 3),
                            cosine_mean=round(cosine.mean().item(), 6), cosine_min=round(cosine.min().item(), 6),
-                           rounds=[round(s, 4) for s in secs]))
+                           trained=bool(checkpoint), rounds=[round(s, 4) for s in secs]))
     return out
 
 
@@ -588,7 +568,7 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = cli_parser("python -m rawnet_lib.bench", __doc__, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
-    parser.add_argument("what", choices=["train", "memory", "embed", "infer", "load", "score", "gather", "peak",
+    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "gather", "peak",
                                          "scale", "scale-data", "all"])
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
@@ -606,7 +586,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
            "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
            "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
-           "infer": lambda: bench_infer(preset, 4 * batch, repeats, data),
            "load": lambda: bench_load(preset, batch, 4 if args.quick else 100, data_path=data),
            "score": lambda: bench_score(*((20_000, 2_000) if args.quick else (580_000, 145_000)),
                                         load_config(preset).model.embedding_dim, 1 if args.quick else 3),

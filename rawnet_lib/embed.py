@@ -32,7 +32,7 @@ from rawnet_lib.io import atomic_open
 from rawnet_lib.trials import resolve
 
 __all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast", "utterance_crops", "crop_batches",
-           "check_crops"]
+           "check_crops", "native_amp", "cpu_amp"]
 
 
 class _FileCrops(Dataset):
@@ -64,17 +64,27 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def native_amp(amp: str) -> bool:
+    """Whether this CPU has matrix instructions for `amp` (bf16: AVX512-BF16 or AMX; fp16:
+    AMX-FP16). Elsewhere oneDNN emulates them, slower than float32."""
+    return {"bf16": torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+            "fp16": torch.cpu._is_amx_fp16_supported(), "off": True}[amp]
+
+
+def cpu_amp() -> str:
+    """The fastest autocast setting for CPU inference here: bf16 where the CPU has bf16
+    instructions, else float32 (emulated bf16 products ran at 0.3 GFLOP/s against float32's
+    97 on an AVX2-only AMD EPYC)."""
+    return "bf16" if native_amp("bf16") else "off"
+
+
 @functools.cache
 def _warn_if_emulated(amp: str) -> None:
-    """Half-precision matrix products are only fast on CPUs that have instructions for them
-    (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16). Elsewhere oneDNN emulates them, several times
-    slower than float32 (measured 3-5x on an AVX2-only AMD EPYC): say so once, never silently."""
-    native = {"bf16": torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
-              "fp16": torch.cpu._is_amx_fp16_supported()}[amp]
-    if not native:
+    """Say once, never silently, that half precision is emulated on this CPU."""
+    if not native_amp(amp):
         warnings.warn(f"amp: {amp} on a CPU without {amp} matrix instructions "
                       f"({torch.backends.cpu.get_cpu_capability()}): the products are emulated and run slower than "
-                      "float32 (and the fast path slower than the exact one); use amp: off with fast: false here",
+                      "float32 (and the fast path slower than the exact one); use amp: off here",
                       stacklevel=3)
 
 

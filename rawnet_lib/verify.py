@@ -34,8 +34,8 @@ from rawnet_lib.audio import AudioError
 from rawnet_lib.calibrate import Calibration, calibration_path, cllr, fit_calibration, load_calibration
 from rawnet_lib.checkpoint import load_checkpoint_model
 from rawnet_lib.config import Config, cli_config, cli_parser, load_config
-from rawnet_lib.dist import resolve_device_kind
-from rawnet_lib.embed import autocast, check_crops, crop_batches, utterance_crops
+from rawnet_lib.dist import check_fast_path, resolve_device_kind
+from rawnet_lib.embed import autocast, check_crops, cpu_amp, crop_batches, utterance_crops
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_open
 from rawnet_lib.metrics import summarize
@@ -134,21 +134,26 @@ class Verifier:
         """From our checkpoint, a bare reference state_dict (`preset` gives what the weights do not
         say, default paper) or an exported `.onnx` file (run by onnxruntime on the CPU).
 
-        `overrides` are evaluation fields (`crop_mode="full"`, `eval_hop=...`, `amp="bf16"`). The
-        calibration beside the file (`<stem>.calibration.json`) is used when there is one, or the
-        one `calibration` names.
+        `overrides` are evaluation fields (`crop_mode="full"`, `eval_hop=...`, `amp="bf16"`,
+        `fast=False`). On the CPU a checkpoint runs the fast path, in bf16 only where the CPU has
+        bf16 instructions (`embed.cpu_amp`): the exact path's results up to float32 rounding, about
+        2x faster (`python -m rawnet_lib.bench embed`); an accelerator runs the exact path. The calibration beside the file
+        (`<stem>.calibration.json`) is used when there is one, or the one `calibration` names.
         """
         path = Path(path)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
         if path.suffix.lower() == ".onnx":
             from rawnet_lib.export import onnx_embedder
             forward, cfg = onnx_embedder(path)
-            backend = "onnxruntime"
+            cfg, backend = _with(cfg, overrides), "onnxruntime"
         else:
             model, cfg = load_checkpoint_model(path, base=preset or "paper")
             kind = resolve_device_kind(device)
-            model.to(kind)
-            forward, backend = _torch_forward(model, torch.device(kind), overrides.get("amp", cfg.train.amp)), kind
-        cfg = _with(cfg, overrides)
+            defaults = {"fast": True, "amp": cpu_amp()} if kind == "cpu" else {"fast": False}
+            cfg = _with(cfg, {**defaults, **overrides})
+            check_fast_path(cfg.model.fast, kind, f"{path}: fast=True")
+            model.cfg.fast = cfg.model.fast
+            forward, backend = _torch_forward(model.to(kind), torch.device(kind), cfg.train.amp), kind
         found = Path(calibration) if calibration else calibration_path(path)
         cal = load_calibration(found) if found.is_file() or calibration else None
         return cls(forward, cfg, str(path), cal, backend)
@@ -158,7 +163,9 @@ class Verifier:
     def protocol(self) -> dict[str, Any]:
         """How every embedding of this verifier is made: stored with every result."""
         ev, m = self.cfg.evaluation, self.cfg.model
-        return {"model": self.source, "backend": self.backend, "crop_mode": ev.crop_mode, "n_samples": m.n_samples,
+        path = "onnx" if self.backend == "onnxruntime" else "fast" if m.fast else "exact"
+        return {"model": self.source, "backend": self.backend, "path": path, "amp": self.cfg.train.amp,
+                "crop_mode": ev.crop_mode, "n_samples": m.n_samples,
                 "eval_hop": ev.eval_hop if ev.crop_mode == "reference" else None, "sample_rate": m.sample_rate}
 
     def samples(self, item: Item, sr: int | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from rawnet_lib.bench import calibrate_batch_norm
 from rawnet_lib.calibrate import Calibration, calibration_path
 from rawnet_lib.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
 from rawnet_lib.config import load_config
-from rawnet_lib.embed import utterance_crops
+from rawnet_lib.embed import cpu_amp, utterance_crops
 from rawnet_lib.model import build_model
 from rawnet_lib.verify import Verifier, VerifyError, main, read_pairs
 from rawnet_lib.trials import TrialListError
@@ -87,6 +87,19 @@ def test_a_16k_wav_embeds_as_the_model_sees_its_reference_crops(verifier: Verifi
     assert emb.shape == (verifier.cfg.model.embedding_dim,) and len(crops) == 2
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     assert verifier.protocol["crop_mode"] == "reference" and verifier.protocol["eval_hop"] == 15746
+
+
+def test_the_cpu_runs_the_fast_path_with_the_exact_paths_embeddings(verifier: Verifier, checkpoint: Path,
+                                                                     files) -> None:
+    """On the CPU a checkpoint runs the fast path (bf16 only where the CPU has it); in float32
+    it gives the exact path's embeddings to 1e-4 of their own scale, as in tests/test_fast.py."""
+    assert verifier.protocol["path"] == "fast" and verifier.protocol["amp"] == cpu_amp()
+    fast = Verifier.from_checkpoint(checkpoint, device="cpu", amp="off")
+    exact = Verifier.from_checkpoint(checkpoint, device="cpu", fast=False)
+    assert (exact.protocol["path"], exact.protocol["amp"]) == ("exact", cpu_amp())
+    exact = Verifier.from_checkpoint(checkpoint, device="cpu", fast=False, amp="off")
+    a, b = fast.embed(files["wav16000"]), exact.embed(files["wav16000"])
+    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
 def test_rates_channels_and_containers_become_the_same_16k_mono_signal(verifier: Verifier, files) -> None:

@@ -6,6 +6,7 @@
     python -m rawnet_lib.bench train --config demo    # the demo preset's model
     python -m rawnet_lib.bench scale-data             # a VoxCeleb2-shaped tree of 209,790 links (not in `all`)
     python -m rawnet_lib.bench embed                  # embedding on the CPU: exact, fast, onnxruntime
+    python -m rawnet_lib.bench load --augment         # the training loader, plain and augmented
 
 Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
 ratio, device, torch, threads, ...); the functions return the same dicts for
@@ -46,7 +47,7 @@ from rawnet_lib.embed import autocast, cpu_amp, native_amp
 from rawnet_lib.errors import MissingPathError, run_cli
 from rawnet_lib.model import build_model
 
-__all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "bench_train", "bench_memory", "bench_embed",
+__all__ = ["PATHS", "model_gflop", "environment", "matmul_peak", "native_peak", "bench_train", "bench_memory", "bench_embed",
            "calibrate_batch_norm", "bench_load", "bench_score", "bench_gather", "bench_scale",
            "bench_data_scale", "run_all", "plot_comparison", "main"]
 
@@ -144,17 +145,29 @@ def _speed_records(name: str, times: dict[str, list[float]], crops: int, gflop_p
 def matmul_peak(size: int = 2048, repeats: int = 5) -> list[dict[str, Any]]:
     """GFLOP/s of a size^3 matrix product in float32 and bf16: this machine's practical peak.
     Where the CPU has no bf16 instructions (`native` false) the bf16 product is emulated, some
-    300x slower, and is timed at size 512 only."""
+    100x slower, and is timed at size 512 only."""
     out = []
-    for dtype, amp in ((torch.float32, "off"), (torch.bfloat16, "bf16")):
+    for amp in ("off", "bf16"):
         n = size if native_amp(amp) else min(size, 512)
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        secs = _alternate({"mm": lambda: a @ b}, repeats)["mm"]
-        out.append(_record("matmul_peak", dtype=str(dtype).split(".")[-1], size=n, native=native_amp(amp),
-                           seconds=round(statistics.median(secs), 5),
+        secs = _matmul_seconds(amp, n, repeats)
+        out.append(_record("matmul_peak", dtype="float32" if amp == "off" else "bfloat16", size=n,
+                           native=native_amp(amp), seconds=round(statistics.median(secs), 5),
                            gflops=round(2 * n ** 3 / statistics.median(secs) / 1e9, 1),
                            gflops_best=round(2 * n ** 3 / min(secs) / 1e9, 1)))
     return out
+
+
+def _matmul_seconds(amp: str, size: int, repeats: int) -> list[float]:
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return _alternate({"mm": lambda: a @ b}, repeats)["mm"]
+
+
+def native_peak(size: int = 2048, repeats: int = 3) -> float:
+    """Best GFLOP/s of the matrix products this CPU runs natively (float32, and bf16 where it
+    has bf16 instructions): what a path's GFLOP/s is a share of."""
+    return max(2 * size ** 3 / min(_matmul_seconds(amp, size, repeats)) / 1e9
+               for amp in ("off", "bf16") if native_amp(amp))
 
 
 def _train_setup(preset: str, path: str, batch: int, n_classes: int, seed: int = 0):
@@ -301,7 +314,7 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
 
     def onnxruntime() -> None:
         emb["onnxruntime"] = torch.from_numpy(ort_run(x.numpy()))
-    peak = max(r["gflops_best"] for r in matmul_peak(2048, 3) if r["native"])
+    peak = round(native_peak(), 1)
     times = _alternate({**{path: torch_path(path) for path in PATHS}, "onnxruntime": onnxruntime}, repeats)
     gflop = model_gflop(cfg.model)["total"]
     out = []
@@ -318,14 +331,36 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
 
 
 def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, workers: int = 2,
-               data_path: str | Path | None = None) -> list[dict[str, Any]]:
-    """Training-loader crops per second from disk (random crops, partial reads, `workers` processes)."""
-    from torch.utils.data import DataLoader
+               data_path: str | Path | None = None, augment: bool = False) -> list[dict[str, Any]]:
+    """Training-loader crops per second from disk (random crops, partial reads, `workers` processes).
+    With `augment`, also the loader of the preset with `augment.enabled` (reverb + noise, the
+    built-in sets unless the preset names folders), so a user sees whether augmentation would
+    make the loader the bottleneck of the step."""
+    from rawnet_lib.augment import Augmenter, builtin_babble_dir
     from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
     cfg = load_config(preset)
     root = Path(data_path) if data_path else resolve_data_path(cfg.data)
     utts = load_utterances(root, cfg.data.train_dir, progress=False)
-    dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate)
+    kinds = {"plain": None}
+    if augment:
+        cfg.augment.enabled = True
+        kinds["augment"] = Augmenter.from_config(cfg.augment, builtin_babble_dir(root, cfg.data.val_from),
+                                                 cfg.model.sample_rate)
+    out = []
+    for kind, augmenter in kinds.items():
+        dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate, augment=augmenter)
+        crops, seconds, startup = _loader_rate(dataset, batch, batches, workers)
+        out.append(_record("load", path=kind, preset=preset, batch=batch, workers=workers, crops=crops,
+                           crops_per_s=round(crops / seconds, 1), seconds=round(seconds, 3),
+                           startup_s=round(startup, 3), utterances=len(utts), data=str(root),
+                           noise_prob=cfg.augment.noise_prob if augmenter else 0.0,
+                           rir_prob=cfg.augment.rir_prob if augmenter else 0.0))
+    return out
+
+
+def _loader_rate(dataset, batch: int, batches: int, workers: int) -> tuple[int, float, float]:
+    """(crops, seconds, start-up seconds) of `batches` batches; start-up and the first batch excluded."""
+    from torch.utils.data import DataLoader
     dataset.set_epoch(1)
     loader = DataLoader(dataset, batch, shuffle=True, num_workers=workers, drop_last=True,
                         persistent_workers=workers > 0)
@@ -333,15 +368,12 @@ def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, worker
     while crops < batches * batch:
         for x, _ in loader:
             if t_first is None:
-                t_first = time.perf_counter()  # worker start-up and the first batch are excluded
+                t_first = time.perf_counter()
                 continue
             crops += len(x)
             if crops >= batches * batch:
                 break
-    seconds = time.perf_counter() - t_first
-    return [_record("load", path="-", preset=preset, batch=batch, workers=workers, crops=crops,
-                    crops_per_s=round(crops / seconds, 1), seconds=round(seconds, 3),
-                    startup_s=round(t_first - t0, 3), utterances=len(utts), data=str(root))]
+    return crops, time.perf_counter() - t_first, t_first - t0
 
 
 def bench_score(n_trials: int = 580_000, n_files: int = 145_000, dim: int = 1024, repeats: int = 3,
@@ -541,7 +573,7 @@ def _run_all(preset: str, batch: int, repeats: int, quick: bool, data_path: str 
     records += bench_train(preset, batch, repeats, n_classes=10 if quick else PAPER_CLASSES)
     records += bench_memory(preset, batch, n_classes=10 if quick else PAPER_CLASSES, steps=1 if quick else 2)
     records += bench_embed(preset, 4 * batch, repeats, data_path)
-    records += bench_load(preset, batch, 4 if quick else 100, data_path=data_path)
+    records += bench_load(preset, batch, 4 if quick else 100, data_path=data_path, augment=True)
     records += bench_score(20_000 if quick else 580_000, 2_000 if quick else 145_000, dim, 1 if quick else 3)
     if scale and not quick:
         records += bench_scale(preset, batch, data_path=str(data_path or ""))
@@ -574,6 +606,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
     parser.add_argument("--checkpoint", default="", help="trained weights for the embedding comparison")
+    parser.add_argument("--augment", action="store_true", help="load: also the loader with augmentation on")
     args = parser.parse_args(argv)
     custom = bool(args.config or args.batch or args.repeats)
     defaults = QUICK if args.quick else {"preset": "paper", "batch": 8, "repeats": 5}
@@ -586,7 +619,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
            "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
            "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
-           "load": lambda: bench_load(preset, batch, 4 if args.quick else 100, data_path=data),
+           "load": lambda: bench_load(preset, batch, 4 if args.quick else 100, data_path=data, augment=args.augment),
            "score": lambda: bench_score(*((20_000, 2_000) if args.quick else (580_000, 145_000)),
                                         load_config(preset).model.embedding_dim, 1 if args.quick else 3),
            "gather": lambda: bench_gather(*((18_125, 1024, 72_500) if args.quick else (145_000, 1024, 580_000))),

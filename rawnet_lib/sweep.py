@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ import yaml
 from rawnet_lib.augment import find_noises, find_rirs
 from rawnet_lib.checkpoint import read_checkpoint
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config
-from rawnet_lib.errors import WorkbookError, run_cli
+from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text
 from rawnet_lib.plots import det_plot, save_figure
@@ -165,11 +166,14 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
     return summarise(spec, n_boot)
 
 
-def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]]]:
-    rows, pooled = [], {}
+def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]], list[str]]:
+    rows, pooled, missing = [], {}, []
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
             out = run_path(cfg) / "eval" / "best_opt_eval"
+            if not (out / "metrics.json").is_file():  # not trained or evaluated yet: summarise what is done
+                missing.append(f"{arm}-seed{seed}")
+                continue
             metrics = pd.DataFrame(json.loads((out / "metrics.json").read_text())["metrics"])
             for tag in spec.lists:
                 tag = Path(tag).stem if tag.endswith(".txt") else tag
@@ -180,12 +184,18 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg))})
                 pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
-    return pd.DataFrame(rows), pooled
+    if missing:
+        warnings.warn(f"{spec.out}: {len(missing)} run(s) not finished yet, left out of the summary: "
+                      f"{', '.join(missing)}; run the sweep again to finish them", stacklevel=3)
+    if not rows:
+        raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run "
+                         f"`python -m rawnet_lib.sweep {spec.path} --out {spec.out}`")
+    return pd.DataFrame(rows), pooled, missing
 
 
 def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     """runs.csv, summary.csv/.json, paired.csv and det_<list>.png under the sweep folder; returns the tables."""
-    runs, pooled = _runs_table(spec, n_boot)
+    runs, pooled, missing = _runs_table(spec, n_boot)
     summary, paired = [], []
     base = spec.arms[0]
     for (arm, tag), group in runs.groupby(["arm", "list"], sort=False):
@@ -207,7 +217,7 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
         with atomic_open(spec.out / f"{name}.csv", "w") as f:
             table.to_csv(f, index=False)
     atomic_write_text(spec.out / "summary.json", json.dumps(
-        {"sweep": str(spec.path), "seeds": spec.seeds, "lists": spec.lists, "baseline": base,
+        {"sweep": str(spec.path), "seeds": spec.seeds, "lists": spec.lists, "baseline": base, "unfinished": missing,
          "confidence": 0.95, "eer_unit": "percent", **{k: t.to_dict(orient="records") for k, t in tables.items()}},
         indent=1))
     for tag, arms in pooled.items():

@@ -102,12 +102,18 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
         sweep_mod.run_sweep(spec, out, progress=False, n_boot=50)
     runs = out / "train_1P" / "DNNS"
     stamps = {p.parent.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/models/best_opt_eval.pt")}
-    assert sorted(stamps) == ["aam-seed1", "ref-seed1", "ref-seed2"]
+    assert sorted(stamps) == ["aam-seed1", "ref-seed1", "ref-seed2"]  # seed-major: both arms of seed 1 first
+
+    # what is finished can be summarised meanwhile; the rest is named
+    with pytest.warns(UserWarning, match="2 run.s. not finished yet.*ref-seed2, aam-seed2"):
+        partial = sweep_mod.summarise(sweep_mod.load_sweep(spec, out), n_boot=50)
+    assert list(partial["summary"]["n_seeds"]) == [1, 1] and partial["paired"]["n_pairs"].tolist() == [1]
+    assert json.loads((out / "summary.json").read_text())["unfinished"] == ["ref-seed2", "aam-seed2"]
 
     calls.clear()
     tables = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50)
-    assert calls == ["aam-seed1", "aam-seed2"]  # only the interrupted run (resumed) and the missing one
-    assert json.loads((runs / "aam-seed1" / "summary.json").read_text())["epochs"] == 1
+    assert calls == ["ref-seed2", "aam-seed2"]  # only the interrupted run (resumed) and the missing one
+    assert json.loads((runs / "ref-seed2" / "summary.json").read_text())["epochs"] == 1
     for name, stamp in stamps.items():  # finished and resumed runs keep their weights
         assert (runs / name / "models" / "best_opt_eval.pt").stat().st_mtime_ns == stamp
 

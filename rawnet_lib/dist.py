@@ -137,8 +137,13 @@ def main_first(rank: RankInfo, work: Callable[[], T]) -> T:
 def share(n: int, rank: RankInfo) -> slice:
     """This rank's contiguous part of n items: equal parts of ceil(n / world) (the last ones shorter),
     so rank 0 can stack what it receives without being told where each row belongs."""
-    per = -(-n // rank.world_size)
+    per = _part_size(n, rank)
     return slice(min(rank.rank * per, n), min((rank.rank + 1) * per, n))
+
+
+def _part_size(n: int, rank: RankInfo) -> int:
+    """Rows of the largest share: ceil(n / world)."""
+    return -(-n // rank.world_size)
 
 
 def gather_rows(local: np.ndarray, n: int, rank: RankInfo) -> np.ndarray | None:
@@ -149,7 +154,7 @@ def gather_rows(local: np.ndarray, n: int, rank: RankInfo) -> np.ndarray | None:
     """
     if not rank.distributed:
         return local
-    per, dim = -(-n // rank.world_size), local.shape[1]
+    per, dim = _part_size(n, rank), local.shape[1]
     if not rank.is_main:
         send = torch.zeros(per, dim, dtype=torch.float32, device=rank.device)
         send[: len(local)] = torch.from_numpy(local)

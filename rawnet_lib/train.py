@@ -55,9 +55,9 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
     """One pass over the loader (or max_steps steps); returns loss, accuracy, throughput and the
     loader's figures (share of the time spent waiting for data, its own crops/s).
 
-    No step waits for the device: the loss sum, the correct count and the first step with a
-    non-finite loss add up in device tensors, which the host reads every LOG_EVERY steps or
-    READ_SECONDS seconds, at the last step, and once more summed over ranks at the end.
+    No step waits for the device: `_EpochMeter` adds the loss, the correct count and the first
+    non-finite step up in device tensors, which the host reads only when due (every LOG_EVERY
+    steps or READ_SECONDS seconds, and at the last step).
     """
     model.train()
     criterion = criterion or build_loss(cfg.loss)
@@ -65,19 +65,14 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
     warmup = min(cfg.train.warmup_steps, steps // 2)  # short epochs still get a throughput figure
     bar = run.progress_bar(steps, f"epoch {epoch}")
     profiler = run.profiler() if cfg.train.profile and epoch == 1 else None
-    sums = torch.zeros(3, dtype=torch.float64, device=rank.device)  # finite loss sum, correct, finite crops
-    first_bad = torch.zeros((), dtype=torch.int64, device=rank.device)  # first non-finite step, 0: none
-    crops, timed_crops, waited, made, t_start, last_read = 0, 0, 0.0, 0.0, None, time.monotonic()
-    loss_sum = correct = finite_crops = bad = 0.0
+    meter = _EpochMeter(rank.device)
     batches = iter(loader)
     for step in range(1, steps + 1):
         if step == warmup + 1:
-            t_start = time.perf_counter()  # throughput excludes the warm-up steps
+            meter.start_timing()  # throughput excludes the warm-up steps
         t0 = time.perf_counter()
         x, y, make_seconds = next(batches)
-        if t_start is not None:  # the loader's figures over the timed steps
-            timed_crops, waited, made = timed_crops + len(y), waited + time.perf_counter() - t0, made + make_seconds
-        crops += len(y)
+        meter.batch(len(y), time.perf_counter() - t0, make_seconds)
         x, y = x.to(rank.device, non_blocking=True), y.to(rank.device, non_blocking=True)
         # forward, backward, step (fp16: the scaler skips steps whose gradients overflow)
         with autocast(rank.device, cfg.train.amp):
@@ -88,39 +83,80 @@ def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: 
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()  # keras decay: every iteration
-        # bookkeeping on the device; the host reads it only when due
-        loss = loss.detach()
-        finite = torch.isfinite(loss)
-        first_bad = torch.where(~finite & (first_bad == 0), step, first_bad)
-        sums += torch.stack([torch.where(finite, loss, 0.0).double() * len(y), (logits.argmax(1) == y).sum().double(),
-                             finite.double() * len(y)])
+        meter.add(step, loss, logits, y)
         if profiler is not None:
             profiler.step()
         bar.update()
-        if step % LOG_EVERY == 0 or step == steps or time.monotonic() - last_read >= READ_SECONDS:
-            loss_sum, correct, finite_crops, bad = torch.cat([sums, first_bad.double()[None]]).tolist()
+        if meter.due(step, steps):
+            loss_avg, acc, bad = meter.read()
             if bad and cfg.train.amp != "fp16":
-                raise _non_finite(loader, epoch, int(bad), step, rank)
-            loss_avg, acc = loss_sum / max(finite_crops, 1), correct / crops
+                raise _non_finite(loader, epoch, bad, step, rank)
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
             run.step(epoch, step, steps, loss_avg, acc, scheduler.get_last_lr()[0])
-            last_read = time.monotonic()
     bar.close()
     if profiler is not None:
         profiler.stop()
-    seconds = time.perf_counter() - t_start if t_start else float("nan")
-    loss_sum, correct, finite_crops, crops, timed, waited, made, bad = dist.all_reduce_sum(
-        [loss_sum, correct, finite_crops, crops, timed_crops, waited, made, float(bad > 0)], rank.device)
-    if bad and cfg.train.amp != "fp16":  # another rank's loss: no checkpoint of these weights either
-        raise NonFiniteLossError(f"loss is not finite on {bad:.0f} other rank(s) at epoch {epoch}; their "
+    figures, bad_ranks = meter.epoch_figures(rank, cfg)
+    if bad_ranks and cfg.train.amp != "fp16":  # another rank's loss: no checkpoint of these weights either
+        raise NonFiniteLossError(f"loss is not finite on {bad_ranks} other rank(s) at epoch {epoch}; their "
                                  "message names the step and batch; the last good checkpoint is kept")
-    rate = timed / seconds
-    return {"loss": loss_sum / max(finite_crops, 1), "accuracy": correct / crops, "crops": crops,
-            "crops_per_s": rate, "crops_per_s_per_device": rate / rank.world_size,
-            "audio_seconds_per_s": rate * cfg.model.n_samples / cfg.model.sample_rate,
-            "data_wait_share": waited / rank.world_size / seconds,
-            "loader_crops_per_s": timed * max(cfg.data.num_workers, 1) * rank.world_size / made if made else math.nan,
-            "lr": scheduler.get_last_lr()[0]}
+    return {**figures, "lr": scheduler.get_last_lr()[0]}
+
+
+class _EpochMeter:
+    """An epoch's running figures. Loss sum, correct count and the first non-finite step stay in
+    device tensors until `read`; the loader's waiting and making times are host clocks."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # finite loss sum, correct, finite crops
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite step, 0: none
+        self.read_values = [0.0, 0.0, 0.0, 0.0]  # the sums and first_bad at the last read
+        self.crops, self.timed_crops, self.waited, self.made = 0, 0, 0.0, 0.0
+        self.t_start: float | None = None
+        self.last_read = time.monotonic()
+
+    def start_timing(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def batch(self, crops: int, waited: float, made: float) -> None:
+        """A batch drawn after `waited` seconds; a worker spent `made` seconds making it."""
+        self.crops += crops
+        if self.t_start is not None:  # the loader's figures over the timed steps
+            self.timed_crops, self.waited, self.made = self.timed_crops + crops, self.waited + waited, self.made + made
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """On the device: no host sync."""
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        self.first_bad = torch.where(~finite & (self.first_bad == 0), step, self.first_bad)
+        self.sums += torch.stack([torch.where(finite, loss, 0.0).double() * len(y),
+                                  (logits.argmax(1) == y).sum().double(), finite.double() * len(y)])
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % LOG_EVERY == 0 or step == steps or time.monotonic() - self.last_read >= READ_SECONDS
+
+    def read(self) -> tuple[float, float, int]:
+        """(mean loss, accuracy, first non-finite step or 0): the one host read."""
+        self.read_values = torch.cat([self.sums, self.first_bad.double()[None]]).tolist()
+        self.last_read = time.monotonic()
+        loss_sum, correct, finite_crops, bad = self.read_values
+        return loss_sum / max(finite_crops, 1), correct / self.crops, int(bad)
+
+    def epoch_figures(self, rank: dist.RankInfo, cfg: Config) -> tuple[dict[str, float], int]:
+        """The figures of the epoch summed over ranks (from the last read: the last step reads),
+        and how many ranks saw a non-finite loss."""
+        loss_sum, correct, finite_crops, bad = self.read_values
+        seconds = time.perf_counter() - self.t_start if self.t_start else float("nan")
+        loss_sum, correct, finite_crops, crops, timed, waited, made, bad_ranks = dist.all_reduce_sum(
+            [loss_sum, correct, finite_crops, self.crops, self.timed_crops, self.waited, self.made, float(bad > 0)],
+            rank.device)
+        rate = timed / seconds
+        return {"loss": loss_sum / max(finite_crops, 1), "accuracy": correct / crops, "crops": crops,
+                "crops_per_s": rate, "crops_per_s_per_device": rate / rank.world_size,
+                "audio_seconds_per_s": rate * cfg.model.n_samples / cfg.model.sample_rate,
+                "data_wait_share": waited / rank.world_size / seconds,
+                "loader_crops_per_s": (timed * max(cfg.data.num_workers, 1) * rank.world_size / made
+                                       if made else math.nan)}, round(bad_ranks)
 
 
 def _non_finite(loader, epoch: int, first: int, step: int, rank: dist.RankInfo) -> NonFiniteLossError:

@@ -125,6 +125,11 @@ def _alternate(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
     return times
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant digits: fixed decimals would print a small model's rate as 0."""
+    return float(f"{x:.{digits}g}")
+
+
 def _speed_records(name: str, times: dict[str, list[float]], crops: int, gflop_per_crop: float,
                    **extra: Any) -> list[dict[str, Any]]:
     """One record per path: median crops/s, GFLOP/s and the median per-round ratio to exact."""
@@ -132,10 +137,10 @@ def _speed_records(name: str, times: dict[str, list[float]], crops: int, gflop_p
     for path, secs in times.items():
         ratios = [e / s for e, s in zip(times["exact"], secs)]
         rate = crops / statistics.median(secs)
-        out.append(_record(name, path=path, amp=PATHS[path]["amp"], crops_per_s=round(rate, 3),
-                           seconds=round(statistics.median(secs), 4), gflops=round(rate * gflop_per_crop, 1),
-                           gflop_per_crop=round(gflop_per_crop, 3), ratio=round(statistics.median(ratios), 3),
-                           ratio_min=round(min(ratios), 3), ratio_max=round(max(ratios), 3),
+        out.append(_record(name, path=path, amp=PATHS[path]["amp"], crops_per_s=_sig(rate),
+                           seconds=round(statistics.median(secs), 4), gflops=_sig(rate * gflop_per_crop),
+                           gflop_per_crop=_sig(gflop_per_crop), ratio=_sig(statistics.median(ratios)),
+                           ratio_min=_sig(min(ratios)), ratio_max=_sig(max(ratios)),
                            rounds=[round(s, 4) for s in secs], **extra))
     return out
 
@@ -322,9 +327,9 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
         rate = batch / statistics.median(secs)
         cosine = F.cosine_similarity(emb[path].double(), emb["exact"].double())
         out.append(_record("embed", path=path, amp=PATHS.get(path, {}).get("amp", "off"), preset=preset,
-                           batch=batch, crops_per_s=round(rate, 3), gflops=round(rate * gflop, 1),
-                           gflop_per_crop=round(gflop, 3), peak_gflops=peak, peak_share=round(rate * gflop / peak, 3),
-                           ratio=round(statistics.median(e / s for e, s in zip(times["exact"], secs)), 3),
+                           batch=batch, crops_per_s=_sig(rate), gflops=_sig(rate * gflop),
+                           gflop_per_crop=_sig(gflop), peak_gflops=peak, peak_share=_sig(rate * gflop / peak),
+                           ratio=_sig(statistics.median(e / s for e, s in zip(times["exact"], secs))),
                            cosine_mean=round(cosine.mean().item(), 6), cosine_min=round(cosine.min().item(), 6),
                            trained=bool(checkpoint), rounds=[round(s, 4) for s in secs]))
     return out

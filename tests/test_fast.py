@@ -302,6 +302,11 @@ def test_model_gflop_matches_the_reference_arithmetic():
     assert flop["train"] == pytest.approx(3 * flop["total"])
 
 
+def test_bench_figures_keep_significant_digits_of_small_rates():
+    """A smoke model on a loaded machine does ~0.01 GFLOP/s: fixed decimals printed it as 0."""
+    assert bench._sig(0.0123456) == 0.01235 and bench._sig(1234.56) == 1235.0 and bench._sig(0.0) == 0.0
+
+
 @pytest.mark.slow
 def test_bench_quick_prints_one_json_line_per_measurement(tiny_db, capsys):
     records = bench.main(["all", "--quick", "--data_path", str(tiny_db)])

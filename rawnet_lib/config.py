@@ -35,7 +35,7 @@ from rawnet_lib.errors import WorkbookError
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
     "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
-    "declared_parameters", "notebook_config", "cli_parser", "cli_config",
+    "declared_parameters", "notebook_config", "cli_parser", "cli_config", "cli_overrides",
 ]
 
 
@@ -511,6 +511,10 @@ def cli_parser(prog: str, doc: str | None, preset: str | None = "demo", fields: 
 def cli_config(args: argparse.Namespace, base: Config | None = None) -> Config:
     """The Config of parsed `cli_parser` arguments: `base` (e.g. a checkpoint's) or `--config`,
     then every generated flag that was given."""
-    overrides = {k.removeprefix(_DEST): _items(v) if isinstance(v, list) else v
-                 for k, v in vars(args).items() if k.startswith(_DEST) and v is not None}
-    return _layered(base if base is not None else args.config, {}, overrides)
+    return _layered(base if base is not None else args.config, {}, cli_overrides(args))
+
+
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given as flags, by name (`{"fast": False}`); flags not given are absent."""
+    return {k.removeprefix(_DEST): _items(v) if isinstance(v, list) else v
+            for k, v in vars(args).items() if k.startswith(_DEST) and v is not None}

@@ -33,7 +33,7 @@ from rawnet_lib.anyaudio import describe, find_audio, load_any, to_model_rate
 from rawnet_lib.audio import AudioError
 from rawnet_lib.calibrate import Calibration, calibration_path, cllr, fit_calibration, load_calibration
 from rawnet_lib.checkpoint import load_checkpoint_model
-from rawnet_lib.config import Config, cli_config, cli_parser, load_config
+from rawnet_lib.config import Config, cli_config, cli_overrides, cli_parser, load_config
 from rawnet_lib.dist import check_fast_path, resolve_device_kind
 from rawnet_lib.embed import autocast, check_crops, cpu_amp, crop_batches, utterance_crops
 from rawnet_lib.errors import WorkbookError, run_cli
@@ -44,7 +44,7 @@ from rawnet_lib.trials import TrialListError
 __all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
 
 Item = str | Path | np.ndarray
-CLI_FIELDS = ("crop_mode", "eval_hop", "eval_batch_size", "device")
+CLI_FIELDS = ("crop_mode", "eval_hop", "eval_batch_size", "device", "fast", "amp")
 
 
 class VerifyError(WorkbookError, ValueError):
@@ -136,9 +136,10 @@ class Verifier:
 
         `overrides` are evaluation fields (`crop_mode="full"`, `eval_hop=...`, `amp="bf16"`,
         `fast=False`). On the CPU a checkpoint runs the fast path, in bf16 only where the CPU has
-        bf16 instructions (`embed.cpu_amp`): the exact path's results up to float32 rounding, about
-        2x faster (`python -m rawnet_lib.bench embed`); an accelerator runs the exact path. The calibration beside the file
-        (`<stem>.calibration.json`) is used when there is one, or the one `calibration` names.
+        bf16 instructions (`embed.cpu_amp`): the exact path's results up to float32 rounding,
+        about 2x faster (`python -m rawnet_lib.bench embed`); an accelerator runs the exact path.
+        The calibration beside the file (`<stem>.calibration.json`) is used when there is one, or
+        the one `calibration` names.
         """
         path = Path(path)
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -164,7 +165,8 @@ class Verifier:
         """How every embedding of this verifier is made: stored with every result."""
         ev, m = self.cfg.evaluation, self.cfg.model
         path = "onnx" if self.backend == "onnxruntime" else "fast" if m.fast else "exact"
-        return {"model": self.source, "backend": self.backend, "path": path, "amp": self.cfg.train.amp,
+        return {"model": self.source, "backend": self.backend, "path": path,
+                "amp": "off" if path == "onnx" else self.cfg.train.amp,
                 "crop_mode": ev.crop_mode, "n_samples": m.n_samples,
                 "eval_hop": ev.eval_hop if ev.crop_mode == "reference" else None, "sample_rate": m.sample_rate}
 
@@ -232,7 +234,7 @@ class Verifier:
         result: dict[str, Any] = {"score": value}
         if self.calibration is not None:
             result["llr"] = float(self.calibration.llr(value))
-        return {**result, "crop_mode": self.cfg.evaluation.crop_mode, "model": self.source}
+        return {**result, **self.protocol}
 
     def verify(self, a: Item, b: Item, operating_point: str = "eer", threshold: float | None = None,
                sr: int | None = None) -> dict[str, Any]:
@@ -322,10 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise VerifyError(f"give a command first: {' | '.join(commands)} (python -m rawnet_lib.verify score -h)")
     command = argv.pop(0)
     args = _parser(command).parse_args(argv)
-    device = cli_config(args).train.device
-    loaded = Verifier.from_checkpoint(args.checkpoint, preset=args.config, device=device)
-    verifier = Verifier(loaded.forward, cli_config(args, base=loaded.cfg), loaded.source, loaded.calibration,
-                        loaded.backend)  # the flags over the model's own evaluation settings
+    flags = cli_overrides(args)  # over the model's own settings
+    flags.pop("device", None)
+    verifier = Verifier.from_checkpoint(args.checkpoint, preset=args.config, device=cli_config(args).train.device,
+                                        **flags)
     if command == "embed":
         found = verifier.embed_many(args.inputs)
         if not found.embeddings:

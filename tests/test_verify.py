@@ -211,6 +211,11 @@ def test_cli_score_prints_one_json_line(checkpoint: Path, files, capsys) -> None
     assert len(line) == 1
     result = json.loads(line[0])
     assert set(result) >= {"score", "crop_mode", "a", "b"} and "decision" not in result
+    assert (result["path"], result["amp"]) == ("fast", cpu_amp())
+    main(["score", "--checkpoint", str(checkpoint), str(files["wav16000"]), str(files["other"]), "--fast", "false",
+          "--amp", "off"])
+    exact = json.loads(capsys.readouterr().out)
+    assert (exact["path"], exact["amp"]) == ("exact", "off") and exact["score"] == pytest.approx(result["score"], abs=1e-4)
 
 
 def test_cli_embed_score_list_and_calibrate(checkpoint: Path, files, tmp_path: Path, capsys) -> None:

@@ -10,9 +10,10 @@ hash of each one's key, size and modification time) and is rescanned, with a mes
 the tree no longer matches it. Every file is statted: directory times alone would miss a file
 rewritten in place (a file fixed with `ffmpeg -y` keeps its name and its folder's time), and
 one stat per file costs about a twentieth of the header reads of a scan (6.4 s against 126 s
-for 209,790 files: `python -m rawnet_lib.bench scale-data`, README "VoxCeleb scale"). Whether a file is usable is :func:`rawnet_lib.audio.probe`'s answer,
-the same as the dataset check's; float wavs are read whole to find NaN or Inf samples (PCM
-files, all of VoxCeleb, cost one header read).
+for 209,790 files: `python -m rawnet_lib.bench scale-data`, README "VoxCeleb scale"). A rescan
+lists the tree once, for the new signature and the scan. Whether a file is usable is
+:func:`rawnet_lib.audio.probe`'s answer, the same as the dataset check's; float wavs are read
+whole to find NaN or Inf samples (PCM files, all of VoxCeleb, cost one header read).
 """
 from __future__ import annotations
 
@@ -73,11 +74,12 @@ class UtteranceList:
 
 
 def scan_utterances(root: str | Path, sample_rate: int = SAMPLE_RATE, workers: int = 8,
-                    progress: bool = True) -> UtteranceList:
+                    progress: bool = True, files: list[tuple[str, int, int]] | None = None) -> UtteranceList:
     """Every `spk/video/utt.wav` under root with its length; unusable entries (a bad header, NaN
-    samples in a float file, a folder named like a file) go to `.bad` with the reason."""
+    samples in a float file, a folder named like a file) go to `.bad` with the reason. `files`:
+    the tree's `_wav_files` when the caller has just listed them (for the signature)."""
     root = _require_tree(root)
-    paths = [root / key for key, _, _ in _wav_files(root, workers)]
+    paths = [root / key for key, _, _ in (files if files is not None else _wav_files(root, workers))]
     if not paths:
         raise MissingPathError(f"no spk/video/utt.wav files under {root}; convert .m4a files first "
                                 "(python -m rawnet_lib.convert) or check the path")
@@ -138,7 +140,10 @@ def _stat(entry: os.DirEntry) -> tuple[int, int]:
 def tree_signature(root: str | Path) -> str:
     """`<n> files <sha1>`: the count of wav files under root and a hash of their keys, sizes
     and modification times. Adding, removing, renaming or rewriting a file changes it."""
-    files = _wav_files(_require_tree(root))
+    return _signature(_wav_files(_require_tree(root)))
+
+
+def _signature(files: list[tuple[str, int, int]]) -> str:
     text = "".join(f"{key}\t{size}\t{mtime}\n" for key, size, mtime in files)
     return f"{len(files)} files {hashlib.sha1(text.encode()).hexdigest()}"
 
@@ -168,7 +173,8 @@ def load_utterances(data_path: Path, subdir: str, refresh: bool = False, sample_
     root = data_path / subdir
     path = _list_file(data_path, subdir)
     trusted = not check_tree and not refresh and path.exists()
-    signature = None if trusted else tree_signature(root)  # before a scan: a change during it shows next time
+    files = None if trusted else _wav_files(_require_tree(root))  # listed once, for the signature and a scan
+    signature = None if trusted else _signature(files)  # before a scan: a change during it shows next time
     if path.exists() and not refresh:
         lines = path.read_text().splitlines()
         written = lines[0][len(SIGNATURE_TAG):] if lines and lines[0].startswith(SIGNATURE_TAG) else None
@@ -176,7 +182,7 @@ def load_utterances(data_path: Path, subdir: str, refresh: bool = False, sample_
             return _parse_list(root, lines[1:])
         print(f"{path} is stale: {_what_changed(written, signature, root)}; rescanning {root}",
               file=sys.stderr, flush=True)
-    utts = scan_utterances(root, sample_rate, progress=progress)
+    utts = scan_utterances(root, sample_rate, progress=progress, files=files)
     lines = [f"{k}\t{n}" for k, n in zip(utts.keys, utts.frames)] + [f"{k}\t{why}" for k, why in utts.bad]
     atomic_write_text(path, "\n".join([SIGNATURE_TAG + signature, *lines]) + "\n")
     return utts

@@ -153,7 +153,7 @@ def _bump_mtime(path: Path) -> None:
     ("rewrite", "added, removed, renamed or rewritten"),
     ("rename", "added, removed, renamed or rewritten"),
 ])
-def test_load_utterances_rescans_a_changed_tree_with_a_message(tree, capsys, change, expect):
+def test_load_utterances_rescans_a_changed_tree_with_a_message(tree, capsys, monkeypatch, change, expect):
     data_path = tree.parent
     load_utterances(data_path, "wav", progress=False)
     capsys.readouterr()
@@ -170,7 +170,11 @@ def test_load_utterances_rescans_a_changed_tree_with_a_message(tree, capsys, cha
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:
         target.rename(target.with_name("00009.wav"))
+    listings = []
+    real_listing = data._wav_files
+    monkeypatch.setattr(data, "_wav_files", lambda root, workers=8: listings.append(root) or real_listing(root, workers))
     utts = load_utterances(data_path, "wav", progress=False)
+    assert listings == [tree]  # one listing of the tree serves the signature and the rescan
     err = capsys.readouterr().err
     assert "wav.tsv is stale" in err and expect in err and "rescanning" in err
     assert utts.keys == scan_utterances(tree, progress=False).keys
@@ -378,8 +382,8 @@ def test_a_rank_after_rank_0_trusts_the_list_without_statting_the_tree(tiny_db: 
     shutil.copytree(tiny_db, db, ignore=shutil.ignore_patterns("lists", "m4a"))
     first = load_utterances(db, "VoxCeleb2/wav", progress=False)
 
-    def no_signature(root):
+    def no_listing(root, workers=8):
         raise AssertionError("the tree was statted again")
-    monkeypatch.setattr(data, "tree_signature", no_signature)
+    monkeypatch.setattr(data, "_wav_files", no_listing)
     again = load_utterances(db, "VoxCeleb2/wav", progress=False, check_tree=False)
     assert again.keys == first.keys and list(again.frames) == list(first.frames)

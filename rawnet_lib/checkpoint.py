@@ -188,8 +188,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
     obj = read_checkpoint(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "config" in obj:
         state = obj["model"]
-        cfg = load_config(None, {k: v for k, v in obj["config"].items() if k != "preset"})
-        cfg.preset = str(obj["config"].get("preset", ""))
+        cfg = Config.from_dict(obj["config"])
         _, n_classes = infer_model_config(state, cfg.model)
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = obj

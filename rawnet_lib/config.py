@@ -201,6 +201,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, **{k: dataclasses.asdict(v) for k, v in self.blocks().items()}}
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+        """The inverse of `to_dict` (the config a checkpoint or an export carries), validated."""
+        config = load_config(None, {k: v for k, v in values.items() if k != "preset"})
+        config.preset = str(values.get("preset", ""))
+        return config
+
     def validate(self) -> "Config":
         choices = {("train", "amp"): ("off", "bf16", "fp16"), ("train", "mode"): ("full", "performance"),
                    ("train", "device"): ("auto", "cpu", "cuda", "npu"),

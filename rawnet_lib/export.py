@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from rawnet_lib.calibrate import calibration_path
 from rawnet_lib.checkpoint import load_checkpoint_model
-from rawnet_lib.config import Config, cli_parser, load_config
+from rawnet_lib.config import Config, cli_parser
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_path
 from rawnet_lib.model import RawNet2
@@ -133,9 +133,7 @@ def onnx_embedder(path: str | Path, threads: int = 0) -> tuple[Callable[[np.ndar
     if CONFIG_KEY not in meta:
         raise ExportError(f"{path}: an ONNX file without {CONFIG_KEY} metadata, so its crop length is unknown; "
                           "export it with python -m rawnet_lib.export")
-    values = json.loads(meta[CONFIG_KEY])
-    cfg = load_config(None, {k: v for k, v in values.items() if k != "preset"})
-    cfg.preset = values.get("preset", "")
+    cfg = Config.from_dict(json.loads(meta[CONFIG_KEY]))
     name = session.get_inputs()[0].name
 
     def run(crops: np.ndarray) -> np.ndarray:

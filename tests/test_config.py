@@ -503,3 +503,10 @@ def test_presets_are_package_data():
     assert '"params/*.yaml"' in pyproject
     # `papermill -f params/demo.yaml` from the checkout still finds the same file.
     assert (package.parent / "params" / "demo.yaml").read_text() == (PARAMS_DIR / "demo.yaml").read_text()
+
+
+def test_from_dict_inverts_to_dict() -> None:
+    """What a checkpoint or an ONNX export carries comes back as the same validated Config."""
+    cfg = load_config("demo_modern", epochs=3)
+    back = Config.from_dict(cfg.to_dict())
+    assert back.to_dict() == cfg.to_dict() and back.preset == "demo_modern"

@@ -12,6 +12,7 @@ divides by the crop's standard deviation, so the two differ only by the 1e-6 eps
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import soundfile as sf
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["SAMPLE_RATE", "FLOAT_SUBTYPES", "AUDIO_PROBLEMS", "AudioError", "AudioInfo", "probe", "read_audio",
-           "peak_normalise", "tile", "random_crop", "eval_crops"]
+           "wav_bytes", "peak_normalise", "tile", "random_crop", "eval_crops"]
 
 SAMPLE_RATE = 16000  # Hz: VoxCeleb, the reference model and every file the workbook writes
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the wav sample formats that can hold NaN or Inf
@@ -145,6 +146,13 @@ def _read(info: AudioInfo, start: int = 0, frames: int = -1) -> np.ndarray:
     if info.subtype in FLOAT_SUBTYPES and not np.isfinite(x).all():
         raise _error(info.path, "nonfinite", "NaN or Inf samples", info.expected_rate)
     return x
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A mono waveform as the bytes of a PCM16 wav file (int16 samples, or floats in [-1, 1])."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def peak_normalise(x: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from scipy.fft import next_fast_len
 from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
-from rawnet_lib.audio import SAMPLE_RATE
+from rawnet_lib.audio import SAMPLE_RATE, wav_bytes
 from rawnet_lib.config import REPO_DIR
 from rawnet_lib.convert import convert_tree, encode_m4a, find_ffmpeg
 from rawnet_lib.errors import WorkbookError, run_cli
@@ -250,12 +250,6 @@ def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator
     return np.round(np.clip(out, -1, 1) * 32767).astype(np.int16)
 
 
-def _wav_bytes(audio: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 def _render_speaker(job: dict) -> float:
     """Write one speaker's files; m4a go through one batched ffmpeg. Returns audio seconds."""
     total, to_encode = 0.0, []
@@ -270,10 +264,10 @@ def _render_speaker(job: dict) -> float:
                 total += audio.size / SAMPLE_RATE
                 if job["m4a"]:
                     wav = Path(tmp) / f"{v}_{u}.wav"
-                    wav.write_bytes(_wav_bytes(audio))
+                    wav.write_bytes(wav_bytes(audio))
                     to_encode.append((wav, folder / f"{u + 1:05d}.m4a"))
                 else:
-                    atomic_write_bytes(folder / f"{u + 1:05d}.wav", _wav_bytes(audio))
+                    atomic_write_bytes(folder / f"{u + 1:05d}.wav", wav_bytes(audio))
         if to_encode:
             encode_m4a(to_encode)
     return total

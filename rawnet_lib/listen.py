@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 from IPython.display import HTML
 
-from rawnet_lib.audio import SAMPLE_RATE, probe, read_audio
+from rawnet_lib.audio import SAMPLE_RATE, probe, read_audio, wav_bytes
 from rawnet_lib.trials import resolve
 
-__all__ = ["CLIP_SECONDS", "wav_bytes", "audio_element", "trials_table", "utterances_table", "samples_table"]
+__all__ = ["CLIP_SECONDS", "audio_element", "trials_table", "utterances_table", "samples_table"]
 
 CLIP_SECONDS = 3.0  # enough to hear a voice; 10 trials x 2 sides of it add about 2.6 MB to the notebook
 _STYLE = "border-collapse: collapse; text-align: left"
-
-
-def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A mono float waveform as a PCM16 wav file (samples beyond [-1, 1] are clipped)."""
-    buffer = io.BytesIO()
-    sf.write(buffer, np.clip(wave, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def audio_element(path: str | Path, seconds: float = CLIP_SECONDS, sample_rate: int = SAMPLE_RATE) -> str:
@@ -41,7 +32,7 @@ def audio_element(path: str | Path, seconds: float = CLIP_SECONDS, sample_rate: 
 
 
 def _player(wave: np.ndarray, sample_rate: int) -> str:
-    data = base64.b64encode(wav_bytes(wave, sample_rate)).decode("ascii")
+    data = base64.b64encode(wav_bytes(np.clip(wave, -1.0, 1.0), sample_rate)).decode("ascii")
     return f'<audio controls preload="none" src="data:audio/wav;base64,{data}"></audio>'
 
 

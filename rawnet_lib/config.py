@@ -34,7 +34,7 @@ from rawnet_lib.errors import WorkbookError
 
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
-    "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "write_f_params",
+    "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "read_yaml", "write_f_params",
     "declared_parameters", "notebook_config", "cli_parser", "cli_config", "cli_overrides",
 ]
 
@@ -277,13 +277,14 @@ def preset_path(preset: str | Path) -> Path:
     return path
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, holds: str = "a mapping of blocks (model:, data:, ...)") -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}); ConfigError naming the file otherwise."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of blocks (model:, data:, ...), not {type(data).__name__}")
+        raise ConfigError(f"{path} must hold {holds}, not {type(data).__name__}")
     return data
 
 
@@ -371,7 +372,7 @@ def load_config(preset: str | Path | Config | None = "demo", blocks: Mapping[str
         config = copy.deepcopy(preset)
     elif preset:
         path = preset_path(preset)
-        values = _read_yaml(path)
+        values = read_yaml(path)
         _apply(config, values, str(path))
         config.preset = str(values.get("preset") or preset)
     _apply(config, dict(blocks or {}), "YAML blocks")

@@ -26,11 +26,10 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from rawnet_lib.augment import find_noises, find_rirs
 from rawnet_lib.checkpoint import read_checkpoint
-from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config
+from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text
@@ -73,12 +72,7 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None) -> Sweep:
     """Read and check a sweep file: every arm's config is built (unknown keys and values raise,
     naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training."""
     path = sweep_file(sweep)
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path} must hold seeds:, lists: and arms:, not {type(spec).__name__}")
+    spec = read_yaml(path, holds="seeds:, lists: and arms:")
     unknown = [k for k in spec if k not in SWEEP_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SWEEP_KEYS)}")

@@ -17,7 +17,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from rawnet_lib.io import atomic_open
 from rawnet_lib.trials import resolve
 
 __all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast", "utterance_crops", "crop_batches",
-           "check_crops", "native_amp", "cpu_amp"]
+           "check_crops", "native_amp", "cpu_amp", "mean_crop_embeddings"]
 
 
 class _FileCrops(Dataset):
@@ -115,20 +115,33 @@ def embed_files(model: torch.nn.Module, keys: list[str], roots: list[Path], mcfg
     net.eval()
     loader = DataLoader(_FileCrops(mine, roots, mcfg, ecfg), batch_size=None, num_workers=workers,
                         prefetch_factor=4 if workers else None)
-    batch = 1 if ecfg.crop_mode == "full" else ecfg.eval_batch_size
-    sums = np.zeros((len(mine), mcfg.embedding_dim), dtype=np.float64)
-    counts = np.zeros(len(mine))
-    bar = tqdm(total=len(mine), desc="embed", disable=not progress or not rank.is_main, leave=False)
-    for owners, x in crop_batches(loader, batch):
+
+    def forward(x: torch.Tensor) -> np.ndarray:
         with autocast(rank.device, amp):
-            out = net.embed(x.to(rank.device)).float().cpu().numpy()
-        np.add.at(sums, owners, out)
-        np.add.at(counts, owners, 1)
-        bar.update(len(set(owners)))  # batches hold whole files only
-    bar.close()
+            return net.embed(x.to(rank.device)).float().cpu().numpy()
+    with tqdm(total=len(mine), desc="embed", disable=not progress or not rank.is_main, leave=False) as bar:
+        vectors = mean_crop_embeddings(forward, loader, ecfg, bar.update)
     net.train(was_training)
-    rows = dist.gather_rows((sums / counts[:, None]).astype(np.float32), len(keys), rank)
+    mean = np.stack(vectors) if vectors else np.zeros((0, mcfg.embedding_dim), np.float32)
+    rows = dist.gather_rows(mean, len(keys), rank)
     return {} if rows is None else dict(zip(keys, rows))
+
+
+def mean_crop_embeddings(forward: Callable[[torch.Tensor], np.ndarray], files: Iterable[np.ndarray],
+                         ecfg: EvalConfig, done: Callable[[int], Any] | None = None) -> list[np.ndarray]:
+    """The mean embedding of each file's crops, in the order of `files`, with the crops of many
+    files in one forward pass (`forward`: (crops, samples) tensor -> (crops, dim) array; full
+    mode: one utterance per pass). `done(n)` is told how many files each batch finished."""
+    batch = 1 if ecfg.crop_mode == "full" else ecfg.eval_batch_size
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for owners, x in crop_batches(files, batch):
+        for owner, row in zip(owners, forward(x).astype(np.float64)):
+            sums[owner] = sums.get(owner, 0) + row
+            counts[owner] = counts.get(owner, 0) + 1
+        if done is not None:
+            done(len(set(owners)))  # batches hold whole files only
+    return [(sums[i] / counts[i]).astype(np.float32) for i in sorted(sums)]
 
 
 def check_crops(mcfg: ModelConfig, ecfg: EvalConfig) -> None:

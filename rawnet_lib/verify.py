@@ -35,7 +35,7 @@ from rawnet_lib.calibrate import Calibration, calibration_path, cllr, fit_calibr
 from rawnet_lib.checkpoint import load_checkpoint_model
 from rawnet_lib.config import Config, cli_config, cli_overrides, cli_parser, load_config
 from rawnet_lib.dist import check_fast_path, resolve_device_kind
-from rawnet_lib.embed import autocast, check_crops, cpu_amp, crop_batches, utterance_crops
+from rawnet_lib.embed import autocast, check_crops, cpu_amp, mean_crop_embeddings, utterance_crops
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_open
 from rawnet_lib.metrics import summarize
@@ -183,19 +183,10 @@ class Verifier:
         if isinstance(item, str) and item in self.speakers:
             return self.speakers[item]
         crops = utterance_crops(self.samples(item, sr), self.cfg.model, self.cfg.evaluation)
-        return self._embed_crops(iter([crops]))[0]
+        return self._embed_crops([crops])[0]
 
-    def _embed_crops(self, crops: Iterator[np.ndarray]) -> list[np.ndarray]:
-        """Mean crop embedding of each file's crops, many files per forward pass."""
-        batch = 1 if self.cfg.evaluation.crop_mode == "full" else self.cfg.evaluation.eval_batch_size
-        sums: dict[int, np.ndarray] = {}
-        counts: dict[int, int] = {}
-        for owners, x in crop_batches(crops, batch):
-            out = self.forward(x.numpy()).astype(np.float64)
-            for owner, row in zip(owners, out):
-                sums[owner] = sums.get(owner, 0) + row
-                counts[owner] = counts.get(owner, 0) + 1
-        return [(sums[i] / counts[i]).astype(np.float32) for i in sorted(sums)]
+    def _embed_crops(self, crops: Iterable[np.ndarray]) -> list[np.ndarray]:
+        return mean_crop_embeddings(lambda x: self.forward(x.numpy()), crops, self.cfg.evaluation)
 
     def embed_many(self, items: Iterable[str | Path], progress: bool = True) -> EmbeddingSet:
         """Embeddings of files and folders (their audio, recursively), batched across files; a file

@@ -75,10 +75,12 @@ def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, mat
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
-def test_example_sweep_loads(tmp_path):
+def test_example_sweeps_load(tmp_path):
     spec = sweep_mod.load_sweep("demo_recipes", tmp_path)
     assert spec.arms[:2] == ["reference_2020", "modern"] and spec.seeds == [1, 2, 3]
     assert spec.configs["modern"][2].train.seed == 2 and spec.configs["modern"][2].loss.head == "aam"
+    amp = sweep_mod.load_sweep("demo_amp", tmp_path)
+    assert [amp.configs[arm][1].train.amp for arm in amp.arms] == ["off", "bf16"]
 
 
 @pytest.mark.slow

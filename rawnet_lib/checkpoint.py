@@ -129,11 +129,7 @@ def init_from_checkpoint(path: str | Path, model: torch.nn.Module) -> list[str]:
     and the normalisation itself keeps working), and `fc2_gru` (other speakers or speed
     perturbation change the classes). Any other difference is an error, as a wrong model would be.
     """
-    obj = read_checkpoint(path, fix=f"init_from: {_HELP}")
-    state = obj["model"] if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) else obj
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"init_from: {path} holds a {type(state).__name__}, not weights; {_HELP}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state, _ = _weights(read_checkpoint(path, fix=f"init_from: {_HELP}"), f"init_from: {path}")
     own = model.state_dict()
     notes = []
     for prefix, why in (("ln.", "the crop length changed: ln re-initialised (gamma 1, beta 0) for "),
@@ -185,28 +181,36 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
     when present so that every key is accounted for.
     """
     path = Path(path)
-    obj = read_checkpoint(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "config" in obj:
-        state = obj["model"]
-        cfg = Config.from_dict(obj["config"])
+    state, config = _weights(read_checkpoint(path), str(path))
+    if config is not None:
+        cfg = Config.from_dict(config)
         _, n_classes = infer_model_config(state, cfg.model)
-    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state = obj
-        if all(k.startswith("module.") for k in state):
-            state = {k.removeprefix("module."): v for k, v in state.items()}
+    else:
         cfg = load_config(base) if isinstance(base, str) else copy.deepcopy(base)
         try:
             cfg.model, n_classes = infer_model_config(state, cfg.model)
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}; {_HELP}") from None
-    else:
-        keys = list(obj)[:6] if isinstance(obj, Mapping) else []
-        raise CheckpointError(f"{path} holds a {type(obj).__name__} (keys {keys}), neither a training checkpoint "
-                              f"(model, config, ...) nor a state_dict; {_HELP}")
     model = build_model(cfg.model, n_classes)
     _load_strict(model, state, f"{path}: the weights do not fit a RawNet2 of {cfg.model}",
                  "for a bare state_dict pick the preset whose sinc_kernel matches (base=...)")
     return model.to(device).eval(), cfg
+
+
+def _weights(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(model state_dict, config dict or None) of one of our checkpoints or of a bare state_dict;
+    `module.` (nn.DataParallel's prefix, on every key) is taken off."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        state, config = obj["model"], obj.get("config")
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, config = obj, None
+    else:
+        keys = list(obj)[:6] if isinstance(obj, Mapping) else []
+        raise CheckpointError(f"{where} holds a {type(obj).__name__} (keys {keys}), neither a training checkpoint "
+                              f"(model, config, ...) nor a state_dict; {_HELP}")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state), config
 
 
 def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:

@@ -22,7 +22,7 @@ from rawnet_lib.io import atomic_write_text
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "official_list_path", "read_trials",
-           "write_trials", "resolve", "make_trials", "speaker_of"]
+           "write_trials", "find_file", "resolve", "make_trials", "speaker_of"]
 
 OFFICIAL_LISTS: dict[str, str] = {
     "O": "veri_test.txt", "O2": "veri_test2.txt",
@@ -207,7 +207,7 @@ def read_trials(path: str | Path, roots: Sequence[Path] | None = None) -> TrialL
     known = (se >= 0) & (st >= 0) & (is_one | is_zero)
     problems.add("label disagrees with speaker ids", line_of[known & ((se == st) != is_one)])
     if roots is not None:
-        on_disk = np.fromiter((_find(k, roots) is not None for k in index), bool, len(index))
+        on_disk = np.fromiter((find_file(k, roots) is not None for k in index), bool, len(index))
         lost_e, lost_t = ~on_disk[e], ~on_disk[t]
         lost = np.flatnonzero(lost_e | lost_t)
         notes = [" and ".join(k for k, gone in ((enroll[i], lost_e[i]), (test[i], lost_t[i])) if gone) + " not found"
@@ -231,7 +231,8 @@ def _check_keys(keys: list[str]) -> None:
                          "whitespace separated, so rename those files (or leave them out)")
 
 
-def _find(key: str, roots: Sequence[Path]) -> Path | None:
+def find_file(key: str | Path, roots: Sequence[Path]) -> Path | None:
+    """The file `key` under the first root that holds it (an absolute key is itself), or None."""
     for root in roots:
         candidate = Path(root) / key
         if candidate.is_file():
@@ -241,7 +242,7 @@ def _find(key: str, roots: Sequence[Path]) -> Path | None:
 
 def resolve(key: str, roots: list[Path]) -> Path:
     """The file of `key` under the first root that holds it."""
-    found = _find(key, roots)
+    found = find_file(key, roots)
     if found is None:
         raise FileNotFoundError(f"trial file {key} is in none of the roots {', '.join(map(str, roots))}; "
                                 "check data_path and that VoxCeleb1 dev_wav and eval_wav are both present")

@@ -39,7 +39,7 @@ from rawnet_lib.embed import autocast, check_crops, cpu_amp, mean_crop_embedding
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_open
 from rawnet_lib.metrics import summarize
-from rawnet_lib.trials import TrialListError
+from rawnet_lib.trials import TrialListError, find_file
 
 __all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
 
@@ -110,9 +110,7 @@ def _locate(token: str, roots: Sequence[Path]) -> Path:
     """A pair's path: itself when absolute, else under the first root that holds it (the last root
     otherwise, so that a missing file is reported with a path)."""
     p = Path(token).expanduser()
-    if p.is_absolute():
-        return p
-    return next((r / p for r in roots if (r / p).exists()), roots[-1] / p)
+    return find_file(p, roots) or (p if p.is_absolute() else roots[-1] / p)
 
 
 class Verifier:

@@ -40,7 +40,7 @@ Filters are built once per forward. With gradients off
 or `band_hz_` change (their version counter moves on every optimiser step and load_state_dict).
 
 The fast preset is `model.fast: true` with `train.amp: bf16` (autocast; no loss scaling needed).
-rawnet_lib/bench.py measures speed and agreement against the exact path.
+rawnet_lib/bench/ measures speed and agreement against the exact path.
 """
 from __future__ import annotations
 

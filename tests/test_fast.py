@@ -186,7 +186,7 @@ def test_fast_bf16_embeddings_close_to_exact_float32(smoke_run, tiny_db):
     ~400 rad, are rounded to bf16 too). Untrained weights are more sensitive: not used here."""
     from rawnet_lib.checkpoint import load_checkpoint_model
     model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
-    x = bench._crops(cfg, 16, tiny_db)
+    x = bench.speech_crops(cfg, 16, tiny_db)
     with torch.no_grad():
         ref = model.embed(x)
         model.cfg.fast = True
@@ -304,7 +304,7 @@ def test_model_gflop_matches_the_reference_arithmetic():
 
 def test_bench_figures_keep_significant_digits_of_small_rates():
     """A smoke model on a loaded machine does ~0.01 GFLOP/s: fixed decimals printed it as 0."""
-    assert bench._sig(0.0123456) == 0.01235 and bench._sig(1234.56) == 1235.0 and bench._sig(0.0) == 0.0
+    assert bench.sig(0.0123456) == 0.01235 and bench.sig(1234.56) == 1235.0 and bench.sig(0.0) == 0.0
 
 
 @pytest.mark.slow

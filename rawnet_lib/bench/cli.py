@@ -1,0 +1,97 @@
+"""Every measurement in one call, its chart, and the command line (`python -m rawnet_lib.bench`)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rawnet_lib import fastsinc
+from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
+from rawnet_lib.bench.compute import bench_memory, bench_scale, bench_train, matmul_peak
+from rawnet_lib.bench.inference import bench_embed
+from rawnet_lib.bench.loading import bench_data_scale, bench_load
+from rawnet_lib.bench.scoring import bench_gather, bench_score
+from rawnet_lib.config import cli_config, cli_parser, load_config
+
+__all__ = ["run_all", "plot_comparison", "main"]
+
+SCALE_QUICK = {"speakers": 20, "videos": 2, "utterances": 3, "batches": 4}
+
+
+def run_all(preset: str = "paper", batch: int = 8, repeats: int = 5, quick: bool = False,
+            data_path: str | Path | None = None, scale: bool = True) -> list[dict[str, Any]]:
+    """Every measurement; quick: smoke preset, small batch, 2 rounds, small lists, no scaling runs."""
+    if quick:
+        preset, batch, repeats = QUICK["preset"], QUICK["batch"], QUICK["repeats"]
+        compiled = fastsinc.set_compile(False)  # no compile time; same results, slower kernels
+    try:
+        return _run_all(preset, batch, repeats, quick, data_path, scale)
+    finally:
+        if quick:
+            fastsinc.set_compile(compiled)
+
+
+def _run_all(preset: str, batch: int, repeats: int, quick: bool, data_path: str | Path | None,
+             scale: bool) -> list[dict[str, Any]]:
+    dim = load_config(preset).model.embedding_dim
+    records = matmul_peak(512 if quick else 2048, repeats)
+    records += bench_train(preset, batch, repeats, n_classes=10 if quick else PAPER_CLASSES)
+    records += bench_memory(preset, batch, n_classes=10 if quick else PAPER_CLASSES, steps=1 if quick else 2)
+    records += bench_embed(preset, 4 * batch, repeats, data_path)
+    records += bench_load(preset, batch, 4 if quick else 100, data_path=data_path, augment=True)
+    records += bench_score(20_000 if quick else 580_000, 2_000 if quick else 145_000, dim, 1 if quick else 3)
+    if scale and not quick:
+        records += bench_scale(preset, batch, data_path=str(data_path or ""))
+    return records
+
+
+def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", ax=None):
+    """Bars of `metric` per measurement name, exact next to fast; returns the Figure."""
+    from matplotlib.figure import Figure
+    if ax is None:
+        ax = Figure(figsize=(6, 3.5)).subplots()
+    rows = [r for r in records if r.get("path") in PATHS and metric in r]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for j, path in enumerate(PATHS):
+        values = [next((r[metric] for r in rows if r["name"] == n and r["path"] == path), 0.0) for n in names]
+        bars = ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, values, 0.4, label=path)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel(metric)
+    ax.legend()
+    return ax.figure
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = cli_parser("python -m rawnet_lib.bench", sys.modules["rawnet_lib.bench"].__doc__, preset=None, fields=("data_path",),
+                        config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
+    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "gather", "peak",
+                                         "scale", "scale-data", "all"])
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
+    parser.add_argument("--checkpoint", default="", help="trained weights for the embedding comparison")
+    parser.add_argument("--augment", action="store_true", help="load: also the loader with augmentation on")
+    args = parser.parse_args(argv)
+    custom = bool(args.config or args.batch or args.repeats)
+    defaults = QUICK if args.quick else {"preset": "paper", "batch": 8, "repeats": 5}
+    args.config = preset = args.config or defaults["preset"]
+    batch, repeats = args.batch or defaults["batch"], args.repeats or defaults["repeats"]
+    n_classes = 10 if args.quick else PAPER_CLASSES
+    data = cli_config(args).data.data_path or None   # --data_path, else the preset's ('': the demo corpus)
+    if args.what == "all":
+        return run_all(preset, batch, repeats, args.quick and not custom, data)
+    run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
+           "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
+           "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
+           "load": lambda: bench_load(preset, batch, 4 if args.quick else 100, data_path=data, augment=args.augment),
+           "score": lambda: bench_score(*((20_000, 2_000) if args.quick else (580_000, 145_000)),
+                                        load_config(preset).model.embedding_dim, 1 if args.quick else 3),
+           "gather": lambda: bench_gather(*((18_125, 1024, 72_500) if args.quick else (145_000, 1024, 580_000))),
+           "peak": lambda: matmul_peak(512 if args.quick else 2048, repeats),
+           "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
+                                        data_path=str(data or "")),
+           "scale-data": lambda: bench_data_scale(preset, data, **(SCALE_QUICK if args.quick else {}))}
+    return run[args.what]()

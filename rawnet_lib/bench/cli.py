@@ -65,7 +65,8 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = cli_parser("python -m rawnet_lib.bench", sys.modules["rawnet_lib.bench"].__doc__, preset=None, fields=("data_path",),
+    usage = sys.modules["rawnet_lib.bench"].__doc__  # the package's docstring: what each command measures
+    parser = cli_parser("python -m rawnet_lib.bench", usage, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
     parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "gather", "peak",
                                          "scale", "scale-data", "all"])

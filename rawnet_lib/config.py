@@ -29,7 +29,7 @@ from typing import Any, Collection, Mapping
 
 import yaml
 
-from rawnet_lib.audio import SAMPLE_RATE
+from rawnet_lib.dataset.audio import SAMPLE_RATE
 from rawnet_lib.errors import WorkbookError
 
 __all__ = [

@@ -5,7 +5,7 @@ process per file is start-up bound (about 0.09 s a file here), so files are deco
 batches of up to ``BATCH`` inputs per ffmpeg call (about 10x faster) on a thread pool; a
 failing batch is retried file by file so that one bad file only fails itself. ffmpeg writes
 each output to a temporary sibling (:func:`rawnet_lib.io.atomic_path`) that takes the wav's
-name only when the whole call succeeded and :func:`rawnet_lib.audio.probe` finds it usable.
+name only when the whole call succeeded and :func:`rawnet_lib.dataset.audio.probe` finds it usable.
 
     python -m rawnet_lib.convert DB/VoxCeleb2/m4a DB/VoxCeleb2/wav --workers 2
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rawnet_lib.audio import SAMPLE_RATE, probe
+from rawnet_lib.dataset.audio import SAMPLE_RATE, probe
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_path
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.audio import SAMPLE_RATE
-from rawnet_lib.check import CheckReport, check_dataset, data_dirs
+from rawnet_lib.dataset.audio import SAMPLE_RATE
+from rawnet_lib.dataset.check import CheckReport, check_dataset, data_dirs
 from rawnet_lib.config import DataConfig, cli_config, cli_parser
 from rawnet_lib.convert import ConvertReport, convert_tree
-from rawnet_lib.data import UtteranceList, load_utterances, resolve_data_path
+from rawnet_lib.dataset.utterances import UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 
 __all__ = ["M4A_DIRS", "PrepResult", "find_m4a_dir", "prepare", "utterance_table", "sample_utterances"]

@@ -8,7 +8,7 @@ One device or the CPU:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \\
         -m rawnet_lib.train --config paper --data_path /data/DB --nnodes 2
 Any config field is a flag (`--epochs 3 --amp bf16`); `--config` takes a preset name or a YAML.
-notebooks/train.ipynb starts the same command through `rawnet_lib.launch`.
+notebooks/train.ipynb starts the same command through `rawnet_lib.training.launch`.
 """
 from __future__ import annotations
 
@@ -24,20 +24,20 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rawnet_lib import dist
-from rawnet_lib import schedules
-from rawnet_lib.augment import Augmenter, builtin_babble_dir
-from rawnet_lib.checkpoint import init_from_checkpoint, resume_training
-from rawnet_lib.check import DatasetError
+from rawnet_lib.training import dist
+from rawnet_lib.training import schedules
+from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
+from rawnet_lib.models.checkpoint import init_from_checkpoint, resume_training
+from rawnet_lib.dataset.check import DatasetError
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
-from rawnet_lib.data import CropDataset, UtteranceList, load_utterances, resolve_data_path
-from rawnet_lib.embed import autocast, embed_files
+from rawnet_lib.dataset.utterances import CropDataset, UtteranceList, load_utterances, resolve_data_path
+from rawnet_lib.eval.embed import autocast, embed_files
 from rawnet_lib.errors import run_cli
-from rawnet_lib.losses import MarginLoss, build_loss
-from rawnet_lib.model import build_model
-from rawnet_lib.loader import batch_keys, training_loader
-from rawnet_lib.run import LOG_EVERY, NonFiniteLossError, RunDir
-from rawnet_lib.trials import read_trials
+from rawnet_lib.models.losses import MarginLoss, build_loss
+from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.dataset.loader import batch_keys, training_loader
+from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir
+from rawnet_lib.dataset.trials import read_trials
 
 __all__ = ["train", "train_epoch", "make_optimizer", "main"]
 
@@ -45,7 +45,7 @@ READ_SECONDS = 2.0  # the host reads the running figures at least this often (an
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
-    """The optim block's optimiser and per-iteration schedule (rawnet_lib/schedules.py; default the reference's)."""
+    """The optim block's optimiser and per-iteration schedule (rawnet_lib/training/schedules.py; default the reference's)."""
     return schedules.make_optimizer(model, cfg, steps_per_epoch)
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rawnet_lib import bench, fastsinc
+from rawnet_lib import bench
+from rawnet_lib.models import fastsinc
 from rawnet_lib.config import load_config
-from rawnet_lib.model import RawNet2, SincConv, build_model
+from rawnet_lib.models.rawnet2 import RawNet2, SincConv, build_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The goal for an untrained paper model (issue 11); 1 - cosine grows with the unit roundoff
@@ -113,7 +114,7 @@ def test_fp16_loss_scaling_survives_an_overflow_step(path: str) -> None:
 def test_cpu_inference_uses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
     """Emulated bf16 products run far below float32 (0.9 against 97 GFLOP/s on an AVX2 EPYC):
     CPU inference picks float32 there, and asking for bf16 anyway warns once."""
-    from rawnet_lib import embed
+    from rawnet_lib.eval import embed
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     embed._warn_if_emulated.cache_clear()

@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.audio: the probe that decides whether a file is usable, tiling, the
+"""Tests for rawnet_lib.dataset.audio: the probe that decides whether a file is usable, tiling, the
 reference's test-time crops, random training crops (partial reads), and the errors for files
 the workbook cannot use."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import rawnet_lib.audio as audio
-from rawnet_lib.audio import (SAMPLE_RATE, AudioError, AudioInfo, eval_crops, peak_normalise, probe, random_crop,
+import rawnet_lib.dataset.audio as audio
+from rawnet_lib.dataset.audio import (SAMPLE_RATE, AudioError, AudioInfo, eval_crops, peak_normalise, probe, random_crop,
                               read_audio, tile)
 
 

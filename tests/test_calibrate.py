@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rawnet_lib.calibrate import (CalibrationError, calibration_path, cllr, fit_calibration, load_calibration,
+from rawnet_lib.eval.calibrate import (CalibrationError, calibration_path, cllr, fit_calibration, load_calibration,
                                   min_cllr, operating_thresholds)
 
 # Targets score +1 three times and -1 once; non-targets the mirror image. P(target | +1) = 3/4,

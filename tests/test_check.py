@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.check: one run over a small broken tree finds every problem with its count."""
+"""Tests for rawnet_lib.dataset.check: one run over a small broken tree finds every problem with its count."""
 from __future__ import annotations
 
 import io
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rawnet_lib.audio import AUDIO_PROBLEMS
-from rawnet_lib.check import CheckReport, DatasetError, check_dataset
-from rawnet_lib.data import scan_utterances
+from rawnet_lib.dataset.audio import AUDIO_PROBLEMS
+from rawnet_lib.dataset.check import CheckReport, DatasetError, check_dataset
+from rawnet_lib.dataset.utterances import scan_utterances
 
 SR = 16000
 

@@ -1,6 +1,6 @@
 """Tests for running on clusters and accelerators: two localhost "nodes" meeting through torchrun's
-c10d rendezvous (rawnet_lib.launch), and the refusal of the CPU fast path on CUDA / NPU
-(rawnet_lib.dist.check_fast_path) in every place that starts work on a device."""
+c10d rendezvous (rawnet_lib.training.launch), and the refusal of the CPU fast path on CUDA / NPU
+(rawnet_lib.training.dist.check_fast_path) in every place that starts work on a device."""
 from __future__ import annotations
 
 import json
@@ -14,13 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import rawnet_lib.dist as dist
+import rawnet_lib.training.dist as dist
 import rawnet_lib.evaluate as evaluate_mod
-import rawnet_lib.launch as launch_mod
-from rawnet_lib.checkpoint import model_checkpoint, save_checkpoint
+import rawnet_lib.training.launch as launch_mod
+from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
 from rawnet_lib.config import ConfigError, load_config
-from rawnet_lib.model import build_model
-from rawnet_lib.run import run_path
+from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.training.run import run_path
 from rawnet_lib.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 NODE = """
 import json, sys
 from rawnet_lib.config import load_config
-from rawnet_lib.launch import launch
+from rawnet_lib.training.launch import launch
 result = launch(load_config("smoke", **json.loads(sys.argv[1])))
 print("RESULT " + json.dumps(result), flush=True)
 """

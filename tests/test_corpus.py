@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rawnet_lib.trials import read_trials
+from rawnet_lib.dataset.trials import read_trials
 import soundfile as sf
 
 from rawnet_lib import corpus

@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.data: scanning a VoxCeleb-layout tree, the cached list file, where list
+"""Tests for rawnet_lib.dataset.utterances: scanning a VoxCeleb-layout tree, the cached list file, where list
 files go when the data folder is read-only, and the random-crop training dataset."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
-import rawnet_lib.data as data
-from rawnet_lib.audio import AudioError
-from rawnet_lib.data import CropDataset, UtteranceList, list_dir, load_utterances, scan_utterances
+import rawnet_lib.dataset.utterances as data
+from rawnet_lib.dataset.audio import AudioError
+from rawnet_lib.dataset.utterances import CropDataset, UtteranceList, list_dir, load_utterances, scan_utterances
 
 GOOD = {  # key -> frames; created in a shuffled order so sorting is tested
     "id10002/vidB/00002.wav": 3000,
@@ -296,7 +296,7 @@ def test_crop_dataset_is_deterministic_per_seed_epoch_index(utts):
         torch.testing.assert_close(a[i][0], b[i][0], rtol=0, atol=0)
     torch.testing.assert_close(a[1][0], a[1][0], rtol=0, atol=0)
     # The crop equals random_crop with the documented generator.
-    from rawnet_lib.audio import random_crop
+    from rawnet_lib.dataset.audio import random_crop
     want = random_crop(utts.root / utts.keys[3], 400, np.random.default_rng([5, 0, 3]))
     np.testing.assert_array_equal(a[3][0].numpy(), want)
 

@@ -1,4 +1,4 @@
-"""The fast path (rawnet_lib/fastsinc.py) computes what the exact path computes; the benchmark runs.
+"""The fast path (rawnet_lib/models/fastsinc.py) computes what the exact path computes; the benchmark runs.
 
 Correctness only, no timing assertions. The element-wise kernels run eagerly here (no compile
 time) except in the test that checks the compiled kernels against the eager ones.
@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rawnet_lib import bench, fastsinc
+from rawnet_lib import bench
+from rawnet_lib.models import fastsinc
 from rawnet_lib.config import load_config
-from rawnet_lib.model import SincConv, build_model
+from rawnet_lib.models.rawnet2 import SincConv, build_model
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +185,7 @@ def test_fast_bf16_embeddings_close_to_exact_float32(smoke_run, tiny_db):
     (measured 0.994 / 0.9994 here; 0.9996 / 0.99988 for the demo model after 10 epochs, where
     the exact path under bf16 autocast gets only 0.95 / 0.98 because its sinc phases, up to
     ~400 rad, are rounded to bf16 too). Untrained weights are more sensitive: not used here."""
-    from rawnet_lib.checkpoint import load_checkpoint_model
+    from rawnet_lib.models.checkpoint import load_checkpoint_model
     model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
     x = bench.speech_crops(cfg, 16, tiny_db)
     with torch.no_grad():

@@ -16,12 +16,13 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from rawnet_lib import dist, train as train_module
+from rawnet_lib import train as train_module
+from rawnet_lib.training import dist
 from rawnet_lib.config import load_config
-from rawnet_lib.data import CropDataset, load_utterances
-from rawnet_lib.loader import training_loader
-from rawnet_lib.model import build_model
-from rawnet_lib.run import NonFiniteLossError, NullRunDir
+from rawnet_lib.dataset.utterances import CropDataset, load_utterances
+from rawnet_lib.dataset.loader import training_loader
+from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.training.run import NonFiniteLossError, NullRunDir
 from rawnet_lib.train import make_optimizer, train_epoch
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
@@ -178,7 +179,7 @@ def test_history_and_tensorboard_hold_the_loader_figures(smoke_run: Path) -> Non
 
 
 def test_loader_plot_shows_both_rates_and_the_wait_share() -> None:
-    from rawnet_lib.plots import loader_plot
+    from rawnet_lib.views.plots import loader_plot
     history = [{"epoch": e, "crops_per_s": 30.0, "loader_crops_per_s": 900.0 / e, "data_wait_share": 0.05 * e}
                for e in (1, 2, 3)]
     fig = loader_plot(history)
@@ -191,7 +192,7 @@ def test_loader_plot_shows_both_rates_and_the_wait_share() -> None:
 
 def test_validation_embedding_leaves_the_model_as_it_found_it(tmp_path: Path) -> None:
     """Validation runs between epochs: training must go on in train mode, with gradients, without autocast."""
-    from rawnet_lib.embed import embed_files
+    from rawnet_lib.eval.embed import embed_files
     root = _wav_tree(tmp_path / "db" / "eval", 3)
     cfg = load_config("smoke", amp="bf16")
     model = build_model(cfg, 3).train()

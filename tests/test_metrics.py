@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.metrics against hand-computed lists and scikit-learn's roc_curve."""
+"""Tests for rawnet_lib.eval.metrics against hand-computed lists and scikit-learn's roc_curve."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_curve
 
-from rawnet_lib.metrics import det_curve, eer, eer_threshold, min_dcf, summarize, validate_trials
+from rawnet_lib.eval.metrics import det_curve, eer, eer_threshold, min_dcf, summarize, validate_trials
 
 
 def _sk_curve(scores, labels):

@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.model against the facts in shared/reference/rawnet2.md.
+"""Tests for rawnet_lib.models.rawnet2 against the facts in shared/reference/rawnet2.md.
 
 The key test (`test_forward_matches_functional_transcription`) runs the model next to an
 independent functional transcription of the reference forward pass, written here from the
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rawnet_lib.config import ModelConfig, load_config
-from rawnet_lib.model import RawNet2, build_model, stage_frames
+from rawnet_lib.models.rawnet2 import RawNet2, build_model, stage_frames
 
 PAPER_CLASSES = 5994  # VoxCeleb2 dev speakers
 

@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.plots: return types, probit DET axes, EER labels, atomic saving."""
+"""Tests for rawnet_lib.views.plots: return types, probit DET axes, EER labels, atomic saving."""
 from __future__ import annotations
 
 import matplotlib
@@ -14,8 +14,8 @@ import pytest
 from matplotlib.figure import Figure
 from scipy.stats import norm
 
-from rawnet_lib.metrics import eer, eer_threshold
-from rawnet_lib.plots import (
+from rawnet_lib.eval.metrics import eer, eer_threshold
+from rawnet_lib.views.plots import (
     det_plot,
     filter_responses,
     frequency_response,
@@ -39,7 +39,7 @@ def _tick_texts(fig: Figure) -> list[str]:
 
 
 def test_module_import_does_not_touch_pyplot():
-    code = "import sys, rawnet_lib.plots; assert 'matplotlib.pyplot' not in sys.modules"
+    code = "import sys, rawnet_lib.views.plots; assert 'matplotlib.pyplot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

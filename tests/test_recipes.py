@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from rawnet_lib.checkpoint import init_from_checkpoint
+from rawnet_lib.models.checkpoint import init_from_checkpoint
 from rawnet_lib.config import ConfigError, LossConfig, load_config
 from rawnet_lib.io import atomic_torch_save
-from rawnet_lib.losses import build_loss, head_logits, margin_at
-from rawnet_lib.model import build_model
-from rawnet_lib.schedules import lr_factor
+from rawnet_lib.models.losses import build_loss, head_logits, margin_at
+from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.training.schedules import lr_factor
 from rawnet_lib.train import make_optimizer
 
 # One embedding with known cosines to two class vectors: code (3, 4), |code| = 5,
@@ -138,7 +138,7 @@ def test_init_from_reinitialises_ln_and_classes(tmp_path):
     assert len(notes) == 2 and "ln re-initialised" in notes[0] and "(8000,)" in notes[0] and "fc2_gru" in notes[1]
     assert torch.equal(new.block2[0].conv1.weight, old.block2[0].conv1.weight)
     assert torch.equal(new.ln.gamma, torch.ones(8000)) and new.fc2_gru.weight.shape == (5, 32)
-    from rawnet_lib.checkpoint import CheckpointError
+    from rawnet_lib.models.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="only n_samples may change"):
         init_from_checkpoint(tmp_path / "a.pt", build_model(load_config("smoke", gru_units=16), 3))
 

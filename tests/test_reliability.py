@@ -19,12 +19,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rawnet_lib.audio import AudioError, random_crop, read_audio
-from rawnet_lib.checkpoint import read_checkpoint
+from rawnet_lib.dataset.audio import AudioError, random_crop, read_audio
+from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.config import load_config
-from rawnet_lib.data import load_utterances
-from rawnet_lib.launch import launch, launch_command
-from rawnet_lib.run import NonFiniteLossError, run_path
+from rawnet_lib.dataset.utterances import load_utterances
+from rawnet_lib.training.launch import launch, launch_command
+from rawnet_lib.training.run import NonFiniteLossError, run_path
 from rawnet_lib.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_a_failing_rank_ends_every_rank_with_its_name(tiny_db: Path, tmp_path: P
 @pytest.mark.slow
 def test_ctrl_c_stops_all_ranks_and_leaves_a_resumable_run(tiny_db: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    script = (f"from rawnet_lib.config import load_config\nfrom rawnet_lib.launch import launch\n"
+    script = (f"from rawnet_lib.config import load_config\nfrom rawnet_lib.training.launch import launch\n"
               f"launch(load_config('smoke', data_path={str(tiny_db)!r}, out_dir={str(out)!r}, devices=2, epochs=6))\n")
     # A background job (nohup ... &) starts with SIGINT ignored, and Python keeps it so: give the
     # "kernel" the default disposition, as an interactive Jupyter kernel has.
@@ -227,7 +227,7 @@ def test_an_error_in_the_kernel_side_loop_stops_the_whole_process_group(
         tiny_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not only Ctrl-C: any exception while the kernel follows the run (here, drawing the first
     progress event) ends torchrun and both ranks."""
-    from rawnet_lib import launch as launch_module
+    from rawnet_lib.training import launch as launch_module
     started: list[subprocess.Popen] = []
     real_popen = subprocess.Popen
 

@@ -13,8 +13,8 @@ from scipy import stats as sps
 
 from rawnet_lib import sweep as sweep_mod
 from rawnet_lib.config import ConfigError
-from rawnet_lib.augment import AugmentError
-from rawnet_lib.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
+from rawnet_lib.dataset.augment import AugmentError
+from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 
 
 def test_t_interval_matches_scipy():

@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.trials: parsing with every problem reported, disk checks, writing, making lists."""
+"""Tests for rawnet_lib.dataset.trials: parsing with every problem reported, disk checks, writing, making lists."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rawnet_lib.trials import (OFFICIAL_LISTS, TrialList, TrialListError, TrialListWarning, make_trials,
+from rawnet_lib.dataset.trials import (OFFICIAL_LISTS, TrialList, TrialListError, TrialListWarning, make_trials,
                                official_list_path, read_trials, resolve, write_trials)
 
 
@@ -233,7 +233,7 @@ def test_make_trials_rejects_unusable_keys(keys, match):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=300))
-@pytest.mark.filterwarnings("ignore::rawnet_lib.trials.TrialListWarning")  # a leading BOM is legal input
+@pytest.mark.filterwarnings("ignore::rawnet_lib.dataset.trials.TrialListWarning")  # a leading BOM is legal input
 def test_random_bytes_give_trials_or_trial_list_error(tmp_path, data):
     path = tmp_path / "fuzz.txt"
     path.write_bytes(data)

@@ -15,7 +15,7 @@ ratio, device, torch, threads, ...); the functions return the same dicts for
 notebooks/benchmark.ipynb. Paths:
 
 * exact: `model.fast: false`, `train.amp: off`, the reference maths in float32;
-* fast: `model.fast: true` (rawnet_lib/fastsinc.py) with `train.amp: bf16` where the CPU has bf16
+* fast: `model.fast: true` (rawnet_lib/models/fastsinc.py) with `train.amp: bf16` where the CPU has bf16
   instructions (AVX512-BF16 or AMX), else float32 (`embed.cpu_amp`: emulated bf16 is slower).
 
 The CPU may be shared with other work, so both paths run alternately in one process, one

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from rawnet_lib import fastsinc
+from rawnet_lib.models import fastsinc
 from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
 from rawnet_lib.bench.compute import bench_memory, bench_scale, bench_train, matmul_peak
 from rawnet_lib.bench.inference import bench_embed

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from rawnet_lib.config import Config, ModelConfig, load_config
-from rawnet_lib.embed import cpu_amp
+from rawnet_lib.eval.embed import cpu_amp
 
 __all__ = ["PATHS", "QUICK", "PAPER_CLASSES", "VOX2_FILES", "model_gflop", "environment", "rss_mib", "status_kib",
            "reset_peak", "record", "path_config", "alternate", "sig", "speed_records"]

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rawnet_lib import fastsinc
+from rawnet_lib.models import fastsinc
 from rawnet_lib.bench.common import (PAPER_CLASSES, PATHS, alternate, model_gflop, path_config, record,
                                      reset_peak, rss_mib, speed_records, status_kib)
 from rawnet_lib.config import load_config
-from rawnet_lib.embed import autocast, native_amp
-from rawnet_lib.model import build_model
+from rawnet_lib.eval.embed import autocast, native_amp
+from rawnet_lib.models.rawnet2 import build_model
 
 __all__ = ["matmul_peak", "native_peak", "bench_train", "bench_memory", "bench_scale"]
 
@@ -121,7 +121,7 @@ def bench_scale(preset: str = "paper", batch: int = 8, steps: int = 6, warmup: i
                 devices: tuple[int, ...] = (1, 2), paths: tuple[str, ...] = ("exact", "fast"),
                 data_path: str = "") -> list[dict[str, Any]]:
     """Trainer throughput (performance mode, demo corpus) with 1 and 2 processes per path."""
-    from rawnet_lib.launch import launch
+    from rawnet_lib.training.launch import launch
     out, base = [], {}
     with tempfile.TemporaryDirectory(prefix="rawnet_bench_") as tmp:
         for path in paths:

@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from rawnet_lib.bench.common import PATHS, alternate, model_gflop, record, sig
 from rawnet_lib.bench.compute import native_peak
 from rawnet_lib.config import Config, load_config
-from rawnet_lib.embed import autocast
-from rawnet_lib.model import build_model
+from rawnet_lib.eval.embed import autocast
+from rawnet_lib.models.rawnet2 import build_model
 
 __all__ = ["speech_crops", "calibrate_batch_norm", "bench_embed"]
 
 
 def speech_crops(cfg: Config, n: int, data_path: str | Path | None, seed: int = 0) -> torch.Tensor:
     """n crops of real speech from the training folder when there is one, else noise."""
-    from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
+    from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     try:
         root = Path(data_path) if data_path else resolve_data_path(cfg.data)
         utts = load_utterances(root, cfg.data.train_dir, progress=False)
@@ -55,7 +55,7 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
     `checkpoint` (ours or a reference state_dict) gives trained weights; else a seeded init
     with batch-norm statistics from the benchmark crops (`calibrate_batch_norm`).
     """
-    from rawnet_lib.checkpoint import load_checkpoint_model, model_checkpoint, save_checkpoint
+    from rawnet_lib.models.checkpoint import load_checkpoint_model, model_checkpoint, save_checkpoint
     from rawnet_lib.export import export_model, onnx_embedder
     if checkpoint:
         model, cfg = load_checkpoint_model(checkpoint, base=preset)

@@ -21,8 +21,8 @@ def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, worker
     With `augment`, also the loader of the preset with `augment.enabled` (reverb + noise, the
     built-in sets unless the preset names folders), so a user sees whether augmentation would
     make the loader the bottleneck of the step."""
-    from rawnet_lib.augment import Augmenter, builtin_babble_dir
-    from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path
+    from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
+    from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     cfg = load_config(preset)
     root = Path(data_path) if data_path else resolve_data_path(cfg.data)
     utts = load_utterances(root, cfg.data.train_dir, progress=False)
@@ -85,7 +85,7 @@ def bench_data_scale(preset: str = "paper", data_path: str | Path | None = None,
     Only a few distinct files are read, all from the page cache: this measures the metadata
     and CPU side (what grows with the file count), not the throughput of the disk."""
     from torch.utils.data import DistributedSampler
-    from rawnet_lib.data import CropDataset, load_utterances, resolve_data_path, tree_signature
+    from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path, tree_signature
     cfg = load_config(preset)
     root = Path(data_path) if data_path else resolve_data_path(cfg.data)
     wavs = sorted((root / cfg.data.train_dir).glob("*/*/*.wav"))[:sources]

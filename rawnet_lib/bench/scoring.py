@@ -20,8 +20,8 @@ __all__ = ["bench_score", "bench_gather", "synthetic_vox1e"]
 def bench_score(n_trials: int = 580_000, n_files: int = 145_000, dim: int = 1024, repeats: int = 3,
                 seed: int = 0) -> list[dict[str, Any]]:
     """Seconds to score a Vox1-E-sized trial list: cosine scores from embeddings, then EER + minDCF."""
-    from rawnet_lib.metrics import summarize
-    from rawnet_lib.scoring import cosine_scores
+    from rawnet_lib.eval.metrics import summarize
+    from rawnet_lib.eval.scoring import cosine_scores
     keys, emb, trials = synthetic_vox1e(n_files, dim, n_trials, seed=seed)
     embeddings = dict(zip(keys, emb))
     result: dict[str, Any] = {}
@@ -43,7 +43,7 @@ def bench_score(n_trials: int = 580_000, n_files: int = 145_000, dim: int = 1024
 def synthetic_vox1e(n_files: int, dim: int, n_trials: int, rows: slice = slice(None), seed: int = 0):
     """(keys, embeddings of `rows`, trial list) shaped like Vox1-E: 20 files per speaker, half
     the trials target; each part of the rows can be made on its own (one rank's share)."""
-    from rawnet_lib.trials import TrialList
+    from rawnet_lib.dataset.trials import TrialList
     rng = np.random.default_rng(seed)
     keys = [f"id{i // 20:05d}/v/{i:06d}.wav" for i in range(n_files)]
     speaker = np.arange(n_files) // 20
@@ -62,9 +62,9 @@ def _gather_child(rank: int, world: int, store: str, method: str, n_files: int, 
                   out: str) -> None:
     """One gloo rank: hold its share of the embeddings, gather them by `method`, rank 0 scores."""
     import torch.distributed as torch_dist
-    from rawnet_lib import dist
-    from rawnet_lib.metrics import eer
-    from rawnet_lib.scoring import cosine_scores
+    from rawnet_lib.training import dist
+    from rawnet_lib.eval.metrics import eer
+    from rawnet_lib.eval.scoring import cosine_scores
     torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     info = dist.RankInfo(rank, world, torch.device("cpu"))
     part = dist.share(n_files, info)

@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_write_text
-from rawnet_lib.metrics import det_curve, summarize, validate_trials
+from rawnet_lib.eval.metrics import det_curve, summarize, validate_trials
 
 __all__ = ["CalibrationError", "Calibration", "cllr", "min_cllr", "operating_thresholds", "fit_calibration",
            "calibration_path", "load_calibration"]
@@ -121,5 +121,5 @@ def load_calibration(path: str | Path) -> Calibration:
         values = json.loads(path.read_text(encoding="utf-8"))
         return Calibration(**values)
     except (OSError, ValueError, TypeError) as err:
-        raise CalibrationError(f"{path}: not a calibration written by rawnet_lib.calibrate ({err}); delete it "
+        raise CalibrationError(f"{path}: not a calibration written by rawnet_lib.eval.calibrate ({err}); delete it "
                                "and calibrate again (python -m rawnet_lib.verify calibrate ...)") from None

@@ -23,7 +23,7 @@ import torch
 from rawnet_lib.config import Config, ModelConfig, load_config
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_torch_save
-from rawnet_lib.model import RawNet2, build_model
+from rawnet_lib.models.rawnet2 import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
            "resume_training", "load_checkpoint_model", "infer_model_config", "checkpoint_fingerprint",

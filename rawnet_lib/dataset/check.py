@@ -1,7 +1,7 @@
 """Dataset check: every problem of a VoxCeleb tree and its trial lists, reported at once.
 
 Training fails on the first bad file after hours of work, and fixing one file per run is
-slow, so this walks the whole tree first (one :func:`rawnet_lib.audio.probe` per file on a
+slow, so this walks the whole tree first (one :func:`rawnet_lib.dataset.audio.probe` per file on a
 thread pool, which also reads the samples of float wavs for NaN/Inf) and groups what it finds
 by kind, each with a count, the first few paths and the fix. Errors make the data unusable as
 it is; warnings (short files, a trial list's byte order mark) are worth a look but do not.
@@ -24,10 +24,10 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from rawnet_lib.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe
+from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe
 from rawnet_lib.config import DataConfig
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.trials import TrialListError, TrialListWarning, official_list_path, read_trials
+from rawnet_lib.dataset.trials import TrialListError, TrialListWarning, official_list_path, read_trials
 
 __all__ = ["DatasetError", "Problem", "CheckReport", "data_dirs", "check_dataset"]
 

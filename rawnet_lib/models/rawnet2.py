@@ -3,7 +3,7 @@
 waveform -> layer norm -> SincNet filter bank -> |.| -> max-pool -> BN -> LeakyReLU
          -> 6 residual blocks, each ending in max-pool and filter-wise feature map scaling
          -> BN -> LeakyReLU -> GRU (last step) -> fc1_gru = embedding
-         -> (training) the head (rawnet_lib/losses.py): softmax = scale to norm 10 -> fc2_gru,
+         -> (training) the head (rawnet_lib/models/losses.py): softmax = scale to norm 10 -> fc2_gru,
             am / aam = scaled cosine to fc2_gru's rows -> speaker logits
 
 Parameter names and shapes match the reference implementation (`block0.0.conv1.weight`,
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rawnet_lib.config import Config, LossConfig, ModelConfig, load_config
-from rawnet_lib.fastsinc import fast_frame_features
-from rawnet_lib.losses import head_logits
+from rawnet_lib.models.fastsinc import fast_frame_features
+from rawnet_lib.models.losses import head_logits
 
 __all__ = ["LayerNorm", "SincConv", "FMS", "ResidualBlock", "RawNet2", "build_model", "stage_frames"]
 
@@ -169,7 +169,7 @@ class RawNet2(nn.Module):
                 raise ValueError(f"input has {x.shape[-1]} samples but the layer norm needs exactly "
                                  f"{self.cfg.n_samples}; crop the audio or use a model with layer_norm: false")
             x = self.ln(x)
-        if self.cfg.fast:  # the same maths, fused and channels-last (rawnet_lib/fastsinc.py)
+        if self.cfg.fast:  # the same maths, fused and channels-last (rawnet_lib/models/fastsinc.py)
             return fast_frame_features(self, x)
         with torch.autocast(x.device.type, enabled=False):  # sinc, |.| and pool in float32 (README: AMP)
             x = F.max_pool1d(self.first_conv(x.unsqueeze(1)).abs(), 3)

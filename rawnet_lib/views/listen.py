@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import HTML
 
-from rawnet_lib.audio import SAMPLE_RATE, probe, read_audio, wav_bytes
-from rawnet_lib.trials import resolve
+from rawnet_lib.dataset.audio import SAMPLE_RATE, probe, read_audio, wav_bytes
+from rawnet_lib.dataset.trials import resolve
 
 __all__ = ["CLIP_SECONDS", "audio_element", "trials_table", "utterances_table", "samples_table"]
 

@@ -4,7 +4,7 @@ players to listen to them.
 Score files are those `rawnet_lib.evaluate` writes (`score target`, or `score target enroll test`
 for the `_names.txt` variant). The widgets need a Jupyter front end and a kernel to play audio;
 without one (papermill, tests, a saved notebook opened later) they show their text form, which
-points to the static players of `rawnet_lib.listen` shown above them.
+points to the static players of `rawnet_lib.views.listen` shown above them.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.audio import read_audio
+from rawnet_lib.dataset.audio import read_audio
 from rawnet_lib.config import DataConfig
 from rawnet_lib.errors import MissingPathError, WorkbookError
-from rawnet_lib.metrics import eer_threshold
-from rawnet_lib.plots import waveform_spectrogram
-from rawnet_lib.trials import resolve, speaker_of
+from rawnet_lib.eval.metrics import eer_threshold
+from rawnet_lib.views.plots import waveform_spectrogram
+from rawnet_lib.dataset.trials import resolve, speaker_of
 
 __all__ = ["load_scores", "score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
            "trial_player", "misverified_browser", "file_stem"]
@@ -70,7 +70,7 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, 
     if isinstance(sources, (str, Path)):
         sources = [s.strip() for s in str(sources).split(",") if s.strip()]
     if not sources:
-        from rawnet_lib.run import newest_run
+        from rawnet_lib.training.run import newest_run
         sources = [newest_run()]
     files: list[Path] = []
     for source in map(Path, sources):

@@ -78,7 +78,7 @@ def check_fast_path(fast: bool, device: str | torch.device, source: str = "model
     the accelerator path is the exact model with AMP. Never a silent switch to the other path."""
     kind = getattr(device, "type", device)  # a torch.device (or the like) or its kind
     if fast and kind != "cpu":
-        raise ConfigError(f"{source} asks for the CPU fast path (rawnet_lib/fastsinc.py), which is not "
+        raise ConfigError(f"{source} asks for the CPU fast path (rawnet_lib/models/fastsinc.py), which is not "
                           f"validated on {kind}; {fix}")
 
 

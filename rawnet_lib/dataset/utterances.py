@@ -12,7 +12,7 @@ rewritten in place (a file fixed with `ffmpeg -y` keeps its name and its folder'
 one stat per file costs about a twentieth of the header reads of a scan (6.4 s against 126 s
 for 209,790 files: `python -m rawnet_lib.bench scale-data`, README "VoxCeleb scale"). A rescan
 lists the tree once, for the new signature and the scan. Whether a file is usable is
-:func:`rawnet_lib.audio.probe`'s answer, the same as the dataset check's; float wavs are read
+:func:`rawnet_lib.dataset.audio.probe`'s answer, the same as the dataset check's; float wavs are read
 whole to find NaN or Inf samples (PCM files, all of VoxCeleb, cost one header read).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from rawnet_lib.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
+from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
 from rawnet_lib.config import REPO_DIR, DataConfig
 from rawnet_lib.errors import MissingPathError
 from rawnet_lib.io import atomic_write_text
@@ -245,7 +245,7 @@ class CropDataset(Dataset):
 
     `speed_perturb` factors other than [1.0]: each crop's factor is drawn per (seed, epoch,
     index) and its label is factor_index * n_speakers + speaker (`perturbed_speakers`).
-    `augment` (rawnet_lib.augment.Augmenter) then changes the crop with its own draws, so the
+    `augment` (rawnet_lib.dataset.augment.Augmenter) then changes the crop with its own draws, so the
     crop positions are those of the run without augmentation.
     """
 

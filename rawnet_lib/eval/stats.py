@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from rawnet_lib.metrics import eer
+from rawnet_lib.eval.metrics import eer
 
 __all__ = ["t_interval", "paired_difference", "bootstrap_interval", "bootstrap_eer"]
 

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from rawnet_lib.data import CropDataset
+from rawnet_lib.dataset.utterances import CropDataset
 
 __all__ = ["EpochSampler", "training_loader", "batch_keys"]
 

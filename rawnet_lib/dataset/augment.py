@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
-from rawnet_lib.audio import SAMPLE_RATE, peak_normalise, tile
+from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, tile
 from rawnet_lib.config import REPO_DIR, AugmentConfig
 from rawnet_lib.errors import WorkbookError
 
@@ -182,9 +182,9 @@ def ensure_builtin_sets(sets_dir: str | Path, seed: int = 0) -> tuple[Path, Path
         _write_noise(tmp / "noise", np.random.default_rng([seed, 1]))
         rooms = _write_rirs(tmp / "rirs" / "simulated_rirs", np.random.default_rng([seed, 2]))
         (tmp / "sets.json").write_text(json.dumps({
-            "noise": "coloured noise (white, pink, brown, blue) and tone music, synthesised by rawnet_lib.augment",
+            "noise": "coloured noise (white, pink, brown, blue) and tone music, synthesised by rawnet_lib.dataset.augment",
             "rirs": f"{rooms} shoebox rooms, pyroomacoustics image method (MIT licence)",
-            "babble": "held-out speech of the data set (val_from), see rawnet_lib/augment.py"}, indent=1))
+            "babble": "held-out speech of the data set (val_from), see rawnet_lib/dataset/augment.py"}, indent=1))
         try:
             tmp.rename(root)  # atomic: a concurrent maker (another rank) may have won, which is fine
         except OSError:

@@ -16,14 +16,14 @@ import pandas as pd
 from IPython.display import HTML
 from matplotlib.figure import Figure
 
-from rawnet_lib.anyaudio import find_audio
-from rawnet_lib.calibrate import Calibration
-from rawnet_lib.checkpoint import load_checkpoint_model
+from rawnet_lib.dataset.anyaudio import find_audio
+from rawnet_lib.eval.calibrate import Calibration
+from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.config import Config, notebook_config
-from rawnet_lib.data import resolve_data_path
-from rawnet_lib.listen import samples_table
-from rawnet_lib.plots import waveform_spectrogram
-from rawnet_lib.run import resolve_checkpoint
+from rawnet_lib.dataset.utterances import resolve_data_path
+from rawnet_lib.views.listen import samples_table
+from rawnet_lib.views.plots import waveform_spectrogram
+from rawnet_lib.training.run import resolve_checkpoint
 from rawnet_lib.verify import Verifier, VerifyError, read_pairs
 
 __all__ = ["VerifySession", "verify_session", "demo_inputs", "inputs", "listen", "waveforms", "comparison_table",
@@ -84,7 +84,7 @@ def inputs(session: VerifySession) -> dict[str, Path]:
 
 def listen(session: VerifySession) -> HTML:
     """A player per input, playing what the model hears (mono, its rate); it plays in the saved
-    notebook too (rawnet_lib/listen.py)."""
+    notebook too (rawnet_lib/views/listen.py)."""
     named = {name: (path, session.verifier.samples(path)) for name, path in inputs(session).items()}
     return samples_table(named, session.cfg.model.sample_rate, "the inputs as the model hears them")
 

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rawnet_lib.audio import peak_normalise, read_audio, tile
+from rawnet_lib.dataset.audio import peak_normalise, read_audio, tile
 from rawnet_lib.config import Config
-from rawnet_lib.data import load_utterances, resolve_data_path
-from rawnet_lib.model import RawNet2
+from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
+from rawnet_lib.models.rawnet2 import RawNet2
 
 __all__ = ["layer_table", "sinc_bank", "fms_scales", "example_crop"]
 

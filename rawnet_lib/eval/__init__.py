@@ -1,0 +1,1 @@
+"""From audio to numbers: embeddings across ranks, scores, EER and minDCF, calibration, confidence intervals."""

@@ -1,0 +1,1 @@
+"""What the notebooks show: plots, result analysis, players, the verification notebook's session."""

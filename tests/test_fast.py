@@ -335,3 +335,25 @@ def test_benchmark_notebook_quick(run_notebook, tiny_db, tmp_path):
     records = json.loads((run / "records.json").read_text())
     assert {r["name"] for r in records} >= {"train_step", "embed", "load", "score"}
     assert (run / "speed.png").stat().st_size > 0 and (run / "memory.png").stat().st_size > 0
+
+
+def test_subnormals_are_counted_in_weights_and_optimizer_state(tmp_path, capsys):
+    """`bench subnormals` finds exactly the denormals put into a checkpoint (|x| < 1.18e-38)."""
+    from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
+    cfg = load_config("smoke")
+    torch.manual_seed(0)
+    model = build_model(cfg, 5)
+    optimizer = torch.optim.Adam(model.parameters())
+    F.cross_entropy(model(torch.randn(2, cfg.model.n_samples)), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.fc1_gru.weight[0, :3] = torch.tensor([1e-40, -2e-39, 1e-30])  # two subnormal, one normal
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg_sq"].view(-1)[:4] = 1e-41
+    save_checkpoint({**model_checkpoint(model, cfg, [], 1, 0.5), "optimizer": state}, tmp_path / "c.pt")
+    records = {r["path"]: r for r in bench.bench_subnormals(tmp_path / "c.pt", batch=2, data_path=tmp_path)}
+    n_params = sum(p.numel() for p in model.parameters())
+    assert (records["weights"]["subnormal"], records["weights"]["values"]) == (2, n_params)
+    assert records["optimizer"]["subnormal"] == 4 and records["optimizer"]["values"] == 2 * n_params
+    assert records["activations"]["values"] > 0 and records["gradients"]["values"] == n_params
+    assert bench.subnormals([torch.tensor([0.0, 1e-45, 1.0]), torch.tensor([1, 2])]) == (1, 3)  # ints skipped

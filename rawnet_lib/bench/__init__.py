@@ -1,6 +1,6 @@
 """Benchmarks, rerunnable by anyone: the fast path against the exact reference path, the loader,
 scoring and memory at VoxCeleb scale (one module per side: common, compute, inference, loading,
-scoring; cli runs them).
+scoring, numerics; cli runs them).
 
     python -m rawnet_lib.bench all                    # everything, paper preset, batch 8 (~10 min)
     python -m rawnet_lib.bench train --repeats 7      # one measurement kind
@@ -9,6 +9,7 @@ scoring; cli runs them).
     python -m rawnet_lib.bench scale-data             # a VoxCeleb2-shaped tree of 209,790 links (not in `all`)
     python -m rawnet_lib.bench embed                  # embedding on the CPU: exact, fast, onnxruntime
     python -m rawnet_lib.bench load --augment         # the training loader, plain and augmented
+    python -m rawnet_lib.bench subnormals --checkpoint RUN/models/last.pt   # denormals in a training step
 
 Each measurement prints ONE JSON line (name, path, crops_per_s or seconds, gflops, peak_rss_mib,
 ratio, device, torch, threads, ...); the functions return the same dicts for
@@ -28,8 +29,9 @@ from rawnet_lib.bench.common import PATHS, environment, model_gflop, sig
 from rawnet_lib.bench.compute import bench_memory, bench_scale, bench_train, matmul_peak, native_peak
 from rawnet_lib.bench.inference import bench_embed, calibrate_batch_norm, speech_crops
 from rawnet_lib.bench.loading import bench_data_scale, bench_load
+from rawnet_lib.bench.numerics import bench_subnormals, subnormals
 from rawnet_lib.bench.scoring import bench_gather, bench_score
 
 __all__ = ["PATHS", "model_gflop", "environment", "sig", "matmul_peak", "native_peak", "bench_train", "bench_memory",
            "bench_scale", "bench_embed", "calibrate_batch_norm", "speech_crops", "bench_load", "bench_data_scale",
-           "bench_score", "bench_gather", "run_all", "plot_comparison", "main"]
+           "bench_score", "bench_gather", "subnormals", "bench_subnormals", "run_all", "plot_comparison", "main"]

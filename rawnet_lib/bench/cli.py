@@ -12,6 +12,7 @@ from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
 from rawnet_lib.bench.compute import bench_memory, bench_scale, bench_train, matmul_peak
 from rawnet_lib.bench.inference import bench_embed
 from rawnet_lib.bench.loading import bench_data_scale, bench_load
+from rawnet_lib.bench.numerics import bench_subnormals
 from rawnet_lib.bench.scoring import bench_gather, bench_score
 from rawnet_lib.config import cli_config, cli_parser, load_config
 
@@ -69,11 +70,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = cli_parser("python -m rawnet_lib.bench", usage, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
     parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "gather", "peak",
-                                         "scale", "scale-data", "all"])
+                                         "scale", "scale-data", "subnormals", "all"])
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
-    parser.add_argument("--checkpoint", default="", help="trained weights for the embedding comparison")
+    parser.add_argument("--checkpoint", default="", help="trained weights: embed compares with them, subnormals "
+                        "(required) looks at their training step")
     parser.add_argument("--augment", action="store_true", help="load: also the loader with augmentation on")
     args = parser.parse_args(argv)
     custom = bool(args.config or args.batch or args.repeats)
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     batch, repeats = args.batch or defaults["batch"], args.repeats or defaults["repeats"]
     n_classes = 10 if args.quick else PAPER_CLASSES
     data = cli_config(args).data.data_path or None   # --data_path, else the preset's ('': the demo corpus)
+    if args.what == "subnormals" and not args.checkpoint:
+        parser.error("subnormals needs --checkpoint, e.g. a run's models/last.pt")
     if args.what == "all":
         return run_all(preset, batch, repeats, args.quick and not custom, data)
     run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
@@ -94,5 +98,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
            "peak": lambda: matmul_peak(512 if args.quick else 2048, repeats),
            "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
                                         data_path=str(data or "")),
-           "scale-data": lambda: bench_data_scale(preset, data, **(SCALE_QUICK if args.quick else {}))}
+           "scale-data": lambda: bench_data_scale(preset, data, **(SCALE_QUICK if args.quick else {})),
+           "subnormals": lambda: bench_subnormals(args.checkpoint, batch if args.batch else 32, data)}
     return run[args.what]()

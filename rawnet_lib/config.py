@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import contextlib
+import copy
 import dataclasses
 import difflib
 import os

@@ -33,9 +33,9 @@ from scipy.fft import next_fast_len
 from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
-from rawnet_lib.dataset.audio import SAMPLE_RATE, wav_bytes
 from rawnet_lib.config import REPO_DIR
 from rawnet_lib.convert import convert_tree, encode_m4a, find_ffmpeg
+from rawnet_lib.dataset.audio import SAMPLE_RATE, wav_bytes
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.io import atomic_write_bytes, atomic_write_text
 

@@ -45,6 +45,7 @@ def notebook_parameters(name: str, size: str, preset: str, devices: int, db: str
 def run_demo(size: str = "demo", preset: str = "demo", devices: int = 1, only: list[str] | None = None) -> Path:
     """Run each notebook that exists; stop at the first that fails (papermill keeps its output)."""
     import papermill as pm
+
     from rawnet_lib.corpus import ensure_demo_corpus
 
     logging.basicConfig(level=logging.WARNING)

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rawnet_lib.eval.calibrate import calibration_path
-from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.config import Config, cli_parser
 from rawnet_lib.errors import WorkbookError, run_cli
+from rawnet_lib.eval.calibrate import calibration_path
 from rawnet_lib.io import atomic_path
+from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.models.rawnet2 import RawNet2
 
 __all__ = ["OPSET", "FORMATS", "ExportError", "embedding_network", "export_model", "onnx_embedder", "main"]

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.dataset.audio import SAMPLE_RATE
-from rawnet_lib.dataset.check import CheckReport, check_dataset, data_dirs
 from rawnet_lib.config import DataConfig, cli_config, cli_parser
 from rawnet_lib.convert import ConvertReport, convert_tree
+from rawnet_lib.dataset.audio import SAMPLE_RATE
+from rawnet_lib.dataset.check import CheckReport, check_dataset, data_dirs
 from rawnet_lib.dataset.utterances import UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 

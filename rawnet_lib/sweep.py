@@ -27,16 +27,16 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.dataset.augment import find_noises, find_rirs
-from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
+from rawnet_lib.dataset.augment import find_noises, find_rirs
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
+from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text
-from rawnet_lib.views.plots import det_plot, save_figure
-from rawnet_lib.training.run import run_path
-from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
+from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
+from rawnet_lib.training.run import run_path
+from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
 

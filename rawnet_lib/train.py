@@ -24,20 +24,19 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rawnet_lib.training import dist
-from rawnet_lib.training import schedules
-from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
-from rawnet_lib.models.checkpoint import init_from_checkpoint, resume_training
-from rawnet_lib.dataset.check import DatasetError
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
+from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
+from rawnet_lib.dataset.check import DatasetError
+from rawnet_lib.dataset.loader import batch_keys, training_loader
+from rawnet_lib.dataset.trials import read_trials
 from rawnet_lib.dataset.utterances import CropDataset, UtteranceList, load_utterances, resolve_data_path
-from rawnet_lib.eval.embed import autocast, embed_files
 from rawnet_lib.errors import run_cli
+from rawnet_lib.eval.embed import autocast, embed_files
+from rawnet_lib.models.checkpoint import init_from_checkpoint, resume_training
 from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.dataset.loader import batch_keys, training_loader
+from rawnet_lib.training import dist, schedules
 from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir
-from rawnet_lib.dataset.trials import read_trials
 
 __all__ = ["train", "train_epoch", "make_optimizer", "main"]
 

@@ -44,8 +44,8 @@ def tiny_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smoke_run(tiny_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-epoch smoke-preset run on the tiny corpus; returns its run folder."""
     from rawnet_lib.config import load_config
-    from rawnet_lib.training.run import run_path
     from rawnet_lib.train import train
+    from rawnet_lib.training.run import run_path
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path_factory.mktemp("runs")),
                       name="fixture")
     train(cfg)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from rawnet_lib import bench
-from rawnet_lib.models import fastsinc
 from rawnet_lib.config import load_config
+from rawnet_lib.models import fastsinc
 from rawnet_lib.models.rawnet2 import RawNet2, SincConv, build_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

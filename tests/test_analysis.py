@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from rawnet_lib.views import analysis as an
 from rawnet_lib.dataset.audio import probe, read_audio
-from rawnet_lib.evaluate import evaluate
-from rawnet_lib.views.listen import trials_table, utterances_table
-from rawnet_lib.eval.scoring import write_scores
 from rawnet_lib.dataset.trials import TrialList, resolve
+from rawnet_lib.eval.scoring import write_scores
+from rawnet_lib.evaluate import evaluate
+from rawnet_lib.views import analysis as an
+from rawnet_lib.views.listen import trials_table, utterances_table
 
 _CLIP = re.compile(r'<audio controls[^>]* src="data:audio/wav;base64,([A-Za-z0-9+/=]+)"')
 

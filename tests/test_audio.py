@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 
 import rawnet_lib.dataset.audio as audio
-from rawnet_lib.dataset.audio import (SAMPLE_RATE, AudioError, AudioInfo, eval_crops, peak_normalise, probe, random_crop,
-                              read_audio, tile)
+from rawnet_lib.dataset.audio import (SAMPLE_RATE, AudioError, AudioInfo, eval_crops, peak_normalise, probe,
+                                      random_crop, read_audio, tile)
 
 
 def _wav(path: Path, x: np.ndarray, sr: int = 16000, subtype: str = "FLOAT") -> Path:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rawnet_lib.dataset.augment import AugmentError, Augmenter, ensure_builtin_sets, find_noises, find_rirs
 from rawnet_lib.config import AugmentConfig
+from rawnet_lib.dataset.augment import Augmenter, AugmentError, ensure_builtin_sets, find_noises, find_rirs
 from rawnet_lib.dataset.utterances import CropDataset, perturbed_speakers, scan_utterances, speed_crop
 
 SR = 16000

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rawnet_lib.eval.calibrate import (CalibrationError, calibration_path, cllr, fit_calibration, load_calibration,
-                                  min_cllr, operating_thresholds)
+                                       min_cllr, operating_thresholds)
 
 # Targets score +1 three times and -1 once; non-targets the mirror image. P(target | +1) = 3/4,
 # so the best LLR is +-ln 3 at +-1: slope ln 3, offset 0; and Cllr (bits) of those LLRs is

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from rawnet_lib.models.checkpoint import (CheckpointError, infer_model_config, load_checkpoint_model, model_checkpoint,
-                                   read_checkpoint, resume_training, save_checkpoint, training_checkpoint)
 from rawnet_lib.config import load_config
 from rawnet_lib.errors import WorkbookError
+from rawnet_lib.models.checkpoint import (CheckpointError, infer_model_config, load_checkpoint_model, model_checkpoint,
+                                          read_checkpoint, resume_training, save_checkpoint, training_checkpoint)
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.train import make_optimizer
 

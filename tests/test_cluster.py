@@ -14,14 +14,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import rawnet_lib.training.dist as dist
 import rawnet_lib.evaluate as evaluate_mod
+import rawnet_lib.training.dist as dist
 import rawnet_lib.training.launch as launch_mod
-from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
 from rawnet_lib.config import ConfigError, load_config
+from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.run import run_path
 from rawnet_lib.train import train
+from rawnet_lib.training.run import run_path
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 from rawnet_lib import convert
-from rawnet_lib.dataset.audio import probe
 from rawnet_lib.convert import ConvertError, ConvertReport, convert_tree, encode_m4a
+from rawnet_lib.dataset.audio import probe
 from rawnet_lib.io import atomic_path
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")

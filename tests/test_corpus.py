@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from rawnet_lib.dataset.trials import read_trials
 import soundfile as sf
 
 from rawnet_lib import corpus
 from rawnet_lib.corpus import SIZES, ensure_demo_corpus, find_voices, generate_corpus
+from rawnet_lib.dataset.trials import read_trials
 
 needs_tools = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
                                  reason="needs espeak-ng and ffmpeg (./setup.sh install)")

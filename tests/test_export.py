@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from rawnet_lib.bench import calibrate_batch_norm
-from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
 from rawnet_lib.config import load_config
 from rawnet_lib.export import export_model, onnx_embedder
+from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 
 PARITY = 0.9999  # cosine to PyTorch fp32 (issue 13); both run the same float32 maths

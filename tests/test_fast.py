@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from rawnet_lib import bench
-from rawnet_lib.models import fastsinc
 from rawnet_lib.config import load_config
+from rawnet_lib.models import fastsinc
 from rawnet_lib.models.rawnet2 import SincConv, build_model
 
 

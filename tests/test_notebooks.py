@@ -11,9 +11,9 @@ import pytest
 import yaml
 from papermill.inspection import inspect_notebook
 
+from rawnet_lib.config import BLOCK_NAMES, Config, DataConfig
 from rawnet_lib.demo import NOTEBOOKS, notebook_parameters
 from rawnet_lib.prep import prepare, sample_utterances, utterance_table
-from rawnet_lib.config import BLOCK_NAMES, Config, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = sorted((REPO / "notebooks").glob("*.ipynb"))

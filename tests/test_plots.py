@@ -15,15 +15,8 @@ from matplotlib.figure import Figure
 from scipy.stats import norm
 
 from rawnet_lib.eval.metrics import eer, eer_threshold
-from rawnet_lib.views.plots import (
-    det_plot,
-    filter_responses,
-    frequency_response,
-    history_plot,
-    save_figure,
-    score_histogram,
-    waveform_spectrogram,
-)
+from rawnet_lib.views.plots import (det_plot, filter_responses, frequency_response, history_plot, save_figure,
+                                    score_histogram, waveform_spectrogram)
 
 
 def _trials(seed: int, shift: float, n: int = 3000):

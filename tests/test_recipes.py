@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from rawnet_lib.models.checkpoint import init_from_checkpoint
 from rawnet_lib.config import ConfigError, LossConfig, load_config
 from rawnet_lib.io import atomic_torch_save
+from rawnet_lib.models.checkpoint import init_from_checkpoint
 from rawnet_lib.models.losses import build_loss, head_logits, margin_at
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.schedules import lr_factor
 from rawnet_lib.train import make_optimizer
+from rawnet_lib.training.schedules import lr_factor
 
 # One embedding with known cosines to two class vectors: code (3, 4), |code| = 5,
 # classes e1 and e2 -> cos = (0.6, 0.8); the true class is 1.

@@ -19,13 +19,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rawnet_lib.dataset.audio import AudioError, random_crop, read_audio
-from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.config import load_config
+from rawnet_lib.dataset.audio import AudioError, random_crop, read_audio
 from rawnet_lib.dataset.utterances import load_utterances
+from rawnet_lib.models.checkpoint import read_checkpoint
+from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch, launch_command
 from rawnet_lib.training.run import NonFiniteLossError, run_path
-from rawnet_lib.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
 from rawnet_lib.dataset.trials import TrialList
+from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
 
 
 def _trials(rng: np.random.Generator, keys: list[str], n: int) -> TrialList:

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.config import load_config
-from rawnet_lib.training.launch import launch, launch_command
-from rawnet_lib.training.dist import RankInfo
-from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, run_path
-from rawnet_lib.train import make_optimizer, train
 from rawnet_lib.dataset.trials import TrialList, read_trials
+from rawnet_lib.models.checkpoint import read_checkpoint
+from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.train import make_optimizer, train
+from rawnet_lib.training.dist import RankInfo
+from rawnet_lib.training.launch import launch, launch_command
+from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, run_path
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

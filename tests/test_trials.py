@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rawnet_lib.dataset.trials import (OFFICIAL_LISTS, TrialList, TrialListError, TrialListWarning, make_trials,
-                               official_list_path, read_trials, resolve, write_trials)
+                                       official_list_path, read_trials, resolve, write_trials)
 
 
 def _write(tmp_path: Path, text: str, name: str = "list.txt") -> Path:

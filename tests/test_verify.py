@@ -13,16 +13,16 @@ import soundfile as sf
 import soxr
 import torch
 
-from rawnet_lib.dataset.anyaudio import ShortAudioWarning
-from rawnet_lib.dataset.audio import AudioError, SAMPLE_RATE
 from rawnet_lib.bench import calibrate_batch_norm
-from rawnet_lib.eval.calibrate import Calibration, calibration_path
-from rawnet_lib.models.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
 from rawnet_lib.config import load_config
+from rawnet_lib.dataset.anyaudio import ShortAudioWarning
+from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError
+from rawnet_lib.dataset.trials import TrialListError
+from rawnet_lib.eval.calibrate import Calibration, calibration_path
 from rawnet_lib.eval.embed import cpu_amp, utterance_crops
+from rawnet_lib.models.checkpoint import CheckpointError, model_checkpoint, save_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.verify import Verifier, VerifyError, main, read_pairs
-from rawnet_lib.dataset.trials import TrialListError
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 2.0

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from rawnet_lib.models import fastsinc
 from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
 from rawnet_lib.bench.compute import bench_memory, bench_scale, bench_train, matmul_peak
 from rawnet_lib.bench.inference import bench_embed
@@ -15,6 +14,7 @@ from rawnet_lib.bench.loading import bench_data_scale, bench_load
 from rawnet_lib.bench.numerics import bench_subnormals
 from rawnet_lib.bench.scoring import bench_gather, bench_score
 from rawnet_lib.config import cli_config, cli_parser, load_config
+from rawnet_lib.models import fastsinc
 
 __all__ = ["run_all", "plot_comparison", "main"]
 

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rawnet_lib.models import fastsinc
-from rawnet_lib.bench.common import (PAPER_CLASSES, PATHS, alternate, model_gflop, path_config, record,
-                                     reset_peak, rss_mib, speed_records, status_kib)
+from rawnet_lib.bench.common import (PAPER_CLASSES, PATHS, alternate, model_gflop, path_config, record, reset_peak,
+                                     rss_mib, speed_records, status_kib)
 from rawnet_lib.config import load_config
 from rawnet_lib.eval.embed import autocast, native_amp
+from rawnet_lib.models import fastsinc
 from rawnet_lib.models.rawnet2 import build_model
 
 __all__ = ["matmul_peak", "native_peak", "bench_train", "bench_memory", "bench_scale"]

@@ -55,8 +55,8 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
     `checkpoint` (ours or a reference state_dict) gives trained weights; else a seeded init
     with batch-norm statistics from the benchmark crops (`calibrate_batch_norm`).
     """
-    from rawnet_lib.models.checkpoint import load_checkpoint_model, model_checkpoint, save_checkpoint
     from rawnet_lib.export import export_model, onnx_embedder
+    from rawnet_lib.models.checkpoint import load_checkpoint_model, model_checkpoint, save_checkpoint
     if checkpoint:
         model, cfg = load_checkpoint_model(checkpoint, base=preset)
         x = speech_crops(cfg, batch, data_path)

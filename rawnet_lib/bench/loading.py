@@ -85,6 +85,7 @@ def bench_data_scale(preset: str = "paper", data_path: str | Path | None = None,
     Only a few distinct files are read, all from the page cache: this measures the metadata
     and CPU side (what grows with the file count), not the throughput of the disk."""
     from torch.utils.data import DistributedSampler
+
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path, tree_signature
     cfg = load_config(preset)
     root = Path(data_path) if data_path else resolve_data_path(cfg.data)

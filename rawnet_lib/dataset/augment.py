@@ -32,8 +32,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
-from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, tile
 from rawnet_lib.config import REPO_DIR, AugmentConfig
+from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, tile
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["AugmentError", "KINDS", "Mixture", "Augmenter", "find_noises", "find_rirs", "ensure_builtin_sets",

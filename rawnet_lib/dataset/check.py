@@ -24,10 +24,10 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe
 from rawnet_lib.config import DataConfig
-from rawnet_lib.errors import WorkbookError
+from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe
 from rawnet_lib.dataset.trials import TrialListError, TrialListWarning, official_list_path, read_trials
+from rawnet_lib.errors import WorkbookError
 
 __all__ = ["DatasetError", "Problem", "CheckReport", "data_dirs", "check_dataset"]
 

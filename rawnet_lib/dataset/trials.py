@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rawnet_lib.io import atomic_write_text
 from rawnet_lib.errors import WorkbookError
+from rawnet_lib.io import atomic_write_text
 
 __all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "official_list_path", "read_trials",
            "write_trials", "find_file", "resolve", "make_trials", "speaker_of"]

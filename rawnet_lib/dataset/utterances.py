@@ -23,7 +23,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,8 +31,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
 from rawnet_lib.config import REPO_DIR, DataConfig
+from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
 from rawnet_lib.errors import MissingPathError
 from rawnet_lib.io import atomic_write_text
 

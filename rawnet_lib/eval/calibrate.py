@@ -25,8 +25,8 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.io import atomic_write_text
 from rawnet_lib.eval.metrics import det_curve, summarize, validate_trials
+from rawnet_lib.io import atomic_write_text
 
 __all__ = ["CalibrationError", "Calibration", "cllr", "min_cllr", "operating_thresholds", "fit_calibration",
            "calibration_path", "load_calibration"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.io import atomic_open
 from rawnet_lib.dataset.trials import TrialList
+from rawnet_lib.io import atomic_open
 
 __all__ = ["cosine_scores", "asnorm_scores", "write_scores"]
 

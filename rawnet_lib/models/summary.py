@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rawnet_lib.dataset.audio import peak_normalise, read_audio, tile
 from rawnet_lib.config import Config
+from rawnet_lib.dataset.audio import peak_normalise, read_audio, tile
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.models.rawnet2 import RawNet2
 

@@ -18,12 +18,12 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.dataset.audio import read_audio
 from rawnet_lib.config import DataConfig
+from rawnet_lib.dataset.audio import read_audio
+from rawnet_lib.dataset.trials import resolve, speaker_of
 from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.eval.metrics import eer_threshold
 from rawnet_lib.views.plots import waveform_spectrogram
-from rawnet_lib.dataset.trials import resolve, speaker_of
 
 __all__ = ["load_scores", "score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
            "trial_player", "misverified_browser", "file_stem"]

@@ -19,8 +19,8 @@ from numpy.typing import ArrayLike
 from scipy.signal import spectrogram
 from scipy.stats import norm
 
-from rawnet_lib.io import atomic_open
 from rawnet_lib.eval.metrics import det_curve, eer_threshold, validate_trials
+from rawnet_lib.io import atomic_open
 
 __all__ = [
     "DET_TICKS",

@@ -16,15 +16,15 @@ import pandas as pd
 from IPython.display import HTML
 from matplotlib.figure import Figure
 
+from rawnet_lib.config import Config, notebook_config
 from rawnet_lib.dataset.anyaudio import find_audio
+from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.eval.calibrate import Calibration
 from rawnet_lib.models.checkpoint import load_checkpoint_model
-from rawnet_lib.config import Config, notebook_config
-from rawnet_lib.dataset.utterances import resolve_data_path
-from rawnet_lib.views.listen import samples_table
-from rawnet_lib.views.plots import waveform_spectrogram
 from rawnet_lib.training.run import resolve_checkpoint
 from rawnet_lib.verify import Verifier, VerifyError, read_pairs
+from rawnet_lib.views.listen import samples_table
+from rawnet_lib.views.plots import waveform_spectrogram
 
 __all__ = ["VerifySession", "verify_session", "demo_inputs", "inputs", "listen", "waveforms", "comparison_table",
            "score_position"]

@@ -12,6 +12,7 @@ import soundfile as sf
 
 from rawnet_lib import corpus
 from rawnet_lib.corpus import SIZES, ensure_demo_corpus, find_voices, generate_corpus
+from rawnet_lib.dataset import synth
 from rawnet_lib.dataset.trials import read_trials
 
 needs_tools = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
@@ -167,7 +168,7 @@ def test_ensure_demo_corpus_converts_the_m4a(db: Path, tmp_path: Path) -> None:
 
 @needs_tools
 def test_espeak_missing_is_explained(monkeypatch) -> None:
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(synth.shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="apt-get install espeak-ng"):
         find_voices.__wrapped__("auto")
 

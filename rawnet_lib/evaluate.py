@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, load_config
 from rawnet_lib.dataset.trials import official_list_path, read_trials
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
@@ -37,7 +38,6 @@ from rawnet_lib.eval.metrics import summarize
 from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
 from rawnet_lib.io import atomic_open, atomic_write_text
 from rawnet_lib.models.checkpoint import checkpoint_fingerprint, load_checkpoint_model
-from rawnet_lib.training import dist
 from rawnet_lib.training.run import RunExistsError, default_out_dir, resolve_checkpoint
 
 __all__ = ["with_overrides", "cohort_embeddings", "evaluate", "main"]

@@ -24,6 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
 from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
 from rawnet_lib.dataset.check import DatasetError
@@ -35,17 +36,12 @@ from rawnet_lib.eval.embed import autocast, embed_files
 from rawnet_lib.models.checkpoint import init_from_checkpoint, resume_training
 from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training import dist, schedules
+from rawnet_lib.training import schedules
 from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir
 
-__all__ = ["train", "train_epoch", "make_optimizer", "main"]
+__all__ = ["train", "train_epoch", "validate", "main"]
 
 READ_SECONDS = 2.0  # the host reads the running figures at least this often (and every LOG_EVERY steps)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
-    """The optim block's optimiser and per-iteration schedule (rawnet_lib/training/schedules.py; default the reference's)."""
-    return schedules.make_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_epoch(model, loader, optimizer, scheduler, scaler, cfg: Config, rank: dist.RankInfo,
@@ -206,7 +202,7 @@ def train(cfg: Config) -> dict[str, Any]:
         loader = training_loader(dataset, sampler, cfg.train.batch_size // rank.world_size, cfg.data.num_workers,
                                  rank.device)
         model = build_model(cfg, len(speakers)).to(rank.device)
-        optimizer, scheduler = make_optimizer(model, cfg, len(loader))
+        optimizer, scheduler = schedules.make_optimizer(model, cfg, len(loader))  # default: the reference's
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
         state = resume_training(run.last_checkpoint(), model, optimizer, scheduler, scaler) if cfg.train.resume else None
         if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule

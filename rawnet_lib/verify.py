@@ -33,13 +33,13 @@ from rawnet_lib.config import Config, cli_config, cli_overrides, cli_parser, loa
 from rawnet_lib.dataset.anyaudio import describe, find_audio, load_any, to_model_rate
 from rawnet_lib.dataset.audio import AudioError
 from rawnet_lib.dataset.trials import TrialListError, find_file
+from rawnet_lib.dist import check_fast_path, resolve_device_kind
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.eval.calibrate import Calibration, calibration_path, cllr, fit_calibration, load_calibration
 from rawnet_lib.eval.embed import autocast, check_crops, cpu_amp, mean_crop_embeddings, utterance_crops
 from rawnet_lib.eval.metrics import summarize
 from rawnet_lib.io import atomic_open
 from rawnet_lib.models.checkpoint import load_checkpoint_model
-from rawnet_lib.training.dist import check_fast_path, resolve_device_kind
 
 __all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
 

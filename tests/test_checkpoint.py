@@ -15,7 +15,7 @@ from rawnet_lib.errors import WorkbookError
 from rawnet_lib.models.checkpoint import (CheckpointError, infer_model_config, load_checkpoint_model, model_checkpoint,
                                           read_checkpoint, resume_training, save_checkpoint, training_checkpoint)
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.train import make_optimizer
+from rawnet_lib.training.schedules import make_optimizer
 
 
 @pytest.mark.parametrize("layer_norm", [True, False])
@@ -37,6 +37,18 @@ def test_bare_reference_state_dict_is_inferred_and_loads_strictly(tmp_path: Path
     assert set(loaded.state_dict()) == set(state)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     assert not loaded.training
+
+
+def test_weights_without_a_config_take_the_rest_from_base(tmp_path: Path) -> None:
+    """{"model": state_dict} (someone's own save) loads like a bare state_dict: shapes, then `base`."""
+    model = build_model("smoke", n_classes=4)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "mine.pt")
+    loaded, cfg = load_checkpoint_model(tmp_path / "mine.pt", base="smoke")
+    assert cfg.model == load_config("smoke").model and loaded.fc2_gru.out_features == 4
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.save({"model": "not weights"}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="neither a training checkpoint"):
+        load_checkpoint_model(tmp_path / "bad.pt")
 
 
 def test_reference_shapes_give_the_paper_model() -> None:

@@ -1,6 +1,6 @@
 """Tests for running on clusters and accelerators: two localhost "nodes" meeting through torchrun's
 c10d rendezvous (rawnet_lib.training.launch), and the refusal of the CPU fast path on CUDA / NPU
-(rawnet_lib.training.dist.check_fast_path) in every place that starts work on a device."""
+(rawnet_lib.dist.check_fast_path) in every place that starts work on a device."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import rawnet_lib.dist as dist
 import rawnet_lib.evaluate as evaluate_mod
-import rawnet_lib.training.dist as dist
 import rawnet_lib.training.launch as launch_mod
 from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from rawnet_lib import dist
 from rawnet_lib import evaluate as ev
 from rawnet_lib.config import ConfigError
 from rawnet_lib.dataset.trials import read_trials
@@ -21,7 +22,6 @@ from rawnet_lib.eval.embed import cached_embeddings
 from rawnet_lib.eval.metrics import eer
 from rawnet_lib.models.checkpoint import checkpoint_fingerprint, load_checkpoint_model, read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training import dist
 from rawnet_lib.training.run import default_out_dir, newest_run
 
 CPU = dist.single("cpu")

@@ -187,7 +187,8 @@ def test_fast_bf16_embeddings_close_to_exact_float32(smoke_run, tiny_db):
     ~400 rad, are rounded to bf16 too). Untrained weights are more sensitive: not used here."""
     from rawnet_lib.models.checkpoint import load_checkpoint_model
     model, cfg = load_checkpoint_model(smoke_run / "models" / "best_opt_eval.pt")
-    x = bench.speech_crops(cfg, 16, tiny_db)
+    x, source = bench.speech_crops(cfg, 16, tiny_db)
+    assert source == "speech"
     with torch.no_grad():
         ref = model.embed(x)
         model.cfg.fast = True
@@ -356,4 +357,9 @@ def test_subnormals_are_counted_in_weights_and_optimizer_state(tmp_path, capsys)
     assert (records["weights"]["subnormal"], records["weights"]["values"]) == (2, n_params)
     assert records["optimizer"]["subnormal"] == 4 and records["optimizer"]["values"] == 2 * n_params
     assert records["activations"]["values"] > 0 and records["gradients"]["values"] == n_params
+    assert {r["input"] for r in records.values()} == {"noise"} and records["weights"]["loss_head"] == "softmax"
     assert bench.subnormals([torch.tensor([0.0, 1e-45, 1.0]), torch.tensor([1, 2])]) == (1, 3)  # ints skipped
+    assert bench.subnormals([torch.tensor([1e-5, 1e-3], dtype=torch.float16)]) == (1, 2)  # fp16's own threshold
+    save_checkpoint(model_checkpoint(build_model(cfg), cfg, [], 1, 0.5), tmp_path / "no_head.pt")
+    with pytest.raises(ValueError, match="no classifier"):
+        bench.bench_subnormals(tmp_path / "no_head.pt", batch=2, data_path=tmp_path)

@@ -16,14 +16,15 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
+from rawnet_lib import dist
 from rawnet_lib import train as train_module
 from rawnet_lib.config import load_config
 from rawnet_lib.dataset.loader import training_loader
 from rawnet_lib.dataset.utterances import CropDataset, load_utterances
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.train import make_optimizer, train_epoch
-from rawnet_lib.training import dist
+from rawnet_lib.train import train_epoch
 from rawnet_lib.training.run import NonFiniteLossError, NullRunDir
+from rawnet_lib.training.schedules import make_optimizer
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
 CPU = dist.single("cpu")

@@ -14,8 +14,7 @@ from rawnet_lib.io import atomic_torch_save
 from rawnet_lib.models.checkpoint import init_from_checkpoint
 from rawnet_lib.models.losses import build_loss, head_logits, margin_at
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.train import make_optimizer
-from rawnet_lib.training.schedules import lr_factor
+from rawnet_lib.training.schedules import lr_factor, make_optimizer
 
 # One embedding with known cosines to two class vectors: code (3, 4), |code| = 5,
 # classes e1 and e2 -> cos = (0.6, 0.8); the true class is 1.
@@ -141,6 +140,11 @@ def test_init_from_reinitialises_ln_and_classes(tmp_path):
     from rawnet_lib.models.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="only n_samples may change"):
         init_from_checkpoint(tmp_path / "a.pt", build_model(load_config("smoke", gru_units=16), 3))
+    # a bare state_dict saved from nn.DataParallel (every key `module.`) starts a fine-tuning too
+    atomic_torch_save({f"module.{k}": v for k, v in old.state_dict().items()}, tmp_path / "dp.pt")
+    again = build_model("smoke", n_classes=3)
+    assert init_from_checkpoint(tmp_path / "dp.pt", again) == []
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in old.state_dict().items())
 
 
 @pytest.mark.parametrize("blocks, match", [

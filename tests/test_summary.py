@@ -1,4 +1,4 @@
-"""Tests for rawnet_lib.models.summary: the layer table, the sinc filter bank and the FMS gates."""
+"""Tests for rawnet_lib.views.summary: the layer table, the sinc filter bank and the FMS gates."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from rawnet_lib.config import load_config
 from rawnet_lib.models.rawnet2 import build_model, stage_frames
-from rawnet_lib.models.summary import fms_scales, layer_table, sinc_bank
+from rawnet_lib.views.summary import fms_scales, layer_table, sinc_bank
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ import torch
 
 from rawnet_lib.config import load_config
 from rawnet_lib.dataset.trials import TrialList, read_trials
+from rawnet_lib.dist import RankInfo
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.train import make_optimizer, train
-from rawnet_lib.training.dist import RankInfo
+from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch, launch_command
 from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, run_path
+from rawnet_lib.training.schedules import make_optimizer
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -155,8 +156,8 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
 
 
 def test_more_devices_than_exist_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rawnet_lib.dist import DistError
     from rawnet_lib.training import launch as launch_module
-    from rawnet_lib.training.dist import DistError
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
     with pytest.raises(DistError, match="no CUDA device"):
         launch(load_config("smoke", device="cuda", name="nocuda", out_dir="/tmp/rawnet-never-created"))

@@ -99,5 +99,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
            "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
                                         data_path=str(data or "")),
            "scale-data": lambda: bench_data_scale(preset, data, **(SCALE_QUICK if args.quick else {})),
-           "subnormals": lambda: bench_subnormals(args.checkpoint, batch if args.batch else 32, data)}
+           "subnormals": lambda: bench_subnormals(args.checkpoint, batch if args.batch else 32, data,
+                                                  base=preset)}
     return run[args.what]()

@@ -53,7 +53,7 @@ def native_peak(size: int = 2048, repeats: int = 3) -> float:
 
 def _train_setup(preset: str, path: str, batch: int, n_classes: int, seed: int = 0):
     """(model, optimizer, one training step) of a path; same weights and batch for every path."""
-    from rawnet_lib.train import make_optimizer
+    from rawnet_lib.training.schedules import make_optimizer
     cfg = path_config(preset, path)
     torch.manual_seed(seed)
     model = build_model(cfg, n_classes).train()

@@ -19,16 +19,17 @@ from rawnet_lib.models.rawnet2 import build_model
 __all__ = ["speech_crops", "calibrate_batch_norm", "bench_embed"]
 
 
-def speech_crops(cfg: Config, n: int, data_path: str | Path | None, seed: int = 0) -> torch.Tensor:
-    """n crops of real speech from the training folder when there is one, else noise."""
+def speech_crops(cfg: Config, n: int, data_path: str | Path | None, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """(n crops, "speech") of real speech from the training folder when there is one, else
+    (n crops of Gaussian noise, "noise"); records carry which, as `input`."""
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     try:
         root = Path(data_path) if data_path else resolve_data_path(cfg.data)
         utts = load_utterances(root, cfg.data.train_dir, progress=False)
         data = CropDataset(utts, cfg.model.n_samples, seed, cfg.model.sample_rate)
-        return torch.stack([data[i * len(data) // n][0] for i in range(n)])
+        return torch.stack([data[i * len(data) // n][0] for i in range(n)]), "speech"
     except (FileNotFoundError, ValueError, OSError):
-        return torch.randn(n, cfg.model.n_samples, generator=torch.Generator().manual_seed(seed))
+        return torch.randn(n, cfg.model.n_samples, generator=torch.Generator().manual_seed(seed)), "noise"
 
 
 def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -59,10 +60,10 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
     from rawnet_lib.models.checkpoint import load_checkpoint_model, model_checkpoint, save_checkpoint
     if checkpoint:
         model, cfg = load_checkpoint_model(checkpoint, base=preset)
-        x = speech_crops(cfg, batch, data_path)
+        x, source = speech_crops(cfg, batch, data_path)
     else:
         cfg = load_config(preset)
-        x = speech_crops(cfg, batch, data_path)
+        x, source = speech_crops(cfg, batch, data_path)
         torch.manual_seed(0)
         model = build_model(cfg.model)
         calibrate_batch_norm(model, x)
@@ -93,5 +94,5 @@ def bench_embed(preset: str = "paper", batch: int = 32, repeats: int = 5, data_p
                            gflop_per_crop=sig(gflop), peak_gflops=peak, peak_share=sig(rate * gflop / peak),
                            ratio=sig(statistics.median(e / s for e, s in zip(times["exact"], secs))),
                            cosine_mean=round(cosine.mean().item(), 6), cosine_min=round(cosine.min().item(), 6),
-                           trained=bool(checkpoint), rounds=[round(s, 4) for s in secs]))
+                           trained=bool(checkpoint), input=source, rounds=[round(s, 4) for s in secs]))
     return out

@@ -63,9 +63,9 @@ def _gather_child(rank: int, world: int, store: str, method: str, n_files: int, 
     """One gloo rank: hold its share of the embeddings, gather them by `method`, rank 0 scores."""
     import torch.distributed as torch_dist
 
+    from rawnet_lib import dist
     from rawnet_lib.eval.metrics import eer
     from rawnet_lib.eval.scoring import cosine_scores
-    from rawnet_lib.training import dist
     torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     info = dist.RankInfo(rank, world, torch.device("cpu"))
     part = dist.share(n_files, info)

@@ -24,12 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, EvalConfig, ModelConfig
 from rawnet_lib.dataset.audio import eval_crops, peak_normalise, read_audio
 from rawnet_lib.dataset.trials import resolve
 from rawnet_lib.io import atomic_open
 from rawnet_lib.models.checkpoint import checkpoint_fingerprint
-from rawnet_lib.training import dist
 
 __all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast", "utterance_crops", "crop_batches",
            "check_crops", "native_amp", "cpu_amp", "mean_crop_embeddings"]

@@ -1,1 +1,1 @@
-"""RawNet2 as in the paper, its fast CPU path, the loss heads, checkpoints and a look inside."""
+"""RawNet2 as in the paper, its fast CPU path, the loss heads and checkpoints."""

@@ -176,8 +176,9 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
     """(model in eval mode on `device`, its Config) from one of our checkpoints or a bare state_dict.
 
     Our checkpoints carry their config. For a bare reference state_dict (optionally saved from
-    nn.DataParallel, keys `module.*`) the architecture is inferred from the tensor shapes and the
-    other blocks come from `base` (a Config or preset name). Loading is strict; fc2_gru is kept
+    nn.DataParallel, keys `module.*`), or weights saved as {"model": state_dict} without a
+    config, the architecture is inferred from the tensor shapes and the other blocks come from
+    `base` (a Config or preset name). Loading is strict; fc2_gru is kept
     when present so that every key is accounted for.
     """
     path = Path(path)

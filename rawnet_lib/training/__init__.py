@@ -1,1 +1,1 @@
-"""What a run needs around the loop: ranks and devices, the run folder, learning-rate schedules, the notebook launcher."""
+"""What a run needs around the loop: the run folder, optimisers and learning-rate schedules, the notebook launcher."""

@@ -21,8 +21,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import REPO_DIR, Config
+from rawnet_lib.dist import DistError, available_devices, check_fast_path, resolve_device_kind
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.training.dist import DistError, available_devices, check_fast_path, resolve_device_kind
 from rawnet_lib.training.run import EVENT_PREFIX, check_run_dir, run_path
 
 __all__ = ["launch_command", "launch", "TrainingFailed"]

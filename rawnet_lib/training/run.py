@@ -37,6 +37,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from rawnet_lib import dist
 from rawnet_lib.config import REPO_DIR, Config, write_f_params
 from rawnet_lib.dataset.trials import TrialList, make_trials, write_trials
 from rawnet_lib.dataset.utterances import load_utterances
@@ -45,7 +46,6 @@ from rawnet_lib.eval.metrics import eer as compute_eer
 from rawnet_lib.eval.scoring import cosine_scores, write_scores
 from rawnet_lib.io import atomic_write_text
 from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint, training_checkpoint
-from rawnet_lib.training import dist
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path", "emit",
            "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX"]

@@ -1,7 +1,7 @@
 """Convert a VoxCeleb2 ``spk/video/utt.m4a`` tree into 16 kHz mono PCM16 wav.
 
-soundfile cannot read AAC, so every training file goes through ffmpeg once. One ffmpeg
-process per file is start-up bound (about 0.09 s a file here), so files are decoded in
+soundfile cannot read AAC, so every training file goes through ffmpeg
+(:mod:`rawnet_lib.dataset.ffmpeg`) once. One ffmpeg process per file is start-up bound, so files are decoded in
 batches of up to ``BATCH`` inputs per ffmpeg call (about 10x faster) on a thread pool; a
 failing batch is retried file by file so that one bad file only fails itself. ffmpeg writes
 each output to a temporary sibling (:func:`rawnet_lib.io.atomic_path`) that takes the wav's
@@ -12,9 +12,6 @@ name only when the whole call succeeded and :func:`rawnet_lib.dataset.audio.prob
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,18 +19,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rawnet_lib.dataset.audio import SAMPLE_RATE, probe
-from rawnet_lib.errors import WorkbookError, run_cli
-from rawnet_lib.io import atomic_path
+from rawnet_lib.dataset.audio import probe
+from rawnet_lib.dataset.ffmpeg import WAV_ARGS, ConvertError, find_ffmpeg, run_ffmpeg
+from rawnet_lib.errors import run_cli
 
-__all__ = ["ConvertError", "ConvertReport", "convert_tree", "encode_m4a", "find_ffmpeg"]
+__all__ = ["ConvertReport", "convert_tree"]
 
 BATCH = 32  # inputs per ffmpeg call; amortises its start-up
-_OUT_ARGS = ["-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", "-f", "wav"]
-
-
-class ConvertError(WorkbookError, ValueError):
-    """ffmpeg missing or failing, or a bad argument; the message says what to do."""
 
 
 @dataclass
@@ -54,51 +46,11 @@ class ConvertReport:
         return line + "".join(shown) + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def find_ffmpeg() -> str:
-    """Path of ffmpeg, or a ConvertError saying how to install it."""
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise ConvertError("ffmpeg not found on PATH; install it: apt-get install ffmpeg "
-                           "(or ./setup.sh install)")
-    return exe
-
-
-def _ffmpeg(pairs: list[tuple[Path, Path]], out_args: list[str], check: bool = False) -> None:
-    """One ffmpeg call writing input i of `pairs` to its target with `out_args`; every target appears
-    (atomically) when the call succeeds and, with `check`, every output is a usable wav; none otherwise."""
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_path(target)) for _, target in pairs]
-        cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-y"]
-        for src, _ in pairs:
-            cmd += ["-i", str(src)]
-        for i, tmp in enumerate(tmps):
-            cmd += ["-map", f"{i}:a:0", *out_args, str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            lines = proc.stderr.strip().splitlines()
-            raise ConvertError(lines[-1] if lines else f"ffmpeg exit code {proc.returncode}")
-        bad = [info.problem for info in map(probe, tmps) if not info.ok] if check else []
-        if bad:
-            raise ConvertError(f"no usable audio in ffmpeg's output ({bad[0]})")
-
-
-def encode_m4a(pairs: list[tuple[Path, Path]]) -> None:
-    """Encode ``(wav, m4a)`` pairs to AAC in one ffmpeg call, as VoxCeleb2 ships its audio.
-
-    Bit-exact flags and no metadata keep reruns byte-identical; targets appear atomically.
-    """
-    try:
-        _ffmpeg(pairs, ["-fflags", "+bitexact", "-c:a", "aac", "-aac_coder", "fast", "-b:a", "48k",
-                        "-flags:a", "+bitexact", "-map_metadata", "-1", "-f", "ipod"])
-    except ConvertError as err:
-        raise ConvertError(f"ffmpeg could not encode m4a: {str(err)[-300:]}") from None
-
-
 def _convert_batch(pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, str]], int]:
     """Decode ``(m4a, target)`` pairs in one ffmpeg call, or one by one when it fails (one bad
     input fails the whole call); returns (failures, done)."""
     try:
-        _ffmpeg(pairs, _OUT_ARGS, check=True)
+        run_ffmpeg(pairs, WAV_ARGS, check=True)
         return [], len(pairs)
     except ConvertError as err:
         if len(pairs) == 1:

@@ -26,7 +26,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import REPO_DIR
-from rawnet_lib.convert import convert_tree, find_ffmpeg
+from rawnet_lib.convert import convert_tree
+from rawnet_lib.dataset.ffmpeg import find_ffmpeg
 from rawnet_lib.dataset.synth import INSTALL, CorpusError, Voice, find_voices, render_speaker
 from rawnet_lib.errors import run_cli
 from rawnet_lib.io import atomic_write_text

@@ -9,8 +9,10 @@ import pytest
 import soundfile as sf
 
 from rawnet_lib import convert
-from rawnet_lib.convert import ConvertError, ConvertReport, convert_tree, encode_m4a
+from rawnet_lib.convert import ConvertReport, convert_tree
+from rawnet_lib.dataset import ffmpeg
 from rawnet_lib.dataset.audio import probe
+from rawnet_lib.dataset.ffmpeg import ConvertError, encode_m4a
 from rawnet_lib.io import atomic_path
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
@@ -90,7 +92,7 @@ def test_errors_name_the_problem(m4a_tree: Path, tmp_path: Path, monkeypatch) ->
         convert_tree(tmp_path / "missing", tmp_path / "wav", progress=False)
     with pytest.raises(ConvertError, match="workers=0"):
         convert_tree(m4a_tree, tmp_path / "wav", workers=0, progress=False)
-    monkeypatch.setattr(convert.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ffmpeg.shutil, "which", lambda name: None)
     with pytest.raises(ConvertError, match="apt-get install ffmpeg"):
         convert_tree(m4a_tree, tmp_path / "wav", progress=False)
 

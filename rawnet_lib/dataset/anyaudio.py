@@ -17,8 +17,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from rawnet_lib.convert import ConvertError, find_ffmpeg
 from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError
+from rawnet_lib.dataset.ffmpeg import ConvertError, find_ffmpeg
 
 __all__ = ["AUDIO_SUFFIXES", "ShortAudioWarning", "to_model_rate", "load_any", "find_audio", "describe"]
 

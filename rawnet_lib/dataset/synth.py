@@ -22,8 +22,8 @@ import soundfile as sf
 from scipy.fft import next_fast_len
 from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 
-from rawnet_lib.convert import encode_m4a
 from rawnet_lib.dataset.audio import SAMPLE_RATE, wav_bytes
+from rawnet_lib.dataset.ffmpeg import encode_m4a
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_write_bytes
 

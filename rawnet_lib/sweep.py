@@ -10,7 +10,8 @@ overrides are YAML blocks as in params/ (`loss: {head: aam}`) plus an optional `
 config is built and checked before anything trains. Run again, the sweep reuses finished runs
 and evaluations and resumes an interrupted run from its last finished epoch.
 
-Under DIR: runs.csv (one row per run and list, with a bootstrap CI over trials), summary.csv /
+Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over test
+speakers: trials of one speaker are not independent, so the second is the wider), summary.csv /
 .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
 paired.csv (each arm minus the first over the same seeds), det_<list>.png (all arms, the
 scores of their seeds pooled).
@@ -29,6 +30,7 @@ import pandas as pd
 
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
 from rawnet_lib.dataset.augment import find_noises, find_rirs
+from rawnet_lib.dataset.trials import speaker_of
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluate
@@ -174,8 +176,10 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                 m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
                 data = np.loadtxt(out / f"scores_{tag}.txt", usecols=(0, 1), ndmin=2)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
+                spk_low, spk_high = _speaker_interval(out / f"scores_{tag}_names.txt", n_boot, seed)
                 rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
+                             "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg))})
                 pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
@@ -185,6 +189,15 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
         raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run "
                          f"`python -m rawnet_lib.sweep {spec.path} --out {spec.out}`")
     return pd.DataFrame(rows), pooled, missing
+
+
+def _speaker_interval(names_file: Path, n_boot: int, seed: int) -> tuple[float, float]:
+    """Bootstrap interval of the EER over enrollment speakers (nan without the names file)."""
+    if not names_file.is_file():
+        return float("nan"), float("nan")
+    trials = pd.read_csv(names_file, sep=" ", header=None, usecols=[0, 1, 2], names=["score", "label", "enroll"])
+    return bootstrap_eer(trials["score"].to_numpy(float), trials["label"].to_numpy(), n_boot, seed=seed,
+                         groups=trials["enroll"].map(speaker_of).to_numpy())
 
 
 def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:

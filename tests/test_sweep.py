@@ -14,6 +14,7 @@ from scipy import stats as sps
 from rawnet_lib import sweep as sweep_mod
 from rawnet_lib.config import ConfigError
 from rawnet_lib.dataset.augment import AugmentError
+from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 
 
@@ -49,6 +50,21 @@ def test_bootstrap_eer_brackets_the_eer():
     low, high = bootstrap_eer(scores, labels, n_boot=300)
     true_eer = sps.norm.cdf(-1)  # the crossing of two unit normals 2 apart
     assert low < true_eer < high and high - low < 0.1
+
+
+def test_speaker_bootstrap_resamples_whole_speakers():
+    """Identical speakers: every resample of speakers has the same trials, so the interval is a
+    point; speakers that differ (an offset each) widen it well beyond the trial bootstrap."""
+    rng = np.random.default_rng(0)
+    one = np.concatenate([rng.normal(1, 1, 30), rng.normal(-1, 1, 60)])
+    labels = np.tile(np.r_[np.ones(30), np.zeros(60)], 8)
+    same = np.tile(one, 8)
+    low, high = bootstrap_eer(same, labels, n_boot=100, groups=np.repeat(np.arange(8), 90))
+    assert low == high == pytest.approx(eer(same, labels))
+    shifted = same + np.repeat(rng.normal(0, 1.5, 8), 90) * labels  # each speaker's targets sit elsewhere
+    by_speaker = bootstrap_eer(shifted, labels, n_boot=300, groups=np.repeat(np.arange(8), 90))
+    by_trial = bootstrap_eer(shifted, labels, n_boot=300)
+    assert by_speaker[1] - by_speaker[0] > 1.5 * (by_trial[1] - by_trial[0])
 
 
 def _write(path: Path, spec: dict) -> Path:
@@ -129,6 +145,7 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     assert list(paired["arm"]) == ["aam"] and paired["n_pairs"].iloc[0] == 2
     runs_table = pd.read_csv(out / "runs.csv")
     assert (runs_table["eer_boot_low"] <= runs_table["eer"] + 1e-9).all()
+    assert (runs_table["eer_spk_low"] <= runs_table["eer_spk_high"]).all()  # the evaluation wrote the names files
     assert (out / "det_O.png").is_file() and json.loads((out / "summary.json").read_text())["baseline"] == "ref"
 
     # the notebook over the same code: every run is reused, the tables and the DET figure come back

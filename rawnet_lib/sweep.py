@@ -32,6 +32,7 @@ from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_co
 from rawnet_lib.dataset.augment import find_noises, find_rirs
 from rawnet_lib.dataset.trials import speaker_of
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
+from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text
@@ -174,9 +175,12 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
             for tag in spec.lists:
                 tag = Path(tag).stem if tag.endswith(".txt") else tag
                 m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
-                data = np.loadtxt(out / f"scores_{tag}.txt", usecols=(0, 1), ndmin=2)
+                scores = _run_scores(out, tag)
+                data = scores[["score", "label"]].to_numpy(float)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
-                spk_low, spk_high = _speaker_interval(out / f"scores_{tag}_names.txt", n_boot, seed)
+                spk_low, spk_high = (bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed,
+                                                   groups=scores["enroll"].map(speaker_of).to_numpy())
+                                     if "enroll" in scores else (float("nan"), float("nan")))
                 rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
                              "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
@@ -191,13 +195,11 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     return pd.DataFrame(rows), pooled, missing
 
 
-def _speaker_interval(names_file: Path, n_boot: int, seed: int) -> tuple[float, float]:
-    """Bootstrap interval of the EER over enrollment speakers (nan without the names file)."""
-    if not names_file.is_file():
-        return float("nan"), float("nan")
-    trials = pd.read_csv(names_file, sep=" ", header=None, usecols=[0, 1, 2], names=["score", "label", "enroll"])
-    return bootstrap_eer(trials["score"].to_numpy(float), trials["label"].to_numpy(), n_boot, seed=seed,
-                         groups=trials["enroll"].map(speaker_of).to_numpy())
+def _run_scores(out: Path, tag: str) -> pd.DataFrame:
+    """A run's scores of one list: with the trial names when the evaluation wrote them (the test
+    speakers of the speaker bootstrap), else score and label only."""
+    names = out / f"scores_{tag}_names.txt"
+    return load_scores(names if names.is_file() else out / f"scores_{tag}.txt")
 
 
 def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:

@@ -15,7 +15,7 @@ import soundfile as sf
 
 from rawnet_lib.dataset.audio import probe, read_audio
 from rawnet_lib.dataset.trials import TrialList, resolve
-from rawnet_lib.eval.scoring import write_scores
+from rawnet_lib.eval.scoring import load_scores, write_scores
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.views import analysis as an
 from rawnet_lib.views.listen import trials_table, utterances_table
@@ -42,13 +42,13 @@ def test_load_scores_reads_both_variants(tmp_path: Path) -> None:
     trials = TrialList(HAND["label"].to_numpy(np.int8), list(HAND["enroll"]), list(HAND["test"]))
     write_scores(tmp_path / "plain.txt", HAND["score"].to_numpy(), trials)
     write_scores(tmp_path / "names.txt", HAND["score"].to_numpy(), trials, with_names=True)
-    plain, named = an.load_scores(tmp_path / "plain.txt"), an.load_scores(tmp_path / "names.txt")
+    plain, named = load_scores(tmp_path / "plain.txt"), load_scores(tmp_path / "names.txt")
     assert list(plain.columns) == ["score", "label"]
     pd.testing.assert_frame_equal(named, HAND, check_dtype=False)
     pd.testing.assert_frame_equal(plain, HAND[["score", "label"]], check_dtype=False)
     (tmp_path / "bad.txt").write_text("0.5 1 a\n")
     with pytest.raises(ValueError, match="bad.txt has 3 columns"):
-        an.load_scores(tmp_path / "bad.txt")
+        load_scores(tmp_path / "bad.txt")
 
 
 def test_eer_history_parses_eers_txt(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_score_sources_labels_and_figure_folders(eval_dir: Path, smoke_run: Path
 
 
 def test_trial_player_and_browser(eval_dir: Path) -> None:
-    scores = an.load_scores(eval_dir / "scores_O_names.txt")
+    scores = load_scores(eval_dir / "scores_O_names.txt")
     roots = an.audio_roots(eval_dir / "scores_O_names.txt")
     worst = pd.concat([an.worst_trials(scores, kind, n=2) for kind in ("false_reject", "false_accept")],
                       ignore_index=True)
@@ -127,7 +127,7 @@ def _clips(html: str) -> list[tuple[np.ndarray, object]]:
 
 
 def test_static_tables_play_both_sides_without_a_kernel(eval_dir: Path) -> None:
-    scores = an.load_scores(eval_dir / "scores_O_names.txt")
+    scores = load_scores(eval_dir / "scores_O_names.txt")
     roots = an.audio_roots(eval_dir / "scores_O_names.txt")
     worst = pd.concat([an.worst_trials(scores, kind, n=3) for kind in ("false_reject", "false_accept")],
                       ignore_index=True)

@@ -8,9 +8,14 @@ import numpy as np
 import pandas as pd
 
 from rawnet_lib.dataset.trials import TrialList
+from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.io import atomic_open
 
-__all__ = ["cosine_scores", "asnorm_scores", "write_scores"]
+__all__ = ["ScoreFileError", "cosine_scores", "asnorm_scores", "write_scores", "load_scores"]
+
+
+class ScoreFileError(WorkbookError, ValueError):
+    """A score file that cannot be read as `score target [enroll test]` lines; the message says why."""
 
 
 def cosine_scores(embeddings: dict[str, np.ndarray], trials: TrialList, chunk: int = 1024) -> np.ndarray:
@@ -73,3 +78,19 @@ def write_scores(path: Path, scores: np.ndarray, trials: TrialList, with_names: 
         else:
             for s, y in zip(scores, trials.labels):
                 f.write(f"{s:.6f} {int(y)}\n")
+
+
+def load_scores(path: str | Path) -> pd.DataFrame:
+    """A score file as columns score, label (1 = same speaker), and enroll, test when it has names."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, sep=" ", header=None, dtype={0: np.float64, 1: np.int8})
+    except FileNotFoundError:
+        raise MissingPathError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first") from None
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ScoreFileError(f"{path} is not a score file ({err}); expected lines `score target` or "
+                         "`score target enroll test` as rawnet_lib.evaluate writes them") from None
+    if frame.shape[1] not in (2, 4):
+        raise ScoreFileError(f"{path} has {frame.shape[1]} columns; expected `score target` or `score target enroll test`")
+    frame.columns = ["score", "label", "enroll", "test"][:frame.shape[1]]
+    return frame

@@ -21,35 +21,17 @@ import pandas as pd
 from rawnet_lib.config import DataConfig
 from rawnet_lib.dataset.audio import read_audio
 from rawnet_lib.dataset.trials import resolve, speaker_of
-from rawnet_lib.errors import MissingPathError, WorkbookError
+from rawnet_lib.errors import MissingPathError
 from rawnet_lib.eval.metrics import eer_threshold
+from rawnet_lib.eval.scoring import ScoreFileError
 from rawnet_lib.views.plots import waveform_spectrogram
 
-__all__ = ["load_scores", "score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
+__all__ = ["score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
            "trial_player", "misverified_browser", "file_stem"]
 
 
-class ScoreFileError(WorkbookError, ValueError):
-    """A score file that cannot be read as `score target [enroll test]` lines; the message says why."""
-
 _KINDS = ("false_reject", "false_accept")
 _EERS_LINE = re.compile(r"epoch:\s*(\d+),\s*TA_eval_eer:\s*([-+0-9.eE]+|nan)")
-
-
-def load_scores(path: str | Path) -> pd.DataFrame:
-    """A score file as columns score, label (1 = same speaker), and enroll, test when it has names."""
-    path = Path(path)
-    try:
-        frame = pd.read_csv(path, sep=" ", header=None, dtype={0: np.float64, 1: np.int8})
-    except FileNotFoundError:
-        raise MissingPathError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first") from None
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ScoreFileError(f"{path} is not a score file ({err}); expected lines `score target` or "
-                         "`score target enroll test` as rawnet_lib.evaluate writes them") from None
-    if frame.shape[1] not in (2, 4):
-        raise ScoreFileError(f"{path} has {frame.shape[1]} columns; expected `score target` or `score target enroll test`")
-    frame.columns = ["score", "label", "enroll", "test"][:frame.shape[1]]
-    return frame
 
 
 def _eval_dir_files(folder: Path) -> list[Path]:

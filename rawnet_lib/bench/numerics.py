@@ -16,7 +16,7 @@ import torch
 from rawnet_lib.bench.common import record
 from rawnet_lib.bench.inference import speech_crops
 from rawnet_lib.eval.embed import autocast
-from rawnet_lib.models.checkpoint import CheckpointError, load_checkpoint_model, read_checkpoint
+from rawnet_lib.models.checkpoint import CheckpointError, checkpoint_model, read_checkpoint
 from rawnet_lib.models.losses import build_loss
 
 __all__ = ["subnormals", "bench_subnormals"]
@@ -41,11 +41,11 @@ def bench_subnormals(checkpoint: str | Path, batch: int = 32, data_path: str | P
     real speech (noise where there is none; `input` says which) and labels drawn at random (the
     gradients' scale is that of a step, not of one speaker's). `base` fills what a bare
     state_dict does not say, as in `load_checkpoint_model`."""
-    model, cfg = load_checkpoint_model(checkpoint, base=base)
+    stored = read_checkpoint(checkpoint)
+    model, cfg = checkpoint_model(stored, checkpoint, base=base)
     if getattr(model, "fc2_gru", None) is None:
         raise CheckpointError(f"{checkpoint} has no classifier (fc2_gru), so there is no training step to look "
                               "at; give a training checkpoint (a run's models/last.pt or best_opt_eval.pt)")
-    stored = read_checkpoint(checkpoint)
     x, source = speech_crops(cfg, batch, data_path, seed)
     y = torch.randint(0, model.fc2_gru.out_features, (batch,), generator=torch.Generator().manual_seed(seed))
     activations: list[torch.Tensor] = []

@@ -26,7 +26,7 @@ from rawnet_lib.io import atomic_torch_save
 from rawnet_lib.models.rawnet2 import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
-           "resume_training", "load_checkpoint_model", "infer_model_config", "checkpoint_fingerprint",
+           "resume_training", "load_checkpoint_model", "checkpoint_model", "infer_model_config", "checkpoint_fingerprint",
            "init_from_checkpoint"]
 
 _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
@@ -181,8 +181,14 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
     `base` (a Config or preset name). Loading is strict; fc2_gru is kept
     when present so that every key is accounted for.
     """
-    path = Path(path)
-    state, config = _weights(read_checkpoint(path), str(path))
+    return checkpoint_model(read_checkpoint(path), Path(path), device, base)
+
+
+def checkpoint_model(stored: Any, path: str | Path, device: str | torch.device = "cpu",
+                     base: Config | str = "paper") -> tuple[RawNet2, Config]:
+    """`load_checkpoint_model` of what `read_checkpoint(path)` returned, for a caller that also
+    needs the rest of it (the optimiser state, the epoch)."""
+    state, config = _weights(stored, str(path))
     if config is not None:
         cfg = Config.from_dict(config)
         _, n_classes = infer_model_config(state, cfg.model)

@@ -190,9 +190,6 @@ def train(cfg: Config) -> dict[str, Any]:
             raise DatasetError(utts.bad_summary())  # before the run folder exists: fix the data, run again
         augment = dist.main_first(rank, lambda: Augmenter.from_config(  # rank 0 makes the built-in sets once
             cfg.augment, builtin_babble_dir(data_path, cfg.data.val_from), cfg.model.sample_rate))
-        run = RunDir.create(cfg, rank, data_path)
-        if utts.bad:
-            run.log(0, f"skipping {len(utts.bad)} unusable training file(s):\n{utts.bad_summary()}")
         dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate,
                               skip_bad=cfg.data.on_bad_audio == "skip", speed_perturb=cfg.data.speed_perturb,
                               augment=augment)
@@ -201,6 +198,14 @@ def train(cfg: Config) -> dict[str, Any]:
                                      seed=cfg.train.seed, drop_last=True)
         loader = training_loader(dataset, sampler, cfg.train.batch_size // rank.world_size, cfg.data.num_workers,
                                  rank.device)
+        if len(loader) == 0:  # drop_last would leave no step at all (performance mode would wait forever)
+            raise ConfigError(f"batch_size {cfg.train.batch_size} is more than the {len(dataset)} training crops "
+                              f"of an epoch ({len(utts)} utterances in {data_path / cfg.data.train_dir}"
+                              f"{f', x{len(cfg.data.speed_perturb)} speeds' if len(dataset) > len(utts) else ''}); "
+                              f"use batch_size {len(sampler) * rank.world_size} or less, or more data")
+        run = RunDir.create(cfg, rank, data_path)
+        if utts.bad:
+            run.log(0, f"skipping {len(utts.bad)} unusable training file(s):\n{utts.bad_summary()}")
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = schedules.make_optimizer(model, cfg, len(loader))  # default: the reference's
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")

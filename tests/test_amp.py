@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from rawnet_lib import bench
 from rawnet_lib.config import load_config
+from rawnet_lib.dist import DistError
 from rawnet_lib.models import fastsinc
 from rawnet_lib.models.rawnet2 import RawNet2, SincConv, build_model
 
@@ -125,3 +126,15 @@ def test_cpu_inference_uses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.M
             pass
     assert any("emulated" in str(w.message) for w in caught) is not has_bf16
     embed._warn_if_emulated.cache_clear()
+
+
+def test_bench_accel_refuses_the_cpu_and_its_fp16_step_scales_the_loss() -> None:
+    """`bench accel` times the step a GPU/NPU run takes: fp16 through a GradScaler, as training."""
+    with pytest.raises(DistError, match="needs a GPU or an Ascend NPU"):
+        bench.bench_accel("smoke", device="cpu")
+    model, optimizer, step = bench.compute._train_setup("smoke", "exact", 2, 5, device="cpu", amp="fp16")
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(20):  # the scaler skips steps whose scaled gradients overflow, then lowers its scale
+        step()
+    assert optimizer.state  # scaler.step() called optimizer.step() once the gradients were finite
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

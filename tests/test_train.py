@@ -112,6 +112,16 @@ def test_batch_must_split_over_ranks(tiny_db: Path, tmp_path: Path, monkeypatch:
         train(cfg)
 
 
+@pytest.mark.parametrize("mode", ["full", "performance"])
+def test_a_batch_larger_than_the_data_is_a_clear_error(tiny_db: Path, tmp_path: Path, mode: str) -> None:
+    """Seen on a GPU: the paper's batch of 100 on the tiny corpus left no step, and performance
+    mode restarted its empty loader for ever."""
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), batch_size=1000, mode=mode)
+    with pytest.raises(ValueError, match=r"batch_size 1000 is more than the \d+ training crops .*VoxCeleb2/wav"):
+        train(cfg)
+    assert not run_path(cfg).exists()  # nothing written before the check
+
+
 def test_ranks_other_than_0_get_a_run_folder_that_writes_nothing(tiny_db: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), epochs=1)
     run = RunDir.create(cfg, RankInfo(1, 2, torch.device("cpu")), tiny_db)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
-from rawnet_lib.bench.compute import bench_memory, bench_scale, bench_train, matmul_peak
+from rawnet_lib.bench.compute import bench_accel, bench_memory, bench_scale, bench_train, matmul_peak
 from rawnet_lib.bench.inference import bench_embed
 from rawnet_lib.bench.loading import bench_data_scale, bench_load
 from rawnet_lib.bench.numerics import bench_subnormals
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     usage = sys.modules["rawnet_lib.bench"].__doc__  # the package's docstring: what each command measures
     parser = cli_parser("python -m rawnet_lib.bench", usage, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
-    parser.add_argument("what", choices=["train", "memory", "embed", "load", "score", "gather", "peak",
+    parser.add_argument("what", choices=["train", "accel", "memory", "embed", "load", "score", "gather", "peak",
                                          "scale", "scale-data", "subnormals", "all"])
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.what == "all":
         return run_all(preset, batch, repeats, args.quick and not custom, data)
     run = {"train": lambda: bench_train(preset, batch, repeats, n_classes),
+           "accel": lambda: bench_accel(preset, batch, repeats, n_classes),
            "memory": lambda: bench_memory(preset, batch, n_classes, 1 if args.quick else 2),
            "embed": lambda: bench_embed(preset, 4 * batch, repeats, data, args.checkpoint or None),
            "load": lambda: bench_load(preset, batch, 4 if args.quick else 100, data_path=data, augment=args.augment),

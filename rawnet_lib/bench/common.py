@@ -113,12 +113,14 @@ def sig(x: float, digits: int = 4) -> float:
 
 def speed_records(name: str, times: dict[str, list[float]], crops: int, gflop_per_crop: float,
                    **extra: Any) -> list[dict[str, Any]]:
-    """One record per path: median crops/s, GFLOP/s and the median per-round ratio to exact."""
-    out = []
+    """One record per path: median crops/s, GFLOP/s and the median per-round ratio to the first
+    (the exact path; float32 where the paths are AMP modes)."""
+    out, base = [], next(iter(times.values()))
     for path, secs in times.items():
-        ratios = [e / s for e, s in zip(times["exact"], secs)]
+        ratios = [e / s for e, s in zip(base, secs)]
         rate = crops / statistics.median(secs)
-        out.append(record(name, path=path, amp=PATHS[path]["amp"], crops_per_s=sig(rate),
+        amp = PATHS[path]["amp"] if path in PATHS else path
+        out.append(record(name, path=path, amp=amp, crops_per_s=sig(rate),
                            seconds=round(statistics.median(secs), 4), gflops=sig(rate * gflop_per_crop),
                            gflop_per_crop=sig(gflop_per_crop), ratio=sig(statistics.median(ratios)),
                            ratio_min=sig(min(ratios)), ratio_max=sig(max(ratios)),

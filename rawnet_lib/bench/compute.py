@@ -1,5 +1,6 @@
-"""The compute side on the CPU: the matrix-product peak, training steps of the exact and fast
-paths, their memory, and the trainer's throughput with 1 and 2 processes."""
+"""The compute side: on the CPU the matrix-product peak, training steps of the exact and fast
+paths, their memory, and the trainer's throughput with 1 and 2 processes; on an accelerator the
+training step per AMP mode."""
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,12 @@ import torch.nn.functional as F
 from rawnet_lib.bench.common import (PAPER_CLASSES, PATHS, alternate, model_gflop, path_config, record, reset_peak,
                                      rss_mib, speed_records, status_kib)
 from rawnet_lib.config import load_config
+from rawnet_lib.dist import DistError, resolve_device_kind
 from rawnet_lib.eval.embed import autocast, native_amp
 from rawnet_lib.models import fastsinc
 from rawnet_lib.models.rawnet2 import build_model
 
-__all__ = ["matmul_peak", "native_peak", "bench_train", "bench_memory", "bench_scale"]
+__all__ = ["matmul_peak", "native_peak", "bench_train", "bench_accel", "bench_memory", "bench_scale"]
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> list[dict[str, Any]]:
@@ -51,23 +53,32 @@ def native_peak(size: int = 2048, repeats: int = 3) -> float:
                for amp in ("off", "bf16") if native_amp(amp))
 
 
-def _train_setup(preset: str, path: str, batch: int, n_classes: int, seed: int = 0):
-    """(model, optimizer, one training step) of a path; same weights and batch for every path."""
+def _train_setup(preset: str, path: str, batch: int, n_classes: int, seed: int = 0,
+                 device: str = "cpu", amp: str | None = None):
+    """(model, optimizer, one training step) of a path; same weights and batch for every path.
+    On an accelerator `amp` replaces the path's, fp16 goes through a GradScaler as in training,
+    and a step ends with a device synchronisation, so the wall clock times the work."""
     from rawnet_lib.training.schedules import make_optimizer
     cfg = path_config(preset, path)
+    cfg.train.amp = amp or cfg.train.amp
+    dev = torch.device(device)
     torch.manual_seed(seed)
-    model = build_model(cfg, n_classes).train()
+    model = build_model(cfg, n_classes).train().to(dev)
     optimizer, _ = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.amp == "fp16")
+    sync = getattr(torch, dev.type).synchronize if dev.type != "cpu" else lambda: None
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.model.n_samples, generator=gen)
-    y = torch.randint(0, n_classes, (batch,), generator=gen)
+    x = torch.randn(batch, cfg.model.n_samples, generator=gen).to(dev)
+    y = torch.randint(0, n_classes, (batch,), generator=gen).to(dev)
 
     def step() -> None:
-        with autocast(torch.device("cpu"), cfg.train.amp):
+        with autocast(dev, cfg.train.amp):
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sync()
     return model, optimizer, step
 
 
@@ -79,6 +90,21 @@ def bench_train(preset: str = "paper", batch: int = 8, repeats: int = 5,
     gflop = model_gflop(load_config(preset).model, n_classes)["train"]
     return speed_records("train_step", times, batch, gflop, preset=preset, batch=batch,
                           n_classes=n_classes, repeats=repeats)
+
+
+def bench_accel(preset: str = "paper", batch: int = 8, repeats: int = 5, n_classes: int = PAPER_CLASSES,
+                device: str = "auto") -> list[dict[str, Any]]:
+    """Training steps on the accelerator (cuda or npu) in float32, bf16 and fp16, alternately:
+    the exact path there (the fast path is for CPUs); ratio against float32."""
+    kind = resolve_device_kind(device)
+    if kind == "cpu":
+        raise DistError("bench accel needs a GPU or an Ascend NPU; `bench train` measures the CPU")
+    steps = {amp: _train_setup(preset, "exact", batch, n_classes, device=kind, amp=amp)[2]
+             for amp in ("off", "bf16", "fp16")}
+    times = alternate(steps, repeats, warmup=2)
+    gflop = model_gflop(load_config(preset).model, n_classes)["train"]
+    return speed_records("accel_step", times, batch, gflop, preset=preset, batch=batch, n_classes=n_classes,
+                          repeats=repeats, accelerator=torch.cuda.get_device_name() if kind == "cuda" else kind)
 
 
 def _memory_child(preset: str, path: str, batch: int, n_classes: int, steps: int) -> dict[str, float]:

@@ -32,9 +32,11 @@ from rawnet_lib.dataset.synth import INSTALL, CorpusError, Voice, find_voices, r
 from rawnet_lib.errors import run_cli
 from rawnet_lib.io import atomic_write_text
 
-__all__ = ["CorpusError", "CorpusSize", "SIZES", "Voice", "find_voices", "generate_corpus", "ensure_demo_corpus"]
+__all__ = ["CorpusError", "CorpusSize", "SIZES", "Voice", "base_voices", "find_voices", "generate_corpus",
+           "ensure_demo_corpus"]
 
 
+VERSION = 2  # 2: the test voices also at their extra speeds (more Vox1-O speakers); 1 is a subset
 SPLITS = {"vox2_train": "VoxCeleb2/m4a", "vox1_dev": "VoxCeleb1/dev_wav",
           "vox1_eval": "VoxCeleb1/eval_wav"}  # split -> folder under DB
 _VIDEO_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -51,15 +53,16 @@ class CorpusSize:
     seconds: tuple[float, float]  # utterance length range
     short_fraction: float  # share of 1.5-3.6 s utterances, shorter than a training crop
     targets: tuple[int, int, int]  # target trials at most in the O, E and H lists
+    eval_extra: tuple[float, ...] = ()  # further speeds of the test voices, one speaker each (version 2)
 
 
 SIZES = {
     "demo": CorpusSize(voices=(33, 7, 20), factors=((0.9, 1.0, 1.1), (0.9, 1.0, 1.1), (1.0,)),
                        videos=(3, 4), utts=(3, 4), seconds=(3.7, 7.0), short_fraction=0.15,
-                       targets=(1500, 3000, 3000)),
+                       targets=(3000, 3000, 3000), eval_extra=(0.9, 1.1)),
     "tiny": CorpusSize(voices=(3, 2, 4), factors=((0.9, 1.1), (0.9, 1.1), (1.0,)),
                        videos=(2, 2), utts=(2, 3), seconds=(1.5, 4.0), short_fraction=0.0,
-                       targets=(20, 40, 40)),
+                       targets=(20, 40, 40), eval_extra=(1.1,)),
 }
 
 
@@ -91,7 +94,11 @@ def _video_id(rng: np.random.Generator) -> str:
 
 
 def _plan(splits: dict, size: CorpusSize, seed: int) -> list[dict]:
-    """Every speaker: id, split, voice, speed factor and videos [(video id, utterances)]."""
+    """Every speaker: id, split, voice, speed factor and videos [(video id, utterances)].
+
+    The test voices' extra speeds (version 2) draw their ids from a stream of their own, after
+    the rest, so every speaker of version 1 keeps its id, videos and bytes: a version-1 corpus
+    upgrades by adding speakers, and models trained on it saw exactly the same training data."""
     rng = np.random.default_rng([seed, 1])
     who = {s: [(v, f) for v in splits[s] for f in size.factors[i]] for i, s in enumerate(SPLITS)}
     n_dev, n_vox1 = len(who["vox1_dev"]), len(who["vox1_dev"]) + len(who["vox1_eval"])
@@ -99,6 +106,10 @@ def _plan(splits: dict, size: CorpusSize, seed: int) -> list[dict]:
     ids = {"vox2_train": [f"id{n:05d}" for n in rng.choice(np.arange(1, 10000),
                                                            len(who["vox2_train"]), replace=False)],
            "vox1_dev": vox1[:n_dev], "vox1_eval": vox1[n_dev:]}
+    extra = [(v, f) for v in splits["vox1_eval"] for f in size.eval_extra]
+    free = np.setdiff1d(np.arange(10001, 11252), [int(i[2:]) for i in vox1])
+    ids["vox1_eval"] += [f"id{n}" for n in np.random.default_rng([seed, 6]).choice(free, len(extra), replace=False)]
+    who["vox1_eval"] += extra
     speakers = []
     for split in SPLITS:
         for spk, (voice, factor) in zip(ids[split], who[split]):
@@ -170,8 +181,10 @@ def _write_trials(db: Path, speakers: list[dict], size: CorpusSize, seed: int) -
 
 # --- entry points ----------------------------------------------------------------------------
 
-def _is_done(db: Path, size: str, seed: int, voices: str) -> bool:
-    """True when ``db`` already holds this very corpus; raises when it holds another."""
+def _existing(db: Path, size: str, seed: int, voices: str) -> tuple[bool, dict]:
+    """(done, the finished manifest there): done when ``db`` holds this very corpus at this
+    VERSION; an older version's manifest means upgrade (its speakers are kept); raises when
+    the folder holds another corpus."""
     for name in ("corpus.json", ".corpus_pending.json"):  # pending: an interrupted run
         if (db / name).is_file():
             old = json.loads((db / name).read_text())
@@ -179,11 +192,12 @@ def _is_done(db: Path, size: str, seed: int, voices: str) -> bool:
                 raise CorpusError(f"{db} holds a corpus with size={old['size']!r}, seed={old['seed']}, "
                                  f"voices={old['voice_kind']!r}, not size={size!r}, seed={seed}, "
                                  f"voices={voices!r}; pick another root or delete that folder")
-            return name == "corpus.json"
+            done = name == "corpus.json" and old.get("version", 1) == VERSION
+            return done, old if name == "corpus.json" else {}
     if db.is_dir() and any(db.iterdir()):
         raise CorpusError(f"{db} exists but was not made by generate_corpus (no corpus.json); "
                          "pick another root or delete that folder")
-    return False
+    return False, {}
 
 
 def _manifest(state: dict, speakers: list[dict], seconds: list[float], trials: dict,
@@ -218,22 +232,30 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
     if workers < 1:
         raise CorpusError(f"workers={workers} must be at least 1")
     db = Path(root) / "DB"
-    if _is_done(db, size, seed, voices):
+    done, older = _existing(db, size, seed, voices)
+    if done:
         return db
     start, preset = time.perf_counter(), SIZES[size]
     usable, skipped = find_voices(voices)
     find_ffmpeg()
     speakers = _plan(_assign(usable, preset, np.random.default_rng([seed, 0])), preset, seed)
-    state = {"size": size, "seed": seed, "voice_kind": usable[0].kind, "voices_requested": voices}
+    state = {"size": size, "seed": seed, "version": VERSION, "voice_kind": usable[0].kind, "voices_requested": voices}
     db.mkdir(parents=True, exist_ok=True)
     atomic_write_text(db / ".corpus_pending.json", json.dumps(state))
+    kept = {row["id"]: row["seconds"] for row in older.get("speakers", [])}  # an older version's speakers
+    if kept:
+        print(f"{db}: upgrading a version-{older.get('version', 1)} corpus to version {VERSION} "
+              f"(its {len(kept)} speakers are kept; new test speakers and trial lists are added)")
     jobs = [{"seed": seed, "num": int(s["id"][2:]), "voice": s["voice"], "factor": s["factor"],
              "videos": s["videos"], "seconds": preset.seconds, "short_fraction": preset.short_fraction,
-             "dir": str(db / SPLITS[s["split"]] / s["id"]), "m4a": s["split"] == "vox2_train"} for s in speakers]
+             "dir": str(db / SPLITS[s["split"]] / s["id"]), "m4a": s["split"] == "vox2_train"}
+            for s in speakers if s["id"] not in kept]
     # spawn, not fork: the caller may be a notebook kernel with torch threads running
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        seconds = list(tqdm(pool.map(render_speaker, jobs), total=len(jobs), desc="speakers",
-                            unit="spk", disable=not progress))
+        rendered = dict(zip((j["dir"] for j in jobs), tqdm(pool.map(render_speaker, jobs), total=len(jobs),
+                                                          desc="speakers", unit="spk", disable=not progress)))
+    seconds = [kept[s["id"]] if s["id"] in kept else rendered[str(db / SPLITS[s["split"]] / s["id"])]
+               for s in speakers]
     trials = _write_trials(db, speakers, preset, seed)
     manifest = _manifest(state, speakers, seconds, trials, skipped)
     manifest["generation_seconds"] = round(time.perf_counter() - start, 1)
@@ -245,6 +267,16 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
           + f"({', '.join(sorted({v['name'] for v in manifest['voices']}))}), "
           + f"{manifest['generation_seconds']} s -> {db}")
     return db
+
+
+def base_voices(db: Path) -> dict[str, str]:
+    """Speaker id -> its base voice on a demo corpus (empty for other data). Speakers made from
+    one voice at several speeds are separate identities but not independent test speakers, so
+    a bootstrap over test speakers resamples voices."""
+    manifest = Path(db) / "corpus.json"
+    if not str(db) or not manifest.is_file():
+        return {}
+    return {row["id"]: row["voice"] for row in json.loads(manifest.read_text())["speakers"]}
 
 
 def _default_root(size: str) -> Path:

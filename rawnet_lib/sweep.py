@@ -11,7 +11,8 @@ config is built and checked before anything trains. Run again, the sweep reuses 
 and evaluations and resumes an interrupted run from its last finished epoch.
 
 Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over test
-speakers: trials of one speaker are not independent, so the second is the wider), summary.csv /
+speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
+second is the wider), summary.csv /
 .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
 paired.csv (each arm minus the first over the same seeds), det_<list>.png (all arms, the
 scores of their seeds pooled).
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
+from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
 from rawnet_lib.dataset.trials import speaker_of
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
@@ -171,7 +173,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
             if not (out / "metrics.json").is_file():  # not trained or evaluated yet: summarise what is done
                 missing.append(f"{arm}-seed{seed}")
                 continue
-            metrics = pd.DataFrame(json.loads((out / "metrics.json").read_text())["metrics"])
+            meta = json.loads((out / "metrics.json").read_text())
+            metrics, voices = pd.DataFrame(meta["metrics"]), base_voices(meta.get("data_path", ""))
             for tag in spec.lists:
                 tag = Path(tag).stem if tag.endswith(".txt") else tag
                 m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
@@ -179,7 +182,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                 data = scores[["score", "label"]].to_numpy(float)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
                 spk_low, spk_high = (bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed,
-                                                   groups=scores["enroll"].map(speaker_of).to_numpy())
+                                                   groups=scores["enroll"].map(speaker_of).map(
+                                                       lambda spk: voices.get(spk, spk)).to_numpy())
                                      if "enroll" in scores else (float("nan"), float("nan")))
                 rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,

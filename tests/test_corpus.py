@@ -2,6 +2,7 @@
 deterministic and idempotent."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -44,7 +45,7 @@ def _trials(db: Path, name: str) -> list[tuple[int, str, str]]:
 def test_layout_and_names(db: Path, manifest: dict) -> None:
     speakers = {split: sorted(p.name for p in (db / folder).iterdir())
                 for split, folder in corpus.SPLITS.items()}
-    assert [len(speakers[s]) for s in corpus.SPLITS] == [6, 4, 4]  # tiny: 3x2, 2x2, 4x1
+    assert [len(speakers[s]) for s in corpus.SPLITS] == [6, 4, 8]  # tiny: 3x2, 2x2, 4x(1 + 1 extra speed)
     assert all(re.fullmatch(r"id0\d{4}", s) for s in speakers["vox2_train"])
     assert all(re.fullmatch(r"id1\d{4}", s) for s in speakers["vox1_dev"] + speakers["vox1_eval"])
     m4a = sorted((db / "VoxCeleb2" / "m4a").rglob("*.m4a"))
@@ -152,6 +153,34 @@ def test_second_call_generates_nothing_and_other_settings_raise(db: Path, monkey
         generate_corpus(db.parent, "tiny", seed=7, progress=False)
     with pytest.raises(ValueError, match="size='tiny'"):
         generate_corpus(db.parent, "demo", seed=0, progress=False)
+
+
+@needs_tools
+def test_an_older_version_upgrades_by_adding_speakers(db: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 1 had no extra test speeds: its speakers keep their bytes in version 2, so models
+    trained on it stay valid, and upgrading it in place gives the same files as a new corpus."""
+    with monkeypatch.context() as m:
+        m.setattr(corpus, "VERSION", 1)
+        m.setitem(SIZES, "tiny", dataclasses.replace(SIZES["tiny"], eval_extra=()))
+        old = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
+    v1 = _files(old)
+    assert json.loads((old / "corpus.json").read_text())["version"] == 1
+    upgraded = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
+    new = _files(upgraded)
+    assert all(new[k] == v for k, v in v1.items() if "/veri_test" not in k and "/list_test" not in k)
+    assert new == _files(db)  # the upgrade is the version-2 corpus, trial lists included
+    manifest = json.loads((upgraded / "corpus.json").read_text())
+    assert manifest["version"] == corpus.VERSION and manifest["counts"]["vox1_eval"]["speakers"] == 8
+
+
+@needs_tools
+def test_base_voices_group_the_speed_variants_of_a_voice(db: Path, manifest: dict, tmp_path: Path) -> None:
+    voices = corpus.base_voices(db)
+    test = [row for row in manifest["speakers"] if row["split"] == "vox1_eval"]
+    assert {voices[row["id"]] for row in test} == {row["voice"] for row in test}
+    assert len(test) == 2 * len({row["voice"] for row in test})  # tiny: each test voice at 1.0 and 1.1
+    assert corpus.base_voices(tmp_path) == {} and corpus.base_voices("") == {}  # other data: speakers
 
 
 @needs_tools

@@ -239,10 +239,15 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
     usable, skipped = find_voices(voices)
     find_ffmpeg()
     speakers = _plan(_assign(usable, preset, np.random.default_rng([seed, 0])), preset, seed)
-    state = {"size": size, "seed": seed, "version": VERSION, "voice_kind": usable[0].kind, "voices_requested": voices}
+    state = {"size": size, "seed": seed, "version": VERSION, "voice_kind": usable[0].kind,
+             "voices_requested": voices}
+    kept = {row["id"]: row["seconds"] for row in older.get("speakers", [])}  # an older version's speakers
+    planned = {s["id"]: s["voice"].name for s in speakers}
+    if any(planned.get(row["id"]) != row["voice"] for row in older.get("speakers", [])):
+        raise CorpusError(f"{db} holds a version-{older.get('version', 1)} corpus made with other voices than "
+                         "this machine has now, so it cannot be upgraded; delete that folder and run again")
     db.mkdir(parents=True, exist_ok=True)
     atomic_write_text(db / ".corpus_pending.json", json.dumps(state))
-    kept = {row["id"]: row["seconds"] for row in older.get("speakers", [])}  # an older version's speakers
     if kept:
         print(f"{db}: upgrading a version-{older.get('version', 1)} corpus to version {VERSION} "
               f"(its {len(kept)} speakers are kept; new test speakers and trial lists are added)")

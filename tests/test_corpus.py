@@ -165,7 +165,15 @@ def test_an_older_version_upgrades_by_adding_speakers(db: Path, tmp_path: Path,
         m.setitem(SIZES, "tiny", dataclasses.replace(SIZES["tiny"], eval_extra=()))
         old = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
     v1 = _files(old)
-    assert json.loads((old / "corpus.json").read_text())["version"] == 1
+    manifest = json.loads((old / "corpus.json").read_text())
+    assert manifest["version"] == 1
+    other = json.loads(json.dumps(manifest))
+    other["speakers"][0]["voice"] = "mb-xx9"  # made with voices this machine no longer has
+    (old / "corpus.json").write_text(json.dumps(other))
+    with pytest.raises(corpus.CorpusError, match="other voices.*delete that folder"):
+        generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
+    assert not (old / ".corpus_pending.json").exists()  # refused before anything was written
+    (old / "corpus.json").write_text(json.dumps(manifest))
     upgraded = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
     new = _files(upgraded)
     assert all(new[k] == v for k, v in v1.items() if "/veri_test" not in k and "/list_test" not in k)

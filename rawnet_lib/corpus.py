@@ -251,16 +251,16 @@ def generate_corpus(root: Path, size: str = "demo", seed: int = 0, voices: str =
     if kept:
         print(f"{db}: upgrading a version-{older.get('version', 1)} corpus to version {VERSION} "
               f"(its {len(kept)} speakers are kept; new test speakers and trial lists are added)")
+    todo = [s for s in speakers if s["id"] not in kept]
     jobs = [{"seed": seed, "num": int(s["id"][2:]), "voice": s["voice"], "factor": s["factor"],
              "videos": s["videos"], "seconds": preset.seconds, "short_fraction": preset.short_fraction,
-             "dir": str(db / SPLITS[s["split"]] / s["id"]), "m4a": s["split"] == "vox2_train"}
-            for s in speakers if s["id"] not in kept]
+             "dir": str(db / SPLITS[s["split"]] / s["id"]), "m4a": s["split"] == "vox2_train"} for s in todo]
     # spawn, not fork: the caller may be a notebook kernel with torch threads running
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rendered = dict(zip((j["dir"] for j in jobs), tqdm(pool.map(render_speaker, jobs), total=len(jobs),
+        rendered = dict(zip((s["id"] for s in todo), tqdm(pool.map(render_speaker, jobs), total=len(jobs),
                                                           desc="speakers", unit="spk", disable=not progress)))
-    seconds = [kept[s["id"]] if s["id"] in kept else rendered[str(db / SPLITS[s["split"]] / s["id"])]
-               for s in speakers]
+    seconds_of = kept | rendered
+    seconds = [seconds_of[s["id"]] for s in speakers]
     trials = _write_trials(db, speakers, preset, seed)
     manifest = _manifest(state, speakers, seconds, trials, skipped)
     manifest["generation_seconds"] = round(time.perf_counter() - start, 1)

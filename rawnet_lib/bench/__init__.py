@@ -35,4 +35,5 @@ from rawnet_lib.bench.scoring import bench_gather, bench_score
 
 __all__ = ["PATHS", "model_gflop", "environment", "sig", "matmul_peak", "native_peak", "bench_train", "bench_accel",
            "bench_memory", "bench_scale", "bench_embed", "calibrate_batch_norm", "speech_crops", "bench_load",
-           "bench_data_scale", "bench_score", "bench_gather", "subnormals", "bench_subnormals", "run_all", "plot_comparison", "main"]
+           "bench_data_scale", "bench_score", "bench_gather", "subnormals", "bench_subnormals", "run_all",
+           "plot_comparison", "main"]

@@ -48,7 +48,8 @@ def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lis
         conversion = convert_tree(m4a, data_path / cfg.train_dir, workers=workers, progress=progress)
         print(conversion.summary())
     dirs = data_dirs(cfg)
-    lists = {d: load_utterances(data_path, d, refresh=True, progress=progress) for d in dirs if (data_path / d).is_dir()}
+    lists = {d: load_utterances(data_path, d, refresh=True, progress=progress)
+             for d in dirs if (data_path / d).is_dir()}
     report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=cfg.min_seconds,
                            workers=workers, progress=progress) if check else None
     return PrepResult(data_path, conversion, lists, report)
@@ -56,7 +57,8 @@ def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lis
 
 def utterance_table(lists: dict[str, UtteranceList], sample_rate: int = SAMPLE_RATE) -> pd.DataFrame:
     """Speakers, utterances and hours per folder."""
-    rows = [{"folder": d, "speakers": len(u.speakers()), "utterances": len(u), "hours": round(u.seconds(sample_rate) / 3600, 2),
+    rows = [{"folder": d, "speakers": len(u.speakers()), "utterances": len(u),
+             "hours": round(u.seconds(sample_rate) / 3600, 2),
              "mean seconds": round(u.seconds(sample_rate) / max(len(u), 1), 2), "unusable files": len(u.bad)}
             for d, u in lists.items()]
     return pd.DataFrame(rows)

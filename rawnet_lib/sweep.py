@@ -82,12 +82,14 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None) -> Sweep:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SWEEP_KEYS)}")
     seeds, lists, arms = spec.get("seeds"), spec.get("lists", ["O"]), spec.get("arms")
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
+    distinct_ints = isinstance(seeds, list) and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)
+    if not (seeds and distinct_ints):
         raise ConfigError(f"{path}: seeds must be a list of distinct integers, e.g. [1, 2, 3], got {seeds!r}")
     if not (isinstance(lists, list) and lists):
         raise ConfigError(f"{path}: lists must name trial lists, e.g. [O, E, H], got {lists!r}")
     if not (isinstance(arms, dict) and arms):
-        raise ConfigError(f"{path}: arms must map names to overrides, e.g. {{baseline: {{preset: demo}}}}, got {arms!r}")
+        raise ConfigError(f"{path}: arms must map names to overrides, e.g. {{baseline: {{preset: demo}}}}, "
+                          f"got {arms!r}")
     out = Path(out) if out else REPO_DIR / "outputs" / "sweeps" / path.stem
     configs = {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists, out)
                            for seed in seeds} for name, overrides in arms.items()}
@@ -102,7 +104,8 @@ def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, l
         raise ConfigError(f"{where}: an arm name becomes a folder name; use letters, digits, - and _")
     overrides = dict(overrides or {}) if isinstance(overrides, dict) or overrides is None else overrides
     if not isinstance(overrides, dict):
-        raise ConfigError(f"{where}: the overrides must be a mapping of blocks (loss: {{head: aam}}), got {overrides!r}")
+        raise ConfigError(f"{where}: the overrides must be a mapping of blocks (loss: {{head: aam}}), "
+                          f"got {overrides!r}")
     owned = [k for k in OWNED if k in overrides or any(isinstance(v, dict) and k in v for v in overrides.values())]
     if owned:
         raise ConfigError(f"{where}: {', '.join(owned)} are set by the sweep (seeds:, lists:, --out); remove them")

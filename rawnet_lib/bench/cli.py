@@ -1,12 +1,12 @@
 """Every measurement in one call, its chart, and the command line (`python -m rawnet_lib.bench`)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rawnet_lib import bench
 from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
 from rawnet_lib.bench.compute import bench_accel, bench_memory, bench_scale, bench_train, matmul_peak
 from rawnet_lib.bench.inference import bench_embed
@@ -66,7 +66,7 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    usage = sys.modules["rawnet_lib.bench"].__doc__  # the package's docstring: what each command measures
+    usage = bench.__doc__  # the package's docstring: what each command measures
     parser = cli_parser("python -m rawnet_lib.bench", usage, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
     parser.add_argument("what", choices=["train", "accel", "memory", "embed", "load", "score", "gather", "peak",

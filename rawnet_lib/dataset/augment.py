@@ -182,7 +182,8 @@ def ensure_builtin_sets(sets_dir: str | Path, seed: int = 0) -> tuple[Path, Path
         _write_noise(tmp / "noise", np.random.default_rng([seed, 1]))
         rooms = _write_rirs(tmp / "rirs" / "simulated_rirs", np.random.default_rng([seed, 2]))
         (tmp / "sets.json").write_text(json.dumps({
-            "noise": "coloured noise (white, pink, brown, blue) and tone music, synthesised by rawnet_lib.dataset.augment",
+            "noise": "coloured noise (white, pink, brown, blue) and tone music, "
+                     "synthesised by rawnet_lib.dataset.augment",
             "rirs": f"{rooms} shoebox rooms, pyroomacoustics image method (MIT licence)",
             "babble": "held-out speech of the data set (val_from), see rawnet_lib/dataset/augment.py"}, indent=1))
         try:

@@ -91,6 +91,7 @@ def load_scores(path: str | Path) -> pd.DataFrame:
         raise ScoreFileError(f"{path} is not a score file ({err}); expected lines `score target` or "
                          "`score target enroll test` as rawnet_lib.evaluate writes them") from None
     if frame.shape[1] not in (2, 4):
-        raise ScoreFileError(f"{path} has {frame.shape[1]} columns; expected `score target` or `score target enroll test`")
+        raise ScoreFileError(f"{path} has {frame.shape[1]} columns; "
+                             "expected `score target` or `score target enroll test`")
     frame.columns = ["score", "label", "enroll", "test"][:frame.shape[1]]
     return frame

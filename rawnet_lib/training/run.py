@@ -47,8 +47,8 @@ from rawnet_lib.eval.scoring import cosine_scores, write_scores
 from rawnet_lib.io import atomic_write_text
 from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint, training_checkpoint
 
-__all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path", "emit",
-           "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX"]
+__all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
+           "emit", "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX"]
 
 EVENT_PREFIX = "@@rawnet "
 LOG_EVERY = 50  # training steps between log lines

@@ -1,1 +1,2 @@
-"""What the notebooks show: plots, result analysis, players, a look inside the model, the verification notebook's session."""
+"""What the notebooks show: plots, result analysis, players, a look inside the model, the
+verification notebook's session."""

@@ -207,7 +207,8 @@ def misverified_browser(trials: pd.DataFrame, roots: Sequence[str | Path]) -> wi
     def selected() -> pd.DataFrame:
         keep = trials["score"].between(*score.value)
         if speaker.value != "(all)":
-            keep &= (trials["enroll"].map(speaker_of) == speaker.value) | (trials["test"].map(speaker_of) == speaker.value)
+            keep &= ((trials["enroll"].map(speaker_of) == speaker.value)
+                     | (trials["test"].map(speaker_of) == speaker.value))
         return trials[keep]
 
     shown: list = [object()]  # the trial on display; drawing a player reads audio, so only on change

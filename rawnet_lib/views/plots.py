@@ -327,7 +327,8 @@ def fms_plot(scales: Mapping[str, np.ndarray], ax: Axes | None = None) -> Figure
     return fig
 
 
-def duration_histogram(seconds: Mapping[str, np.ndarray], ax: Axes | None = None, crop_s: float | None = None) -> Figure:
+def duration_histogram(seconds: Mapping[str, np.ndarray], ax: Axes | None = None,
+                       crop_s: float | None = None) -> Figure:
     """Utterance durations per folder; crop_s marks the training crop (shorter files are tiled)."""
     fig, ax = _axes(ax, (6.0, 3.5))
     for name, values in seconds.items():

@@ -29,7 +29,8 @@ from rawnet_lib.views.plots import waveform_spectrogram
 __all__ = ["VerifySession", "verify_session", "demo_inputs", "inputs", "listen", "waveforms", "comparison_table",
            "score_position"]
 
-OWN = ("checkpoint", "enroll", "test", "impostor", "dev_trials", "far", "operating_point")  # the notebook's, not Config fields
+# The notebook's own parameters, not Config fields.
+OWN = ("checkpoint", "enroll", "test", "impostor", "dev_trials", "far", "operating_point")
 
 
 @dataclass
@@ -133,6 +134,7 @@ def waveforms(session: VerifySession) -> Figure:
     fig, axes = plt.subplots(2, len(files), figsize=(4 * len(files), 3.5), sharey="row", squeeze=False,
                              gridspec_kw={"height_ratios": (1, 2)})
     for i, (name, path) in enumerate(files.items()):
-        waveform_spectrogram(session.verifier.samples(path), session.cfg.model.sample_rate, f"{name}: {path.name}", ax=axes[:, i])
+        waveform_spectrogram(session.verifier.samples(path), session.cfg.model.sample_rate, f"{name}: {path.name}",
+                             ax=axes[:, i])
     fig.tight_layout()
     return fig

@@ -27,8 +27,7 @@ from rawnet_lib.models.rawnet2 import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
            "resume_training", "load_checkpoint_model", "checkpoint_model", "infer_model_config",
-           "checkpoint_fingerprint",
-           "init_from_checkpoint"]
+           "checkpoint_fingerprint", "init_from_checkpoint"]
 
 _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
          "or a reference RawNet2 state_dict")

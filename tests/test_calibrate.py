@@ -8,6 +8,7 @@ import pytest
 
 from rawnet_lib.eval.calibrate import (CalibrationError, calibration_path, cllr, fit_calibration, load_calibration,
                                        min_cllr, operating_thresholds)
+from rawnet_lib.eval.metrics import DetCurve
 
 # Targets score +1 three times and -1 once; non-targets the mirror image. P(target | +1) = 3/4,
 # so the best LLR is +-ln 3 at +-1: slope ln 3, offset 0; and Cllr (bits) of those LLRs is
@@ -53,11 +54,10 @@ def test_operating_thresholds_by_hand() -> None:
     # targets 0.6 0.8 0.9, non-targets 0.1 0.2 0.7 (accept at score >= threshold):
     # at 0.7 one target is missed and one non-target accepted: EER 1/3 there; minDCF(0.01) wants
     # no false accept with the fewest misses: 0.8; p_fa <= 0.34 first holds at 0.6.
-    s = [0.6, 0.8, 0.9, 0.1, 0.2, 0.7]
-    y = [1, 1, 1, 0, 0, 0]
-    assert operating_thresholds(s, y, far=0.34) == pytest.approx({"eer": 0.7, "min_dcf_0.01": 0.8, "far_0.34": 0.6})
+    curve = DetCurve.of([0.6, 0.8, 0.9, 0.1, 0.2, 0.7], [1, 1, 1, 0, 0, 0])
+    assert operating_thresholds(curve, far=0.34) == pytest.approx({"eer": 0.7, "min_dcf_0.01": 0.8, "far_0.34": 0.6})
     with pytest.raises(CalibrationError, match="far=1.5"):
-        operating_thresholds(s, y, far=1.5)
+        operating_thresholds(curve, far=1.5)
 
 
 def test_a_broken_calibration_file_is_named(tmp_path) -> None:

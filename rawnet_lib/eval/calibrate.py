@@ -25,7 +25,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.eval.metrics import det_curve, summarize, validate_trials
+from rawnet_lib.eval.metrics import DetCurve, validate_trials
 from rawnet_lib.io import atomic_write_text
 
 __all__ = ["CalibrationError", "Calibration", "cllr", "min_cllr", "operating_thresholds", "fit_calibration",
@@ -56,16 +56,14 @@ def min_cllr(scores: ArrayLike, labels: ArrayLike) -> float:
     return cllr(llr, y)
 
 
-def operating_thresholds(scores: ArrayLike, labels: ArrayLike, far: float = 0.01) -> dict[str, float]:
-    """Score thresholds (accept at score >= threshold): at the EER, at minDCF(P_target 0.01) and
-    the lowest one whose false-acceptance rate is at most `far`."""
+def operating_thresholds(curve: DetCurve, far: float = 0.01) -> dict[str, float]:
+    """Score thresholds (accept at score >= threshold) on a development list's DET curve: at the
+    EER, at minDCF(P_target 0.01) and the lowest one whose false-acceptance rate is at most `far`."""
     if not 0.0 < far < 1.0:
         raise CalibrationError(f"far={far} must be a rate in (0, 1), e.g. 0.01 for 1 %")
-    p_miss, p_fa, thresholds = det_curve(scores, labels)
-    c_det = 0.01 * p_miss + 0.99 * p_fa
-    return {"eer": summarize(scores, labels)["eer_threshold"],
-            "min_dcf_0.01": float(thresholds[int(np.argmin(c_det))]),
-            f"far_{far:g}": float(thresholds[int(np.argmax(p_fa <= far))])}
+    return {"eer": curve.eer()[1],
+            "min_dcf_0.01": float(curve.thresholds[int(np.argmin(curve.detection_costs(0.01)))]),
+            f"far_{far:g}": float(curve.thresholds[int(np.argmax(curve.p_fa <= far))])}
 
 
 @dataclass
@@ -95,13 +93,14 @@ def fit_calibration(scores: ArrayLike, labels: ArrayLike, far: float = 0.01,
                     source: Mapping[str, Any] | None = None) -> Calibration:
     """Fit the score -> LLR map on a development list (labels 1 = same speaker) and measure it."""
     s, y = validate_trials(scores, labels)
+    curve = DetCurve.of(s, y)  # one curve for the thresholds and the metrics
     # Balanced classes: the fitted log-odds is the LLR at a 0.5 prior, whatever the list's mix.
     fit = LogisticRegression(C=1e6, class_weight="balanced", tol=1e-10, max_iter=1000).fit(s[:, None], y)
-    cal = Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]), operating_thresholds(s, y, far), {})
-    summary = summarize(s, y)
-    cal.metrics = {"eer": summary["eer"], "min_dcf_0.01": summary["min_dcf_0.01"],
+    cal = Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]), operating_thresholds(curve, far), {})
+    n_target = int(y.sum())
+    cal.metrics = {"eer": curve.eer()[0], "min_dcf_0.01": float(curve.detection_costs(0.01).min()),
                    "cllr": cllr(cal.llr(s), y), "min_cllr": min_cllr(s, y),
-                   "n_target": summary["n_target"], "n_nontarget": summary["n_nontarget"]}
+                   "n_target": n_target, "n_nontarget": int(y.size - n_target)}
     edges = np.linspace(s.min(), s.max(), HIST_BINS + 1)
     cal.histogram = {"edges": edges.tolist(), "target": np.histogram(s[y], edges)[0].tolist(),
                      "nontarget": np.histogram(s[~y], edges)[0].tolist()}

@@ -40,6 +40,29 @@ class DetCurve:
     p_fa: np.ndarray
     thresholds: np.ndarray
 
+    @classmethod
+    def of(cls, scores: ArrayLike, labels: ArrayLike) -> DetCurve:
+        """The curve of a trial list (validated; labels 1 = same speaker), to read several metrics off."""
+        return _det(*validate_trials(scores, labels))
+
+    def eer(self) -> tuple[float, float]:
+        """EER (fraction) and its threshold at the p_miss = p_fa crossing, interpolating linearly."""
+        d = self.p_miss - self.p_fa  # rises from -1 (accept-all) to +1 (reject-all)
+        i = int(np.argmax(d >= 0))
+        if d[i] == 0:
+            return float(self.p_miss[i]), float(self.thresholds[i])
+        alpha = -d[i - 1] / (d[i] - d[i - 1])  # i >= 1 because d[0] == -1
+        rate = self.p_miss[i - 1] + alpha * (self.p_miss[i] - self.p_miss[i - 1])
+        lo, hi = self.thresholds[i - 1], self.thresholds[i]
+        threshold = lo if np.isinf(hi) else lo + alpha * (hi - lo)
+        return float(rate), float(threshold)
+
+    def detection_costs(self, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> np.ndarray:
+        """NIST-normalised detection cost at every operating point (1 = no better than a constant decision)."""
+        _check_costs(p_target, c_miss, c_fa)
+        c_det = c_miss * p_target * self.p_miss + c_fa * (1.0 - p_target) * self.p_fa
+        return c_det / min(c_miss * p_target, c_fa * (1.0 - p_target))
+
 
 def validate_trials(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Check a trial list and return (float64 scores, bool labels; True = same speaker).
@@ -118,19 +141,6 @@ def det_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndar
     return curve.p_miss, curve.p_fa, curve.thresholds
 
 
-def _eer_from_curve(curve: DetCurve) -> tuple[float, float]:
-    """EER and threshold at the p_miss = p_fa crossing, interpolating linearly."""
-    d = curve.p_miss - curve.p_fa  # rises from -1 (accept-all) to +1 (reject-all)
-    i = int(np.argmax(d >= 0))
-    if d[i] == 0:
-        return float(curve.p_miss[i]), float(curve.thresholds[i])
-    alpha = -d[i - 1] / (d[i] - d[i - 1])  # i >= 1 because d[0] == -1
-    rate = curve.p_miss[i - 1] + alpha * (curve.p_miss[i] - curve.p_miss[i - 1])
-    lo, hi = curve.thresholds[i - 1], curve.thresholds[i]
-    threshold = lo if np.isinf(hi) else lo + alpha * (hi - lo)
-    return float(rate), float(threshold)
-
-
 def eer_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
     """Return (EER as a fraction, threshold); labels 1 = same speaker.
 
@@ -139,7 +149,7 @@ def eer_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
     (the usual ROC-crossing convention). The threshold is interpolated with the same
     weight; if the upper point is reject-all (+inf) the lower threshold is returned.
     """
-    return _eer_from_curve(_det(*validate_trials(scores, labels)))
+    return DetCurve.of(scores, labels).eer()
 
 
 def eer(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -158,12 +168,6 @@ def _check_costs(p_target: float, c_miss: float, c_fa: float) -> None:
         raise ValueError(f"c_miss and c_fa must be positive, got c_miss={c_miss}, c_fa={c_fa}")
 
 
-def _min_dcf_from_curve(curve: DetCurve, p_target: float, c_miss: float, c_fa: float) -> float:
-    """Normalised minimum detection cost over every operating point of the curve."""
-    c_det = c_miss * p_target * curve.p_miss + c_fa * (1.0 - p_target) * curve.p_fa
-    return float(c_det.min() / min(c_miss * p_target, c_fa * (1.0 - p_target)))
-
-
 def min_dcf(
     scores: ArrayLike,
     labels: ArrayLike,
@@ -177,8 +181,7 @@ def min_dcf(
     min(c_miss*p_target, c_fa*(1-p_target)) so that 1 means "no better than always
     accepting or always rejecting"; minimised over all thresholds, both extremes included.
     """
-    _check_costs(p_target, c_miss, c_fa)
-    return _min_dcf_from_curve(_det(*validate_trials(scores, labels)), p_target, c_miss, c_fa)
+    return float(DetCurve.of(scores, labels).detection_costs(p_target, c_miss, c_fa).min())
 
 
 def summarize(scores: ArrayLike, labels: ArrayLike) -> dict[str, float | int]:
@@ -188,14 +191,14 @@ def summarize(scores: ArrayLike, labels: ArrayLike) -> dict[str, float | int]:
     """
     s, y = validate_trials(scores, labels)
     curve = _det(s, y)
-    rate, threshold = _eer_from_curve(curve)
+    rate, threshold = curve.eer()
     n_target = int(y.sum())
     return {
         "eer": rate,
         "eer_percent": 100.0 * rate,
         "eer_threshold": threshold,
-        "min_dcf_0.01": _min_dcf_from_curve(curve, 0.01, 1.0, 1.0),
-        "min_dcf_0.05": _min_dcf_from_curve(curve, 0.05, 1.0, 1.0),
+        "min_dcf_0.01": float(curve.detection_costs(0.01).min()),
+        "min_dcf_0.05": float(curve.detection_costs(0.05).min()),
         "n_target": n_target,
         "n_nontarget": int(y.size - n_target),
     }

@@ -97,10 +97,10 @@ def fit_calibration(scores: ArrayLike, labels: ArrayLike, far: float = 0.01,
     # Balanced classes: the fitted log-odds is the LLR at a 0.5 prior, whatever the list's mix.
     fit = LogisticRegression(C=1e6, class_weight="balanced", tol=1e-10, max_iter=1000).fit(s[:, None], y)
     cal = Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]), operating_thresholds(curve, far), {})
-    n_target = int(y.sum())
-    cal.metrics = {"eer": curve.eer()[0], "min_dcf_0.01": float(curve.detection_costs(0.01).min()),
+    summary = curve.summary()
+    cal.metrics = {"eer": summary["eer"], "min_dcf_0.01": summary["min_dcf_0.01"],
                    "cllr": cllr(cal.llr(s), y), "min_cllr": min_cllr(s, y),
-                   "n_target": n_target, "n_nontarget": int(y.size - n_target)}
+                   "n_target": summary["n_target"], "n_nontarget": summary["n_nontarget"]}
     edges = np.linspace(s.min(), s.max(), HIST_BINS + 1)
     cal.histogram = {"edges": edges.tolist(), "target": np.histogram(s[y], edges)[0].tolist(),
                      "nontarget": np.histogram(s[~y], edges)[0].tolist()}

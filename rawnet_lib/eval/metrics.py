@@ -39,6 +39,8 @@ class DetCurve:
     p_miss: np.ndarray
     p_fa: np.ndarray
     thresholds: np.ndarray
+    n_target: int
+    n_nontarget: int
 
     @classmethod
     def of(cls, scores: ArrayLike, labels: ArrayLike) -> DetCurve:
@@ -62,6 +64,19 @@ class DetCurve:
         _check_costs(p_target, c_miss, c_fa)
         c_det = c_miss * p_target * self.p_miss + c_fa * (1.0 - p_target) * self.p_fa
         return c_det / min(c_miss * p_target, c_fa * (1.0 - p_target))
+
+    def summary(self) -> dict[str, float | int]:
+        """EER (fraction and %), its threshold, minDCF at P_tar 0.01/0.05 and trial counts."""
+        rate, threshold = self.eer()
+        return {
+            "eer": rate,
+            "eer_percent": 100.0 * rate,
+            "eer_threshold": threshold,
+            "min_dcf_0.01": float(self.detection_costs(0.01).min()),
+            "min_dcf_0.05": float(self.detection_costs(0.05).min()),
+            "n_target": self.n_target,
+            "n_nontarget": self.n_nontarget,
+        }
 
 
 def validate_trials(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +143,7 @@ def _det(s: np.ndarray, y: np.ndarray) -> DetCurve:
     p_miss = np.r_[missed, n_target] / n_target
     p_fa = np.r_[n_nontarget - rejected_non, 0] / n_nontarget
     thresholds = np.r_[s_sorted[starts], np.inf]
-    return DetCurve(p_miss, p_fa, thresholds)
+    return DetCurve(p_miss, p_fa, thresholds, n_target, n_nontarget)
 
 
 def det_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,16 +204,4 @@ def summarize(scores: ArrayLike, labels: ArrayLike) -> dict[str, float | int]:
 
     Builds the DET curve once and reads every metric off it; labels 1 = same speaker.
     """
-    s, y = validate_trials(scores, labels)
-    curve = _det(s, y)
-    rate, threshold = curve.eer()
-    n_target = int(y.sum())
-    return {
-        "eer": rate,
-        "eer_percent": 100.0 * rate,
-        "eer_threshold": threshold,
-        "min_dcf_0.01": float(curve.detection_costs(0.01).min()),
-        "min_dcf_0.05": float(curve.detection_costs(0.05).min()),
-        "n_target": n_target,
-        "n_nontarget": int(y.size - n_target),
-    }
+    return DetCurve.of(scores, labels).summary()

@@ -36,7 +36,8 @@ __all__ = ["CorpusError", "CorpusSize", "SIZES", "Voice", "base_voices", "find_v
            "ensure_demo_corpus"]
 
 
-VERSION = 2  # 2: the test voices also at their extra speeds (more Vox1-O speakers); 1 is a subset
+VERSION = 3  # 2: the test voices also at their extra speeds; 3: the voices that speak their own script
+# test too (more independent Vox1-O voices). Each version is the one before plus test speakers.
 SPLITS = {"vox2_train": "VoxCeleb2/m4a", "vox1_dev": "VoxCeleb1/dev_wav",
           "vox1_eval": "VoxCeleb1/eval_wav"}  # split -> folder under DB
 _VIDEO_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -54,22 +55,30 @@ class CorpusSize:
     short_fraction: float  # share of 1.5-3.6 s utterances, shorter than a training crop
     targets: tuple[int, int, int]  # target trials at most in the O, E and H lists
     eval_extra: tuple[float, ...] = ()  # further speeds of the test voices, one speaker each (version 2)
+    eval_native: int = 0  # voices that read only their own script, test voices at most (version 3)
 
 
 SIZES = {
     "demo": CorpusSize(voices=(33, 7, 20), factors=((0.9, 1.0, 1.1), (0.9, 1.0, 1.1), (1.0,)),
                        videos=(3, 4), utts=(3, 4), seconds=(3.7, 7.0), short_fraction=0.15,
-                       targets=(3000, 3000, 3000), eval_extra=(0.9, 1.1)),
+                       targets=(5000, 5000, 5000), eval_extra=(0.9, 1.1), eval_native=20),
     "tiny": CorpusSize(voices=(3, 2, 4), factors=((0.9, 1.1), (0.9, 1.1), (1.0,)),
                        videos=(2, 2), utts=(2, 3), seconds=(1.5, 4.0), short_fraction=0.0,
-                       targets=(20, 40, 40), eval_extra=(1.1,)),
+                       targets=(20, 40, 40), eval_extra=(1.1,), eval_native=1),
 }
 
 
 # --- layout and trial lists ------------------------------------------------------------------
 
 def _assign(voices: tuple[Voice, ...], size: CorpusSize, rng: np.random.Generator) -> dict:
-    """Base voices per split; the test splits alternate genders while both remain."""
+    """Base voices per split; the test splits alternate genders while both remain.
+
+    Voices that read our Latin pseudo-words fill the splits as in version 1; those that read
+    only their own script (Arabic, Hebrew, Hindi, Telugu, Japanese MBROLA voices) are further
+    test voices (key ``vox1_eval_native``): independent test voices were what limited the
+    comparison of recipes, and the training and validation data stay those of version 1."""
+    native = [v for v in voices if v.syllables]
+    voices = tuple(v for v in voices if not v.syllables)
     scale = min(1.0, len(voices) / sum(size.voices))
     counts = [max(low, int(n * scale)) for n, low in zip(size.voices, (2, 1, 2))]
     if sum(counts) > len(voices):
@@ -84,6 +93,8 @@ def _assign(voices: tuple[Voice, ...], size: CorpusSize, rng: np.random.Generato
             turn = "fm"[len(splits[split]) % 2]
             splits[split].append(pools[turn if pools[turn] else "fm".replace(turn, "")].pop(0))
     splits["vox2_train"] = [v for v in order if v in pools["f"] + pools["m"]][:counts[0]]
+    picked = rng.permutation(len(native))  # drawn last: the draws above are version 1's
+    splits["vox1_eval_native"] = [native[i] for i in picked[:size.eval_native]]
     return splits
 
 
@@ -96,9 +107,10 @@ def _video_id(rng: np.random.Generator) -> str:
 def _plan(splits: dict, size: CorpusSize, seed: int) -> list[dict]:
     """Every speaker: id, split, voice, speed factor and videos [(video id, utterances)].
 
-    The test voices' extra speeds (version 2) draw their ids from a stream of their own, after
-    the rest, so every speaker of version 1 keeps its id, videos and bytes: a version-1 corpus
-    upgrades by adding speakers, and models trained on it saw exactly the same training data."""
+    The test voices' extra speeds (version 2) and the native-script test voices (version 3)
+    draw their ids from streams of their own, after the rest, so every speaker of an older
+    version keeps its id, videos and bytes: an older corpus upgrades by adding speakers, and
+    models trained on it saw exactly the same training data."""
     rng = np.random.default_rng([seed, 1])
     who = {s: [(v, f) for v in splits[s] for f in size.factors[i]] for i, s in enumerate(SPLITS)}
     n_dev, n_vox1 = len(who["vox1_dev"]), len(who["vox1_dev"]) + len(who["vox1_eval"])
@@ -106,10 +118,13 @@ def _plan(splits: dict, size: CorpusSize, seed: int) -> list[dict]:
     ids = {"vox2_train": [f"id{n:05d}" for n in rng.choice(np.arange(1, 10000),
                                                            len(who["vox2_train"]), replace=False)],
            "vox1_dev": vox1[:n_dev], "vox1_eval": vox1[n_dev:]}
-    extra = [(v, f) for v in splits["vox1_eval"] for f in size.eval_extra]
-    free = np.setdiff1d(np.arange(10001, 11252), [int(i[2:]) for i in vox1])
-    ids["vox1_eval"] += [f"id{n}" for n in np.random.default_rng([seed, 6]).choice(free, len(extra), replace=False)]
-    who["vox1_eval"] += extra
+    native_factors = (*size.factors[2], *size.eval_extra)
+    for stream, extra in ((6, [(v, f) for v in splits["vox1_eval"] for f in size.eval_extra]),
+                          (7, [(v, f) for v in splits["vox1_eval_native"] for f in native_factors])):
+        free = np.setdiff1d(np.arange(10001, 11252), [int(i[2:]) for i in vox1 + ids["vox1_eval"]])
+        drawn = np.random.default_rng([seed, stream]).choice(free, len(extra), replace=False)
+        ids["vox1_eval"] += [f"id{n}" for n in drawn]
+        who["vox1_eval"] += extra
     speakers = []
     for split in SPLITS:
         for spk, (voice, factor) in zip(ids[split], who[split]):
@@ -206,12 +221,14 @@ def _manifest(state: dict, speakers: list[dict], seconds: list[float], trials: d
              "gender": s["voice"].gender, "family": s["voice"].family, "videos": len(s["videos"]),
              "utterances": sum(n for _, n in s["videos"]), "seconds": round(sec, 2)}
             for s, sec in zip(speakers, seconds)]
-    voices = {(r["voice"], state["voice_kind"], r["gender"], r["family"], r["split"]) for r in rows}
+    voices = {(r["voice"], state["voice_kind"], r["gender"], r["family"], r["split"],
+               f"own script, {len(s['voice'].syllables)} syllables" if s["voice"].syllables else "latin")
+              for r, s in zip(rows, speakers)}
     counts = {split: {key: sum(r[key] for r in rows if r["split"] == split)
                       for key in ("videos", "utterances")} for split in SPLITS}
     for split in SPLITS:
         counts[split]["speakers"] = sum(r["split"] == split for r in rows)
-    return {**state, "voices": [dict(zip(("name", "kind", "gender", "family", "split"), v))
+    return {**state, "voices": [dict(zip(("name", "kind", "gender", "family", "split", "text"), v))
                                 for v in sorted(voices)],
             "skipped_voices": [list(s) for s in skipped], "speakers": rows,
             "counts": counts | {"trials": trials},

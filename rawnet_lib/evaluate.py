@@ -30,7 +30,7 @@ import torch
 
 from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, load_config
-from rawnet_lib.dataset.trials import official_list_path, read_trials
+from rawnet_lib.dataset.trials import list_tag, official_list_path, read_trials
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 from rawnet_lib.eval.embed import cached_embeddings, embedding_settings
@@ -65,10 +65,6 @@ def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: 
     keys = [utts.keys[i] for i in pick]
     emb = cached_embeddings(model, checkpoint_path, keys, [root], cfg, rank, cache_dir, progress)
     return np.array([emb[k] for k in keys if k in emb])  # complete on rank 0, which scores
-
-
-def _list_tag(name: str) -> str:
-    return Path(name).stem if name.endswith(".txt") else name
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -121,7 +117,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     out = Path(out_dir) if out_dir else default_out_dir(ckpt)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     names = list(lists or cfg.evaluation.trial_lists)
-    trial_lists = {_list_tag(n): read_trials(official_list_path(data_path, n)) for n in names}
+    trial_lists = {list_tag(n): read_trials(official_list_path(data_path, n)) for n in names}
     ev = cfg.evaluation
     identity = {"fingerprint": checkpoint_fingerprint(ckpt), **embedding_settings(cfg, roots),
                 "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
@@ -147,8 +143,9 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
             stem = f"scores_{tag}" + ("_asnorm" if method == "asnorm" else "")
             write_scores(out / f"{stem}.txt", scores, trials)
             write_scores(out / f"{stem}_names.txt", scores, trials, with_names=True)
-            rows.append({"list": tag, "scoring": method, "trials": len(trials), "n_target": m["n_target"],
-                         "n_nontarget": m["n_nontarget"], "eer": m["eer"], "eer_percent": m["eer_percent"],
+            rows.append({"list": tag, "list_sha1": trials.sha1, "scoring": method, "trials": len(trials),
+                         "n_target": m["n_target"], "n_nontarget": m["n_nontarget"], "eer": m["eer"],
+                         "eer_percent": m["eer_percent"],
                          "min_dcf_0.01": m["min_dcf_0.01"], "min_dcf_0.05": m["min_dcf_0.05"],
                          "eer_threshold": m["eer_threshold"], "score_seconds": seconds,
                          "scores_file": f"{stem}_names.txt"})

@@ -32,7 +32,8 @@ import pandas as pd
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
 from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
-from rawnet_lib.dataset.trials import speaker_of
+from rawnet_lib.dataset.trials import list_tag, official_list_path, read_trials, speaker_of
+from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
@@ -146,11 +147,16 @@ def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
 
 
 def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -> pd.DataFrame:
+    """Evaluate a run's best model on `lists`; its earlier results are reused while each list's file
+    is the one they scored (a new corpus version rewrites the lists: its results are new ones)."""
     out = folder / "eval" / "best_opt_eval"
     done = out / "metrics.json"
     if done.is_file():
         rows = pd.DataFrame(json.loads(done.read_text()).get("metrics", []))
-        if not rows.empty and set(lists) <= set(rows.loc[rows["scoring"] == "cosine", "list"]):
+        data_path = resolve_data_path(cfg.data)
+        cosine = rows[rows["scoring"] == "cosine"] if "list_sha1" in rows else None
+        scored = {} if cosine is None else dict(zip(cosine["list"], cosine["list_sha1"]))
+        if all(scored.get(list_tag(n)) == read_trials(official_list_path(data_path, n)).sha1 for n in lists):
             return rows
     return evaluate(folder / "models" / "best_opt_eval.pt", cfg, lists, out, progress=progress)
 
@@ -179,7 +185,7 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
             meta = json.loads((out / "metrics.json").read_text())
             metrics, voices = pd.DataFrame(meta["metrics"]), base_voices(meta.get("data_path", ""))
             for tag in spec.lists:
-                tag = Path(tag).stem if tag.endswith(".txt") else tag
+                tag = list_tag(tag)
                 m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
                 scores = _run_scores(out, tag)
                 data = scores[["score", "label"]].to_numpy(float)
@@ -191,7 +197,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                 rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
                              "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
-                             "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg))})
+                             "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg)),
+                             "list_sha1": m["list_sha1"] if isinstance(m.get("list_sha1"), str) else ""})
                 pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
         warnings.warn(f"{spec.out}: {len(missing)} run(s) not finished yet, left out of the summary: "
@@ -199,7 +206,14 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     if not rows:
         raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run "
                          f"`python -m rawnet_lib.sweep {spec.path} --out {spec.out}`")
-    return pd.DataFrame(rows), pooled, missing
+    table = pd.DataFrame(rows)
+    versions = table[table["list_sha1"] != ""].groupby("list")["list_sha1"].nunique()
+    if (versions > 1).any():
+        raise WorkbookError(f"{spec.out}: the runs scored different versions of list(s) "
+                            f"{', '.join(versions[versions > 1].index)} (the corpus changed between them); "
+                            f"run `python -m rawnet_lib.sweep {spec.path} --out {spec.out}` again: it scores "
+                            "every run on the lists there are now")
+    return table, pooled, missing
 
 
 def _run_scores(out: Path, tag: str) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -45,7 +46,10 @@ def _trials(db: Path, name: str) -> list[tuple[int, str, str]]:
 def test_layout_and_names(db: Path, manifest: dict) -> None:
     speakers = {split: sorted(p.name for p in (db / folder).iterdir())
                 for split, folder in corpus.SPLITS.items()}
-    assert [len(speakers[s]) for s in corpus.SPLITS] == [6, 4, 8]  # tiny: 3x2, 2x2, 4x(1 + 1 extra speed)
+    native = sum(v["text"] != "latin" for v in manifest["voices"])  # 1 where MBROLA has such voices
+    assert native == (manifest["voice_kind"] == "mbrola")
+    # tiny: 3x2, 2x2, (4 + native) x (1 + 1 extra speed)
+    assert [len(speakers[s]) for s in corpus.SPLITS] == [6, 4, 8 + 2 * native]
     assert all(re.fullmatch(r"id0\d{4}", s) for s in speakers["vox2_train"])
     assert all(re.fullmatch(r"id1\d{4}", s) for s in speakers["vox1_dev"] + speakers["vox1_eval"])
     m4a = sorted((db / "VoxCeleb2" / "m4a").rglob("*.m4a"))
@@ -112,7 +116,9 @@ def test_manifest_describes_the_corpus(db: Path, manifest: dict) -> None:
     assert {v["split"] for v in manifest["voices"]} == set(corpus.SPLITS)
     assert all(v["gender"] in "mf" and v["family"] and v["kind"] == manifest["voice_kind"]
                for v in manifest["voices"])
-    assert len(manifest["voices"]) == sum(SIZES["tiny"].voices)
+    native = [v for v in manifest["voices"] if v["text"] != "latin"]
+    assert len(manifest["voices"]) == sum(SIZES["tiny"].voices) + len(native)
+    assert all(v["split"] == "vox1_eval" for v in native)
     eval_seconds = sum(sf.info(str(p)).duration for p in (db / "VoxCeleb1" / "eval_wav").rglob("*.wav"))
     assert manifest["seconds_of_audio"]["vox1_eval"] == pytest.approx(eval_seconds, abs=0.2)
     train = manifest["counts"]["vox2_train"]
@@ -158,11 +164,12 @@ def test_second_call_generates_nothing_and_other_settings_raise(db: Path, monkey
 @needs_tools
 def test_an_older_version_upgrades_by_adding_speakers(db: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Version 1 had no extra test speeds: its speakers keep their bytes in version 2, so models
-    trained on it stay valid, and upgrading it in place gives the same files as a new corpus."""
+    """Version 1 had neither the extra test speeds (2) nor the native-script test voices (3): its
+    speakers keep their bytes in version 3, so models trained on it stay valid, and upgrading
+    it in place gives the same files as a new corpus."""
     with monkeypatch.context() as m:
         m.setattr(corpus, "VERSION", 1)
-        m.setitem(SIZES, "tiny", dataclasses.replace(SIZES["tiny"], eval_extra=()))
+        m.setitem(SIZES, "tiny", dataclasses.replace(SIZES["tiny"], eval_extra=(), eval_native=0))
         old = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
     v1 = _files(old)
     manifest = json.loads((old / "corpus.json").read_text())
@@ -177,9 +184,11 @@ def test_an_older_version_upgrades_by_adding_speakers(db: Path, tmp_path: Path,
     upgraded = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
     new = _files(upgraded)
     assert all(new[k] == v for k, v in v1.items() if "/veri_test" not in k and "/list_test" not in k)
-    assert new == _files(db)  # the upgrade is the version-2 corpus, trial lists included
+    assert new == _files(db)  # the upgrade is the current corpus, trial lists included
     manifest = json.loads((upgraded / "corpus.json").read_text())
-    assert manifest["version"] == corpus.VERSION and manifest["counts"]["vox1_eval"]["speakers"] == 8
+    assert manifest["version"] == corpus.VERSION
+    assert manifest["counts"]["vox1_eval"]["speakers"] == json.loads((db / "corpus.json").read_text())[
+        "counts"]["vox1_eval"]["speakers"] > 4
 
 
 @needs_tools
@@ -201,6 +210,24 @@ def test_ensure_demo_corpus_converts_the_m4a(db: Path, tmp_path: Path) -> None:
     wav = sorted(p.relative_to(out / "VoxCeleb2" / "wav").with_suffix("")
                  for p in (out / "VoxCeleb2" / "wav").rglob("*.wav"))
     assert out == root / "DB" and m4a == wav and len(wav) > 0
+
+
+@needs_tools
+def test_voices_of_other_scripts_speak_their_own_syllables_without_a_missing_diphone() -> None:
+    """An MBROLA voice whose language does not read Latin text (Japanese, Arabic, ...) is kept with
+    the syllables of its own script it speaks; random sentences of them lose no diphone."""
+    usable, skipped = find_voices("auto")
+    native = [v for v in usable if v.syllables]
+    if not native:
+        pytest.skip("no MBROLA voice of another script installed")
+    for voice in native:
+        assert len(voice.syllables) >= synth._MIN_SYLLABLES and voice.words_per_s > 1
+        text = synth._sentence(np.random.default_rng(1), 30, voice.syllables)
+        assert set(text.replace(",", "").replace(" ", "")) <= set("".join(voice.syllables))
+        audio, sr, err = synth._synth(voice, text)
+        assert "unknown" not in err and audio.size > sr
+    assert all(not v.syllables for v in usable if v.family in ("en", "de", "fr"))
+    assert all("syllables" in why or "Latin" in why for _, why in skipped)
 
 
 @needs_tools

@@ -12,8 +12,10 @@ import yaml
 from scipy import stats as sps
 
 from rawnet_lib import sweep as sweep_mod
-from rawnet_lib.config import ConfigError
+from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.dataset.augment import AugmentError
+from rawnet_lib.dataset.trials import read_trials
+from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 
@@ -99,6 +101,31 @@ def test_example_sweeps_load(tmp_path):
     assert [amp.configs[arm][1].train.amp for arm in amp.arms] == ["off", "bf16"]
 
 
+def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch):
+    """A run's earlier evaluation counts only while each list is the file it scored: a new corpus
+    version rewrites the lists, and results on the old ones would be silently mixed in."""
+    trials = tmp_path / "mine.txt"
+    trials.write_text((tiny_db / "VoxCeleb1" / "veri_test.txt").read_text())
+    out = tmp_path / "run" / "eval" / "best_opt_eval"
+    out.mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(sweep_mod, "evaluate", lambda ckpt, cfg, lists, *a, **k: calls.append(lists))
+    cfg = load_config("smoke", {"data": {"data_path": str(tiny_db)}})
+
+    def evaluated_on(sha: str | None) -> bool:
+        row = {"list": "mine", "scoring": "cosine"} | ({"list_sha1": sha} if sha else {})
+        (out / "metrics.json").write_text(json.dumps({"metrics": [row]}))
+        calls.clear()
+        sweep_mod._evaluate_run(tmp_path / "run", cfg, [str(trials)], progress=False)
+        return calls == [[str(trials)]]
+
+    assert not evaluated_on(read_trials(trials).sha1)  # the same list: reused
+    assert evaluated_on(None)  # an evaluation that did not record its list
+    old = read_trials(trials).sha1
+    trials.write_text("".join(trials.read_text().splitlines(keepends=True)[:-2]))
+    assert evaluated_on(old)
+
+
 @pytest.mark.slow
 def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch, run_notebook):
     smoke = {"preset": "smoke", "data": {"data_path": str(tiny_db)}, "train": {"epochs": 1}}
@@ -147,6 +174,17 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     assert (runs_table["eer_boot_low"] <= runs_table["eer"] + 1e-9).all()
     assert (runs_table["eer_spk_low"] <= runs_table["eer_spk_high"]).all()  # the evaluation wrote the names files
     assert (out / "det_O.png").is_file() and json.loads((out / "summary.json").read_text())["baseline"] == "ref"
+    assert runs_table["list_sha1"].nunique() == 1 and len(runs_table["list_sha1"].iloc[0]) == 40
+
+    # a run scored on another version of the list is never summarised beside the others
+    metrics_file = runs / "aam-seed1" / "eval" / "best_opt_eval" / "metrics.json"
+    good = metrics_file.read_text()
+    meta = json.loads(good)
+    meta["metrics"][0]["list_sha1"] = "0" * 40
+    metrics_file.write_text(json.dumps(meta))
+    with pytest.raises(WorkbookError, match="different versions of list.*O.*python -m rawnet_lib.sweep"):
+        sweep_mod.summarise(sweep_mod.load_sweep(spec, out), n_boot=50)
+    metrics_file.write_text(good)
 
     # the notebook over the same code: every run is reused, the tables and the DET figure come back
     executed = json.loads(run_notebook("sweep", sweep=str(spec), out=str(out), n_boot=50).read_text())

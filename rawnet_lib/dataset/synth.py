@@ -34,7 +34,19 @@ _BROKEN_MBROLA = {"cn1", "bz1", "hn1"}  # espeak-ng cannot drive these
 _ESPEAK_LANGS = ("en-us", "en", "de", "fr", "es", "it", "nl", "pt", "pl", "sv")
 _ESPEAK_SKIP = {"whisper", "whisperf"}  # unvoiced: no pitch, no gender cue
 _PROBE_TEXT = "bala tomi kanu seta, rimo dakelin lenu fasor gimu pelo"  # 10 words
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["an", "el", "is", "or", "um"]
+_SYLLABLES = tuple([c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["an", "el", "is", "or", "um"])
+# Syllables in a voice's own script, for the voices whose language does not read Latin text:
+# consonant + vowel sign (Arabic fatha, kasra, damma; Hebrew qamats, hiriq, qubuts, tsere, holam;
+# Devanagari and Telugu none (the inherent a), aa, i, u, e, o), and kana.
+_NATIVE_SYLLABLES = {
+    "ar": tuple(c + v for c in "بتدرزسشفقكلمنهوي" for v in "\u064e\u0650\u064f"),
+    "he": tuple(c + v for c in "בגדהזכלמנפקרשת" for v in "\u05b8\u05b4\u05bb\u05b5\u05b9"),
+    "hi": tuple(c + v for c in "कगटडतदनपबमयरलवसह" for v in ("", "\u093e", "\u093f", "\u0941", "\u0947", "\u094b")),
+    "te": tuple(c + v for c in "కగటడతదనపబమయరలవసహ" for v in ("", "\u0c3e", "\u0c3f", "\u0c41", "\u0c46", "\u0c4b")),
+    "ja": tuple("かきくけこさしすせそたてとなにぬねのはひふへほまみむめもやゆよらりるれろわ"
+                "がぎぐげござずぜぞだでどばびぶべぼぱぴぷぺぽ"),
+}
+_MIN_SYLLABLES = 10  # fewer, and a voice's sentences repeat too much to be worth a speaker
 
 
 class CorpusError(WorkbookError, ValueError):
@@ -52,6 +64,7 @@ class Voice:
     words_per_s: float = 3.0  # of our pseudo-words at espeak's default rate; probed
     database: str = ""  # MBROLA diphone database file (mbrola voices)
     volume: float = 1.0  # the volume ratio espeak-ng would give mbrola for this voice
+    syllables: tuple[str, ...] = ()  # what its sentences are made of; empty: the Latin pseudo-syllables
 
 
 def _espeak() -> str:
@@ -92,12 +105,28 @@ def _trim(audio: np.ndarray) -> np.ndarray:
 
 
 def _probe(voice: Voice) -> Voice | str:
-    """The voice with its speaking speed measured, or why it is unusable."""
+    """The voice with its speaking speed measured, or why it is unusable.
+
+    A voice whose language does not read our Latin pseudo-words (MBROLA replaces each diphone
+    it lacks with silence) keeps the syllables, in its own script where we have one, that it
+    speaks without a missing diphone: a real voice more, speaking a smaller inventory.
+    """
     try:
         audio, sr, err = _synth(voice, _PROBE_TEXT)
+        unknown = err.count("unknown")
+        if unknown > 15 and voice.kind == "mbrola":
+            candidates = _NATIVE_SYLLABLES.get(voice.family, _SYLLABLES)
+            spoken = tuple(s for s in candidates if _synth(voice, f"{s}{s} {s}")[2].count("unknown") == 0)
+            if len(spoken) < _MIN_SYLLABLES:
+                return (f"{unknown} missing diphones in Latin text and {len(spoken)} of its "
+                        f"{len(candidates)} syllables spoken (fewer than {_MIN_SYLLABLES})")
+            voice = replace(voice, syllables=spoken)  # a random sentence tries the joins between syllables
+            audio, sr, err = _synth(voice, _sentence(np.random.default_rng(0), 20, spoken))
+            if err.count("unknown") > 2:
+                return f"{err.count('unknown')} missing diphones in 20 words of its {len(spoken)} syllables"
+            return replace(voice, words_per_s=round(20 * sr / _trim(audio).size, 3))
     except ValueError as exc:
         return str(exc)
-    unknown = err.count("unknown")  # MBROLA replaces each missing diphone with silence
     if unknown > 15 or not np.abs(audio).max() > 0.01:
         return f"{unknown} missing diphones (its language does not read Latin text)"
     return replace(voice, words_per_s=round(10 * sr / _trim(audio).size, 3))
@@ -153,8 +182,8 @@ def find_voices(voices: str = "auto") -> tuple[tuple[Voice, ...], tuple[tuple[st
     return usable, tuple((v.name, r) for v, r in zip(candidates, results) if isinstance(r, str))
 
 
-def _sentence(rng: np.random.Generator, n_words: int) -> str:
-    words = ["".join(rng.choice(_SYLLABLES, size=rng.integers(1, 4))) for _ in range(n_words)]
+def _sentence(rng: np.random.Generator, n_words: int, syllables: tuple[str, ...] = _SYLLABLES) -> str:
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(n_words)]
     for i in range(3, n_words - 2, 5):  # commas give natural pauses
         words[i] += ","
     return " ".join(words)
@@ -188,7 +217,7 @@ def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator
     rate = int(np.clip(rng.integers(145, 196) + channel["rate"], 120, 220))
     pitch = int(np.clip(rng.integers(42, 59) + channel["pitch"], 10, 90))
     n_words = max(2, round(1.1 * length * factor * voice.words_per_s * rate / 175))
-    audio, sr, _ = _synth(voice, _sentence(rng, n_words), pitch, rate)
+    audio, sr, _ = _synth(voice, _sentence(rng, n_words, voice.syllables or _SYLLABLES), pitch, rate)
     ratio = Fraction(SAMPLE_RATE, sr) / Fraction(factor).limit_denominator(50)  # shifts formants too
     audio = _trim(audio)
     if ratio != 1:

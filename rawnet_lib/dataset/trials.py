@@ -10,6 +10,7 @@ one) is stripped with a :class:`TrialListWarning`, not reported as a bad label.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -64,6 +65,7 @@ class TrialList:
     enroll: list[str]
     test: list[str]
     path: Path | None = None
+    sha1: str = ""  # of the file read: results carry it, so results of an older list are told apart
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,6 +86,11 @@ def official_list_path(data_path: Path, name: str) -> Path:
         return Path(name).expanduser()
     raise ValueError(f"unknown trial list {name!r}; give one of {', '.join(OFFICIAL_LISTS)} "
                      "(files in <data_path>/VoxCeleb1/) or a path to a .txt list")
+
+
+def list_tag(name: str) -> str:
+    """How results name a list: ``O``, ``E2`` ... or a .txt list's file stem."""
+    return Path(name).stem if str(name).endswith(".txt") else name
 
 
 class _Problems:
@@ -214,7 +221,7 @@ def read_trials(path: str | Path, roots: Sequence[Path] | None = None) -> TrialL
                  for i in lost[:_SHOWN]]
         problems.add("file not on disk", line_of[lost], notes)
     problems.raise_any()
-    return TrialList(is_one.astype(np.int8), enroll, test, path)
+    return TrialList(is_one.astype(np.int8), enroll, test, path, hashlib.sha1(data).hexdigest())
 
 
 def write_trials(path: str | Path, trials: TrialList) -> None:

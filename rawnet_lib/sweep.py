@@ -8,7 +8,8 @@ overrides are YAML blocks as in params/ (`loss: {head: aam}`) plus an optional `
 (default: the file's top-level `preset:`, else demo). Each arm x seed is an ordinary run folder,
 `DIR/train_1P/DNNS/<arm>-seed<seed>/`, evaluated into its `eval/best_opt_eval/`. Every arm's
 config is built and checked before anything trains. Run again, the sweep reuses finished runs
-and evaluations and resumes an interrupted run from its last finished epoch.
+and evaluations and resumes an interrupted run from its last finished epoch; `--seeds 1 2 3 4 5`
+runs other seeds than the file's into the same folder (more seeds when the intervals are wide).
 
 Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over test
 speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
@@ -74,15 +75,16 @@ def sweep_file(sweep: str | Path) -> Path:
     raise ConfigError(f"sweep file {sweep} does not exist; give a YAML path or one of {', '.join(names)}")
 
 
-def load_sweep(sweep: str | Path, out: str | Path | None = None) -> Sweep:
+def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int] | None = None) -> Sweep:
     """Read and check a sweep file: every arm's config is built (unknown keys and values raise,
-    naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training."""
+    naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training.
+    `seeds` replaces the file's seeds (the runs of seeds both name are the same runs)."""
     path = sweep_file(sweep)
     spec = read_yaml(path, holds="seeds:, lists: and arms:")
     unknown = [k for k in spec if k not in SWEEP_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SWEEP_KEYS)}")
-    seeds, lists, arms = spec.get("seeds"), spec.get("lists", ["O"]), spec.get("arms")
+    seeds, lists, arms = seeds or spec.get("seeds"), spec.get("lists", ["O"]), spec.get("arms")
     distinct_ints = isinstance(seeds, list) and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)
     if not (seeds and distinct_ints):
         raise ConfigError(f"{path}: seeds must be a list of distinct integers, e.g. [1, 2, 3], got {seeds!r}")
@@ -162,9 +164,9 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -
 
 
 def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,
-              n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+              n_boot: int = 1000, seeds: list[int] | None = None) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
-    spec = load_sweep(sweep, out)
+    spec = load_sweep(sweep, out, seeds)
     spec.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds
@@ -266,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep", help="sweep YAML (seeds, lists, arms) or a name in params/sweeps/")
     parser.add_argument("--out", default=None, help="sweep folder (default outputs/sweeps/<sweep name>)")
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per run and list")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep)")
     args = parser.parse_args(argv)
-    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot)
+    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds)
     print(tables["summary"].to_string(index=False))
     if not tables["paired"].empty:
         print(tables["paired"].to_string(index=False))

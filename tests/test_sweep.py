@@ -97,6 +97,11 @@ def test_example_sweeps_load(tmp_path):
     spec = sweep_mod.load_sweep("demo_recipes", tmp_path)
     assert spec.arms[:2] == ["reference_2020", "modern"] and spec.seeds == [1, 2, 3]
     assert spec.configs["modern"][2].train.seed == 2 and spec.configs["modern"][2].loss.head == "aam"
+    more = sweep_mod.load_sweep("demo_recipes", tmp_path, seeds=[1, 2, 3, 4, 5])  # more seeds, same runs
+    assert more.seeds == [1, 2, 3, 4, 5] and more.configs["modern"][5].train.seed == 5
+    assert sweep_mod.run_path(more.configs["modern"][2]) == sweep_mod.run_path(spec.configs["modern"][2])
+    with pytest.raises(ConfigError, match="seeds must be a list of distinct integers"):
+        sweep_mod.load_sweep("demo_recipes", tmp_path, seeds=[4, 4])
     amp = sweep_mod.load_sweep("demo_amp", tmp_path)
     assert [amp.configs[arm][1].train.amp for arm in amp.arms] == ["off", "bf16"]
 

@@ -143,12 +143,10 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
             stem = f"scores_{tag}" + ("_asnorm" if method == "asnorm" else "")
             write_scores(out / f"{stem}.txt", scores, trials)
             write_scores(out / f"{stem}_names.txt", scores, trials, with_names=True)
+            metrics = {k: m[k] for k in ("n_target", "n_nontarget", "eer", "eer_percent", "min_dcf_0.01",
+                                         "min_dcf_0.05", "eer_threshold")}
             rows.append({"list": tag, "list_sha1": trials.sha1, "scoring": method, "trials": len(trials),
-                         "n_target": m["n_target"], "n_nontarget": m["n_nontarget"], "eer": m["eer"],
-                         "eer_percent": m["eer_percent"],
-                         "min_dcf_0.01": m["min_dcf_0.01"], "min_dcf_0.05": m["min_dcf_0.05"],
-                         "eer_threshold": m["eer_threshold"], "score_seconds": seconds,
-                         "scores_file": f"{stem}_names.txt"})
+                         **metrics, "score_seconds": seconds, "scores_file": f"{stem}_names.txt"})
     table = pd.DataFrame(rows)
     scored = set(zip(table["list"], table["scoring"]))
     kept = [r for r in earlier if (r["list"], r["scoring"]) not in scored]

@@ -105,31 +105,32 @@ def _trim(audio: np.ndarray) -> np.ndarray:
 
 
 def _probe(voice: Voice) -> Voice | str:
-    """The voice with its speaking speed measured, or why it is unusable.
-
-    A voice whose language does not read our Latin pseudo-words (MBROLA replaces each diphone
-    it lacks with silence) keeps the syllables, in its own script where we have one, that it
-    speaks without a missing diphone: a real voice more, speaking a smaller inventory.
-    """
+    """The voice with its speaking speed measured, or why it is unusable."""
     try:
         audio, sr, err = _synth(voice, _PROBE_TEXT)
-        unknown = err.count("unknown")
+        unknown = err.count("unknown")  # MBROLA replaces each missing diphone with silence
         if unknown > 15 and voice.kind == "mbrola":
-            candidates = _NATIVE_SYLLABLES.get(voice.family, _SYLLABLES)
-            spoken = tuple(s for s in candidates if _synth(voice, f"{s}{s} {s}")[2].count("unknown") == 0)
-            if len(spoken) < _MIN_SYLLABLES:
-                return (f"{unknown} missing diphones in Latin text and {len(spoken)} of its "
-                        f"{len(candidates)} syllables spoken (fewer than {_MIN_SYLLABLES})")
-            voice = replace(voice, syllables=spoken)  # a random sentence tries the joins between syllables
-            audio, sr, err = _synth(voice, _sentence(np.random.default_rng(0), 20, spoken))
-            if err.count("unknown") > 2:
-                return f"{err.count('unknown')} missing diphones in 20 words of its {len(spoken)} syllables"
-            return replace(voice, words_per_s=round(20 * sr / _trim(audio).size, 3))
+            return _probe_own_syllables(voice, unknown)
     except ValueError as exc:
         return str(exc)
     if unknown > 15 or not np.abs(audio).max() > 0.01:
         return f"{unknown} missing diphones (its language does not read Latin text)"
     return replace(voice, words_per_s=round(10 * sr / _trim(audio).size, 3))
+
+
+def _probe_own_syllables(voice: Voice, unknown: int) -> Voice | str:
+    """A voice whose language does not read our Latin pseudo-words, kept with the syllables (in
+    its own script where we have one) it speaks without a missing diphone: a real voice more,
+    speaking a smaller inventory. A random sentence of them then tries the joins between them."""
+    candidates = _NATIVE_SYLLABLES.get(voice.family, _SYLLABLES)
+    spoken = tuple(s for s in candidates if _synth(voice, f"{s}{s} {s}")[2].count("unknown") == 0)
+    if len(spoken) < _MIN_SYLLABLES:
+        return (f"{unknown} missing diphones in Latin text and {len(spoken)} of its "
+                f"{len(candidates)} syllables spoken (fewer than {_MIN_SYLLABLES})")
+    audio, sr, err = _synth(voice, _sentence(np.random.default_rng(0), 20, spoken))
+    if err.count("unknown") > 2:
+        return f"{err.count('unknown')} missing diphones in 20 words of its {len(spoken)} syllables"
+    return replace(voice, syllables=spoken, words_per_s=round(20 * sr / _trim(audio).size, 3))
 
 
 def _mbrola_candidates() -> list[Voice]:

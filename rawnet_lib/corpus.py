@@ -36,8 +36,8 @@ __all__ = ["CorpusError", "CorpusSize", "SIZES", "Voice", "base_voices", "find_v
            "ensure_demo_corpus"]
 
 
-VERSION = 3  # 2: the test voices also at their extra speeds; 3: the voices that speak their own script
-# test too (more independent Vox1-O voices). Each version is the one before plus test speakers.
+VERSION = 3  # 2: the test voices also at their extra speeds; 3: the voices that do not read Latin text,
+# on syllables they speak, test too (more independent Vox1-O voices). Each version adds test speakers.
 SPLITS = {"vox2_train": "VoxCeleb2/m4a", "vox1_dev": "VoxCeleb1/dev_wav",
           "vox1_eval": "VoxCeleb1/eval_wav"}  # split -> folder under DB
 _VIDEO_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -55,7 +55,7 @@ class CorpusSize:
     short_fraction: float  # share of 1.5-3.6 s utterances, shorter than a training crop
     targets: tuple[int, int, int]  # target trials at most in the O, E and H lists
     eval_extra: tuple[float, ...] = ()  # further speeds of the test voices, one speaker each (version 2)
-    eval_native: int = 0  # voices that read only their own script, test voices at most (version 3)
+    eval_native: int = 0  # voices that speak only their own syllables: at most this many test voices (version 3)
 
 
 SIZES = {
@@ -73,10 +73,11 @@ SIZES = {
 def _assign(voices: tuple[Voice, ...], size: CorpusSize, rng: np.random.Generator) -> dict:
     """Base voices per split; the test splits alternate genders while both remain.
 
-    Voices that read our Latin pseudo-words fill the splits as in version 1; those that read
-    only their own script (Arabic, Hebrew, Hindi, Telugu, Japanese MBROLA voices) are further
-    test voices (key ``vox1_eval_native``): independent test voices were what limited the
-    comparison of recipes, and the training and validation data stay those of version 1."""
+    Voices that read our Latin pseudo-words fill the splits as in version 1; those that speak
+    only syllables of their own (the Arabic, Hebrew, Hindi, Telugu and Japanese MBROLA voices in
+    their scripts, Maori's in Latin) are further test voices (key ``vox1_eval_native``):
+    independent test voices limited the comparison of recipes, and the training and validation
+    data stay those of version 1."""
     native = [v for v in voices if v.syllables]
     voices = tuple(v for v in voices if not v.syllables)
     scale = min(1.0, len(voices) / sum(size.voices))
@@ -222,7 +223,7 @@ def _manifest(state: dict, speakers: list[dict], seconds: list[float], trials: d
              "utterances": sum(n for _, n in s["videos"]), "seconds": round(sec, 2)}
             for s, sec in zip(speakers, seconds)]
     voices = {(r["voice"], state["voice_kind"], r["gender"], r["family"], r["split"],
-               f"own script, {len(s['voice'].syllables)} syllables" if s["voice"].syllables else "latin")
+               f"own syllables, {len(s['voice'].syllables)}" if s["voice"].syllables else "latin")
               for r, s in zip(rows, speakers)}
     counts = {split: {key: sum(r[key] for r in rows if r["split"] == split)
                       for key in ("videos", "utterances")} for split in SPLITS}

@@ -36,8 +36,8 @@ from rawnet_lib.errors import run_cli
 from rawnet_lib.eval.embed import cached_embeddings, embedding_settings
 from rawnet_lib.eval.metrics import summarize
 from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
-from rawnet_lib.io import atomic_open, atomic_write_text
-from rawnet_lib.models.checkpoint import checkpoint_fingerprint, load_checkpoint_model
+from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
+from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.training.run import RunExistsError, default_out_dir, resolve_checkpoint
 
 __all__ = ["with_overrides", "cohort_embeddings", "evaluate", "main"]
@@ -71,7 +71,8 @@ def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: 
 def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
     """The metrics rows of an earlier evaluation in `out` that this one extends.
 
-    Same checkpoint and settings: its rows are kept (lists scored again come out identical).
+    Same checkpoint and settings: its rows are kept, a list scored again replaces its row (each
+    row names the SHA-1 of the list file it scored).
     Anything else would silently mix or replace results, so it needs `overwrite`.
     """
     path = out / "metrics.json"
@@ -119,7 +120,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     names = list(lists or cfg.evaluation.trial_lists)
     trial_lists = {list_tag(n): read_trials(official_list_path(data_path, n)) for n in names}
     ev = cfg.evaluation
-    identity = {"fingerprint": checkpoint_fingerprint(ckpt), **embedding_settings(cfg, roots),
+    identity = {"fingerprint": file_sha1(ckpt), **embedding_settings(cfg, roots),
                 "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
     earlier = _earlier_rows(out, identity, overwrite) if rank.is_main else []
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file.
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file; and the
+fingerprint that tells results of a rewritten file (a checkpoint, a trial list) from its own.
 
 Each writer goes to a temporary file in the target's folder (`.<name>.<random>.tmp`, which no
 `*.wav` glob picks up), flushes it to disk, then `os.replace`s it over the target, which is
@@ -8,6 +9,7 @@ atomic on POSIX file systems. :func:`atomic_path` does the same for files an ext
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import threading
@@ -64,6 +66,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as handle:
         handle.write(data)
+
+
+_fingerprints: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha1(path: str | Path) -> str:
+    """Full SHA-1 of the file's bytes (memoised per size and mtime): a rewritten file always
+    invalidates, a copied or touched one does not."""
+    path = Path(path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _fingerprints:
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _fingerprints[memo] = digest.hexdigest()
+    return _fingerprints[memo]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

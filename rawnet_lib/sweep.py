@@ -33,13 +33,13 @@ import pandas as pd
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
 from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
-from rawnet_lib.dataset.trials import list_tag, official_list_path, read_trials, speaker_of
+from rawnet_lib.dataset.trials import list_tag, official_list_path, speaker_of
 from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluate
-from rawnet_lib.io import atomic_open, atomic_write_text
+from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.run import run_path
@@ -64,6 +64,11 @@ class Sweep:
     def arms(self) -> list[str]:
         return list(self.configs)
 
+    @property
+    def command(self) -> str:
+        """The command line that runs (or finishes) this very sweep."""
+        return f"python -m rawnet_lib.sweep {self.path} --out {self.out} --seeds {' '.join(map(str, self.seeds))}"
+
 
 def sweep_file(sweep: str | Path) -> Path:
     """A sweep YAML as given, relative to the repository (notebooks run in notebooks/), or by name in params/sweeps/."""
@@ -84,10 +89,11 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     unknown = [k for k in spec if k not in SWEEP_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SWEEP_KEYS)}")
+    where = f"{path}: seeds" if not seeds else "the seeds given (--seeds, or the notebook's -y 'seeds: [1, 2, 3]')"
     seeds, lists, arms = seeds or spec.get("seeds"), spec.get("lists", ["O"]), spec.get("arms")
     distinct_ints = isinstance(seeds, list) and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)
     if not (seeds and distinct_ints):
-        raise ConfigError(f"{path}: seeds must be a list of distinct integers, e.g. [1, 2, 3], got {seeds!r}")
+        raise ConfigError(f"{where} must be a list of distinct integers, e.g. [1, 2, 3], got {seeds!r}")
     if not (isinstance(lists, list) and lists):
         raise ConfigError(f"{path}: lists must name trial lists, e.g. [O, E, H], got {lists!r}")
     if not (isinstance(arms, dict) and arms):
@@ -155,10 +161,10 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -
     done = out / "metrics.json"
     if done.is_file():
         rows = pd.DataFrame(json.loads(done.read_text()).get("metrics", []))
-        data_path = resolve_data_path(cfg.data)
         cosine = rows[rows["scoring"] == "cosine"] if "list_sha1" in rows else None
         scored = {} if cosine is None else dict(zip(cosine["list"], cosine["list_sha1"]))
-        if all(scored.get(list_tag(n)) == read_trials(official_list_path(data_path, n)).sha1 for n in lists):
+        paths = [official_list_path(resolve_data_path(cfg.data), n) for n in lists]
+        if all(path.is_file() and scored.get(list_tag(n)) == file_sha1(path) for n, path in zip(lists, paths)):
             return rows
     return evaluate(folder / "models" / "best_opt_eval.pt", cfg, lists, out, progress=progress)
 
@@ -177,7 +183,7 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
 
 
 def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]], list[str]]:
-    rows, pooled, missing = [], {}, []
+    rows, pooled, missing, first_scored = [], {}, [], {}
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
             out = run_path(cfg) / "eval" / "best_opt_eval"
@@ -189,6 +195,12 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
             for tag in spec.lists:
                 tag = list_tag(tag)
                 m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
+                sha = m["list_sha1"] if isinstance(m.get("list_sha1"), str) else ""
+                other, first = first_scored.setdefault(tag, (sha, f"{arm}-seed{seed}"))
+                if other != sha:  # never an interval over runs scored on different lists
+                    raise WorkbookError(f"{spec.out}: {arm}-seed{seed} scored another version of list {tag} than "
+                                        f"{first} (the corpus changed between them, or one recorded none); run "
+                                        f"`{spec.command}` again: it scores every run on the lists there are now")
                 scores = _run_scores(out, tag)
                 data = scores[["score", "label"]].to_numpy(float)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
@@ -200,22 +212,14 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
                              "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg)),
-                             "list_sha1": m["list_sha1"] if isinstance(m.get("list_sha1"), str) else ""})
+                             "list_sha1": sha})
                 pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
         warnings.warn(f"{spec.out}: {len(missing)} run(s) not finished yet, left out of the summary: "
-                      f"{', '.join(missing)}; run the sweep again to finish them", stacklevel=3)
+                      f"{', '.join(missing)}; run `{spec.command}` to finish them", stacklevel=3)
     if not rows:
-        raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run "
-                         f"`python -m rawnet_lib.sweep {spec.path} --out {spec.out}`")
-    table = pd.DataFrame(rows)
-    versions = table[table["list_sha1"] != ""].groupby("list")["list_sha1"].nunique()
-    if (versions > 1).any():
-        raise WorkbookError(f"{spec.out}: the runs scored different versions of list(s) "
-                            f"{', '.join(versions[versions > 1].index)} (the corpus changed between them); "
-                            f"run `python -m rawnet_lib.sweep {spec.path} --out {spec.out}` again: it scores "
-                            "every run on the lists there are now")
-    return table, pooled, missing
+        raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run `{spec.command}`")
+    return pd.DataFrame(rows), pooled, missing
 
 
 def _run_scores(out: Path, tag: str) -> pd.DataFrame:

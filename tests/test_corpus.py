@@ -47,7 +47,7 @@ def test_layout_and_names(db: Path, manifest: dict) -> None:
     speakers = {split: sorted(p.name for p in (db / folder).iterdir())
                 for split, folder in corpus.SPLITS.items()}
     native = sum(v["text"] != "latin" for v in manifest["voices"])  # 1 where MBROLA has such voices
-    assert native == (manifest["voice_kind"] == "mbrola")
+    assert native == min(1, sum(bool(v.syllables) for v in find_voices("auto")[0]))
     # tiny: 3x2, 2x2, (4 + native) x (1 + 1 extra speed)
     assert [len(speakers[s]) for s in corpus.SPLITS] == [6, 4, 8 + 2 * native]
     assert all(re.fullmatch(r"id0\d{4}", s) for s in speakers["vox2_train"])
@@ -162,18 +162,19 @@ def test_second_call_generates_nothing_and_other_settings_raise(db: Path, monkey
 
 
 @needs_tools
-def test_an_older_version_upgrades_by_adding_speakers(db: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Version 1 had neither the extra test speeds (2) nor the native-script test voices (3): its
-    speakers keep their bytes in version 3, so models trained on it stay valid, and upgrading
-    it in place gives the same files as a new corpus."""
+@pytest.mark.parametrize("version, before", [(1, {"eval_extra": (), "eval_native": 0}), (2, {"eval_native": 0})])
+def test_an_older_version_upgrades_by_adding_speakers(db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      version: int, before: dict) -> None:
+    """Version 1 had neither the extra test speeds (2) nor the test voices that speak their own
+    syllables (3): an older corpus's speakers keep their bytes in the current one, so models
+    trained on it stay valid, and upgrading it in place gives the same files as a new corpus."""
     with monkeypatch.context() as m:
-        m.setattr(corpus, "VERSION", 1)
-        m.setitem(SIZES, "tiny", dataclasses.replace(SIZES["tiny"], eval_extra=(), eval_native=0))
+        m.setattr(corpus, "VERSION", version)
+        m.setitem(SIZES, "tiny", dataclasses.replace(SIZES["tiny"], **before))
         old = generate_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
     v1 = _files(old)
     manifest = json.loads((old / "corpus.json").read_text())
-    assert manifest["version"] == 1
+    assert manifest["version"] == version
     other = json.loads(json.dumps(manifest))
     other["speakers"][0]["voice"] = "mb-xx9"  # made with voices this machine no longer has
     (old / "corpus.json").write_text(json.dumps(other))
@@ -216,18 +217,16 @@ def test_ensure_demo_corpus_converts_the_m4a(db: Path, tmp_path: Path) -> None:
 def test_voices_of_other_scripts_speak_their_own_syllables_without_a_missing_diphone() -> None:
     """An MBROLA voice whose language does not read Latin text (Japanese, Arabic, ...) is kept with
     the syllables of its own script it speaks; random sentences of them lose no diphone."""
-    usable, skipped = find_voices("auto")
+    usable = find_voices("auto")[0]
     native = [v for v in usable if v.syllables]
     if not native:
         pytest.skip("no MBROLA voice of another script installed")
     for voice in native:
         assert len(voice.syllables) >= synth._MIN_SYLLABLES and voice.words_per_s > 1
-        text = synth._sentence(np.random.default_rng(1), 30, voice.syllables)
+        text = synth._sentence(np.random.default_rng(1), 20, voice.syllables)  # not the probe's sentence
         assert set(text.replace(",", "").replace(" ", "")) <= set("".join(voice.syllables))
-        audio, sr, err = synth._synth(voice, text)
-        assert "unknown" not in err and audio.size > sr
+        assert synth._speaks(voice, text)
     assert all(not v.syllables for v in usable if v.family in ("en", "de", "fr"))
-    assert all("syllables" in why or "Latin" in why for _, why in skipped)
 
 
 @needs_tools

@@ -20,7 +20,8 @@ from rawnet_lib.dataset.trials import read_trials
 from rawnet_lib.eval import embed
 from rawnet_lib.eval.embed import cached_embeddings
 from rawnet_lib.eval.metrics import eer
-from rawnet_lib.models.checkpoint import checkpoint_fingerprint, load_checkpoint_model, read_checkpoint
+from rawnet_lib.io import file_sha1
+from rawnet_lib.models.checkpoint import load_checkpoint_model, read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training.run import default_out_dir, newest_run
 
@@ -136,7 +137,7 @@ def test_evaluate_writes_scores_and_a_consistent_table(evaluated, smoke_run: Pat
     info = json.loads((out / "metrics.json").read_text())
     pd.testing.assert_frame_equal(csv, pd.DataFrame(info["metrics"]), check_dtype=False)
     assert info["checkpoint"] == str(smoke_run / "models" / "best_opt_eval.pt") and info["data_path"] == str(tiny_db)
-    assert info["fingerprint"] == checkpoint_fingerprint(smoke_run / "models" / "best_opt_eval.pt")
+    assert info["fingerprint"] == file_sha1(smoke_run / "models" / "best_opt_eval.pt")
     assert info["config"]["evaluation"]["asnorm"] is True
 
 

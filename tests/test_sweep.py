@@ -100,7 +100,7 @@ def test_example_sweeps_load(tmp_path):
     more = sweep_mod.load_sweep("demo_recipes", tmp_path, seeds=[1, 2, 3, 4, 5])  # more seeds, same runs
     assert more.seeds == [1, 2, 3, 4, 5] and more.configs["modern"][5].train.seed == 5
     assert sweep_mod.run_path(more.configs["modern"][2]) == sweep_mod.run_path(spec.configs["modern"][2])
-    with pytest.raises(ConfigError, match="seeds must be a list of distinct integers"):
+    with pytest.raises(ConfigError, match="seeds given .--seeds.*must be a list of distinct integers"):
         sweep_mod.load_sweep("demo_recipes", tmp_path, seeds=[4, 4])
     amp = sweep_mod.load_sweep("demo_amp", tmp_path)
     assert [amp.configs[arm][1].train.amp for arm in amp.arms] == ["off", "bf16"]
@@ -187,7 +187,7 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     meta = json.loads(good)
     meta["metrics"][0]["list_sha1"] = "0" * 40
     metrics_file.write_text(json.dumps(meta))
-    with pytest.raises(WorkbookError, match="different versions of list.*O.*python -m rawnet_lib.sweep"):
+    with pytest.raises(WorkbookError, match="aam-seed1 scored another version of list O than ref-seed1.*--seeds 1 2"):
         sweep_mod.summarise(sweep_mod.load_sweep(spec, out), n_boot=50)
     metrics_file.write_text(good)
 

@@ -118,18 +118,28 @@ def _probe(voice: Voice) -> Voice | str:
     return replace(voice, words_per_s=round(10 * sr / _trim(audio).size, 3))
 
 
+def _speaks(voice: Voice, text: str) -> bool:
+    """Whether the voice says `text` aloud with no diphone missing."""
+    try:
+        audio, _, err = _synth(voice, text)
+    except ValueError:
+        return False
+    return "unknown" not in err and np.abs(audio).max() > 0.01
+
+
 def _probe_own_syllables(voice: Voice, unknown: int) -> Voice | str:
     """A voice whose language does not read our Latin pseudo-words, kept with the syllables (in
-    its own script where we have one) it speaks without a missing diphone: a real voice more,
-    speaking a smaller inventory. A random sentence of them then tries the joins between them."""
+    its own script where we have one, else the Latin ones) it speaks without a missing diphone:
+    a real voice more, speaking a smaller inventory. A random sentence then tries their joins."""
     candidates = _NATIVE_SYLLABLES.get(voice.family, _SYLLABLES)
-    spoken = tuple(s for s in candidates if _synth(voice, f"{s}{s} {s}")[2].count("unknown") == 0)
+    spoken = tuple(s for s in candidates if _speaks(voice, f"{s}{s} {s}"))
     if len(spoken) < _MIN_SYLLABLES:
         return (f"{unknown} missing diphones in Latin text and {len(spoken)} of its "
                 f"{len(candidates)} syllables spoken (fewer than {_MIN_SYLLABLES})")
-    audio, sr, err = _synth(voice, _sentence(np.random.default_rng(0), 20, spoken))
-    if err.count("unknown") > 2:
-        return f"{err.count('unknown')} missing diphones in 20 words of its {len(spoken)} syllables"
+    sentence = _sentence(np.random.default_rng(0), 20, spoken)
+    if not _speaks(voice, sentence):
+        return f"a sentence of its {len(spoken)} syllables loses diphones where they join"
+    audio, sr, _ = _synth(voice, sentence)
     return replace(voice, syllables=spoken, words_per_s=round(20 * sr / _trim(audio).size, 3))
 
 
@@ -174,8 +184,8 @@ def find_voices(voices: str = "auto") -> tuple[tuple[Voice, ...], tuple[tuple[st
     candidates = _mbrola_candidates() if voices != "espeak" else _espeak_candidates()
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(_probe, candidates))
-        if voices == "auto" and not any(isinstance(r, Voice) for r in results):
-            candidates = _espeak_candidates()  # no working MBROLA voice
+        if voices == "auto" and not any(isinstance(r, Voice) and not r.syllables for r in results):
+            candidates = _espeak_candidates()  # no MBROLA voice that reads Latin text
             results = list(pool.map(_probe, candidates))
     usable = tuple(r for r in results if isinstance(r, Voice))
     if not usable:
@@ -183,8 +193,9 @@ def find_voices(voices: str = "auto") -> tuple[tuple[Voice, ...], tuple[tuple[st
     return usable, tuple((v.name, r) for v, r in zip(candidates, results) if isinstance(r, str))
 
 
-def _sentence(rng: np.random.Generator, n_words: int, syllables: tuple[str, ...] = _SYLLABLES) -> str:
-    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(n_words)]
+def _sentence(rng: np.random.Generator, n_words: int, syllables: tuple[str, ...] = ()) -> str:
+    """Pseudo-words of `syllables` (empty: the Latin ones)."""
+    words = ["".join(rng.choice(syllables or _SYLLABLES, size=rng.integers(1, 4))) for _ in range(n_words)]
     for i in range(3, n_words - 2, 5):  # commas give natural pauses
         words[i] += ","
     return " ".join(words)
@@ -218,7 +229,7 @@ def _render(voice: Voice, factor: float, channel: dict, rng: np.random.Generator
     rate = int(np.clip(rng.integers(145, 196) + channel["rate"], 120, 220))
     pitch = int(np.clip(rng.integers(42, 59) + channel["pitch"], 10, 90))
     n_words = max(2, round(1.1 * length * factor * voice.words_per_s * rate / 175))
-    audio, sr, _ = _synth(voice, _sentence(rng, n_words, voice.syllables or _SYLLABLES), pitch, rate)
+    audio, sr, _ = _synth(voice, _sentence(rng, n_words, voice.syllables), pitch, rate)
     ratio = Fraction(SAMPLE_RATE, sr) / Fraction(factor).limit_denominator(50)  # shifts formants too
     audio = _trim(audio)
     if ratio != 1:

@@ -10,7 +10,6 @@ one) is stripped with a :class:`TrialListWarning`, not reported as a bad label.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.io import atomic_write_text
+from rawnet_lib.io import atomic_write_text, file_sha1
 
 __all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "official_list_path", "read_trials",
            "write_trials", "find_file", "resolve", "make_trials", "speaker_of"]
@@ -65,7 +64,7 @@ class TrialList:
     enroll: list[str]
     test: list[str]
     path: Path | None = None
-    sha1: str = ""  # of the file read: results carry it, so results of an older list are told apart
+    sha1: str = ""  # of the file's bytes: results carry it, so results of an older list are told apart
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -221,7 +220,7 @@ def read_trials(path: str | Path, roots: Sequence[Path] | None = None) -> TrialL
                  for i in lost[:_SHOWN]]
         problems.add("file not on disk", line_of[lost], notes)
     problems.raise_any()
-    return TrialList(is_one.astype(np.int8), enroll, test, path, hashlib.sha1(data).hexdigest())
+    return TrialList(is_one.astype(np.int8), enroll, test, path, file_sha1(path))
 
 
 def write_trials(path: str | Path, trials: TrialList) -> None:

@@ -28,8 +28,7 @@ from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, EvalConfig, ModelConfig
 from rawnet_lib.dataset.audio import eval_crops, peak_normalise, read_audio
 from rawnet_lib.dataset.trials import resolve
-from rawnet_lib.io import atomic_open
-from rawnet_lib.models.checkpoint import checkpoint_fingerprint
+from rawnet_lib.io import atomic_open, file_sha1
 
 __all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast", "utterance_crops", "crop_batches",
            "check_crops", "native_amp", "cpu_amp", "mean_crop_embeddings"]
@@ -187,7 +186,7 @@ def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys:
     settings = embedding_settings(cfg, roots)
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"embeddings_{tag}.npz"
-    fingerprint = checkpoint_fingerprint(checkpoint_path)
+    fingerprint = file_sha1(checkpoint_path)
     store = _read_cache(path, fingerprint)
     # Rank 0's view decides, so ranks without the cache folder (no shared disk) still agree.
     missing = dist.broadcast_from_main(sorted(set(keys) - set(store)))

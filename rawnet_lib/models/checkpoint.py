@@ -10,7 +10,6 @@ that: the config as a dict, the RNG states as lists and tensors, the history as 
 from __future__ import annotations
 
 import copy
-import hashlib
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from rawnet_lib.models.rawnet2 import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
            "resume_training", "load_checkpoint_model", "checkpoint_model", "infer_model_config",
-           "checkpoint_fingerprint", "init_from_checkpoint"]
+           "init_from_checkpoint"]
 
 _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
          "or a reference RawNet2 state_dict")
@@ -36,7 +35,6 @@ _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoc
 _np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 | 1
 _NUMPY_GLOBALS = [_np_core.multiarray.scalar, _np_core.multiarray._reconstruct, np.ndarray, np.dtype,
                   type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
-_fingerprints: dict[tuple[str, int, int], str] = {}
 
 
 class CheckpointError(WorkbookError, ValueError):
@@ -226,18 +224,3 @@ def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{what} ({' '.join(str(err).split())[:400]}); {fix}") from None
-
-
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """Full SHA-1 of the file's bytes (memoised per size and mtime): a rewritten checkpoint
-    always invalidates, a copied or touched one does not."""
-    path = Path(path)
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _fingerprints:
-        digest = hashlib.sha1()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _fingerprints[memo] = digest.hexdigest()
-    return _fingerprints[memo]

@@ -163,8 +163,9 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -
         rows = pd.DataFrame(json.loads(done.read_text()).get("metrics", []))
         cosine = rows[rows["scoring"] == "cosine"] if "list_sha1" in rows else None
         scored = {} if cosine is None else dict(zip(cosine["list"], cosine["list_sha1"]))
-        paths = [official_list_path(resolve_data_path(cfg.data), n) for n in lists]
-        if all(path.is_file() and scored.get(list_tag(n)) == file_sha1(path) for n, path in zip(lists, paths)):
+        data_path = resolve_data_path(cfg.data)  # once: for the demo corpus it checks the whole tree
+        paths = [(list_tag(n), official_list_path(data_path, n)) for n in lists]
+        if all(path.is_file() and scored.get(tag) == file_sha1(path) for tag, path in paths):
             return rows
     return evaluate(folder / "models" / "best_opt_eval.pt", cfg, lists, out, progress=progress)
 

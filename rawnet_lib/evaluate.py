@@ -13,13 +13,16 @@ stem>/` (`outputs/eval/<stem>/` for a checkpoint outside a run folder):
     scores_<list>[_asnorm].txt        "score target" per trial (the reference's results format)
     scores_<list>[_asnorm]_names.txt  "score target enroll test", for analysis
     metrics.csv, metrics.json         one row per list and scoring method, gathered over calls
-                                      with the same checkpoint and settings (others need --overwrite)
+                                      with the same checkpoint and settings (others need --overwrite);
+                                      each row names its list file and SHA-1, and a row whose file has
+                                      changed since is dropped with a warning
     cache/embeddings_<settings>.npz   the embedding cache
 """
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 
 from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, load_config
-from rawnet_lib.dataset.trials import list_tag, official_list_path, read_trials
+from rawnet_lib.dataset.trials import TrialList, list_tag, official_list_path, read_trials
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 from rawnet_lib.eval.embed import cached_embeddings, embedding_settings
@@ -71,8 +74,8 @@ def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: 
 def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
     """The metrics rows of an earlier evaluation in `out` that this one extends.
 
-    Same checkpoint and settings: its rows are kept, a list scored again replaces its row (each
-    row names the SHA-1 of the list file it scored).
+    Same checkpoint and settings: its rows are kept, a list scored again replaces its row, and a
+    row whose list file has changed since is dropped (each row names the file and its SHA-1).
     Anything else would silently mix or replace results, so it needs `overwrite`.
     """
     path = out / "metrics.json"
@@ -83,7 +86,12 @@ def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[
     except (OSError, ValueError):
         old = {}
     if old.get("identity") == identity:
-        return list(old.get("metrics", []))
+        rows = list(old.get("metrics", []))
+        stale = sorted({r["list"] for r in rows if not _list_unchanged(r)})
+        if stale:
+            warnings.warn(f"{out}: dropped the results of list(s) {', '.join(stale)}: their files changed since "
+                          f"they were scored; score them again with --lists {' '.join(stale)}", stacklevel=3)
+        return [r for r in rows if r["list"] not in stale]
     if overwrite:
         return []
     before = old.get("identity") or {}
@@ -91,6 +99,25 @@ def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[
     raise RunExistsError(f"{out} already holds results of another checkpoint or other evaluation settings "
                          f"(differing: {', '.join(changed)}); give another out_dir (--out_dir) to keep both, "
                          "or overwrite=True (--overwrite) to replace them")
+
+
+def _list_unchanged(row: dict[str, Any]) -> bool:
+    """Whether a metrics row's list file still holds what it scored (rows that name no file, or a
+    file since removed, cannot be checked and are kept)."""
+    name = row.get("list_file")  # NaN in rows gathered beside older ones
+    if not isinstance(name, str) or not Path(name).is_file():
+        return True
+    return file_sha1(name) == row.get("list_sha1")
+
+
+def _trial_lists(data_path: Path, names: Sequence[str]) -> dict[str, TrialList]:
+    """{tag: list} for `names`, refusing two lists that results would name alike (O and a my/O.txt)."""
+    tags: dict[str, str] = {}
+    for name in names:
+        if tags.setdefault(list_tag(name), name) != name:
+            raise ConfigError(f"trial lists {tags[list_tag(name)]!r} and {name!r} would both be reported as "
+                              f"{list_tag(name)!r}; rename one of the files, or score them in separate out_dirs")
+    return {tag: read_trials(official_list_path(data_path, name)) for tag, name in tags.items()}
 
 
 def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, lists: Sequence[str] | None = None,
@@ -118,7 +145,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     out = Path(out_dir) if out_dir else default_out_dir(ckpt)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     names = list(lists or cfg.evaluation.trial_lists)
-    trial_lists = {list_tag(n): read_trials(official_list_path(data_path, n)) for n in names}
+    trial_lists = _trial_lists(data_path, names)
     ev = cfg.evaluation
     identity = {"fingerprint": file_sha1(ckpt), **embedding_settings(cfg, roots),
                 "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
@@ -147,7 +174,8 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
             metrics = {k: m[k] for k in ("n_target", "n_nontarget", "eer", "eer_percent", "min_dcf_0.01",
                                          "min_dcf_0.05", "eer_threshold")}
             rows.append({"list": tag, "list_sha1": trials.sha1, "scoring": method, "trials": len(trials),
-                         **metrics, "score_seconds": seconds, "scores_file": f"{stem}_names.txt"})
+                         **metrics, "score_seconds": seconds, "scores_file": f"{stem}_names.txt",
+                         "list_file": str(trials.path.resolve())})
     table = pd.DataFrame(rows)
     scored = set(zip(table["list"], table["scoring"]))
     kept = [r for r in earlier if (r["list"], r["scoring"]) not in scored]

@@ -159,6 +159,28 @@ def test_results_of_other_settings_are_never_replaced_silently(checkpoint: Path,
     assert list(pd.read_csv(out / "metrics.csv")["list"]) == ["O"]  # the old settings' rows are gone with them
 
 
+def test_results_of_a_list_file_changed_since_are_dropped_not_kept(checkpoint: Path, tiny_db: Path,
+                                                                    tmp_path: Path) -> None:
+    _, cfg = load_checkpoint_model(checkpoint)
+    cfg = ev.with_overrides(cfg, data_path=str(tiny_db))
+    mine, out = tmp_path / "mine.txt", tmp_path / "eval"
+    lines = (tiny_db / "VoxCeleb1" / "veri_test.txt").read_text().splitlines(keepends=True)
+    mine.write_text("".join(lines))
+    ev.evaluate(checkpoint, cfg, [str(mine), "O2"], out_dir=out, progress=False)
+    mine.write_text("".join(lines[:-1]))  # a new version of the list: its old results no longer describe it
+    with pytest.warns(UserWarning, match=r"dropped the results of list\(s\) mine: their files changed.*--lists mine"):
+        ev.evaluate(checkpoint, cfg, ["O2"], out_dir=out, progress=False)
+    assert list(pd.read_csv(out / "metrics.csv")["list"]) == ["O2"]
+    ev.evaluate(checkpoint, cfg, [str(mine)], out_dir=out, progress=False)
+    table = pd.read_csv(out / "metrics.csv")
+    assert list(table["list"]) == ["O2", "mine"] and table["trials"].iloc[1] == len(lines) - 1
+    assert table["list_file"].iloc[1] == str(mine.resolve()) and table["list_sha1"].iloc[1] == file_sha1(mine)
+
+    (tmp_path / "O.txt").write_text("".join(lines))
+    with pytest.raises(ConfigError, match=r"'O' and '.*O.txt' would both be reported as 'O'; rename one"):
+        ev.evaluate(checkpoint, cfg, ["O", str(tmp_path / "O.txt")], out_dir=tmp_path / "two", progress=False)
+
+
 def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Path, tiny_db: Path,
                                                        tmp_path: Path) -> None:
     out = tmp_path / "ddp"

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 import torch
 
 from rawnet_lib import dist
 from rawnet_lib import evaluate as ev
 from rawnet_lib.config import ConfigError
-from rawnet_lib.dataset.trials import read_trials
+from rawnet_lib.dataset.trials import read_trials, resolve
 from rawnet_lib.eval import embed
 from rawnet_lib.eval.embed import cached_embeddings
 from rawnet_lib.eval.metrics import eer
@@ -89,6 +90,27 @@ def test_cache_embeds_each_file_once_and_a_new_checkpoint_invalidates(
     fresh = cached_embeddings(model2, checkpoint, o_keys, roots, cfg, CPU, cache_dir=cache, progress=False)
     assert count_embeds[calls:] == [sorted(o_keys)]
     assert np.allclose(fresh[o_keys[0]], first[o_keys[0]] + 1.0, atol=1e-4)
+
+
+def test_cache_embeds_a_file_written_again_since_once_more(tiny_db: Path, checkpoint: Path, tmp_path: Path,
+                                                           count_embeds: list[list[str]]) -> None:
+    """Keyed by name alone, a file converted again (other audio, same name) kept its old embedding."""
+    model, cfg, roots, o_keys, _ = _eval_setup(tiny_db, checkpoint)
+    keys = o_keys[:3]
+    root = tmp_path / "wav"
+    for key in keys:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(resolve(key, roots), root / key)
+    first = cached_embeddings(model, checkpoint, keys, [root], cfg, CPU, cache_dir=tmp_path, progress=False)
+    audio, rate = sf.read(root / keys[1], dtype="float32")
+    sf.write(root / keys[1], audio[::-1].copy(), rate, subtype="PCM_16")  # same name, other audio
+    again = cached_embeddings(model, checkpoint, keys, [root], cfg, CPU, cache_dir=tmp_path, progress=False)
+    assert count_embeds == [sorted(keys), [keys[1]]]
+    assert not np.allclose(first[keys[1]], again[keys[1]], atol=1e-3)
+    assert all(np.array_equal(first[k], again[k]) for k in (keys[0], keys[2]))
+    (root / keys[2]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"trial file {keys[2]} is in none of the roots"):
+        cached_embeddings(model, checkpoint, keys, [root], cfg, CPU, cache_dir=tmp_path, progress=False)
 
 
 def test_full_utterance_mode_needs_a_model_without_layer_norm(

@@ -7,7 +7,8 @@ layer norm). Each rank embeds its share of the files and rank 0 alone receives t
 scores); the other ranks keep nothing.
 
 `cached_embeddings` keeps them on disk per checkpoint and embedding settings, so evaluating
-O, E and H shares one extraction and a second evaluation embeds nothing.
+O, E and H shares one extraction and a second evaluation embeds nothing (but a file changed
+since).
 """
 from __future__ import annotations
 
@@ -161,16 +162,25 @@ def embedding_settings(cfg: Config, roots: Sequence[Path]) -> dict[str, Any]:
             "roots": [str(Path(r).resolve()) for r in roots]}
 
 
-def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray]:
+def _stamp(key: str, roots: list[Path]) -> tuple[int, int]:
+    """(size, mtime in ns) of a key's audio file: an embedding is reused only while its file
+    keeps both (a file converted or written again changes them)."""
+    stat = resolve(key, roots).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """{key: (embedding, stamp of the file it was made from)}."""
     if not path.is_file():
         return {}
     try:
         with np.load(path, allow_pickle=False) as z:
             if json.loads(str(z["meta"]))["fingerprint"] != fingerprint:
                 return {}  # another checkpoint's embeddings: replaced on the next write
-            return dict(zip(z["keys"].tolist(), z["emb"]))
+            stamps = [tuple(s) for s in z["stamps"].tolist()]
+            return dict(zip(z["keys"].tolist(), zip(z["emb"], stamps)))
     except (OSError, ValueError, KeyError):
-        return {}  # unreadable cache: rebuilt
+        return {}  # unreadable cache, or one from before the stamps: rebuilt
 
 
 def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys: Sequence[str],
@@ -179,26 +189,32 @@ def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys:
     """{key: embedding} for `keys`, embedding only the files the on-disk cache lacks.
 
     One npz per embedding settings (crop mode, crop length, hop, amp, roots) holds every file
-    embedded so far, tagged with the checkpoint's SHA-1; a changed checkpoint starts it afresh.
+    embedded so far, tagged with the checkpoint's SHA-1 (a changed checkpoint starts it afresh)
+    and each file's size and mtime (a changed file is embedded again).
     Call on every rank: they share the extraction and rank 0 writes the file atomically.
     """
     check_crops(cfg.model, cfg.evaluation)
     settings = embedding_settings(cfg, roots)
+    roots = [Path(r) for r in roots]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"embeddings_{tag}.npz"
     fingerprint = file_sha1(checkpoint_path)
-    store = _read_cache(path, fingerprint)
+    store = _read_cache(path, fingerprint) if rank.is_main else {}
+    stamps = {k: _stamp(k, roots) for k in keys} if rank.is_main else {}
     # Rank 0's view decides, so ranks without the cache folder (no shared disk) still agree.
-    missing = dist.broadcast_from_main(sorted(set(keys) - set(store)))
+    missing = dist.broadcast_from_main(sorted(k for k in set(keys) if k not in store or store[k][1] != stamps[k]))
     if progress and rank.is_main:
         print(f"embeddings: {len(keys) - len(missing)} of {len(keys)} files cached, embedding {len(missing)}")
     if missing:
-        store.update(embed_files(model, missing, [Path(r) for r in roots], cfg.model, cfg.evaluation, rank,
-                                 amp=cfg.train.amp, workers=cfg.data.num_workers, progress=progress))
+        new = embed_files(model, missing, roots, cfg.model, cfg.evaluation, rank,
+                          amp=cfg.train.amp, workers=cfg.data.num_workers, progress=progress)
+        store.update({k: (v, stamps[k]) for k, v in new.items()})
         if rank.is_main:
             names = sorted(store)
             meta = json.dumps({"fingerprint": fingerprint, "checkpoint": str(checkpoint_path), **settings})
             with atomic_open(path, "wb") as f:
-                np.savez(f, keys=np.array(names), emb=np.stack([store[k] for k in names]), meta=np.array(meta))
+                np.savez(f, keys=np.array(names), emb=np.stack([store[k][0] for k in names]),
+                         stamps=np.array([store[k][1] for k in names], dtype=np.int64).reshape(-1, 2),
+                         meta=np.array(meta))
         dist.barrier()
-    return {k: store[k] for k in keys if k in store}  # all keys on rank 0 (and wherever the cache is shared)
+    return {k: store[k][0] for k in keys if k in store}  # all keys on rank 0, which scores

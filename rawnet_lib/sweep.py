@@ -6,10 +6,15 @@
 A sweep file holds `seeds: [...]`, `lists: [O, ...]` and `arms: {name: overrides}`, where the
 overrides are YAML blocks as in params/ (`loss: {head: aam}`) plus an optional `preset:`
 (default: the file's top-level `preset:`, else demo). Each arm x seed is an ordinary run folder,
-`DIR/train_1P/DNNS/<arm>-seed<seed>/`, evaluated into its `eval/best_opt_eval/`. Every arm's
+`DIR/train_1P/DNNS/<arm>-seed<seed>/`, evaluated into its `eval/<checkpoint stem>/`. Every arm's
 config is built and checked before anything trains. Run again, the sweep reuses finished runs
 and evaluations and resumes an interrupted run from its last finished epoch; `--seeds 1 2 3 4 5`
 runs other seeds than the file's into the same folder (more seeds when the intervals are wide).
+
+Which model of a run is scored is `checkpoint:` (or `--checkpoint`): `best` (default; the epoch of
+lowest validation EER, as the reference), `last`, or `avg_last<N>` (the last N epochs' weights
+averaged, as WeSpeaker). Another choice than `best` reuses the training and writes its tables
+under `DIR/<choice>/`, so the comparisons of each choice sit side by side.
 
 Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over test
 speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
@@ -42,12 +47,12 @@ from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
-from rawnet_lib.training.run import run_path
+from rawnet_lib.training.run import check_checkpoint_choice, default_out_dir, run_checkpoint, run_path
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
 
-SWEEP_KEYS = ("seeds", "lists", "arms", "preset")
+SWEEP_KEYS = ("seeds", "lists", "arms", "preset", "checkpoint")
 OWNED = ("seed", "name", "out_dir", "resume", "overwrite", "trial_lists")  # set by the sweep itself
 
 
@@ -59,15 +64,23 @@ class Sweep:
     seeds: list[int]
     lists: list[str]
     configs: dict[str, dict[int, Config]]
+    checkpoint: str = "best"
 
     @property
     def arms(self) -> list[str]:
         return list(self.configs)
 
     @property
+    def results(self) -> Path:
+        """Where the tables and figures go: DIR for the best models, DIR/<choice>/ for another choice."""
+        return self.out if self.checkpoint == "best" else self.out / self.checkpoint
+
+    @property
     def command(self) -> str:
         """The command line that runs (or finishes) this very sweep."""
-        return f"python -m rawnet_lib.sweep {self.path} --out {self.out} --seeds {' '.join(map(str, self.seeds))}"
+        choice = "" if self.checkpoint == "best" else f" --checkpoint {self.checkpoint}"
+        return (f"python -m rawnet_lib.sweep {self.path} --out {self.out} --seeds {' '.join(map(str, self.seeds))}"
+                + choice)
 
 
 def sweep_file(sweep: str | Path) -> Path:
@@ -80,10 +93,12 @@ def sweep_file(sweep: str | Path) -> Path:
     raise ConfigError(f"sweep file {sweep} does not exist; give a YAML path or one of {', '.join(names)}")
 
 
-def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int] | None = None) -> Sweep:
+def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int] | None = None,
+               checkpoint: str | None = None) -> Sweep:
     """Read and check a sweep file: every arm's config is built (unknown keys and values raise,
     naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training.
-    `seeds` replaces the file's seeds (the runs of seeds both name are the same runs)."""
+    `seeds` replaces the file's seeds (the runs of seeds both name are the same runs), `checkpoint`
+    its choice of model to score."""
     path = sweep_file(sweep)
     spec = read_yaml(path, holds="seeds:, lists: and arms:")
     unknown = [k for k in spec if k not in SWEEP_KEYS]
@@ -100,11 +115,20 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
         raise ConfigError(f"{path}: arms must map names to overrides, e.g. {{baseline: {{preset: demo}}}}, "
                           f"got {arms!r}")
     out = Path(out) if out else REPO_DIR / "outputs" / "sweeps" / path.stem
+    which = checkpoint or spec.get("checkpoint") or "best"
+    try:
+        n_epochs = check_checkpoint_choice(which)
+    except ConfigError as err:
+        raise ConfigError(f"{path if not checkpoint else '--checkpoint'}: {err}") from None
     configs = {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists, out)
                            for seed in seeds} for name, overrides in arms.items()}
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
-    return Sweep(path, out, list(seeds), [str(x) for x in lists], configs)
+        epochs = next(iter(by_seed.values())).train.epochs
+        if n_epochs > epochs:
+            raise ConfigError(f"{path}: arm {name!r} trains {epochs} epochs, checkpoint {which} averages {n_epochs}; "
+                              f"choose avg_last{epochs} or fewer")
+    return Sweep(path, out, list(seeds), [str(x) for x in lists], configs, which)
 
 
 def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
@@ -154,10 +178,11 @@ def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     return folder
 
 
-def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -> pd.DataFrame:
-    """Evaluate a run's best model on `lists`; its earlier results are reused while each list's file
+def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool, which: str = "best") -> pd.DataFrame:
+    """Evaluate a run's `which` model on `lists`; its earlier results are reused while each list's file
     is the one they scored (a new corpus version rewrites the lists: its results are new ones)."""
-    out = folder / "eval" / "best_opt_eval"
+    checkpoint = run_checkpoint(folder, which)
+    out = default_out_dir(checkpoint)
     done = out / "metrics.json"
     if done.is_file():
         rows = pd.DataFrame(json.loads(done.read_text()).get("metrics", []))
@@ -167,19 +192,20 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool) -
         paths = [(list_tag(n), official_list_path(data_path, n)) for n in lists]
         if all(path.is_file() and scored.get(tag) == file_sha1(path) for tag, path in paths):
             return rows
-    return evaluate(folder / "models" / "best_opt_eval.pt", cfg, lists, out, progress=progress)
+    return evaluate(checkpoint, cfg, lists, out, progress=progress)
 
 
 def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,
-              n_boot: int = 1000, seeds: list[int] | None = None) -> dict[str, pd.DataFrame]:
+              n_boot: int = 1000, seeds: list[int] | None = None, checkpoint: str | None = None
+              ) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
-    spec = load_sweep(sweep, out, seeds)
-    spec.out.mkdir(parents=True, exist_ok=True)
+    spec = load_sweep(sweep, out, seeds, checkpoint)
+    spec.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds
         for arm, by_seed in spec.configs.items():
             folder = _train_run(by_seed[seed], print)
-            _evaluate_run(folder, by_seed[seed], spec.lists, progress)
+            _evaluate_run(folder, by_seed[seed], spec.lists, progress, spec.checkpoint)
     return summarise(spec, n_boot)
 
 
@@ -187,7 +213,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     rows, pooled, missing, first_scored = [], {}, [], {}
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
-            out = run_path(cfg) / "eval" / "best_opt_eval"
+            run = run_path(cfg)
+            out = default_out_dir(run_checkpoint(run, spec.checkpoint)) if (run / "summary.json").is_file() else run
             if not (out / "metrics.json").is_file():  # not trained or evaluated yet: summarise what is done
                 missing.append(f"{arm}-seed{seed}")
                 continue
@@ -212,7 +239,7 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                 rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
                              "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
-                             "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run_path(cfg)),
+                             "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run),
                              "list_sha1": sha})
                 pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
@@ -251,10 +278,11 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
                            "relative_change_percent": 100 * diff / ref[common].mean()})
     tables = {"runs": runs, "summary": pd.DataFrame(summary), "paired": pd.DataFrame(paired)}
     for name, table in tables.items():
-        with atomic_open(spec.out / f"{name}.csv", "w") as f:
+        with atomic_open(spec.results / f"{name}.csv", "w") as f:
             table.to_csv(f, index=False)
-    atomic_write_text(spec.out / "summary.json", json.dumps(
-        {"sweep": str(spec.path), "seeds": spec.seeds, "lists": spec.lists, "baseline": base, "unfinished": missing,
+    atomic_write_text(spec.results / "summary.json", json.dumps(
+        {"sweep": str(spec.path), "seeds": spec.seeds, "lists": spec.lists, "checkpoint": spec.checkpoint,
+         "baseline": base, "unfinished": missing,
          "confidence": 0.95, "eer_unit": "percent", **{k: t.to_dict(orient="records") for k, t in tables.items()}},
         indent=1))
     for tag, arms in pooled.items():
@@ -262,8 +290,9 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
                                                   np.concatenate([p[:, 1] for p in parts]))
                   for arm, parts in arms.items()}
         fig = det_plot(curves)
-        fig.axes[0].set_title(f"{spec.path.stem}: list {tag}")
-        save_figure(fig, spec.out, f"det_{tag}")
+        fig.axes[0].set_title(f"{spec.path.stem}: list {tag}" + ("" if spec.checkpoint == "best"
+                                                                  else f", {spec.checkpoint} models"))
+        save_figure(fig, spec.results, f"det_{tag}")
     return tables
 
 
@@ -275,8 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per run and list")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the model of each run to score instead of the file's choice: best (default), last "
+                             "or avg_last<N> (the last N epochs averaged); tables go to DIR/<choice>/")
     args = parser.parse_args(argv)
-    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds)
+    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds, checkpoint=args.checkpoint)
     print(tables["summary"].to_string(index=False))
     if not tables["paired"].empty:
         print(tables["paired"].to_string(index=False))

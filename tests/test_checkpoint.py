@@ -10,11 +10,13 @@ import pytest
 import torch
 import yaml
 
-from rawnet_lib.config import load_config
+from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.models.checkpoint import (CheckpointError, infer_model_config, load_checkpoint_model, model_checkpoint,
-                                          read_checkpoint, resume_training, save_checkpoint, training_checkpoint)
+from rawnet_lib.models.checkpoint import (CheckpointError, average_checkpoints, infer_model_config,
+                                          load_checkpoint_model, model_checkpoint, read_checkpoint, resume_training,
+                                          save_checkpoint, training_checkpoint)
 from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.training.run import run_checkpoint
 from rawnet_lib.training.schedules import make_optimizer
 
 
@@ -154,3 +156,50 @@ def test_checkpoints_written_with_numpy_rng_state_still_load(tmp_path: Path) -> 
     torch.save({"rng": {"numpy": np.random.get_state()}, "val_eer": np.float64(0.5)}, path)
     state = read_checkpoint(path)
     assert state["val_eer"] == 0.5 and state["rng"]["numpy"][1].dtype == np.uint32
+
+
+def _epoch_models(models: Path, epochs: range, cfg, speakers: list[str]) -> list[dict]:
+    """TA_<epoch>_<eer>.pt files as training writes them, each with other random weights."""
+    states = []
+    for epoch in epochs:
+        torch.manual_seed(epoch)
+        state = model_checkpoint(build_model(cfg, len(speakers)), cfg, speakers, epoch, 0.1 * epoch)
+        save_checkpoint(state, models / f"TA_{epoch}_{0.1 * epoch:.4f}.pt")
+        states.append(state)
+    return states
+
+
+def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Path) -> None:
+    cfg, speakers, models = load_config("smoke"), ["a", "b", "c"], tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    states = _epoch_models(models, range(8, 12), cfg, speakers)  # epochs 8..11: the sort is numeric, not by name
+    assert run_checkpoint(tmp_path / "run", "last").name == "TA_11_1.1000.pt"
+    assert run_checkpoint(tmp_path / "run", "best") == models / "best_opt_eval.pt"
+
+    path = run_checkpoint(tmp_path / "run", "avg_last3")
+    averaged = read_checkpoint(path)
+    assert averaged["averaged"] == ["TA_9_0.9000.pt", "TA_10_1.0000.pt", "TA_11_1.1000.pt"]
+    for key, value in averaged["model"].items():
+        parts = [s["model"][key] for s in states[1:]]
+        if value.is_floating_point():
+            exact = sum(p.double() for p in parts) / 3
+            # one rounding of the float64 mean to float32: half an ulp of the value's own magnitude
+            assert torch.allclose(value.double(), exact, rtol=2.0 ** -24, atol=0), key
+        else:
+            assert torch.equal(value, parts[-1]), key  # batch norm's step count: the last epoch's
+    model, loaded_cfg = load_checkpoint_model(path)  # evaluation reads it as any model checkpoint
+    assert loaded_cfg.model == cfg.model and averaged["epoch"] == 11
+
+    stamp = path.stat().st_mtime_ns
+    assert run_checkpoint(tmp_path / "run", "avg_last3") == path and path.stat().st_mtime_ns == stamp  # reused
+    _epoch_models(models, range(12, 13), cfg, speakers)  # the run went on: the average follows it
+    assert read_checkpoint(run_checkpoint(tmp_path / "run", "avg_last3"))["averaged"][-1] == "TA_12_1.2000.pt"
+
+    with pytest.raises(WorkbookError, match=r"avg_last9 needs the models of 9 epochs, models/ holds 5"):
+        run_checkpoint(tmp_path / "run", "avg_last9")
+    with pytest.raises(ConfigError, match=r"unknown checkpoint choice 'avg_last1'; valid: best, last or avg_last<N>"):
+        run_checkpoint(tmp_path / "run", "avg_last1")
+    other = load_config("smoke", {"model": {"gru_units": 8}})
+    save_checkpoint(model_checkpoint(build_model(other, 3), other, speakers, 13, 0.5), models / "TA_13_0.5000.pt")
+    with pytest.raises(CheckpointError, match=r"TA_12_1.2000.pt holds another model than .*TA_13_0.5000.pt"):
+        average_checkpoints(sorted(models.glob("TA_1[23]_*.pt")))

@@ -84,6 +84,10 @@ def _write(path: Path, spec: dict) -> Path:
     ({"seeds": "1", "arms": {"a": {}}}, ConfigError, r"seeds must be a list of distinct integers"),
     ({"seeds": [1], "arms": {"a": {"augment": {"enabled": True, "noise_dir": "EMPTY"}}}}, AugmentError,
      r"arm 'a': noise_dir .* has no \.wav files"),
+    ({"seeds": [1], "checkpoint": "average", "arms": {"a": {}}}, ConfigError,
+     r"s.yaml: unknown checkpoint choice 'average'; valid: best, last or avg_last<N>"),
+    ({"seeds": [1], "checkpoint": "avg_last20", "arms": {"a": {"train": {"epochs": 10}}}}, ConfigError,
+     r"arm 'a' trains 10 epochs, checkpoint avg_last20 averages 20; choose avg_last10 or fewer"),
 ])
 def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, match):
     (tmp_path / "EMPTY").mkdir()
@@ -190,6 +194,15 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     with pytest.raises(WorkbookError, match="aam-seed1 scored another version of list O than ref-seed1.*--seeds 1 2"):
         sweep_mod.summarise(sweep_mod.load_sweep(spec, out), n_boot=50)
     metrics_file.write_text(good)
+
+    # another choice of model reuses the training and puts its tables beside the others; with one
+    # epoch, the last epoch's model holds the best model's weights
+    calls.clear()
+    last = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50, checkpoint="last")
+    assert calls == [] and (out / "last" / "summary.csv").is_file() and (out / "last" / "det_O.png").is_file()
+    assert last["runs"]["eer"].to_numpy() == pytest.approx(tables["runs"]["eer"].to_numpy(), abs=1e-9)
+    assert sorted(p.parent.name[:5] for p in runs.glob("*/eval/TA_1_*/metrics.json")) == ["TA_1_"] * 4
+    assert pd.read_csv(out / "summary.csv").equals(summary)  # the best models' tables are untouched
 
     # the notebook over the same code: every run is reused, the tables and the DET figure come back
     executed = json.loads(run_notebook("sweep", sweep=str(spec), out=str(out), n_boot=50).read_text())

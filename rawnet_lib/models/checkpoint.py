@@ -26,7 +26,7 @@ from rawnet_lib.models.rawnet2 import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
            "resume_training", "load_checkpoint_model", "checkpoint_model", "infer_model_config",
-           "init_from_checkpoint"]
+           "init_from_checkpoint", "average_checkpoints"]
 
 _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
          "or a reference RawNet2 state_dict")
@@ -79,6 +79,27 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+
+
+def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """A model checkpoint whose weights are the mean of those of `paths` (model checkpoints of one
+    run, e.g. its last epochs): WeSpeaker's and ESPnet's final model, smoother than any one epoch.
+
+    Sums are taken in float64; integer buffers (batch norm's step counts) come from the last file.
+    The result names its sources (`averaged`) and has no val_eer of its own.
+    """
+    states = [read_checkpoint(p) for p in paths]
+    if not states or any(not isinstance(s, dict) or "config" not in s for s in states):
+        raise CheckpointError(f"averaging needs model checkpoints written by training (TA_<epoch>_<eer>.pt), "
+                              f"got {', '.join(map(str, paths)) or 'none'}")
+    last = states[-1]
+    for path, state in zip(paths, states):
+        if state["config"]["model"] != last["config"]["model"] or state["model"].keys() != last["model"].keys():
+            raise CheckpointError(f"{path} holds another model than {paths[-1]}; average checkpoints of one run only")
+    weights = {k: (sum(s["model"][k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point()
+               else v for k, v in last["model"].items()}
+    return {**{k: last[k] for k in ("config", "speakers", "epoch")}, "model": weights, "val_eer": float("nan"),
+            "averaged": [Path(p).name for p in paths]}
 
 
 # -- reading ---------------------------------------------------------------------------------------

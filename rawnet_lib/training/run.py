@@ -7,6 +7,7 @@ write nothing, so the training loop calls them on every rank without asking whic
     <out_dir>/train_<N>P/DNNS/<name>/
       models/best_opt_eval.pt   best model + optimiser + config (what evaluation needs)
       models/TA_<epoch>_<eer>.pt  the model of each epoch
+      models/avg_last<N>.pt     the mean of the last N epochs' weights, made by `run_checkpoint` on demand
       models/last.pt            everything `resume` needs (model, optimiser, scheduler, scaler, RNG)
       results/eval_epoch<N>.txt "score target" per validation trial
       log/eval_epoch<N>.txt     the epoch's training log
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,17 +40,19 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib import dist
-from rawnet_lib.config import REPO_DIR, Config, write_f_params
+from rawnet_lib.config import REPO_DIR, Config, ConfigError, write_f_params
 from rawnet_lib.dataset.trials import TrialList, make_trials, write_trials
 from rawnet_lib.dataset.utterances import load_utterances
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval.metrics import eer as compute_eer
 from rawnet_lib.eval.scoring import cosine_scores, write_scores
 from rawnet_lib.io import atomic_write_text
-from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint, training_checkpoint
+from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint, read_checkpoint, save_checkpoint,
+                                         training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
-           "emit", "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX"]
+           "emit", "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX",
+           "run_checkpoint", "check_checkpoint_choice"]
 
 EVENT_PREFIX = "@@rawnet "
 LOG_EVERY = 50  # training steps between log lines
@@ -300,6 +304,37 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     path = Path(checkpoint).expanduser()
     if not path.exists() and not path.is_absolute() and (REPO_DIR / path).exists():
         return REPO_DIR / path
+    return path
+
+
+CHECKPOINT_CHOICES = "best, last or avg_last<N> (the last N epochs' weights averaged, N >= 2, e.g. avg_last10)"
+
+
+def check_checkpoint_choice(which: str) -> int:
+    """How many epochs the choice takes from the end of a run (best: 0, last: 1, avg_last<N>: N)."""
+    found = re.fullmatch(r"best|last|avg_last(\d+)", str(which))
+    if not found or (found[1] is not None and int(found[1]) < 2):
+        raise ConfigError(f"unknown checkpoint choice {which!r}; valid: {CHECKPOINT_CHOICES}")
+    return {"best": 0, "last": 1}[which] if found[1] is None else int(found[1])
+
+
+def run_checkpoint(run: str | Path, which: str = "best") -> Path:
+    """The model file of a finished run that `which` names: `best` is best_opt_eval.pt (the epoch
+    of lowest validation EER, the reference's choice; a small validation list makes it noisy),
+    `last` the last epoch's model, `avg_last<N>` the mean of the last N epochs' weights (written
+    once as models/avg_last<N>.pt, again only when the run gained epochs)."""
+    n, models = check_checkpoint_choice(which), Path(run) / "models"
+    if n == 0:
+        return models / "best_opt_eval.pt"
+    epochs = sorted(models.glob("TA_*_*.pt"), key=lambda p: int(p.name.split("_")[1]))
+    if len(epochs) < n:
+        raise RunNotFoundError(f"{run}: checkpoint {which} needs the models of {n} epochs, models/ holds "
+                               f"{len(epochs)} (TA_<epoch>_<eer>.pt); train longer or choose fewer")
+    if n == 1:
+        return epochs[-1]
+    path, sources = models / f"{which}.pt", epochs[-n:]
+    if not path.is_file() or read_checkpoint(path).get("averaged") != [p.name for p in sources]:
+        save_checkpoint(average_checkpoints(sources), path)
     return path
 
 

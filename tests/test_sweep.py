@@ -172,7 +172,8 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
         assert (runs / name / "models" / "best_opt_eval.pt").stat().st_mtime_ns == stamp
 
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary[["arm", "list", "n_seeds"]].itertuples(index=False, name=None)) == [("ref", "O", 2), ("aam", "O", 2)]
+    rows = list(summary[["arm", "list", "n_seeds"]].itertuples(index=False, name=None))
+    assert rows == [("ref", "O", 2), ("aam", "O", 2)]
     for arm in ("ref", "aam"):
         row = summary[summary["arm"] == arm].iloc[0]
         eers = tables["runs"].query("arm == @arm")["eer"]

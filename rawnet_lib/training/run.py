@@ -48,7 +48,7 @@ from rawnet_lib.eval.metrics import eer as compute_eer
 from rawnet_lib.eval.scoring import cosine_scores, write_scores
 from rawnet_lib.io import atomic_write_text
 from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint, read_checkpoint, save_checkpoint,
-                                         training_checkpoint)
+                                          training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
            "emit", "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX",

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on VoxCeleb1 trial lists: EER and minDCF per list, score files, a metrics table.
 
     python -m rawnet_lib.evaluate --checkpoint outputs/train/train_1P/DNNS/demo/models/best_opt_eval.pt
+    python -m rawnet_lib.evaluate --checkpoint outputs/train/train_1P/DNNS/demo --pick avg_last10
     torchrun --standalone --nproc_per_node=8 -m rawnet_lib.evaluate --lists O E H --device cuda
 
 Any config field is a flag (`--data_path /data/DB --crop_mode full`); left out, it keeps the checkpoint's.
@@ -195,20 +196,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("python -m rawnet_lib.evaluate", __doc__, preset="paper",
                         skip=("out_dir", "overwrite", "trial_lists"),
                         config_help="settings for a bare reference state_dict: preset name or YAML")
-    parser.add_argument("--checkpoint", default="", help="a .pt file; empty = the newest run's best model")
+    parser.add_argument("--checkpoint", default="", help="a .pt file or a run folder; empty = the newest run")
+    parser.add_argument("--pick", default="best", help="the model of a run folder: best (default), last or "
+                                                       "avg_last<N> (the last N epochs' weights averaged)")
     parser.add_argument("--lists", nargs="+", default=None,
                         help="O E H (O2 E2 H2 cleaned) or .txt paths; default: the checkpoint's trial_lists")
     parser.add_argument("--out_dir", default=None, help="default: <run>/eval/<checkpoint stem>/")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results of another checkpoint or other settings in out_dir")
     args = parser.parse_args(argv)
-    ckpt = resolve_checkpoint(args.checkpoint)
+    ckpt = resolve_checkpoint(args.checkpoint, args.pick)
     _, cfg = load_checkpoint_model(ckpt, base=args.config)
     cfg = cli_config(args, base=cfg)
     try:
         table = evaluate(ckpt, cfg, args.lists, args.out_dir, overwrite=args.overwrite)
         if not table.empty:
-            print(f"{ckpt}\n{table.to_string(index=False)}")
+            print(f"{ckpt}\n{table.drop(columns=['list_file']).to_string(index=False)}")
     finally:
         dist.cleanup()
 

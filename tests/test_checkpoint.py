@@ -16,7 +16,7 @@ from rawnet_lib.models.checkpoint import (CheckpointError, average_checkpoints, 
                                           load_checkpoint_model, model_checkpoint, read_checkpoint, resume_training,
                                           save_checkpoint, training_checkpoint)
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.run import run_checkpoint
+from rawnet_lib.training.run import resolve_checkpoint, run_checkpoint
 from rawnet_lib.training.schedules import make_optimizer
 
 
@@ -195,6 +195,10 @@ def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Pat
     _epoch_models(models, range(12, 13), cfg, speakers)  # the run went on: the average follows it
     assert read_checkpoint(run_checkpoint(tmp_path / "run", "avg_last3"))["averaged"][-1] == "TA_12_1.2000.pt"
 
+    # evaluate's --checkpoint <run folder> --pick avg_last3 (and the notebook's pick) reach the same file
+    assert resolve_checkpoint(tmp_path / "run", "avg_last3") == path
+    with pytest.raises(ConfigError, match=r"pick='last' chooses among a run's models, but .*avg_last3.pt is a file"):
+        resolve_checkpoint(path, "last")
     with pytest.raises(WorkbookError, match=r"avg_last9 needs the models of 9 epochs, models/ holds 5"):
         run_checkpoint(tmp_path / "run", "avg_last9")
     with pytest.raises(ConfigError, match=r"unknown checkpoint choice 'avg_last1'; valid: best, last or avg_last<N>"):

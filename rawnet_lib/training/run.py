@@ -297,13 +297,20 @@ def newest_run(out_dir: str | Path = "outputs/train") -> Path:
     return found[-1].parent.parent
 
 
-def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """A checkpoint path as given, relative to the repository, or ("" / None) the newest run's best model."""
+def resolve_checkpoint(checkpoint: str | Path | None, pick: str = "best") -> Path:
+    """A checkpoint path as given (or relative to the repository); for a run folder, or "" / None
+    (the newest run), the model `pick` names in it (`run_checkpoint`: best, last, avg_last<N>)."""
     if not checkpoint:
-        return newest_run() / "models" / "best_opt_eval.pt"
+        return run_checkpoint(newest_run(), pick)
     path = Path(checkpoint).expanduser()
     if not path.exists() and not path.is_absolute() and (REPO_DIR / path).exists():
-        return REPO_DIR / path
+        path = REPO_DIR / path
+    if path.is_dir():
+        return run_checkpoint(path, pick)
+    if pick != "best":
+        raise ConfigError(f"pick={pick!r} chooses among a run's models, but {checkpoint} is a file; give its run "
+                          f"folder ({path.parent.parent if path.parent.name == 'models' else 'outputs/train/...'}) "
+                          "as the checkpoint, or leave pick at best")
     return path
 
 

@@ -42,7 +42,7 @@ from rawnet_lib.eval.metrics import summarize
 from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import load_checkpoint_model
-from rawnet_lib.training.run import RunExistsError, default_out_dir, resolve_checkpoint
+from rawnet_lib.training.run import CHECKPOINT_CHOICES, RunExistsError, default_out_dir, resolve_checkpoint
 
 __all__ = ["with_overrides", "cohort_embeddings", "evaluate", "main"]
 
@@ -111,19 +111,27 @@ def _list_unchanged(row: dict[str, Any]) -> bool:
     return file_sha1(name) == row.get("list_sha1")
 
 
-def _trial_lists(data_path: Path, names: Sequence[str]) -> dict[str, TrialList]:
-    """{tag: list} for `names`, refusing two lists that results would name alike (O and a my/O.txt)."""
-    tags: dict[str, str] = {}
+def _trial_lists(data_path: Path, names: Sequence[str], earlier: list[dict[str, Any]],
+                 overwrite: bool) -> dict[str, TrialList]:
+    """{tag: list} for `names`, refusing two files that results would name alike (O and a my/O.txt),
+    in this call or beside the `earlier` rows of the same out_dir."""
+    paths: dict[str, Path] = {}
+    for row in earlier if not overwrite else []:
+        if isinstance(row.get("list_file"), str):  # NaN in rows gathered beside older ones
+            paths.setdefault(row["list"], Path(row["list_file"]))
+    mine: dict[str, Path] = {}
     for name in names:
-        if tags.setdefault(list_tag(name), name) != name:
-            raise ConfigError(f"trial lists {tags[list_tag(name)]!r} and {name!r} would both be reported as "
-                              f"{list_tag(name)!r}; rename one of the files, or score them in separate out_dirs")
-    return {tag: read_trials(official_list_path(data_path, name)) for tag, name in tags.items()}
+        tag, path = list_tag(name), official_list_path(data_path, name).resolve()
+        if paths.setdefault(tag, path) != path:
+            raise ConfigError(f"trial lists {paths[tag]} and {path} would both be reported as {tag!r} in one "
+                              "metrics table; rename one of the files, or score it into another out_dir")
+        mine[tag] = path
+    return {tag: read_trials(path) for tag, path in mine.items()}
 
 
 def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, lists: Sequence[str] | None = None,
              out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-             progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+             progress: bool = True, overwrite: bool = False, pick: str = "best") -> pd.DataFrame:
     """Score `lists` (default: cfg's trial_lists) with cosine (and AS-norm) and tabulate EER / minDCF.
 
     `cfg` gives the data, evaluation and device settings (default: the checkpoint's own); the
@@ -132,7 +140,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     metrics.csv there gathers every list scored with the same checkpoint and settings. Results
     of another checkpoint or other settings in out_dir are refused unless `overwrite`.
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint, pick)  # a run folder: its `pick` model
     rank = dist.setup(cfg.train.device if cfg else "auto")
     model, ckpt_cfg = load_checkpoint_model(ckpt, rank.device, base=cfg or "paper")
     if cfg is not None:
@@ -145,12 +153,11 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     roots = [data_path / d for d in cfg.data.eval_dirs]
     out = Path(out_dir) if out_dir else default_out_dir(ckpt)
     cache = Path(cache_dir) if cache_dir else out / "cache"
-    names = list(lists or cfg.evaluation.trial_lists)
-    trial_lists = _trial_lists(data_path, names)
     ev = cfg.evaluation
     identity = {"fingerprint": file_sha1(ckpt), **embedding_settings(cfg, roots),
                 "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
     earlier = _earlier_rows(out, identity, overwrite) if rank.is_main else []
+    trial_lists = _trial_lists(data_path, list(lists or ev.trial_lists), earlier, overwrite)
 
     t0 = time.perf_counter()
     keys = sorted(set().union(*(t.files() for t in trial_lists.values())))
@@ -197,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                         skip=("out_dir", "overwrite", "trial_lists"),
                         config_help="settings for a bare reference state_dict: preset name or YAML")
     parser.add_argument("--checkpoint", default="", help="a .pt file or a run folder; empty = the newest run")
-    parser.add_argument("--pick", default="best", help="the model of a run folder: best (default), last or "
-                                                       "avg_last<N> (the last N epochs' weights averaged)")
+    parser.add_argument("--pick", default="best", help=f"the model of a run folder: {CHECKPOINT_CHOICES}")
     parser.add_argument("--lists", nargs="+", default=None,
                         help="O E H (O2 E2 H2 cleaned) or .txt paths; default: the checkpoint's trial_lists")
     parser.add_argument("--out_dir", default=None, help="default: <run>/eval/<checkpoint stem>/")

@@ -47,7 +47,8 @@ from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
-from rawnet_lib.training.run import check_checkpoint_choice, default_out_dir, run_checkpoint, run_path
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, check_checkpoint_choice, default_out_dir, epoch_models,
+                                     run_checkpoint, run_path)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -119,7 +120,7 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     try:
         n_epochs = check_checkpoint_choice(which)
     except ConfigError as err:
-        raise ConfigError(f"{path if not checkpoint else '--checkpoint'}: {err}") from None
+        raise ConfigError(f"{path if not checkpoint else 'the checkpoint given'}: {err}") from None
     configs = {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists, out)
                            for seed in seeds} for name, overrides in arms.items()}
     for name, by_seed in configs.items():
@@ -184,15 +185,16 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool, w
     checkpoint = run_checkpoint(folder, which)
     out = default_out_dir(checkpoint)
     done = out / "metrics.json"
-    if done.is_file():
-        rows = pd.DataFrame(json.loads(done.read_text()).get("metrics", []))
+    meta = json.loads(done.read_text()) if done.is_file() else {}
+    if meta.get("fingerprint") == file_sha1(checkpoint):  # an average made again has the same name
+        rows = pd.DataFrame(meta.get("metrics", []))
         cosine = rows[rows["scoring"] == "cosine"] if "list_sha1" in rows else None
         scored = {} if cosine is None else dict(zip(cosine["list"], cosine["list_sha1"]))
         data_path = resolve_data_path(cfg.data)  # once: for the demo corpus it checks the whole tree
         paths = [(list_tag(n), official_list_path(data_path, n)) for n in lists]
         if all(path.is_file() and scored.get(tag) == file_sha1(path) for tag, path in paths):
             return rows
-    return evaluate(checkpoint, cfg, lists, out, progress=progress)
+    return evaluate(checkpoint, cfg, lists, out, progress=progress, overwrite=bool(meta))
 
 
 def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,
@@ -214,8 +216,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
             run = run_path(cfg)
-            out = default_out_dir(run_checkpoint(run, spec.checkpoint)) if (run / "summary.json").is_file() else run
-            if not (out / "metrics.json").is_file():  # not trained or evaluated yet: summarise what is done
+            out = _eval_dir(run, spec.checkpoint)
+            if out is None or not (out / "metrics.json").is_file():  # not trained or evaluated yet
                 missing.append(f"{arm}-seed{seed}")
                 continue
             meta = json.loads((out / "metrics.json").read_text())
@@ -248,6 +250,16 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     if not rows:
         raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run `{spec.command}`")
     return pd.DataFrame(rows), pooled, missing
+
+
+def _eval_dir(run: Path, which: str) -> Path | None:
+    """Where the sweep evaluated a run's `which` model, making nothing (None: the run is not finished)."""
+    if not (run / "summary.json").is_file():
+        return None
+    if which == "last":
+        epochs = epoch_models(run)
+        return run / "eval" / epochs[-1].stem if epochs else None
+    return run / "eval" / ("best_opt_eval" if which == "best" else which)
 
 
 def _run_scores(out: Path, tag: str) -> pd.DataFrame:
@@ -304,9 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per run and list")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="the model of each run to score instead of the file's choice: best (default), last "
-                             "or avg_last<N> (the last N epochs averaged); tables go to DIR/<choice>/")
+    parser.add_argument("--checkpoint", default=None, help=f"the model of each run to score instead of the file's "
+                                                           f"choice: {CHECKPOINT_CHOICES}; tables go to DIR/<choice>/")
     args = parser.parse_args(argv)
     tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds, checkpoint=args.checkpoint)
     print(tables["summary"].to_string(index=False))

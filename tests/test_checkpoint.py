@@ -2,7 +2,9 @@
 state_dicts are inferred, resume restores the RNGs, and nothing that could run code loads."""
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from rawnet_lib.models.checkpoint import (CheckpointError, average_checkpoints, 
                                           load_checkpoint_model, model_checkpoint, read_checkpoint, resume_training,
                                           save_checkpoint, training_checkpoint)
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.run import resolve_checkpoint, run_checkpoint
+from rawnet_lib.training.run import epoch_models, resolve_checkpoint, run_checkpoint
 from rawnet_lib.training.schedules import make_optimizer
 
 
@@ -173,6 +175,9 @@ def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Pat
     cfg, speakers, models = load_config("smoke"), ["a", "b", "c"], tmp_path / "run" / "models"
     models.mkdir(parents=True)
     states = _epoch_models(models, range(8, 12), cfg, speakers)  # epochs 8..11: the sort is numeric, not by name
+    with pytest.raises(WorkbookError, match=r"checkpoint last needs a finished run \(no summary.json yet"):
+        run_checkpoint(tmp_path / "run", "last")
+    (tmp_path / "run" / "summary.json").write_text("{}")
     assert run_checkpoint(tmp_path / "run", "last").name == "TA_11_1.1000.pt"
     assert run_checkpoint(tmp_path / "run", "best") == models / "best_opt_eval.pt"
 
@@ -199,6 +204,12 @@ def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Pat
     assert resolve_checkpoint(tmp_path / "run", "avg_last3") == path
     with pytest.raises(ConfigError, match=r"pick='last' chooses among a run's models, but .*avg_last3.pt is a file"):
         resolve_checkpoint(path, "last")
+    # a run killed between an epoch's model and last.pt trains the epoch again: the newer file counts
+    again = model_checkpoint(build_model(cfg, 3), cfg, speakers, 12, 0.9)
+    save_checkpoint(again, models / "TA_12_0.9000.pt")
+    os.utime(models / "TA_12_0.9000.pt", ns=(time.time_ns() + 10**9,) * 2)
+    assert [p.name for p in epoch_models(tmp_path / "run")][-2:] == ["TA_11_1.1000.pt", "TA_12_0.9000.pt"]
+    assert read_checkpoint(run_checkpoint(tmp_path / "run", "avg_last3"))["averaged"][-1] == "TA_12_0.9000.pt"
     with pytest.raises(WorkbookError, match=r"avg_last9 needs the models of 9 epochs, models/ holds 5"):
         run_checkpoint(tmp_path / "run", "avg_last9")
     with pytest.raises(ConfigError, match=r"unknown checkpoint choice 'avg_last1'; valid: best, last or avg_last<N>"):
@@ -206,4 +217,4 @@ def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Pat
     other = load_config("smoke", {"model": {"gru_units": 8}})
     save_checkpoint(model_checkpoint(build_model(other, 3), other, speakers, 13, 0.5), models / "TA_13_0.5000.pt")
     with pytest.raises(CheckpointError, match=r"TA_12_1.2000.pt holds another model than .*TA_13_0.5000.pt"):
-        average_checkpoints(sorted(models.glob("TA_1[23]_*.pt")))
+        average_checkpoints([models / "TA_12_1.2000.pt", models / "TA_13_0.5000.pt"])

@@ -199,8 +199,12 @@ def test_results_of_a_list_file_changed_since_are_dropped_not_kept(checkpoint: P
     assert table["list_file"].iloc[1] == str(mine.resolve()) and table["list_sha1"].iloc[1] == file_sha1(mine)
 
     (tmp_path / "O.txt").write_text("".join(lines))
-    with pytest.raises(ConfigError, match=r"'O' and '.*O.txt' would both be reported as 'O'; rename one"):
+    clash = r"trial lists .*veri_test.txt and .*O.txt would both be reported as 'O' in one metrics table; rename"
+    with pytest.raises(ConfigError, match=clash):
         ev.evaluate(checkpoint, cfg, ["O", str(tmp_path / "O.txt")], out_dir=tmp_path / "two", progress=False)
+    ev.evaluate(checkpoint, cfg, ["O", str(mine), str(tmp_path / "." / "mine.txt")], out_dir=out, progress=False)
+    with pytest.raises(ConfigError, match=clash):  # a later call into the same table, too
+        ev.evaluate(checkpoint, cfg, [str(tmp_path / "O.txt")], out_dir=out, progress=False)
 
 
 def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Path, tiny_db: Path,

@@ -18,6 +18,7 @@ from rawnet_lib.dataset.trials import read_trials
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
+from rawnet_lib.io import file_sha1
 
 
 def test_t_interval_matches_scipy():
@@ -117,13 +118,16 @@ def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch
     trials.write_text((tiny_db / "VoxCeleb1" / "veri_test.txt").read_text())
     out = tmp_path / "run" / "eval" / "best_opt_eval"
     out.mkdir(parents=True)
+    model = tmp_path / "run" / "models" / "best_opt_eval.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"weights")
     calls = []
     monkeypatch.setattr(sweep_mod, "evaluate", lambda ckpt, cfg, lists, *a, **k: calls.append(lists))
     cfg = load_config("smoke", {"data": {"data_path": str(tiny_db)}})
 
-    def evaluated_on(sha: str | None) -> bool:
+    def evaluated_on(sha: str | None, weights: str = "") -> bool:
         row = {"list": "mine", "scoring": "cosine"} | ({"list_sha1": sha} if sha else {})
-        (out / "metrics.json").write_text(json.dumps({"metrics": [row]}))
+        (out / "metrics.json").write_text(json.dumps({"fingerprint": weights or file_sha1(model), "metrics": [row]}))
         calls.clear()
         sweep_mod._evaluate_run(tmp_path / "run", cfg, [str(trials)], progress=False)
         return calls == [[str(trials)]]
@@ -133,6 +137,9 @@ def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch
     old = read_trials(trials).sha1
     trials.write_text("".join(trials.read_text().splitlines(keepends=True)[:-2]))
     assert evaluated_on(old)
+    before = file_sha1(model)
+    model.write_bytes(b"other weights")  # the same name, other weights (an average made again): scored again
+    assert evaluated_on(read_trials(trials).sha1, weights=before)
 
 
 @pytest.mark.slow

@@ -199,10 +199,18 @@ def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys:
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"embeddings_{tag}.npz"
     fingerprint = file_sha1(checkpoint_path)
-    store = _read_cache(path, fingerprint) if rank.is_main else {}
-    stamps = {k: _stamp(k, roots) for k in keys} if rank.is_main else {}
-    # Rank 0's view decides, so ranks without the cache folder (no shared disk) still agree.
-    missing = dist.broadcast_from_main(sorted(k for k in set(keys) if k not in store or store[k][1] != stamps[k]))
+    store, stamps, missing, problem = {}, {}, [], ""
+    if rank.is_main:
+        store = _read_cache(path, fingerprint)
+        try:
+            stamps = {k: _stamp(k, roots) for k in keys}
+            missing = sorted(k for k in set(keys) if k not in store or store[k][1] != stamps[k])
+        except FileNotFoundError as err:
+            problem = str(err)
+    # Rank 0's view decides, so ranks without the cache folder (no shared disk) still agree and stop together.
+    missing, problem = dist.broadcast_from_main((missing, problem))
+    if problem:
+        raise FileNotFoundError(problem)
     if progress and rank.is_main:
         print(f"embeddings: {len(keys) - len(missing)} of {len(keys)} files cached, embedding {len(missing)}")
     if missing:

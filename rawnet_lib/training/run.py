@@ -52,7 +52,7 @@ from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint,
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
            "emit", "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX",
-           "run_checkpoint", "check_checkpoint_choice"]
+           "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
 EVENT_PREFIX = "@@rawnet "
 LOG_EVERY = 50  # training steps between log lines
@@ -300,6 +300,7 @@ def newest_run(out_dir: str | Path = "outputs/train") -> Path:
 def resolve_checkpoint(checkpoint: str | Path | None, pick: str = "best") -> Path:
     """A checkpoint path as given (or relative to the repository); for a run folder, or "" / None
     (the newest run), the model `pick` names in it (`run_checkpoint`: best, last, avg_last<N>)."""
+    check_checkpoint_choice(pick)
     if not checkpoint:
         return run_checkpoint(newest_run(), pick)
     path = Path(checkpoint).expanduser()
@@ -325,21 +326,37 @@ def check_checkpoint_choice(which: str) -> int:
     return {"best": 0, "last": 1}[which] if found[1] is None else int(found[1])
 
 
+def epoch_models(run: str | Path) -> list[Path]:
+    """The run's models/TA_<epoch>_<eer>.pt in epoch order, one per epoch: a run killed between an
+    epoch's model and its last.pt trains that epoch again on resume, and the newer file counts."""
+    newest: dict[int, Path] = {}
+    for path in (Path(run) / "models").glob("TA_*_*.pt"):
+        found = re.fullmatch(r"TA_(\d+)_.*\.pt", path.name)
+        epoch = int(found[1]) if found else None
+        if epoch is not None and (epoch not in newest or path.stat().st_mtime_ns > newest[epoch].stat().st_mtime_ns):
+            newest[epoch] = path
+    return [newest[e] for e in sorted(newest)]
+
+
 def run_checkpoint(run: str | Path, which: str = "best") -> Path:
     """The model file of a finished run that `which` names: `best` is best_opt_eval.pt (the epoch
     of lowest validation EER, the reference's choice; a small validation list makes it noisy),
     `last` the last epoch's model, `avg_last<N>` the mean of the last N epochs' weights (written
     once as models/avg_last<N>.pt, again only when the run gained epochs)."""
-    n, models = check_checkpoint_choice(which), Path(run) / "models"
+    n, run = check_checkpoint_choice(which), Path(run)
     if n == 0:
-        return models / "best_opt_eval.pt"
-    epochs = sorted(models.glob("TA_*_*.pt"), key=lambda p: int(p.name.split("_")[1]))
+        return run / "models" / "best_opt_eval.pt"
+    if not (run / "summary.json").is_file():
+        raise RunNotFoundError(f"{run}: checkpoint {which} needs a finished run (no summary.json yet: training is "
+                               "running or was interrupted); finish it (resume: true) or choose best")
+    epochs = epoch_models(run)
     if len(epochs) < n:
         raise RunNotFoundError(f"{run}: checkpoint {which} needs the models of {n} epochs, models/ holds "
-                               f"{len(epochs)} (TA_<epoch>_<eer>.pt); train longer or choose fewer")
+                               f"{len(epochs)} (TA_<epoch>_<eer>.pt, written with train.save_every_epoch: true); "
+                               "choose fewer epochs or best")
     if n == 1:
         return epochs[-1]
-    path, sources = models / f"{which}.pt", epochs[-n:]
+    path, sources = run / "models" / f"{which}.pt", epochs[-n:]
     if not path.is_file() or read_checkpoint(path).get("averaged") != [p.name for p in sources]:
         save_checkpoint(average_checkpoints(sources), path)
     return path

@@ -103,7 +103,9 @@ def test_cache_embeds_a_file_written_again_since_once_more(tiny_db: Path, checkp
         shutil.copy(resolve(key, roots), root / key)
     first = cached_embeddings(model, checkpoint, keys, [root], cfg, CPU, cache_dir=tmp_path, progress=False)
     audio, rate = sf.read(root / keys[1], dtype="float32")
-    sf.write(root / keys[1], audio[::-1].copy(), rate, subtype="PCM_16")  # same name, other audio
+    sf.write(root / keys[1], audio[::-1].copy(), rate, subtype="PCM_16")  # same name and size, other audio
+    later = (root / keys[0]).stat().st_mtime_ns + 2 * 10**9  # a new mtime even where timestamps are coarse
+    os.utime(root / keys[1], ns=(later, later))
     again = cached_embeddings(model, checkpoint, keys, [root], cfg, CPU, cache_dir=tmp_path, progress=False)
     assert count_embeds == [sorted(keys), [keys[1]]]
     assert not np.allclose(first[keys[1]], again[keys[1]], atol=1e-3)

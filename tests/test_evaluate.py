@@ -209,6 +209,19 @@ def test_results_of_a_list_file_changed_since_are_dropped_not_kept(checkpoint: P
         ev.evaluate(checkpoint, cfg, [str(tmp_path / "O.txt")], out_dir=out, progress=False)
 
 
+def test_a_row_is_checked_against_its_list_file_when_it_names_one(tmp_path: Path) -> None:
+    """Rows written before rows named their file (NaN beside newer rows in metrics.json) cannot be
+    checked and are kept; a named file that changed is not; one since removed is kept."""
+    listed = tmp_path / "mine.txt"
+    listed.write_text("1 a/x/1.wav a/y/2.wav\n")
+    row = {"list": "mine", "list_file": str(listed), "list_sha1": file_sha1(listed)}
+    assert ev._list_unchanged(row) and ev._list_unchanged({**row, "list_file": float("nan")})
+    listed.write_text("0 a/x/1.wav b/y/2.wav\n")
+    assert not ev._list_unchanged(row)
+    listed.unlink()
+    assert ev._list_unchanged(row)
+
+
 def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Path, tiny_db: Path,
                                                        tmp_path: Path) -> None:
     out = tmp_path / "ddp"

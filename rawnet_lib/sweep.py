@@ -125,10 +125,13 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
                            for seed in seeds} for name, overrides in arms.items()}
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
-        epochs = next(iter(by_seed.values())).train.epochs
-        if n_epochs > epochs:
-            raise ConfigError(f"{path}: arm {name!r} trains {epochs} epochs, checkpoint {which} averages {n_epochs}; "
-                              f"choose avg_last{epochs} or fewer")
+        train_cfg = next(iter(by_seed.values())).train
+        if n_epochs > train_cfg.epochs:
+            raise ConfigError(f"{path}: arm {name!r} trains {train_cfg.epochs} epochs, checkpoint {which} averages "
+                              f"{n_epochs}; choose avg_last{train_cfg.epochs} or fewer")
+        if n_epochs and not train_cfg.save_every_epoch:
+            raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
+                              f"checkpoint {which} needs; remove that override or choose checkpoint: best")
     return Sweep(path, out, list(seeds), [str(x) for x in lists], configs, which)
 
 

@@ -89,6 +89,8 @@ def _write(path: Path, spec: dict) -> Path:
      r"s.yaml: unknown checkpoint choice 'average'; valid: best, last or avg_last<N>"),
     ({"seeds": [1], "checkpoint": "avg_last20", "arms": {"a": {"train": {"epochs": 10}}}}, ConfigError,
      r"arm 'a' trains 10 epochs, checkpoint avg_last20 averages 20; choose avg_last10 or fewer"),
+    ({"seeds": [1], "checkpoint": "last", "arms": {"a": {"train": {"save_every_epoch": False}}}}, ConfigError,
+     r"arm 'a' keeps no model per epoch \(save_every_epoch: false\), which checkpoint last needs"),
 ])
 def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, match):
     (tmp_path / "EMPTY").mkdir()

@@ -47,7 +47,7 @@ from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
-from rawnet_lib.training.run import (CHECKPOINT_CHOICES, check_checkpoint_choice, default_out_dir, epoch_models,
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, default_out_dir,
                                      run_checkpoint, run_path)
 from rawnet_lib.views.plots import det_plot, save_figure
 
@@ -259,10 +259,10 @@ def _eval_dir(run: Path, which: str) -> Path | None:
     """Where the sweep evaluated a run's `which` model, making nothing (None: the run is not finished)."""
     if not (run / "summary.json").is_file():
         return None
-    if which == "last":
-        epochs = epoch_models(run)
-        return run / "eval" / epochs[-1].stem if epochs else None
-    return run / "eval" / ("best_opt_eval" if which == "best" else which)
+    try:
+        return default_out_dir(run_checkpoint(run, which, make=False))
+    except RunNotFoundError:  # fewer epoch models than the choice needs: never evaluated
+        return None
 
 
 def _run_scores(out: Path, tag: str) -> pd.DataFrame:

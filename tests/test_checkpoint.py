@@ -181,6 +181,8 @@ def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Pat
     assert run_checkpoint(tmp_path / "run", "last").name == "TA_11_1.1000.pt"
     assert run_checkpoint(tmp_path / "run", "best") == models / "best_opt_eval.pt"
 
+    named = run_checkpoint(tmp_path / "run", "avg_last3", make=False)  # a sweep's summary only looks
+    assert named == models / "avg_last3.pt" and not named.exists()
     path = run_checkpoint(tmp_path / "run", "avg_last3")
     averaged = read_checkpoint(path)
     assert averaged["averaged"] == ["TA_9_0.9000.pt", "TA_10_1.0000.pt", "TA_11_1.1000.pt"]

@@ -338,11 +338,12 @@ def epoch_models(run: str | Path) -> list[Path]:
     return [newest[e] for e in sorted(newest)]
 
 
-def run_checkpoint(run: str | Path, which: str = "best") -> Path:
+def run_checkpoint(run: str | Path, which: str = "best", make: bool = True) -> Path:
     """The model file of a finished run that `which` names: `best` is best_opt_eval.pt (the epoch
     of lowest validation EER, the reference's choice; a small validation list makes it noisy),
     `last` the last epoch's model, `avg_last<N>` the mean of the last N epochs' weights (written
-    once as models/avg_last<N>.pt, again only when the run gained epochs)."""
+    once as models/avg_last<N>.pt, again only when the run gained epochs; `make=False` only
+    names the file)."""
     n, run = check_checkpoint_choice(which), Path(run)
     if n == 0:
         return run / "models" / "best_opt_eval.pt"
@@ -357,7 +358,7 @@ def run_checkpoint(run: str | Path, which: str = "best") -> Path:
     if n == 1:
         return epochs[-1]
     path, sources = run / "models" / f"{which}.pt", epochs[-n:]
-    if not path.is_file() or read_checkpoint(path).get("averaged") != [p.name for p in sources]:
+    if make and (not path.is_file() or read_checkpoint(path).get("averaged") != [p.name for p in sources]):
         save_checkpoint(average_checkpoints(sources), path)
     return path
 

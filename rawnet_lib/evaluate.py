@@ -102,13 +102,17 @@ def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[
                          "or overwrite=True (--overwrite) to replace them")
 
 
+def _list_file(row: dict[str, Any]) -> Path | None:
+    """The list file a metrics row scored; None for rows written before rows named it (NaN beside newer ones)."""
+    name = row.get("list_file")
+    return Path(name) if isinstance(name, str) else None
+
+
 def _list_unchanged(row: dict[str, Any]) -> bool:
     """Whether a metrics row's list file still holds what it scored (rows that name no file, or a
     file since removed, cannot be checked and are kept)."""
-    name = row.get("list_file")  # NaN in rows gathered beside older ones
-    if not isinstance(name, str) or not Path(name).is_file():
-        return True
-    return file_sha1(name) == row.get("list_sha1")
+    path = _list_file(row)
+    return path is None or not path.is_file() or file_sha1(path) == row.get("list_sha1")
 
 
 def _trial_lists(data_path: Path, names: Sequence[str], earlier: list[dict[str, Any]],
@@ -117,8 +121,9 @@ def _trial_lists(data_path: Path, names: Sequence[str], earlier: list[dict[str, 
     in this call or beside the `earlier` rows of the same out_dir."""
     paths: dict[str, Path] = {}
     for row in earlier if not overwrite else []:
-        if isinstance(row.get("list_file"), str):  # NaN in rows gathered beside older ones
-            paths.setdefault(row["list"], Path(row["list_file"]))
+        path = _list_file(row)
+        if path is not None:
+            paths.setdefault(row["list"], path)
     mine: dict[str, Path] = {}
     for name in names:
         tag, path = list_tag(name), official_list_path(data_path, name).resolve()

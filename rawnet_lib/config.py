@@ -34,8 +34,9 @@ from rawnet_lib.errors import WorkbookError
 
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
-    "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "ConfigError", "load_config", "preset_path", "read_yaml", "write_f_params",
-    "declared_parameters", "notebook_config", "cli_parser", "cli_config", "cli_overrides",
+    "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
+    "preset_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config", "cli_parser", "cli_config",
+    "cli_overrides",
 ]
 
 
@@ -261,6 +262,23 @@ class Config:
         for name in ("step_epochs", "restart_epochs", "restart_mult"):
             if getattr(optim, name) < 1:
                 raise ConfigError(f"{name}={getattr(optim, name)} must be at least 1")
+
+
+# Where and how a run executes rather than what it learns: these may differ when a run is resumed
+# (another machine, data folder, number of processes, precision or test-time setting); no other field may.
+RUN_CONTROL = frozenset({
+    "data_path", "eval_dirs", "num_workers", "on_bad_audio", "min_seconds", "fast",
+    "devices", "device", "amp", "mode", "perf_steps", "warmup_steps", "out_dir", "resume", "overwrite", "profile",
+    "save_every_epoch", "nnodes", "node_rank", "master_addr", "master_port", "noise_dir", "rir_dir", "sets_dir",
+    *(f.name for f in dataclasses.fields(EvalConfig))})
+
+
+def recipe_changes(saved: Mapping[str, Any], config: Config, allow: Collection[str] = ()) -> list[str]:
+    """The fields in which `config` would train something else than the run whose `config.yaml` held
+    `saved` (RUN_CONTROL and `allow` aside), as `name: run's value -> this value`."""
+    before, now = Config.from_dict(saved).flat(), config.flat()
+    return [f"{k}: {before[k]!r} -> {v!r}" for k, v in now.items()
+            if k not in RUN_CONTROL and k not in allow and before[k] != v]
 
 
 def preset_path(preset: str | Path) -> Path:

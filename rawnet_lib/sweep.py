@@ -48,7 +48,7 @@ from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, default_out_dir,
-                                     run_checkpoint, run_path)
+                                     run_changes, run_checkpoint, run_path)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -125,6 +125,12 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
                            for seed in seeds} for name, overrides in arms.items()}
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
+        for cfg in by_seed.values():
+            changes = run_changes(cfg)
+            if changes:  # the arm was edited after this run trained: its results would be another recipe's
+                raise ConfigError(f"{path}: arm {name!r}: {run_path(cfg)} was trained with other settings "
+                                  f"({'; '.join(changes)}); give the arm another name to train these as new runs, "
+                                  "or delete that folder to train it again")
         train_cfg = next(iter(by_seed.values())).train
         if n_epochs > train_cfg.epochs:
             raise ConfigError(f"{path}: arm {name!r} trains {train_cfg.epochs} epochs, checkpoint {which} averages "

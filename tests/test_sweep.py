@@ -100,6 +100,21 @@ def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, mat
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
+def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
+    """A finished run of an arm whose overrides changed since would be reused as the new recipe's result."""
+    monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite an edited arm"))
+    spec = {"seeds": [1], "arms": {"a": {"preset": "smoke"}}}
+    cfg = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out").configs["a"][1]
+    run = sweep_mod.run_path(cfg)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (run / "summary.json").write_text("{}")
+    spec["arms"]["a"]["optim"] = {"lr_decay": "cosine"}
+    with pytest.raises(ConfigError, match=r"arm 'a': .*a-seed1 was trained with other settings \(lr_decay: 'keras' "
+                                          r"-> 'cosine'\); give the arm another name"):
+        sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+
+
 def test_example_sweeps_load(tmp_path):
     spec = sweep_mod.load_sweep("demo_recipes", tmp_path)
     assert spec.arms[:2] == ["reference_2020", "modern"] and spec.seeds == [1, 2, 3]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from rawnet_lib.config import load_config
 from rawnet_lib.dataset.trials import TrialList, read_trials
@@ -17,7 +18,7 @@ from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch, launch_command
-from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, run_path
+from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, check_run_dir, run_path
 from rawnet_lib.training.schedules import make_optimizer
 
 
@@ -72,6 +73,35 @@ def test_existing_run_is_never_overwritten(smoke_run: Path, tiny_db: Path) -> No
     with pytest.raises(RunExistsError, match="resume: true"):
         train(cfg)
     assert (smoke_run / "eers.txt").read_text() == before
+
+
+def _started_run(cfg) -> Path:
+    """A run folder as an interrupted run leaves it: its config and a last.pt (check_run_dir reads no more)."""
+    run = run_path(cfg)
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "last.pt").touch()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run
+
+
+def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
+    """A resume with other settings than the run's would continue it as another recipe and rewrite its
+    config.yaml; only where and how it runs may change, and its length unless the schedule spans it."""
+    keras = load_config("smoke", out_dir=str(tmp_path), name="keras", epochs=2)
+    run = _started_run(keras)
+    again = dict(out_dir=str(tmp_path), name="keras", resume=True)
+    with pytest.raises(RunExistsError, match=r"trained with other settings \(lr_decay: 'keras' -> 'cosine'; "
+                                             r"margin: 0.2 -> 0.3\); resume it with its own \(`--config "
+                                             + re.escape(str(run / "config.yaml")) + " --resume true`"):
+        check_run_dir(load_config("smoke", lr_decay="cosine", margin=0.3, **again))
+    assert check_run_dir(load_config("smoke", epochs=5, num_workers=0, amp="bf16", devices=1, data_path="/moved",
+                                     eval_hop=999, fast=True, **again)) == run
+    assert check_run_dir(load_config(run / "config.yaml", resume=True)) == run  # the fix the message gives
+    cosine = load_config("smoke", out_dir=str(tmp_path), name="cosine", epochs=2, lr_decay="cosine")
+    _started_run(cosine)
+    with pytest.raises(RunExistsError, match=r"epochs: 2 -> 4"):
+        check_run_dir(load_config("smoke", out_dir=str(tmp_path), name="cosine", epochs=4, lr_decay="cosine",
+                                  resume=True))
 
 
 @pytest.mark.slow

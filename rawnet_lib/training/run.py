@@ -40,7 +40,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib import dist
-from rawnet_lib.config import REPO_DIR, Config, ConfigError, write_f_params
+from rawnet_lib.config import REPO_DIR, Config, ConfigError, read_yaml, recipe_changes, write_f_params
 from rawnet_lib.dataset.trials import TrialList, make_trials, write_trials
 from rawnet_lib.dataset.utterances import load_utterances
 from rawnet_lib.errors import WorkbookError
@@ -51,8 +51,8 @@ from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint,
                                           training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
-           "emit", "check_run_dir", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX",
-           "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
+           "emit", "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir",
+           "EVENT_PREFIX", "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
 EVENT_PREFIX = "@@rawnet "
 LOG_EVERY = 50  # training steps between log lines
@@ -94,6 +94,12 @@ def check_run_dir(cfg: Config) -> Path:
     if cfg.train.resume and not (path / "models" / "last.pt").exists() and started:
         raise RunExistsError(f"resume: true, but {path} has no models/last.pt to resume from; "
                              "set overwrite: true to start it again")
+    # More epochs continue a run, except under cosine, whose curve is laid over the run's length.
+    changes = run_changes(cfg, allow=() if cfg.optim.lr_decay == "cosine" else ("epochs",)) if cfg.train.resume else []
+    if changes:
+        raise RunExistsError(f"resume: true, but {path} was trained with other settings ({'; '.join(changes)}); "
+                             f"resume it with its own (`--config {path / 'config.yaml'} --resume true`, in a notebook "
+                             f"`-p preset {path / 'config.yaml'} -p resume True`), or choose another name for these")
     probe = path if path.exists() else next(p for p in path.parents if p.exists())
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"cannot write to {probe}; choose a writable out_dir")
@@ -102,6 +108,19 @@ def check_run_dir(cfg: Config) -> Path:
         raise OSError(f"only {free >> 20} MiB free under {probe}; a run needs at least "
                       f"{MIN_FREE_BYTES >> 20} MiB for checkpoints: free space or change out_dir")
     return path
+
+
+def run_changes(cfg: Config, allow: tuple[str, ...] = ()) -> list[str]:
+    """How `cfg` would train something else than the run already in its folder (none there: [])."""
+    saved = run_path(cfg) / "config.yaml"
+    if not saved.is_file():
+        return []
+    values = read_yaml(saved)
+    try:
+        return recipe_changes(values, cfg, allow)
+    except ConfigError as err:
+        raise ConfigError(f"{saved}: {err}; it was not written by this version of the workbook: resume the "
+                          "run with the version that trained it, or choose another name") from None
 
 
 @dataclass

@@ -3,6 +3,7 @@ fine-tuning from a checkpoint, and bad recipe values refused before training."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -114,6 +115,19 @@ def test_each_schedule_lr_curve():
     sgdr = _lrs({"lr_decay": "sgdr", "restart_epochs": 2, "restart_mult": 2, "min_lr": 0})
     assert [s for s in range(1, 24) if sgdr[s] > sgdr[s - 1]] == [8]  # cycles of 2 then 4 epochs
     assert sgdr[0] == sgdr[8] == pytest.approx(1e-3)
+
+
+def test_a_skipped_first_update_moves_the_schedule_without_a_warning():
+    """fp16's GradScaler skips an update whose gradients overflow (its first, typically); the schedule
+    still counts the iteration, and torch's warning about the calling order stays silent."""
+    model = nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, load_config("smoke", optim={"lr_decay": "keras", "keras_decay": 0.1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()  # no optimizer.step() before it: the skipped update
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 / 1.2)
 
 
 def test_optimizers_by_name():

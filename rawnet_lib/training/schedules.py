@@ -16,13 +16,14 @@ within an epoch, the cosine ones (cosine, sgdr) move every iteration as their re
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
 
 from rawnet_lib.config import Config, OptimConfig
 
-__all__ = ["lr_factor", "make_optimizer"]
+__all__ = ["lr_factor", "make_optimizer", "IterationLR"]
 
 
 def lr_factor(optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
@@ -56,8 +57,21 @@ def lr_factor(optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable
     return factor
 
 
+class IterationLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR stepped every iteration, the ones whose update fp16's GradScaler skipped (an overflow,
+    as at its first step) included, so a run's schedule is the same at any precision. torch takes a
+    first step before any optimizer.step() for the pre-1.1 calling order and warns; here it is by design."""
+
+    def step(self, epoch: int | None = None) -> None:
+        if self._step_count > 1:
+            return super().step(epoch)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            return super().step(epoch)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                   ) -> tuple[torch.optim.Optimizer, IterationLR]:
     """The optimiser without weight decay on batch-norm parameters (as the reference), and its
     per-iteration schedule. Frozen parameters (a margin head's unused bias) are left out."""
     o = cfg.optim
@@ -72,5 +86,5 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1
         optimizer = torch.optim.AdamW(groups, lr=o.lr, amsgrad=o.amsgrad)
     else:
         optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, cfg.train.epochs, steps_per_epoch))
+    scheduler = IterationLR(optimizer, lr_factor(o, cfg.train.epochs, steps_per_epoch))
     return optimizer, scheduler

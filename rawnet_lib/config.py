@@ -265,20 +265,25 @@ class Config:
 
 
 # Where and how a run executes rather than what it learns: these may differ when a run is resumed
-# (another machine, data folder, number of processes, precision or test-time setting); no other field may.
+# (another machine or node split, precision, test-time setting); no other field may.
 RUN_CONTROL = frozenset({
-    "data_path", "eval_dirs", "num_workers", "on_bad_audio", "min_seconds", "fast",
-    "devices", "device", "amp", "mode", "perf_steps", "warmup_steps", "out_dir", "resume", "overwrite", "profile",
-    "save_every_epoch", "nnodes", "node_rank", "master_addr", "master_port", "noise_dir", "rir_dir", "sets_dir",
-    *(f.name for f in dataclasses.fields(EvalConfig))})
+    "eval_dirs", "num_workers", "on_bad_audio", "min_seconds", "fast", "devices", "device", "amp", "mode",
+    "perf_steps", "warmup_steps", "out_dir", "resume", "overwrite", "profile", "save_every_epoch", "nnodes",
+    "node_rank", "master_addr", "master_port", "sets_dir", *(f.name for f in dataclasses.fields(EvalConfig))})
+# Folders may move; the built-in data ("") against a folder of one's own is another recipe.
+_FOLDERS = ("data_path", "noise_dir", "rir_dir")
 
 
 def recipe_changes(saved: Mapping[str, Any], config: Config, allow: Collection[str] = ()) -> list[str]:
-    """The fields in which `config` would train something else than the run whose `config.yaml` held
+    """The fields in which `config` would train something other than the run whose `config.yaml` held
     `saved` (RUN_CONTROL and `allow` aside), as `name: run's value -> this value`."""
     before, now = Config.from_dict(saved).flat(), config.flat()
-    return [f"{k}: {before[k]!r} -> {v!r}" for k, v in now.items()
-            if k not in RUN_CONTROL and k not in allow and before[k] != v]
+
+    def changed(key: str) -> bool:
+        if key in _FOLDERS:
+            return bool(before[key]) != bool(now[key])
+        return key not in RUN_CONTROL and key not in allow and before[key] != now[key]
+    return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if changed(k)]
 
 
 def preset_path(preset: str | Path) -> Path:

@@ -126,7 +126,8 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
         for cfg in by_seed.values():
-            changes = run_changes(cfg)
+            kept = any((run_path(cfg) / f).is_file() for f in ("summary.json", "models/last.pt"))  # else retrained
+            changes = run_changes(cfg) if kept else []
             if changes:  # the arm was edited after this run trained: its results would be another recipe's
                 raise ConfigError(f"{path}: arm {name!r}: {run_path(cfg)} was trained with other settings "
                                   f"({'; '.join(changes)}); give the arm another name to train these as new runs, "

@@ -108,8 +108,9 @@ def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
     run = sweep_mod.run_path(cfg)
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    (run / "summary.json").write_text("{}")
     spec["arms"]["a"]["optim"] = {"lr_decay": "cosine"}
+    sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")  # killed in epoch 1: trained again
+    (run / "summary.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"arm 'a': .*a-seed1 was trained with other settings \(lr_decay: 'keras' "
                                           r"-> 'cosine'\); give the arm another name"):
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")

@@ -87,16 +87,20 @@ def _started_run(cfg) -> Path:
 def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     """A resume with other settings than the run's would continue it as another recipe and rewrite its
     config.yaml; only where and how it runs may change, and its length unless the schedule spans it."""
-    keras = load_config("smoke", out_dir=str(tmp_path), name="keras", epochs=2)
-    run = _started_run(keras)
-    again = dict(out_dir=str(tmp_path), name="keras", resume=True)
+    keras = load_config("smoke", out_dir=str(tmp_path / "old"), name="keras", epochs=2, data_path="/data/a")
+    _started_run(keras)
+    (tmp_path / "old").rename(tmp_path / "moved")  # the folder travelled: its config.yaml names the old out_dir
+    again = dict(out_dir=str(tmp_path / "moved"), name="keras", resume=True)
+    run = run_path(load_config("smoke", **again))
     with pytest.raises(RunExistsError, match=r"trained with other settings \(lr_decay: 'keras' -> 'cosine'; "
-                                             r"margin: 0.2 -> 0.3\); resume it with its own \(`--config "
-                                             + re.escape(str(run / "config.yaml")) + " --resume true`"):
-        check_run_dir(load_config("smoke", lr_decay="cosine", margin=0.3, **again))
-    assert check_run_dir(load_config("smoke", epochs=5, num_workers=0, amp="bf16", devices=1, data_path="/moved",
-                                     eval_hop=999, fast=True, **again)) == run
-    assert check_run_dir(load_config(run / "config.yaml", resume=True)) == run  # the fix the message gives
+                                             r"seed: 1234 -> 7; head: 'softmax' -> 'aam'\)") as refused:
+        check_run_dir(load_config("smoke", lr_decay="cosine", seed=7, head="aam", data_path="/data/a", **again))
+    fix = re.search(r"`--config (\S+) --out_dir (\S+) --resume true`", str(refused.value))
+    assert check_run_dir(load_config(fix[1], out_dir=fix[2], resume=True)) == run  # the fix the message gives
+    with pytest.raises(RunExistsError, match=r"data_path: '/data/a' -> ''"):  # the built-in corpus instead
+        check_run_dir(load_config("smoke", **again))
+    assert check_run_dir(load_config("smoke", epochs=5, num_workers=2, amp="bf16", data_path="/data/b", eval_hop=99,
+                                     fast=True, init_from="gone.pt", **again)) == run
     cosine = load_config("smoke", out_dir=str(tmp_path), name="cosine", epochs=2, lr_decay="cosine")
     _started_run(cosine)
     with pytest.raises(RunExistsError, match=r"epochs: 2 -> 4"):

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -94,12 +94,14 @@ def check_run_dir(cfg: Config) -> Path:
     if cfg.train.resume and not (path / "models" / "last.pt").exists() and started:
         raise RunExistsError(f"resume: true, but {path} has no models/last.pt to resume from; "
                              "set overwrite: true to start it again")
-    # More epochs continue a run, except under cosine, whose curve is laid over the run's length.
-    changes = run_changes(cfg, allow=() if cfg.optim.lr_decay == "cosine" else ("epochs",)) if cfg.train.resume else []
+    # init_from only starts a run; more epochs continue one, except under cosine, whose curve spans its length.
+    allow = ("init_from",) if cfg.optim.lr_decay == "cosine" else ("init_from", "epochs")
+    changes = run_changes(cfg, allow) if cfg.train.resume else []
     if changes:
+        own, out = path / "config.yaml", cfg.train.out_dir
         raise RunExistsError(f"resume: true, but {path} was trained with other settings ({'; '.join(changes)}); "
-                             f"resume it with its own (`--config {path / 'config.yaml'} --resume true`, in a notebook "
-                             f"`-p preset {path / 'config.yaml'} -p resume True`), or choose another name for these")
+                             f"resume it with its own (`--config {own} --out_dir {out} --resume true`, in a notebook "
+                             f"`-p preset {own} -p out_dir {out} -p resume True`), or choose another name for these")
     probe = path if path.exists() else next(p for p in path.parents if p.exists())
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"cannot write to {probe}; choose a writable out_dir")
@@ -110,8 +112,8 @@ def check_run_dir(cfg: Config) -> Path:
     return path
 
 
-def run_changes(cfg: Config, allow: tuple[str, ...] = ()) -> list[str]:
-    """How `cfg` would train something else than the run already in its folder (none there: [])."""
+def run_changes(cfg: Config, allow: Collection[str] = ()) -> list[str]:
+    """How `cfg` would train something other than the run already in its folder (none there: [])."""
     saved = run_path(cfg) / "config.yaml"
     if not saved.is_file():
         return []

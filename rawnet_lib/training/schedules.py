@@ -64,10 +64,11 @@ class IterationLR(torch.optim.lr_scheduler.LambdaLR):
 
     def step(self, epoch: int | None = None) -> None:
         if self._step_count > 1:
-            return super().step(epoch)
+            super().step(epoch)
+            return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            return super().step(epoch)
+            super().step(epoch)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int = 1

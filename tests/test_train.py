@@ -101,6 +101,8 @@ def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
         check_run_dir(load_config("smoke", **again))
     assert check_run_dir(load_config("smoke", epochs=5, num_workers=2, amp="bf16", data_path="/data/b", eval_hop=99,
                                      fast=True, init_from="gone.pt", **again)) == run
+    with pytest.raises(RunExistsError, match=r"train_2P/DNNS/keras holds no run; .*train_1P/DNNS/keras does"):
+        check_run_dir(load_config("smoke", devices=2, **again))  # would start afresh under train_2P
     cosine = load_config("smoke", out_dir=str(tmp_path), name="cosine", epochs=2, lr_decay="cosine")
     _started_run(cosine)
     with pytest.raises(RunExistsError, match=r"epochs: 2 -> 4"):

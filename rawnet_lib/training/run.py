@@ -94,6 +94,12 @@ def check_run_dir(cfg: Config) -> Path:
     if cfg.train.resume and not (path / "models" / "last.pt").exists() and started:
         raise RunExistsError(f"resume: true, but {path} has no models/last.pt to resume from; "
                              "set overwrite: true to start it again")
+    # The folder names the processes in all (train_<N>P): with another number a resume would start afresh.
+    others = [p for p in path.parents[2].glob(f"train_*P/DNNS/{path.name}") if (p / "models" / "last.pt").is_file()]
+    if cfg.train.resume and not started and others:
+        raise RunExistsError(f"resume: true, but {path} holds no run; {others[0]} does: resume it with as many "
+                             f"processes in all (devices x nnodes) as {others[0].parents[1].name} names, or set "
+                             "resume: false to start a new run here")
     # init_from only starts a run; more epochs continue one, except under cosine, whose curve spans its length.
     allow = ("init_from",) if cfg.optim.lr_decay == "cosine" else ("init_from", "epochs")
     changes = run_changes(cfg, allow) if cfg.train.resume else []

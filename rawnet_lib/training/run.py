@@ -95,8 +95,9 @@ def check_run_dir(cfg: Config) -> Path:
         raise RunExistsError(f"resume: true, but {path} has no models/last.pt to resume from; "
                              "set overwrite: true to start it again")
     # The folder names the processes in all (train_<N>P): with another number a resume would start afresh.
-    others = [p for p in path.parents[2].glob(f"train_*P/DNNS/{path.name}") if (p / "models" / "last.pt").is_file()]
-    if cfg.train.resume and not started and others:
+    others = [p for p in path.parents[2].glob(f"train_*P/DNNS/{path.name}")
+              if (p / "models" / "last.pt").is_file()] if cfg.train.resume and not started else []
+    if others:
         raise RunExistsError(f"resume: true, but {path} holds no run; {others[0]} does: resume it with as many "
                              f"processes in all (devices x nnodes) as {others[0].parents[1].name} names, or set "
                              "resume: false to start a new run here")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -292,6 +295,37 @@ def test_compiled_kernels_match_eager():
     assert pool_grad.shape == (2, 122, 8)
     for got, ref in zip([*unpooled, pool_grad], [*eager_unpool, eager_pool_grad]):
         torch.testing.assert_close(got, ref, **ONE_ROUNDING)
+
+
+_KERNEL_RUN = """
+import torch
+from rawnet_lib.models import fastsinc
+g = torch.Generator().manual_seed(0)
+s, a = torch.randn(100, 1, 3, 20, generator=g), torch.randn(100, 1, 3, 20, generator=g)
+out, ref = torch.full((199, 20), float("nan")), torch.empty(199, 20)
+fastsinc._kernel("sinc_pool")(s, a, out, None)
+fastsinc.set_compile(False)
+fastsinc._kernel("sinc_pool")(s, a, ref, None)
+print(float((out - ref).abs().max()))
+"""
+
+
+@pytest.mark.slow
+def test_a_kernel_cache_shared_by_two_isas_stays_correct(tmp_path):
+    """Inductor's disk cache does not key on the vector ISA (torch 2.13): a kernel generated for
+    AVX2 and served under AVX-512 wrote past its buffers (NaN, heap corruption; seen on an Intel
+    Xeon). Each ISA gets its own folder (`fastsinc._cache_per_isa`); here two processes share
+    one cache, the first at ATEN_CPU_CAPABILITY=avx2, the second at the CPU's own level (the
+    same ISA on an AVX2-only CPU: then this checks only that the cache is reused correctly)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    for capability in ("avx2", None):
+        run_env = {k: v for k, v in env.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability:
+            run_env["ATEN_CPU_CAPABILITY"] = capability
+        done = subprocess.run([sys.executable, "-c", _KERNEL_RUN], env=run_env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert float(done.stdout.split()[-1]) <= 2.0 ** -23 * 4, (capability, done.stdout)  # |s|+|a| < 4
+    assert any(d.name.startswith("isa-") for d in tmp_path.iterdir())
 
 
 # --- the benchmark ----------------------------------------------------------------------------------

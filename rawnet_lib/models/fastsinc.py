@@ -187,12 +187,29 @@ def compile_enabled() -> bool:
     return _use_compile
 
 
+def _cache_per_isa() -> None:
+    """Give each vector ISA its own inductor cache folder (`<cache>/isa-avx512`, `isa-avx2`, ...).
+
+    Inductor's on-disk cache (torch 2.13) does not key on the ISA it generates code for, which
+    follows ATEN_CPU_CAPABILITY and the CPU: a kernel generated for AVX2 (8-lane loops) and
+    served under AVX-512 is built with 16-lane vectors and writes past its buffers (heap
+    corruption, NaN embeddings); seen on an Intel Xeon switching ATEN_CPU_CAPABILITY, and a
+    cache folder shared by machines of different CPUs would do the same."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    folder = "isa-" + (str(pick_vec_isa()).replace(" ", "-") or "none")
+    base = cache_dir()  # TORCHINDUCTOR_CACHE_DIR, else the default; inductor writes it into the environment
+    if os.path.basename(base) != folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, folder)
+
+
 def _kernel(name: str):
     """An element-wise kernel, compiled by torch.compile into one loop (several times faster
     than the eager ops) unless turned off (`set_compile`); eager if compiling fails."""
     if not _use_compile:
         return _KERNELS[name]
     if name not in _compiled:
+        _cache_per_isa()
         compiled = torch.compile(_KERNELS[name])
 
         def run(*args, _fn=compiled, _name=name):

@@ -10,6 +10,8 @@ overrides are YAML blocks as in params/ (`loss: {head: aam}`) plus an optional `
 config is built and checked before anything trains. Run again, the sweep reuses finished runs
 and evaluations and resumes an interrupted run from its last finished epoch; `--seeds 1 2 3 4 5`
 runs other seeds than the file's into the same folder (more seeds when the intervals are wide).
+The tables cover the seeds asked and every other seed whose runs of every arm finished in DIR, so
+running the file's seeds again after `--seeds 1 2 3 4 5` still describes all five.
 
 Which model of a run is scored is `checkpoint:` (or `--checkpoint`): `best` (default; the epoch of
 lowest validation EER, as the reference), `last`, or `avg_last<N>` (the last N epochs' weights
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,13 +124,20 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
         n_epochs = check_checkpoint_choice(which)
     except ConfigError as err:
         raise ConfigError(f"{path if not checkpoint else 'the checkpoint given'}: {err}") from None
-    configs = {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists, out)
-                           for seed in seeds} for name, overrides in arms.items()}
+
+    def arm_configs(seeds: list[int]) -> dict[str, dict[int, Config]]:
+        return {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists,
+                                              out) for seed in seeds} for name, overrides in arms.items()}
+
+    configs = arm_configs(seeds)
+    extra = _finished_elsewhere(configs)  # checked below like the others
+    seeds = [*seeds, *extra]
+    for name, by_seed in arm_configs(extra).items():
+        configs[name].update(by_seed)
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
         for cfg in by_seed.values():
-            kept = any((run_path(cfg) / f).is_file() for f in ("summary.json", "models/last.pt"))  # else retrained
-            changes = run_changes(cfg) if kept else []
+            changes = run_changes(cfg) if _run_state(run_path(cfg)) != "new" else []
             if changes:  # the arm was edited after this run trained: its results would be another recipe's
                 raise ConfigError(f"{path}: arm {name!r}: {run_path(cfg)} was trained with other settings "
                                   f"({'; '.join(changes)}); give the arm another name to train these as new runs, "
@@ -140,6 +150,18 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
             raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
                               f"checkpoint {which} needs; remove that override or choose checkpoint: best")
     return Sweep(path, out, list(seeds), [str(x) for x in lists], configs, which)
+
+
+def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
+    """The seeds beyond those in `configs` whose runs of every arm finished in the sweep's folder."""
+    finished: set[int] | None = None
+    for name, by_seed in configs.items():
+        folder = run_path(next(iter(by_seed.values()))).parent
+        pattern = re.compile(rf"{re.escape(name)}-seed(-?\d+)")
+        names = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        seeds = {int(m[1]) for p in names if (m := pattern.fullmatch(p.name)) and _run_state(p) == "finished"}
+        finished = seeds if finished is None else finished & seeds
+    return sorted((finished or set()) - {seed for by_seed in configs.values() for seed in by_seed})
 
 
 def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
@@ -176,15 +198,24 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
+def _run_state(folder: Path) -> str:
+    """`finished` (summary.json: reused), `started` (models/last.pt: resumed) or `new`: a folder
+    without last.pt never finished an epoch, so it is trained again from the start."""
+    if (folder / "summary.json").is_file():
+        return "finished"
+    return "started" if (folder / "models" / "last.pt").is_file() else "new"
+
+
 def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     """Train (or reuse, or resume) one arm x seed; returns its run folder."""
     folder = run_path(cfg)
-    if (folder / "summary.json").is_file():
+    state = _run_state(folder)
+    if state == "finished":
         log(f"reuse   {folder.name} (finished)")
         return folder
-    resume = (folder / "models" / "last.pt").is_file()
+    resume = state == "started"
     log(f"{'resume ' if resume else 'train  '} {folder.name}")
-    cfg.train.resume, cfg.train.overwrite = resume, not resume  # a folder without last.pt never finished an epoch
+    cfg.train.resume, cfg.train.overwrite = resume, not resume
     train(cfg)
     return folder
 

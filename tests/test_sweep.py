@@ -211,6 +211,12 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     assert (out / "det_O.png").is_file() and json.loads((out / "summary.json").read_text())["baseline"] == "ref"
     assert runs_table["list_sha1"].nunique() == 1 and len(runs_table["list_sha1"].iloc[0]) == 40
 
+    # the file's seeds, or fewer, run again: the tables still cover every seed finished in the folder
+    calls.clear()
+    again = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50, seeds=[2])
+    assert calls == [] and again["summary"]["n_seeds"].tolist() == [2, 2]
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [2, 1]
+
     # a run scored on another version of the list is never summarised beside the others
     metrics_file = runs / "aam-seed1" / "eval" / "best_opt_eval" / "metrics.json"
     good = metrics_file.read_text()

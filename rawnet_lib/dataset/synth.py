@@ -118,13 +118,13 @@ def _probe(voice: Voice) -> Voice | str:
     return replace(voice, words_per_s=round(10 * sr / _trim(audio).size, 3))
 
 
-def _speaks(voice: Voice, text: str) -> bool:
-    """Whether the voice says `text` aloud with no diphone missing."""
+def _spoken(voice: Voice, text: str) -> tuple[np.ndarray, int] | None:
+    """The voice's audio of `text` and its rate, or None unless it says it aloud with no diphone missing."""
     try:
-        audio, _, err = _synth(voice, text)
+        audio, sr, err = _synth(voice, text)
     except ValueError:
-        return False
-    return "unknown" not in err and np.abs(audio).max() > 0.01
+        return None
+    return (audio, sr) if "unknown" not in err and np.abs(audio).max() > 0.01 else None
 
 
 def _probe_own_syllables(voice: Voice, unknown: int) -> Voice | str:
@@ -132,14 +132,14 @@ def _probe_own_syllables(voice: Voice, unknown: int) -> Voice | str:
     its own script where we have one, else the Latin ones) it speaks without a missing diphone:
     a real voice more, speaking a smaller inventory. A random sentence then tries their joins."""
     candidates = _NATIVE_SYLLABLES.get(voice.family, _SYLLABLES)
-    spoken = tuple(s for s in candidates if _speaks(voice, f"{s}{s} {s}"))
+    spoken = tuple(s for s in candidates if _spoken(voice, f"{s}{s} {s}") is not None)
     if len(spoken) < _MIN_SYLLABLES:
         return (f"{unknown} missing diphones in Latin text and {len(spoken)} of its "
                 f"{len(candidates)} syllables spoken (fewer than {_MIN_SYLLABLES})")
-    sentence = _sentence(np.random.default_rng(0), 20, spoken)
-    if not _speaks(voice, sentence):
+    said = _spoken(voice, _sentence(np.random.default_rng(0), 20, spoken))
+    if said is None:
         return f"a sentence of its {len(spoken)} syllables loses diphones where they join"
-    audio, sr, _ = _synth(voice, sentence)
+    audio, sr = said
     return replace(voice, syllables=spoken, words_per_s=round(20 * sr / _trim(audio).size, 3))
 
 

@@ -102,7 +102,9 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     """Read and check a sweep file: every arm's config is built (unknown keys and values raise,
     naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training.
     `seeds` replaces the file's seeds (the runs of seeds both name are the same runs), `checkpoint`
-    its choice of model to score."""
+    its choice of model to score. The sweep's seeds are those and every other seed whose runs of
+    every arm finished in the folder with the arms' settings (`_finished_elsewhere`): the tables
+    describe every finished seed, not only the last command's."""
     path = sweep_file(sweep)
     spec = read_yaml(path, holds="seeds:, lists: and arms:")
     unknown = [k for k in spec if k not in SWEEP_KEYS]
@@ -125,15 +127,19 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     except ConfigError as err:
         raise ConfigError(f"{path if not checkpoint else 'the checkpoint given'}: {err}") from None
 
-    def arm_configs(seeds: list[int]) -> dict[str, dict[int, Config]]:
+    def arm_configs(some: list[int]) -> dict[str, dict[int, Config]]:
         return {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists,
-                                              out) for seed in seeds} for name, overrides in arms.items()}
+                                              out) for seed in some} for name, overrides in arms.items()}
 
     configs = arm_configs(seeds)
-    extra = _finished_elsewhere(configs)  # checked below like the others
-    seeds = [*seeds, *extra]
-    for name, by_seed in arm_configs(extra).items():
-        configs[name].update(by_seed)
+    extra = arm_configs(_finished_elsewhere(configs))
+    edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items() if run_changes(cfg)})
+    if edited:
+        warnings.warn(f"{path}: seed(s) {', '.join(map(str, edited))} finished in {out} with other settings of an "
+                      "arm than the file's: left out of the tables", stacklevel=2)
+    for name, by_seed in extra.items():
+        configs[name].update({seed: cfg for seed, cfg in by_seed.items() if seed not in edited})
+    seeds = sorted(next(iter(configs.values())))
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
         for cfg in by_seed.values():
@@ -157,10 +163,10 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
     finished: set[int] | None = None
     for name, by_seed in configs.items():
         folder = run_path(next(iter(by_seed.values()))).parent
-        pattern = re.compile(rf"{re.escape(name)}-seed(-?\d+)")
+        pattern = re.compile(rf"{re.escape(name)}-seed(-?[1-9][0-9]*|0)")  # as the sweep names them: no 01
         names = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
-        seeds = {int(m[1]) for p in names if (m := pattern.fullmatch(p.name)) and _run_state(p) == "finished"}
-        finished = seeds if finished is None else finished & seeds
+        found = {int(m[1]) for p in names if (m := pattern.fullmatch(p.name)) and _run_state(p) == "finished"}
+        finished = found if finished is None else finished & found
     return sorted((finished or set()) - {seed for by_seed in configs.values() for seed in by_seed})
 
 
@@ -356,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="sweep folder (default outputs/sweeps/<sweep name>)")
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per run and list")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep)")
+                        help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep); "
+                             "the tables also cover every other seed finished in DIR")
     parser.add_argument("--checkpoint", default=None, help=f"the model of each run to score instead of the file's "
                                                            f"choice: {CHECKPOINT_CHOICES}; tables go to DIR/<choice>/")
     args = parser.parse_args(argv)

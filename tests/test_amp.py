@@ -97,18 +97,19 @@ def test_amp_embeddings_close_to_float32(path: str, amp: str) -> None:
     error = 1 - F.cosine_similarity(mixed, reference)
     rounding = 1 - F.cosine_similarity(rounded, reference)
     assert error.mean() <= 4 * rounding.mean() and error.max() <= 4 * rounding.max(), (error, rounding)
+    assert rounding.mean() <= 0.01 and rounding.max() <= 0.03  # issue 11's goal, met by the rounding itself
 
 
 def _rounded_in_float64(model: RawNet2, dtype: torch.dtype) -> RawNet2:
-    """A float64 copy whose lowered ops (every Conv1d, Linear and GRU but the float32 sinc front
-    end) see inputs and weights rounded to `dtype` and return outputs rounded to it: autocast's
-    rounding with exact sums."""
-    def rounded(t):
+    """A float64 copy whose lowered ops (every Conv1d, Linear and GRU; the sinc front end is a
+    SincConv, kept in float64) see inputs and weights rounded to `dtype` and return outputs
+    rounded to it: autocast's rounding with exact sums."""
+    def rounded(t: object) -> object:
         return t.to(dtype).double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     copy_ = copy.deepcopy(model).double()
-    for name, module in copy_.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Linear, nn.GRU)) and name != "first_conv":
+    for module in copy_.modules():
+        if isinstance(module, (nn.Conv1d, nn.Linear, nn.GRU)):
             with torch.no_grad():
                 for p in module.parameters():
                     p.copy_(rounded(p))

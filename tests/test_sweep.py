@@ -116,6 +116,28 @@ def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
+def test_the_tables_cover_every_seed_finished_for_every_arm(tmp_path):
+    """Seeds beyond those asked join the sweep when every arm's run of them finished with the arm's
+    settings; one arm only, a started run, a name the sweep does not write (01) or a run of other
+    settings (with a warning) do not."""
+    spec = {"seeds": [1], "arms": {"a": {"preset": "smoke"}, "a2": {"preset": "smoke"}}}
+    path, out = _write(tmp_path / "s.yaml", spec), tmp_path / "out"
+    assert sweep_mod.load_sweep(path, out).seeds == [1]  # no folder yet
+    runs = out / "train_1P" / "DNNS"
+    for name in ("a-seed4", "a2-seed4", "a-seed5", "a-seed01", "a2-seed01", "a-seed6", "a-seed7", "a2-seed7"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text("{}")
+    (runs / "a2-seed6" / "models").mkdir(parents=True)
+    (runs / "a2-seed6" / "models" / "last.pt").write_text("")  # started, not finished
+    edited = sweep_mod.load_sweep(path, out, seeds=[7]).configs["a2"][7].to_dict()
+    edited["optim"]["lr"] = 0.5
+    (runs / "a2-seed7" / "config.yaml").write_text(yaml.safe_dump(edited))
+    with pytest.warns(UserWarning, match=r"seed\(s\) 7 finished in .* with other settings"):
+        sweep = sweep_mod.load_sweep(path, out, seeds=[2, 1])
+    assert sweep.seeds == [1, 2, 4] and sorted(sweep.configs["a2"]) == [1, 2, 4]
+    assert "--seeds 1 2 4" in sweep.command
+
+
 def test_example_sweeps_load(tmp_path):
     spec = sweep_mod.load_sweep("demo_recipes", tmp_path)
     assert spec.arms[:2] == ["reference_2020", "modern"] and spec.seeds == [1, 2, 3]
@@ -215,7 +237,7 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     calls.clear()
     again = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50, seeds=[2])
     assert calls == [] and again["summary"]["n_seeds"].tolist() == [2, 2]
-    assert json.loads((out / "summary.json").read_text())["seeds"] == [2, 1]
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [1, 2]
 
     # a run scored on another version of the list is never summarised beside the others
     metrics_file = runs / "aam-seed1" / "eval" / "best_opt_eval" / "metrics.json"

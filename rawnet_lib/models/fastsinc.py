@@ -44,6 +44,7 @@ rawnet_lib/bench/ measures speed and agreement against the exact path.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -187,20 +188,22 @@ def compile_enabled() -> bool:
     return _use_compile
 
 
+@functools.cache
 def _cache_per_isa() -> None:
-    """Give each vector ISA its own inductor cache folder (`<cache>/isa-avx512`, `isa-avx2`, ...).
+    """Give each vector ISA its own inductor cache folder (`<cache>/isa-avx2`, `isa-avx512-...`).
 
     Inductor's on-disk cache (torch 2.13) does not key on the ISA it generates code for, which
     follows ATEN_CPU_CAPABILITY and the CPU: a kernel generated for AVX2 (8-lane loops) and
     served under AVX-512 is built with 16-lane vectors and writes past its buffers (heap
     corruption, NaN embeddings); seen on an Intel Xeon switching ATEN_CPU_CAPABILITY, and a
-    cache folder shared by machines of different CPUs would do the same."""
+    cache folder shared by machines of different CPUs would do the same. Sets
+    TORCHINDUCTOR_CACHE_DIR for this process (and the processes it starts)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import cache_dir
-    folder = "isa-" + (str(pick_vec_isa()).replace(" ", "-") or "none")
     base = cache_dir()  # TORCHINDUCTOR_CACHE_DIR, else the default; inductor writes it into the environment
-    if os.path.basename(base) != folder:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, folder)
+    if os.path.basename(base).startswith("isa-"):  # inherited from a parent process of another ISA
+        base = os.path.dirname(base)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "isa-" + str(pick_vec_isa()).replace(" ", "-"))
 
 
 def _kernel(name: str):
@@ -209,11 +212,11 @@ def _kernel(name: str):
     if not _use_compile:
         return _KERNELS[name]
     if name not in _compiled:
-        _cache_per_isa()
         compiled = torch.compile(_KERNELS[name])
 
         def run(*args, _fn=compiled, _name=name):
             try:
+                _cache_per_isa()  # before the first call compiles
                 return _fn(*args)
             except Exception as err:  # noqa: BLE001  (no C++ compiler, unsupported platform, ...)
                 first = str(err).splitlines()[0] if str(err) else ""

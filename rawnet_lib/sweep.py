@@ -51,7 +51,7 @@ from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, default_out_dir,
-                                     run_changes, run_checkpoint, run_path)
+                                     run_changes, run_checkpoint, run_path, run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -143,7 +143,7 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
         for cfg in by_seed.values():
-            changes = run_changes(cfg) if _run_state(run_path(cfg)) != "new" else []
+            changes = run_changes(cfg) if run_state(run_path(cfg)) != "new" else []
             if changes:  # the arm was edited after this run trained: its results would be another recipe's
                 raise ConfigError(f"{path}: arm {name!r}: {run_path(cfg)} was trained with other settings "
                                   f"({'; '.join(changes)}); give the arm another name to train these as new runs, "
@@ -165,7 +165,7 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
         folder = run_path(next(iter(by_seed.values()))).parent
         pattern = re.compile(rf"{re.escape(name)}-seed(-?[1-9][0-9]*|0)")  # as the sweep names them: no 01
         names = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
-        found = {int(m[1]) for p in names if (m := pattern.fullmatch(p.name)) and _run_state(p) == "finished"}
+        found = {int(m[1]) for p in names if (m := pattern.fullmatch(p.name)) and run_state(p) == "finished"}
         finished = found if finished is None else finished & found
     return sorted((finished or set()) - {seed for by_seed in configs.values() for seed in by_seed})
 
@@ -204,18 +204,10 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _run_state(folder: Path) -> str:
-    """`finished` (summary.json: reused), `started` (models/last.pt: resumed) or `new`: a folder
-    without last.pt never finished an epoch, so it is trained again from the start."""
-    if (folder / "summary.json").is_file():
-        return "finished"
-    return "started" if (folder / "models" / "last.pt").is_file() else "new"
-
-
 def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     """Train (or reuse, or resume) one arm x seed; returns its run folder."""
     folder = run_path(cfg)
-    state = _run_state(folder)
+    state = run_state(folder)
     if state == "finished":
         log(f"reuse   {folder.name} (finished)")
         return folder
@@ -301,7 +293,7 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
 
 def _eval_dir(run: Path, which: str) -> Path | None:
     """Where the sweep evaluated a run's `which` model, making nothing (None: the run is not finished)."""
-    if not (run / "summary.json").is_file():
+    if run_state(run) != "finished":
         return None
     try:
         return default_out_dir(run_checkpoint(run, which, make=False))

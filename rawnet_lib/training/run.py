@@ -366,6 +366,14 @@ def epoch_models(run: str | Path) -> list[Path]:
     return [newest[e] for e in sorted(newest)]
 
 
+def run_state(folder: Path) -> str:
+    """`finished` (summary.json), `started` (models/last.pt: a resume continues it) or `new`: a
+    folder without last.pt never finished an epoch, so a run there starts from the beginning."""
+    if (folder / "summary.json").is_file():
+        return "finished"
+    return "started" if (folder / "models" / "last.pt").is_file() else "new"
+
+
 def run_checkpoint(run: str | Path, which: str = "best", make: bool = True) -> Path:
     """The model file of a finished run that `which` names: `best` is best_opt_eval.pt (the epoch
     of lowest validation EER, the reference's choice; a small validation list makes it noisy),
@@ -375,7 +383,7 @@ def run_checkpoint(run: str | Path, which: str = "best", make: bool = True) -> P
     n, run = check_checkpoint_choice(which), Path(run)
     if n == 0:
         return run / "models" / "best_opt_eval.pt"
-    if not (run / "summary.json").is_file():
+    if run_state(run) != "finished":
         raise RunNotFoundError(f"{run}: checkpoint {which} needs a finished run (no summary.json yet: training is "
                                "running or was interrupted); finish it (resume: true) or choose best")
     epochs = epoch_models(run)

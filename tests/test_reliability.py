@@ -143,7 +143,7 @@ def test_sigkill_mid_checkpoint_then_resume_loses_nothing(smoke_run: Path, tiny_
 
 
 KILL_IN_EPOCH_2 = """
-    import os, signal, threading
+    import os, signal, threading, time
     import numpy as np
     import torch.nn.functional as F
     _ce, _n = F.cross_entropy, [0]
@@ -154,6 +154,8 @@ KILL_IN_EPOCH_2 = """
         _n[0] += 1
         if _n[0] == STEPS + _step:
             threading.Timer(_delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        if _n[0] == 2 * STEPS:  # epoch 2's last step waits for the kill: a fast CPU cannot finish the epoch first
+            time.sleep(60)
         return _ce(*args, **kwargs)
     F.cross_entropy = ce
 """

@@ -51,7 +51,7 @@ from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, default_out_dir,
-                                     run_changes, run_checkpoint, run_path, run_state)
+                                     held_out_trials, run_changes, run_checkpoint, run_path, run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -203,6 +203,17 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
         raise type(err)(f"{where}: {err}") from None
 
 
+def _check_data(path: Path, name: str, cfg: Config) -> None:
+    """What only the data can tell (run_sweep calls it, load_sweep stays cheap): can the validation
+    list each run makes hold val_pairs pairs?"""
+    data_path = resolve_data_path(cfg.data)
+    if cfg.train.mode == "full" and not (data_path / cfg.data.val_trials).is_file():
+        try:
+            held_out_trials(cfg, data_path)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: arm {name!r}: {err}") from None
+
+
 # -- running ---------------------------------------------------------------------------------------
 def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     """Train (or reuse, or resume) one arm x seed; returns its run folder."""
@@ -241,6 +252,8 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
               ) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
     spec = load_sweep(sweep, out, seeds, checkpoint)
+    for arm, by_seed in spec.configs.items():  # before anything trains
+        _check_data(spec.path, arm, next(iter(by_seed.values())))
     spec.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds

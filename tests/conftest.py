@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
+def child_env():
+    """env(*folders): the environment of a Python child process that imports these folders, then
+    this checkout, then what PYTHONPATH already held (packages installed there stay importable)."""
+    def env(*folders: Path) -> dict[str, str]:
+        paths = [*map(str, folders), str(REPO), os.environ.get("PYTHONPATH", "")]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    return env
+
+
+@pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo corpus (VoxCeleb layout, m4a converted), generated once per test session;
     the tests that need it are skipped, not failed, on a machine without the speech tools."""

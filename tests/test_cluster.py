@@ -4,7 +4,6 @@ c10d rendezvous (rawnet_lib.training.launch), and the refusal of the CPU fast pa
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -48,11 +47,10 @@ def _node_settings(tiny_db: Path, out_dir: Path, port: int, node_rank: int) -> d
 
 
 @pytest.mark.slow
-def test_two_nodes_of_two_ranks_on_localhost_make_one_run(tiny_db, tmp_path):
+def test_two_nodes_of_two_ranks_on_localhost_make_one_run(tiny_db, tmp_path, child_env):
     out_dir, port = tmp_path / "runs", _free_port()   # one out_dir, as a shared file system gives
     settings = [_node_settings(tiny_db, out_dir, port, node) for node in (0, 1)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    nodes = [subprocess.Popen([sys.executable, "-c", NODE, json.dumps(s)], cwd=tmp_path, env=env, text=True,
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, json.dumps(s)], cwd=tmp_path, env=child_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for s in settings]
     outputs = []
     try:

@@ -468,10 +468,10 @@ def test_run_cli_prints_expected_errors_alone(capsys):
         run_cli(lambda: 1 / 0)
 
 
-def test_module_command_prints_the_message_without_traceback(tmp_path):
+def test_module_command_prints_the_message_without_traceback(tmp_path, child_env):
     done = subprocess.run([sys.executable, "-m", "rawnet_lib.prep", "--config", "smoke", "--trial_lists", "X"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(rawnet_lib.io.__file__).parents[1])})
+                          env=child_env())
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: trial list 'X'") and "Traceback" not in done.stderr
 
@@ -484,10 +484,10 @@ def test_misspelt_flag_names_the_real_one(capsys):
     assert "--epcohs (did you mean --epochs" in capsys.readouterr().err
 
 
-def test_missing_data_path_is_a_message_without_traceback(tmp_path):
+def test_missing_data_path_is_a_message_without_traceback(tmp_path, child_env):
     done = subprocess.run([sys.executable, "-m", "rawnet_lib.prep", "--data_path", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(rawnet_lib.io.__file__).parents[1])})
+                          env=child_env())
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"error: data_path {tmp_path / 'nowhere'} does not exist")
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import psutil
@@ -39,13 +40,16 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _fault_env(tmp_path: Path, code: str) -> dict[str, str]:
-    """An environment whose Python processes run `code` at start-up (sitecustomize): fault
-    injection from the outside, with no test hook in the library."""
-    folder = tmp_path / "fault"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
+@pytest.fixture
+def fault_env(tmp_path: Path, child_env) -> Callable[[str], dict[str, str]]:
+    """fault_env(code): an environment whose Python processes run `code` at start-up
+    (sitecustomize): fault injection from the outside, with no test hook in the library."""
+    def env(code: str) -> dict[str, str]:
+        folder = tmp_path / "fault"
+        folder.mkdir()
+        (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
+        return child_env(folder)
+    return env
 
 
 def _train_cmd(db: Path, out: Path, *extra: str) -> list[str]:
@@ -129,9 +133,10 @@ KILL_MID_CHECKPOINT = """
 """
 
 
-def test_sigkill_mid_checkpoint_then_resume_loses_nothing(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_checkpoint_then_resume_loses_nothing(smoke_run: Path, tiny_db: Path, tmp_path: Path,
+                                                         fault_env) -> None:
     out = tmp_path / "runs"
-    died = subprocess.run(_train_cmd(tiny_db, out, "--epochs", "2"), env=_fault_env(tmp_path, KILL_MID_CHECKPOINT),
+    died = subprocess.run(_train_cmd(tiny_db, out, "--epochs", "2"), env=fault_env(KILL_MID_CHECKPOINT),
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == 137, died.stdout + died.stderr
     run = run_path(load_config("smoke", out_dir=str(out), name="fixture"))
@@ -161,12 +166,13 @@ KILL_IN_EPOCH_2 = """
 """
 
 
-def test_sigkill_at_a_random_moment_then_resume_loses_nothing(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
+def test_sigkill_at_a_random_moment_then_resume_loses_nothing(smoke_run: Path, tiny_db: Path, tmp_path: Path,
+                                                             fault_env) -> None:
     out = tmp_path / "runs"
     run = run_path(load_config("smoke", out_dir=str(out), name="fixture"))
     steps = len(load_utterances(tiny_db, "VoxCeleb2/wav")) // 8  # per epoch, batch 8
     code = KILL_IN_EPOCH_2.replace("STEPS", str(steps))
-    died = subprocess.run(_train_cmd(tiny_db, out, "--epochs", "2"), env=_fault_env(tmp_path, code),
+    died = subprocess.run(_train_cmd(tiny_db, out, "--epochs", "2"), env=fault_env(code),
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == -signal.SIGKILL, died.stdout + died.stderr
     assert torch.load(run / "models" / "last.pt", weights_only=False)["epoch"] == 1, "killed inside epoch 2"
@@ -189,11 +195,11 @@ FAIL_RANK_1 = """
 
 
 @pytest.mark.slow
-def test_a_failing_rank_ends_every_rank_with_its_name(tiny_db: Path, tmp_path: Path) -> None:
+def test_a_failing_rank_ends_every_rank_with_its_name(tiny_db: Path, tmp_path: Path, fault_env) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path / "runs"), devices=2, epochs=2)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(__import__("yaml").safe_dump(cfg.to_dict()))
-    result = subprocess.run(launch_command(cfg, config_file), env=_fault_env(tmp_path, FAIL_RANK_1), cwd=REPO,
+    result = subprocess.run(launch_command(cfg, config_file), env=fault_env(FAIL_RANK_1), cwd=REPO,
                             capture_output=True, text=True, timeout=600)  # a hang fails here, not forever
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -100,6 +100,14 @@ def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, mat
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
+def test_a_validation_list_the_data_cannot_hold_fails_before_training(tiny_db, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite a bad sweep"))
+    ok = {"preset": "smoke", "data": {"data_path": str(tiny_db)}}
+    spec = {"seeds": [1], "arms": {"a": ok, "b": {**ok, "data": {**ok["data"], "val_pairs": 100000}}}}
+    with pytest.raises(ConfigError, match=r"s\.yaml: arm 'b': val_pairs: n_pairs=100000, .* set data\.val_pairs"):
+        sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+
+
 def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
     """A finished run of an arm whose overrides changed since would be reused as the new recipe's result."""
     monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite an edited arm"))

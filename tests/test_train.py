@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from rawnet_lib.config import load_config
+from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.dataset.trials import TrialList, read_trials
 from rawnet_lib.dist import RankInfo
 from rawnet_lib.models.checkpoint import read_checkpoint
@@ -73,6 +73,16 @@ def test_existing_run_is_never_overwritten(smoke_run: Path, tiny_db: Path) -> No
     with pytest.raises(RunExistsError, match="resume: true"):
         train(cfg)
     assert (smoke_run / "eers.txt").read_text() == before
+
+
+def test_a_validation_list_the_data_cannot_hold_stops_before_the_run_folder(tiny_db: Path, tmp_path: Path) -> None:
+    """val_pairs beyond what the held-out utterances give: the option's name and its range, and no
+    run folder left behind (a folder with a config would be taken for an interrupted run)."""
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_pairs=100000)
+    with pytest.raises(ConfigError, match=r"val_pairs: n_pairs=100000, but these \d+ utterances .* give 1 to \d+ "
+                                          r"balanced pairs.*VoxCeleb1/dev_wav\); set data\.val_pairs \(--val_pairs\)"):
+        train(cfg)
+    assert not run_path(cfg).exists()
 
 
 def _started_run(cfg) -> Path:

@@ -214,7 +214,7 @@ def test_cli_score_prints_one_json_line(checkpoint: Path, files, capsys) -> None
     above; fast bf16 against exact float32 depends on the CPU's bf16 (cpu_amp), so not here."""
     pair = [str(files["wav16000"]), str(files["other"])]
     tol = 16 * float(np.finfo(np.float32).eps)
-    main(["score", "--checkpoint", str(checkpoint), *pair])
+    main(["score", "--checkpoint", str(checkpoint), *pair, "--device", "cpu"])  # auto picks a GPU where one is
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1
     result = json.loads(line[0])
@@ -222,7 +222,7 @@ def test_cli_score_prints_one_json_line(checkpoint: Path, files, capsys) -> None
     assert (result["path"], result["amp"]) == ("fast", cpu_amp())
     by_api = Verifier.from_checkpoint(checkpoint, device="cpu").score(*pair)["score"]
     assert result["score"] == pytest.approx(by_api, abs=tol)
-    main(["score", "--checkpoint", str(checkpoint), *pair, "--fast", "false", "--amp", "off"])
+    main(["score", "--checkpoint", str(checkpoint), *pair, "--device", "cpu", "--fast", "false", "--amp", "off"])
     exact = json.loads(capsys.readouterr().out)
     by_api = Verifier.from_checkpoint(checkpoint, device="cpu", fast=False, amp="off").score(*pair)["score"]
     assert (exact["path"], exact["amp"]) == ("exact", "off") and exact["score"] == pytest.approx(by_api, abs=tol)

@@ -299,9 +299,25 @@ def _validation_trials(cfg: Config, data_path: Path, path: Path) -> Path:
     return given if given.is_file() else path / Path(cfg.data.val_trials).name
 
 
+def held_out_trials(cfg: Config, data_path: Path) -> TrialList:
+    """The validation list a run makes when the data set has none: val_pairs balanced pairs of the
+    val_from utterances, drawn with the run's seed; a ConfigError when they cannot give that many."""
+    keys = load_utterances(data_path, cfg.data.val_from, progress=False).keys
+    try:
+        return make_trials(keys, cfg.data.val_pairs, cfg.train.seed)
+    except ValueError as err:
+        raise ConfigError(f"val_pairs: {err} (the validation utterances of {data_path / cfg.data.val_from}); "
+                          "set data.val_pairs (--val_pairs) within that range, or give data.val_trials a list "
+                          "the data set holds") from None
+
+
 def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | None) -> None:
     check_run_dir(cfg)
-    if cfg.train.overwrite and not cfg.train.resume and path.exists():
+    replace = cfg.train.overwrite and not cfg.train.resume and path.exists()
+    trials = None  # made before anything is written: a val_pairs that cannot be met leaves no folder
+    if val_trials is not None and (not val_trials.exists() or (replace and val_trials.parent == path)):
+        trials = held_out_trials(cfg, data_path)
+    if replace:
         shutil.rmtree(path)
     for sub in ("models", "results", "log", "prof"):
         (path / sub).mkdir(parents=True, exist_ok=True)
@@ -309,9 +325,8 @@ def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | No
         stale.unlink()
     atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_f_params(cfg, path / "f_params.txt")
-    if val_trials is not None and not val_trials.exists():  # held-out utterances, with the run's seed
-        keys = load_utterances(data_path, cfg.data.val_from, progress=False).keys
-        write_trials(val_trials, make_trials(keys, cfg.data.val_pairs, cfg.train.seed))
+    if trials is not None:
+        write_trials(val_trials, trials)
 
 
 # -- finding runs again ------------------------------------------------------------------------

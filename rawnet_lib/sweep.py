@@ -50,8 +50,8 @@ from rawnet_lib.evaluate import evaluate
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
-from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, default_out_dir,
-                                     held_out_trials, run_changes, run_checkpoint, run_path, run_state)
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, check_validation,
+                                     default_out_dir, run_changes, run_checkpoint, run_path, run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -204,14 +204,11 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
 
 
 def _check_data(path: Path, name: str, cfg: Config) -> None:
-    """What only the data can tell (run_sweep calls it, load_sweep stays cheap): can the validation
-    list each run makes hold val_pairs pairs?"""
-    data_path = resolve_data_path(cfg.data)
-    if cfg.train.mode == "full" and not (data_path / cfg.data.val_trials).is_file():
-        try:
-            held_out_trials(cfg, data_path)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: arm {name!r}: {err}") from None
+    """What only the data can tell (run_sweep calls it; load_sweep stays cheap)."""
+    try:
+        check_validation(cfg, resolve_data_path(cfg.data))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: arm {name!r}: {err}") from None
 
 
 # -- running ---------------------------------------------------------------------------------------

@@ -79,10 +79,28 @@ def test_a_validation_list_the_data_cannot_hold_stops_before_the_run_folder(tiny
     """val_pairs beyond what the held-out utterances give: the option's name and its range, and no
     run folder left behind (a folder with a config would be taken for an interrupted run)."""
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_pairs=100000)
-    with pytest.raises(ConfigError, match=r"val_pairs: n_pairs=100000, but these \d+ utterances .* give 1 to \d+ "
-                                          r"balanced pairs.*VoxCeleb1/dev_wav\); set data\.val_pairs \(--val_pairs\)"):
+    with pytest.raises(ConfigError, match=r"val_pairs=100000, but the \d+ validation utterances of \S+/VoxCeleb1/"
+                                          r"dev_wav give 1 to \d+ balanced pairs; set data\.val_pairs \(--val_pairs\)"):
         train(cfg)
     assert not run_path(cfg).exists()
+
+
+def test_overwrite_makes_the_validation_list_again_or_keeps_the_old_run(tiny_db: Path, tmp_path: Path) -> None:
+    """overwrite removes the folder that holds the run's own validation list: the list is made anew
+    (with the new val_pairs), and one that cannot be made stops before the old run is removed."""
+    main = RankInfo(0, 1, torch.device("cpu"))
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_pairs=20)
+    run = RunDir.create(cfg, main, tiny_db)
+    assert len(read_trials(run.val_trials).labels) == 20
+    marker = run.path / "models" / "last.pt"
+    marker.touch()
+    bad = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_pairs=100000, overwrite=True)
+    with pytest.raises(ConfigError, match=r"val_pairs=100000"):
+        RunDir.create(bad, main, tiny_db)
+    assert marker.is_file() and len(read_trials(run.val_trials).labels) == 20
+    again = RunDir.create(load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_pairs=30,
+                                      overwrite=True), main, tiny_db)
+    assert not marker.exists() and len(read_trials(again.val_trials).labels) == 30
 
 
 def _started_run(cfg) -> Path:

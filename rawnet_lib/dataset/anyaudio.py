@@ -53,10 +53,9 @@ def _ffmpeg_decode(path: Path, target: int) -> np.ndarray:
     try:
         cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1",
                "-ar", str(target), "-f", "f32le", "-"]
-    except ConvertError:
-        raise AudioError(f"{path}: not readable audio for soundfile (wav, flac, ogg, mp3), and ffmpeg, which "
-                         "decodes other containers (m4a, mp4), is not installed (apt-get install ffmpeg, or "
-                         "./setup.sh install); or re-export it as wav or flac") from None
+    except ConvertError as err:
+        raise AudioError(f"{path}: not readable audio for soundfile (wav, flac, ogg, mp3); other containers (m4a, "
+                         f"mp4) need ffmpeg: {err}; or re-export it as wav or flac") from None
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()

@@ -21,7 +21,7 @@ import numpy as np
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_write_text, file_sha1
 
-__all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "official_list_path", "read_trials",
+__all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "PairCountError", "official_list_path", "read_trials",
            "write_trials", "find_file", "resolve", "make_trials", "speaker_of"]
 
 OFFICIAL_LISTS: dict[str, str] = {
@@ -264,6 +264,14 @@ def _sample_pairs(lo: np.ndarray, hi: np.ndarray, k: int, rng: np.random.Generat
     return i, lo[i] + flat - (ends[i] - counts[i])
 
 
+class PairCountError(ValueError):
+    """More pairs (or fewer than one) asked of make_trials than its keys give; `most` is the largest count."""
+
+    def __init__(self, message: str, most: int) -> None:
+        super().__init__(message)
+        self.most = most
+
+
 def make_trials(keys: list[str], n_pairs: int, seed: int) -> TrialList:
     """A shuffled validation list from held-out keys: n_pairs // 2 targets, the rest non-targets.
 
@@ -299,9 +307,9 @@ def make_trials(keys: list[str], n_pairs: int, seed: int) -> TrialList:
     n_target, n_non = n_pairs // 2, n_pairs - n_pairs // 2
     most = min(2 * (sizes["cross"] + sizes["same"]) + 1, 2 * sizes["non"])
     if n_pairs < 1 or n_pairs > most:
-        raise ValueError(f"n_pairs={n_pairs}, but these {n} utterances of {n_spk} speakers give 1 to {most} "
-                         f"balanced pairs ({sizes['cross'] + sizes['same']} target, {sizes['non']} non-target); "
-                         "lower n_pairs or hold out more utterances")
+        raise PairCountError(f"n_pairs={n_pairs}, but these {n} utterances of {n_spk} speakers give 1 to {most} "
+                             f"balanced pairs ({sizes['cross'] + sizes['same']} target, {sizes['non']} non-target); "
+                             "lower n_pairs or hold out more utterances", most)
     rng = np.random.default_rng(seed)
     n_cross = min(n_target, sizes["cross"])
     drawn = [_sample_pairs(*pools["cross"], n_cross, rng), _sample_pairs(*pools["same"], n_target - n_cross, rng),

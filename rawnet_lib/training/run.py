@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from rawnet_lib import dist
 from rawnet_lib.config import REPO_DIR, Config, ConfigError, read_yaml, recipe_changes, write_f_params
-from rawnet_lib.dataset.trials import TrialList, make_trials, write_trials
+from rawnet_lib.dataset.trials import PairCountError, TrialList, make_trials, write_trials
 from rawnet_lib.dataset.utterances import load_utterances
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval.metrics import eer as compute_eer
@@ -293,22 +293,36 @@ class NullRunDir(RunDir):
         return {}
 
 
+def _data_set_list(cfg: Config, data_path: Path) -> Path | None:
+    """The validation list when the data set holds it (else each run makes its own)."""
+    given = data_path / cfg.data.val_trials
+    return given if given.is_file() else None
+
+
 def _validation_trials(cfg: Config, data_path: Path, path: Path) -> Path:
     """The data set's validation list, or one kept in the run folder (made from val_from)."""
-    given = data_path / cfg.data.val_trials
-    return given if given.is_file() else path / Path(cfg.data.val_trials).name
+    return _data_set_list(cfg, data_path) or path / Path(cfg.data.val_trials).name
 
 
 def held_out_trials(cfg: Config, data_path: Path) -> TrialList:
     """The validation list a run makes when the data set has none: val_pairs balanced pairs of the
-    val_from utterances, drawn with the run's seed; a ConfigError when they cannot give that many."""
+    val_from utterances, drawn with the run's seed; a ConfigError when they cannot be made."""
+    folder = data_path / cfg.data.val_from
     keys = load_utterances(data_path, cfg.data.val_from, progress=False).keys
     try:
         return make_trials(keys, cfg.data.val_pairs, cfg.train.seed)
+    except PairCountError as err:
+        raise ConfigError(f"val_pairs={cfg.data.val_pairs}, but the {len(keys)} validation utterances of {folder} "
+                          f"give 1 to {err.most} balanced pairs; set data.val_pairs (--val_pairs) within that range, "
+                          "or give data.val_trials a list the data set holds") from None
     except ValueError as err:
-        raise ConfigError(f"val_pairs: {err} (the validation utterances of {data_path / cfg.data.val_from}); "
-                          "set data.val_pairs (--val_pairs) within that range, or give data.val_trials a list "
-                          "the data set holds") from None
+        raise ConfigError(f"no validation list can be made from {folder}: {err}") from None
+
+
+def check_validation(cfg: Config, data_path: Path) -> None:
+    """Before training: the validation list the run will make (when the data set has none) can be made."""
+    if cfg.train.mode == "full" and _data_set_list(cfg, data_path) is None:
+        held_out_trials(cfg, data_path)
 
 
 def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | None) -> None:

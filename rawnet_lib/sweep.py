@@ -249,8 +249,10 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
               ) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
     spec = load_sweep(sweep, out, seeds, checkpoint)
-    for arm, by_seed in spec.configs.items():  # before anything trains
-        _check_data(spec.path, arm, next(iter(by_seed.values())))
+    for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
+        to_train = [cfg for cfg in by_seed.values() if run_state(run_path(cfg)) != "finished"]
+        if to_train:
+            _check_data(spec.path, arm, to_train[0])
     spec.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds

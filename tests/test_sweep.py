@@ -104,7 +104,8 @@ def test_a_validation_list_the_data_cannot_hold_fails_before_training(tiny_db, t
     monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite a bad sweep"))
     ok = {"preset": "smoke", "data": {"data_path": str(tiny_db)}}
     spec = {"seeds": [1], "arms": {"a": ok, "b": {**ok, "data": {**ok["data"], "val_pairs": 100000}}}}
-    with pytest.raises(ConfigError, match=r"s\.yaml: arm 'b': val_pairs=100000, but the \d+ validation utterances .* set data\.val_pairs"):
+    with pytest.raises(ConfigError, match=r"s\.yaml: arm 'b': val_pairs=100000, but the \d+ validation utterances "
+                                          r".* set data\.val_pairs"):
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_write_text, file_sha1
 
-__all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "PairCountError", "official_list_path", "read_trials",
-           "write_trials", "find_file", "resolve", "make_trials", "speaker_of"]
+__all__ = ["OFFICIAL_LISTS", "TrialListError", "TrialListWarning", "TrialList", "PairCountError", "official_list_path",
+           "read_trials", "write_trials", "find_file", "resolve", "make_trials", "speaker_of"]
 
 OFFICIAL_LISTS: dict[str, str] = {
     "O": "veri_test.txt", "O2": "veri_test2.txt",

@@ -42,7 +42,8 @@ from rawnet_lib.eval.metrics import summarize
 from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import load_checkpoint_model
-from rawnet_lib.training.run import CHECKPOINT_CHOICES, RunExistsError, default_out_dir, resolve_checkpoint
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, check_checkpoint_choice, default_out_dir,
+                                     resolve_checkpoint, run_checkpoint)
 
 __all__ = ["with_overrides", "cohort_embeddings", "evaluate", "main"]
 
@@ -145,8 +146,8 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     metrics.csv there gathers every list scored with the same checkpoint and settings. Results
     of another checkpoint or other settings in out_dir are refused unless `overwrite`.
     """
-    ckpt = resolve_checkpoint(checkpoint, pick)  # a run folder: its `pick` model
     rank = dist.setup(cfg.train.device if cfg else "auto")
+    ckpt = dist.main_first(rank, lambda: resolve_checkpoint(checkpoint, pick))  # rank 0 makes an average
     model, ckpt_cfg = load_checkpoint_model(ckpt, rank.device, base=cfg or "paper")
     if cfg is not None:
         cfg = with_overrides(cfg)
@@ -216,11 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results of another checkpoint or other settings in out_dir")
     args = parser.parse_args(argv)
-    ckpt = resolve_checkpoint(args.checkpoint, args.pick)
-    _, cfg = load_checkpoint_model(ckpt, base=args.config)
+    ckpt = resolve_checkpoint(args.checkpoint, args.pick, make=False)  # evaluate makes an average, on rank 0 only
+    unmade = check_checkpoint_choice(args.pick) > 1 and not ckpt.is_file()  # it has the settings of its run's models
+    _, cfg = load_checkpoint_model(run_checkpoint(ckpt.parent.parent, "last") if unmade else ckpt, base=args.config)
     cfg = cli_config(args, base=cfg)
     try:
-        table = evaluate(ckpt, cfg, args.lists, args.out_dir, overwrite=args.overwrite)
+        table = evaluate(args.checkpoint, cfg, args.lists, args.out_dir, overwrite=args.overwrite, pick=args.pick)
         if not table.empty:
             print(f"{ckpt}\n{table.drop(columns=['list_file']).to_string(index=False)}")
     finally:

@@ -132,14 +132,6 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
                                               out) for seed in some} for name, overrides in arms.items()}
 
     configs = arm_configs(seeds)
-    extra = arm_configs(_finished_elsewhere(configs))
-    edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items() if run_changes(cfg)})
-    if edited:
-        warnings.warn(f"{path}: seed(s) {', '.join(map(str, edited))} finished in {out} with other settings of an "
-                      "arm than the file's: left out of the tables", stacklevel=2)
-    for name, by_seed in extra.items():
-        configs[name].update({seed: cfg for seed, cfg in by_seed.items() if seed not in edited})
-    seeds = sorted(next(iter(configs.values())))
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
         for cfg in by_seed.values():
@@ -155,6 +147,14 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
         if n_epochs and not train_cfg.save_every_epoch:
             raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
                               f"checkpoint {which} needs; remove that override or choose checkpoint: best")
+    extra = arm_configs(_finished_elsewhere(configs))
+    edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items() if run_changes(cfg)})
+    if edited:
+        warnings.warn(f"{path}: seed(s) {', '.join(map(str, edited))} finished in {out} with other settings of an "
+                      "arm than the file's: left out of the tables", stacklevel=2)
+    for name, by_seed in extra.items():
+        configs[name].update({seed: cfg for seed, cfg in by_seed.items() if seed not in edited})
+    seeds = sorted(next(iter(configs.values())))
     return Sweep(path, out, list(seeds), [str(x) for x in lists], configs, which)
 
 

@@ -24,7 +24,7 @@ from rawnet_lib.eval.metrics import eer
 from rawnet_lib.io import file_sha1
 from rawnet_lib.models.checkpoint import load_checkpoint_model, read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.run import default_out_dir, newest_run
+from rawnet_lib.training.run import default_out_dir, epoch_models, newest_run
 
 CPU = dist.single("cpu")
 
@@ -233,6 +233,24 @@ def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Pat
     assert done.stdout.count(" cosine ") == 1  # only rank 0 reports
     single = np.loadtxt(evaluated[1] / "scores_O.txt")
     np.testing.assert_allclose(np.loadtxt(out / "scores_O.txt"), single, atol=2e-5)
+
+
+def test_two_gloo_ranks_score_a_run_average_that_rank_0_makes(smoke_run: Path, tiny_db: Path,
+                                                               tmp_path: Path) -> None:
+    run = tmp_path / "run"  # a copy: the average is written into the run's models/
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("eval"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "rawnet_lib.evaluate", "--checkpoint", str(run), "--pick", "avg_last2", "--data_path", str(tiny_db),
+           "--lists", "O", "--device", "cpu", "--out_dir", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    average = run / "models" / "avg_last2.pt"
+    assert f"{average}\n" in done.stdout and done.stdout.count(" cosine ") == 1
+    assert read_checkpoint(average)["averaged"] == [p.name for p in epoch_models(run)]
+    _, cfg = load_checkpoint_model(average)
+    single = ev.evaluate(average, ev.with_overrides(cfg, data_path=str(tiny_db)), ["O"], out_dir=tmp_path / "one",
+                         progress=False)
+    assert abs(pd.read_csv(tmp_path / "ddp" / "metrics.csv")["eer"][0] - single["eer"][0]) <= 1 / single["trials"][0]
 
 
 def test_newest_run_picks_the_latest_best_model(tmp_path: Path) -> None:

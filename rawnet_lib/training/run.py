@@ -354,17 +354,18 @@ def newest_run(out_dir: str | Path = "outputs/train") -> Path:
     return found[-1].parent.parent
 
 
-def resolve_checkpoint(checkpoint: str | Path | None, pick: str = "best") -> Path:
+def resolve_checkpoint(checkpoint: str | Path | None, pick: str = "best", make: bool = True) -> Path:
     """A checkpoint path as given (or relative to the repository); for a run folder, or "" / None
-    (the newest run), the model `pick` names in it (`run_checkpoint`: best, last, avg_last<N>)."""
+    (the newest run), the model `pick` names in it (`run_checkpoint`: best, last, avg_last<N>;
+    `make=False` only names an average)."""
     check_checkpoint_choice(pick)
     if not checkpoint:
-        return run_checkpoint(newest_run(), pick)
+        return run_checkpoint(newest_run(), pick, make)
     path = Path(checkpoint).expanduser()
     if not path.exists() and not path.is_absolute() and (REPO_DIR / path).exists():
         path = REPO_DIR / path
     if path.is_dir():
-        return run_checkpoint(path, pick)
+        return run_checkpoint(path, pick, make)
     if pick != "best":
         raise ConfigError(f"pick={pick!r} chooses among a run's models, but {checkpoint} is a file; give its run "
                           f"folder ({path.parent.parent if path.parent.name == 'models' else 'outputs/train/...'}) "

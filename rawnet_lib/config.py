@@ -222,6 +222,10 @@ class Config:
         for key in ("epochs", "batch_size", "devices", "n_samples", "sinc_filters", "eval_batch_size"):
             if self.flat()[key] < 1:
                 raise ConfigError(f"{key}={self.flat()[key]} must be at least 1")
+        ranks = self.train.devices * self.train.nnodes
+        if not 0 <= self.train.seed <= 2**32 - ranks:  # numpy takes 32-bit seeds; each rank seeds with seed + rank
+            raise ConfigError(f"seed={self.train.seed} must be between 0 and 2**32 - {ranks} (rank r seeds with "
+                              "seed + r)")
         if self.model.sinc_kernel % 2 == 0:
             raise ConfigError(f"sinc_kernel={self.model.sinc_kernel} must be odd (symmetric filters)")
         if not self.model.blocks:
@@ -274,15 +278,17 @@ RUN_CONTROL = frozenset({
 _FOLDERS = ("data_path", "noise_dir", "rir_dir")
 
 
-def recipe_changes(saved: Mapping[str, Any], config: Config, allow: Collection[str] = ()) -> list[str]:
+def recipe_changes(saved: Mapping[str, Any], config: Config, allow: Collection[str] = (),
+                   also: Collection[str] = ()) -> list[str]:
     """The fields in which `config` would train something other than the run whose `config.yaml` held
-    `saved` (RUN_CONTROL and `allow` aside), as `name: run's value -> this value`."""
+    `saved` (RUN_CONTROL and `allow` aside, the RUN_CONTROL fields in `also` counted), as
+    `name: run's value -> this value`."""
     before, now = Config.from_dict(saved).flat(), config.flat()
 
     def changed(key: str) -> bool:
         if key in _FOLDERS:
             return bool(before[key]) != bool(now[key])
-        return key not in RUN_CONTROL and key not in allow and before[key] != now[key]
+        return (key in also or key not in RUN_CONTROL and key not in allow) and before[key] != now[key]
     return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if changed(k)]
 
 

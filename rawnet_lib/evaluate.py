@@ -73,6 +73,19 @@ def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: 
 
 
 # -- evaluation ----------------------------------------------------------------------------------
+def evaluation_identity(checkpoint: Path, cfg: Config, roots: Sequence[Path]) -> dict[str, Any]:
+    """What an evaluation's results depend on besides the lists: the weights and the scoring settings
+    (written into metrics.json; results are extended or reused only under the same identity)."""
+    ev = cfg.evaluation
+    return {"fingerprint": file_sha1(checkpoint), **embedding_settings(cfg, roots),
+            "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
+
+
+def identity_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The names of the identity fields that differ (all of them for an unreadable one)."""
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)) or ["unreadable"]
+
+
 def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
     """The metrics rows of an earlier evaluation in `out` that this one extends.
 
@@ -96,8 +109,7 @@ def _earlier_rows(out: Path, identity: dict[str, Any], overwrite: bool) -> list[
         return [r for r in rows if r["list"] not in stale]
     if overwrite:
         return []
-    before = old.get("identity") or {}
-    changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k)) or ["unreadable"]
+    changed = identity_changes(old.get("identity") or {}, identity)
     raise RunExistsError(f"{out} already holds results of another checkpoint or other evaluation settings "
                          f"(differing: {', '.join(changed)}); give another out_dir (--out_dir) to keep both, "
                          "or overwrite=True (--overwrite) to replace them")
@@ -160,8 +172,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     out = Path(out_dir) if out_dir else default_out_dir(ckpt)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     ev = cfg.evaluation
-    identity = {"fingerprint": file_sha1(ckpt), **embedding_settings(cfg, roots),
-                "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
+    identity = evaluation_identity(ckpt, cfg, roots)
     earlier = _earlier_rows(out, identity, overwrite) if rank.is_main else []
     trial_lists = _trial_lists(data_path, list(lists or ev.trial_lists), earlier, overwrite)
 

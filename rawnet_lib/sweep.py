@@ -41,23 +41,27 @@ import pandas as pd
 from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
 from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
-from rawnet_lib.dataset.trials import list_tag, official_list_path, speaker_of
+from rawnet_lib.dataset.trials import OFFICIAL_LISTS, list_tag, official_list_path, speaker_of
 from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
-from rawnet_lib.evaluate import evaluate
+from rawnet_lib.evaluate import evaluate, evaluation_identity, identity_changes
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
-from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunNotFoundError, check_checkpoint_choice, check_validation,
-                                     default_out_dir, run_changes, run_checkpoint, run_path, run_state)
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, RunNotFoundError, check_checkpoint_choice,
+                                     check_validation, default_out_dir, run_changes, run_checkpoint, run_path,
+                                     run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
 
 SWEEP_KEYS = ("seeds", "lists", "arms", "preset", "checkpoint")
 OWNED = ("seed", "name", "out_dir", "resume", "overwrite", "trial_lists")  # set by the sweep itself
+# Settings a resumed run may change (RUN_CONTROL) that its results still depend on: an arm that
+# changed one is another arm (params/sweeps/demo_amp.yaml compares arms by amp alone).
+ARM_RUN_FIELDS = ("amp", "fast")
 
 
 @dataclass
@@ -120,7 +124,12 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     if not (isinstance(arms, dict) and arms):
         raise ConfigError(f"{path}: arms must map names to overrides, e.g. {{baseline: {{preset: demo}}}}, "
                           f"got {arms!r}")
-    out = Path(out) if out else REPO_DIR / "outputs" / "sweeps" / path.stem
+    tags = [list_tag(str(x)) for x in lists]
+    if len(set(tags)) < len(tags):  # one list twice would count each run twice in its intervals
+        raise ConfigError(f"{path}: lists name {', '.join(sorted({t for t in tags if tags.count(t) > 1}))} more than "
+                          f"once ({lists!r}); name each list once")
+    # relative to the repository, as a run's out_dir (notebooks run in notebooks/)
+    out = REPO_DIR / Path(out).expanduser() if out else REPO_DIR / "outputs" / "sweeps" / path.stem
     which = checkpoint or spec.get("checkpoint") or "best"
     try:
         n_epochs = check_checkpoint_choice(which)
@@ -135,7 +144,7 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     for name, by_seed in configs.items():
         _check_inputs(path, name, next(iter(by_seed.values())))
         for cfg in by_seed.values():
-            changes = run_changes(cfg) if run_state(run_path(cfg)) != "new" else []
+            changes = run_changes(cfg, also=ARM_RUN_FIELDS) if run_state(run_path(cfg)) != "new" else []
             if changes:  # the arm was edited after this run trained: its results would be another recipe's
                 raise ConfigError(f"{path}: arm {name!r}: {run_path(cfg)} was trained with other settings "
                                   f"({'; '.join(changes)}); give the arm another name to train these as new runs, "
@@ -148,7 +157,8 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
             raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
                               f"checkpoint {which} needs; remove that override or choose checkpoint: best")
     extra = arm_configs(_finished_elsewhere(configs))
-    edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items() if run_changes(cfg)})
+    edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items()
+                     if run_changes(cfg, also=ARM_RUN_FIELDS)})
     if edited:
         warnings.warn(f"{path}: seed(s) {', '.join(map(str, edited))} finished in {out} with other settings of an "
                       "arm than the file's: left out of the tables", stacklevel=2)
@@ -163,7 +173,7 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
     finished: set[int] | None = None
     for name, by_seed in configs.items():
         folder = run_path(next(iter(by_seed.values()))).parent
-        pattern = re.compile(rf"{re.escape(name)}-seed(-?[1-9][0-9]*|0)")  # as the sweep names them: no 01
+        pattern = re.compile(rf"{re.escape(name)}-seed([1-9][0-9]*|0)")  # as the sweep names them: no 01
         names = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
         found = {int(m[1]) for p in names if (m := pattern.fullmatch(p.name)) and run_state(p) == "finished"}
         finished = found if finished is None else finished & found
@@ -203,10 +213,19 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
         raise type(err)(f"{where}: {err}") from None
 
 
-def _check_data(path: Path, name: str, cfg: Config) -> None:
-    """What only the data can tell (run_sweep calls it; load_sweep stays cheap)."""
+def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
+    """What only the data can tell (run_sweep calls it; load_sweep stays cheap): the validation list
+    can be made and the test lists exist, so no run trains for an evaluation that cannot happen."""
     try:
-        check_validation(cfg, resolve_data_path(cfg.data))
+        data_path = resolve_data_path(cfg.data)
+        check_validation(cfg, data_path)
+        for item in lists:
+            listed = official_list_path(data_path, item)
+            if not listed.is_file():
+                fix = (f"the seed's layout keeps the official lists in {listed.parent}: put it there"
+                       if item in OFFICIAL_LISTS
+                       else f"give an existing file (a relative path is read from {Path.cwd()})")
+                raise ConfigError(f"trial list {item}: {listed} does not exist; {fix}, or remove it from lists")
     except ConfigError as err:
         raise ConfigError(f"{path}: arm {name!r}: {err}") from None
 
@@ -227,32 +246,43 @@ def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
 
 
 def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool, which: str = "best") -> pd.DataFrame:
-    """Evaluate a run's `which` model on `lists`; its earlier results are reused while each list's file
-    is the one they scored (a new corpus version rewrites the lists: its results are new ones)."""
+    """Evaluate a run's `which` model on `lists` with the arm's settings. Earlier results are reused
+    while they come from the same model and settings and each list's file is the one they scored (a
+    new corpus version rewrites the lists); those of a model the run has since replaced are replaced;
+    those of the same model scored otherwise (the arm's evaluation edited, or a user's own) are kept."""
     checkpoint = run_checkpoint(folder, which)
     out = default_out_dir(checkpoint)
     done = out / "metrics.json"
     meta = json.loads(done.read_text()) if done.is_file() else {}
-    if meta.get("fingerprint") == file_sha1(checkpoint):  # an average made again has the same name
+    data_path = resolve_data_path(cfg.data)  # once: for the demo corpus it checks the whole tree
+    identity = evaluation_identity(checkpoint, cfg, [data_path / d for d in cfg.data.eval_dirs])
+    if meta.get("identity") == identity:
         rows = pd.DataFrame(meta.get("metrics", []))
         cosine = rows[rows["scoring"] == "cosine"] if "list_sha1" in rows else None
         scored = {} if cosine is None else dict(zip(cosine["list"], cosine["list_sha1"]))
-        data_path = resolve_data_path(cfg.data)  # once: for the demo corpus it checks the whole tree
         paths = [(list_tag(n), official_list_path(data_path, n)) for n in lists]
         if all(path.is_file() and scored.get(tag) == file_sha1(path) for tag, path in paths):
             return rows
-    return evaluate(checkpoint, cfg, lists, out, progress=progress, overwrite=bool(meta))
+    elif meta.get("fingerprint") == identity["fingerprint"]:
+        changed = identity_changes(meta.get("identity") or {}, identity)
+        raise RunExistsError(f"{out} holds results of this model scored with other settings than the arm's "
+                             f"(differing: {', '.join(changed)}); move that folder elsewhere to keep them, or "
+                             "delete it, and run the sweep again to score the model with the arm's settings")
+    return evaluate(checkpoint, cfg, lists, out, progress=progress,
+                    overwrite=bool(meta) and meta.get("identity") != identity)
 
 
 def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,
               n_boot: int = 1000, seeds: list[int] | None = None, checkpoint: str | None = None
               ) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
+    _check_n_boot(n_boot)
     spec = load_sweep(sweep, out, seeds, checkpoint)
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
         to_train = [cfg for cfg in by_seed.values() if run_state(run_path(cfg)) != "finished"]
         if to_train:
-            _check_data(spec.path, arm, to_train[0])
+            _check_data(spec.path, arm, to_train[0], spec.lists)
+    _check_own_folder(spec)
     spec.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds
@@ -260,6 +290,25 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
             folder = _train_run(by_seed[seed], print)
             _evaluate_run(folder, by_seed[seed], spec.lists, progress, spec.checkpoint)
     return summarise(spec, n_boot)
+
+
+def _check_own_folder(spec: Sweep) -> None:
+    """Refuse to replace the tables another sweep file wrote into the same folder (two files of one
+    name in different folders share the default folder)."""
+    done = spec.results / "summary.json"
+    try:
+        other = Path(json.loads(done.read_text())["sweep"]) if done.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        other = None  # unreadable tables: this sweep writes them again
+    if other is not None and other.is_file() and other.resolve() != spec.path.resolve():
+        raise RunExistsError(f"{spec.results} holds the tables of the sweep {other}, not of {spec.path}; give this "
+                             f"sweep a folder of its own (--out, or the notebook's out), or delete {done} to let it "
+                             "write its tables there")
+
+
+def _check_n_boot(n_boot: int) -> None:
+    if not (isinstance(n_boot, int) and n_boot >= 1):
+        raise ConfigError(f"n_boot={n_boot!r}: the bootstrap needs at least 1 resample (1000 is usual)")
 
 
 def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]], list[str]]:
@@ -275,7 +324,11 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
             metrics, voices = pd.DataFrame(meta["metrics"]), base_voices(meta.get("data_path", ""))
             for tag in spec.lists:
                 tag = list_tag(tag)
-                m = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")].iloc[0]
+                found = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")]
+                if found.empty:
+                    raise MissingPathError(f"{out / 'metrics.json'} holds no cosine result of list {tag}; run "
+                                           f"`{spec.command}`: it scores every run on the sweep's lists")
+                m = found.iloc[0]
                 sha = m["list_sha1"] if isinstance(m.get("list_sha1"), str) else ""
                 other, first = first_scored.setdefault(tag, (sha, f"{arm}-seed{seed}"))
                 if other != sha:  # never an interval over runs scored on different lists
@@ -322,6 +375,8 @@ def _run_scores(out: Path, tag: str) -> pd.DataFrame:
 
 def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     """runs.csv, summary.csv/.json, paired.csv and det_<list>.png under the sweep folder; returns the tables."""
+    _check_n_boot(n_boot)
+    _check_own_folder(spec)
     runs, pooled, missing = _runs_table(spec, n_boot)
     summary, paired = [], []
     base = spec.arms[0]
@@ -343,11 +398,13 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     for name, table in tables.items():
         with atomic_open(spec.results / f"{name}.csv", "w") as f:
             table.to_csv(f, index=False)
+    records = {k: json.loads(t.to_json(orient="records", double_precision=15)) for k, t in tables.items()}  # NaN: null
     atomic_write_text(spec.results / "summary.json", json.dumps(
-        {"sweep": str(spec.path), "seeds": spec.seeds, "lists": spec.lists, "checkpoint": spec.checkpoint,
-         "baseline": base, "unfinished": missing,
-         "confidence": 0.95, "eer_unit": "percent", **{k: t.to_dict(orient="records") for k, t in tables.items()}},
-        indent=1))
+        {"sweep": str(spec.path.resolve()), "seeds": spec.seeds, "lists": spec.lists, "checkpoint": spec.checkpoint,
+         "baseline": base, "unfinished": missing, "confidence": 0.95, "eer_unit": "percent", **records}, indent=1))
+    for old in spec.results.glob("det_*.*"):  # figures of lists the sweep no longer scores
+        if old.stem.removeprefix("det_") not in pooled and old.suffix in (".png", ".svg"):
+            old.unlink()
     for tag, arms in pooled.items():
         curves = {f"{arm} ({len(parts)} seeds)": (np.concatenate([p[:, 0] for p in parts]),
                                                   np.concatenate([p[:, 1] for p in parts]))

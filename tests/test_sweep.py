@@ -12,12 +12,13 @@ import yaml
 from scipy import stats as sps
 
 from rawnet_lib import sweep as sweep_mod
-from rawnet_lib.config import ConfigError, load_config
+from rawnet_lib.config import REPO_DIR, Config, ConfigError, load_config
 from rawnet_lib.dataset.augment import AugmentError
 from rawnet_lib.dataset.trials import read_trials
-from rawnet_lib.errors import WorkbookError
+from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
+from rawnet_lib.evaluate import evaluation_identity
 from rawnet_lib.io import file_sha1
 
 
@@ -83,6 +84,9 @@ def _write(path: Path, spec: dict) -> Path:
     ({"seeds": [1], "arms": {"a": {"train": {"seed": 4}}}}, ConfigError, r"seed are set by the sweep"),
     ({"seeds": [1], "arms": {"a": {}}, "armz": {}}, ConfigError, r"unknown key\(s\) armz; valid keys: seeds"),
     ({"seeds": "1", "arms": {"a": {}}}, ConfigError, r"seeds must be a list of distinct integers"),
+    ({"seeds": [-1], "arms": {"a": {}}}, ConfigError, r"arm 'a': seed=-1 must be between 0 and 2\*\*32 - 1"),
+    ({"seeds": [1], "lists": ["O", "E", "O"], "arms": {"a": {}}}, ConfigError,
+     r"s\.yaml: lists name O more than once"),
     ({"seeds": [1], "arms": {"a": {"augment": {"enabled": True, "noise_dir": "EMPTY"}}}}, AugmentError,
      r"arm 'a': noise_dir .* has no \.wav files"),
     ({"seeds": [1], "checkpoint": "average", "arms": {"a": {}}}, ConfigError,
@@ -100,13 +104,43 @@ def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, mat
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
-def test_a_validation_list_the_data_cannot_hold_fails_before_training(tiny_db, tmp_path, monkeypatch):
+def test_data_the_sweep_cannot_use_fails_before_training(tiny_db, tmp_path, monkeypatch):
+    """A validation list the data cannot hold, a test list that is not there, n_boot 0 or a folder
+    holding another sweep's tables: each named before any run trains."""
     monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite a bad sweep"))
     ok = {"preset": "smoke", "data": {"data_path": str(tiny_db)}}
     spec = {"seeds": [1], "arms": {"a": ok, "b": {**ok, "data": {**ok["data"], "val_pairs": 100000}}}}
+    path, out = _write(tmp_path / "s.yaml", spec), tmp_path / "out"
     with pytest.raises(ConfigError, match=r"s\.yaml: arm 'b': val_pairs=100000, but the \d+ validation utterances "
                                           r".* set data\.val_pairs"):
-        sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+        sweep_mod.run_sweep(path, out)
+    path = _write(tmp_path / "s.yaml", {"seeds": [1], "lists": ["O", "H"], "arms": {"a": ok}})
+    (tiny_db / "VoxCeleb1" / "list_test_hard.txt").rename(tmp_path / "hard.txt")
+    try:
+        with pytest.raises(ConfigError, match=r"s\.yaml: arm 'a': trial list H: .*list_test_hard\.txt does not exist; "
+                                              r"the seed's layout keeps the official lists in .*VoxCeleb1: put it"):
+            sweep_mod.run_sweep(path, out)
+    finally:
+        (tmp_path / "hard.txt").rename(tiny_db / "VoxCeleb1" / "list_test_hard.txt")
+    path = _write(tmp_path / "s.yaml", {"seeds": [1], "lists": [str(tmp_path / "no.txt")], "arms": {"a": ok}})
+    with pytest.raises(ConfigError, match=r"trial list .*no\.txt: .*no\.txt does not exist; give an existing file"):
+        sweep_mod.run_sweep(path, out)
+    with pytest.raises(ConfigError, match=r"n_boot=0: the bootstrap needs at least 1 resample"):
+        sweep_mod.run_sweep(path, out, n_boot=0)
+    other = _write(tmp_path / "other.yaml", {"seeds": [1], "arms": {"a": ok}})
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"sweep": str(other)}))
+    with pytest.raises(WorkbookError, match=r"out holds the tables of the sweep .*other\.yaml, not of .*s\.yaml; give "
+                                            r"this sweep a folder of its own"):
+        sweep_mod.run_sweep(_write(tmp_path / "s.yaml", {"seeds": [1], "arms": {"a": ok}}), out)
+
+
+def test_a_relative_folder_is_the_repository_s_as_for_runs(tmp_path, monkeypatch):
+    """The notebook runs in notebooks/: the tables and the runs must land in one folder."""
+    monkeypatch.chdir(tmp_path)
+    spec = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", {"seeds": [1], "arms": {"a": {}}}), "outputs/sweeps/x")
+    assert spec.out == REPO_DIR / "outputs" / "sweeps" / "x"
+    assert sweep_mod.run_path(spec.configs["a"][1]).is_relative_to(spec.out)
 
 
 def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
@@ -123,6 +157,10 @@ def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"arm 'a': .*a-seed1 was trained with other settings \(lr_decay: 'keras' "
                                           r"-> 'cosine'\); give the arm another name"):
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+    # a run may resume with another precision or path, but an arm's results depend on them
+    spec["arms"]["a"] = {"preset": "smoke", "train": {"amp": "bf16"}, "model": {"fast": True}}
+    with pytest.raises(ConfigError, match=r"other settings \(fast: False -> True; amp: 'off' -> 'bf16'\)"):
+        sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
 def test_the_tables_cover_every_seed_finished_for_every_arm(tmp_path):
@@ -161,8 +199,9 @@ def test_example_sweeps_load(tmp_path):
 
 
 def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch):
-    """A run's earlier evaluation counts only while each list is the file it scored: a new corpus
-    version rewrites the lists, and results on the old ones would be silently mixed in."""
+    """A run's earlier evaluation counts only while it scored the same model with the arm's settings
+    and each list is the file it scored: a new corpus version rewrites the lists, and results on the
+    old ones would be silently mixed in. Results of the same model scored otherwise are not replaced."""
     trials = tmp_path / "mine.txt"
     trials.write_text((tiny_db / "VoxCeleb1" / "veri_test.txt").read_text())
     out = tmp_path / "run" / "eval" / "best_opt_eval"
@@ -171,15 +210,19 @@ def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch
     model.parent.mkdir()
     model.write_bytes(b"weights")
     calls = []
-    monkeypatch.setattr(sweep_mod, "evaluate", lambda ckpt, cfg, lists, *a, **k: calls.append(lists))
+    monkeypatch.setattr(sweep_mod, "evaluate", lambda ckpt, cfg, lists, *a, **k: calls.append((lists, k["overwrite"])))
     cfg = load_config("smoke", {"data": {"data_path": str(tiny_db)}})
+    roots = [tiny_db / d for d in cfg.data.eval_dirs]
 
-    def evaluated_on(sha: str | None, weights: str = "") -> bool:
+    def evaluated_on(sha: str | None, weights: str = "", scored_as: Config = cfg) -> bool:
+        identity = evaluation_identity(model, scored_as, roots) | ({"fingerprint": weights} if weights else {})
         row = {"list": "mine", "scoring": "cosine"} | ({"list_sha1": sha} if sha else {})
-        (out / "metrics.json").write_text(json.dumps({"fingerprint": weights or file_sha1(model), "metrics": [row]}))
+        (out / "metrics.json").write_text(json.dumps({"fingerprint": identity["fingerprint"], "identity": identity,
+                                                      "metrics": [row]}))
         calls.clear()
         sweep_mod._evaluate_run(tmp_path / "run", cfg, [str(trials)], progress=False)
-        return calls == [[str(trials)]]
+        assert calls in ([], [([str(trials)], bool(weights))])  # only another model's results are replaced
+        return bool(calls)
 
     assert not evaluated_on(read_trials(trials).sha1)  # the same list: reused
     assert evaluated_on(None)  # an evaluation that did not record its list
@@ -189,6 +232,26 @@ def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch
     before = file_sha1(model)
     model.write_bytes(b"other weights")  # the same name, other weights (an average made again): scored again
     assert evaluated_on(read_trials(trials).sha1, weights=before)
+    full = load_config("smoke", {"data": {"data_path": str(tiny_db)}, "evaluation": {"crop_mode": "full"}})
+    with pytest.raises(WorkbookError, match=r"best_opt_eval holds results of this model scored with other settings "
+                                            r"than the arm's \(differing: crop_mode, eval_hop\); move that folder"):
+        evaluated_on(read_trials(trials).sha1, scored_as=full)
+
+
+def test_a_run_that_never_scored_a_list_of_the_sweep_is_named(tmp_path):
+    path = _write(tmp_path / "s.yaml", {"seeds": [1], "lists": ["O", "E"], "arms": {"a": {"preset": "smoke"}}})
+    spec = sweep_mod.load_sweep(path, tmp_path / "out")
+    run = sweep_mod.run_path(spec.configs["a"][1])
+    (run / "models").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    (run / "models" / "best_opt_eval.pt").write_bytes(b"weights")
+    (run / "eval" / "best_opt_eval").mkdir(parents=True)
+    (run / "eval" / "best_opt_eval" / "scores_O.txt").write_text("0.5 1\n0.1 0\n")
+    row = {"list": "O", "scoring": "cosine", "eer": 0.0, "min_dcf_0.01": 0.0, "trials": 2}
+    (run / "eval" / "best_opt_eval" / "metrics.json").write_text(json.dumps({"metrics": [row]}))
+    with pytest.raises(MissingPathError, match=r"best_opt_eval/metrics\.json holds no cosine result of list E; run "
+                                               r"`python -m rawnet_lib\.sweep"):
+        sweep_mod.summarise(spec, n_boot=10)
 
 
 @pytest.mark.slow
@@ -218,7 +281,9 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="2 run.s. not finished yet.*ref-seed2, aam-seed2"):
         partial = sweep_mod.summarise(sweep_mod.load_sweep(spec, out), n_boot=50)
     assert list(partial["summary"]["n_seeds"]) == [1, 1] and partial["paired"]["n_pairs"].tolist() == [1]
-    assert json.loads((out / "summary.json").read_text())["unfinished"] == ["ref-seed2", "aam-seed2"]
+    partial_json = json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict: null, no NaN
+    assert partial_json["unfinished"] == ["ref-seed2", "aam-seed2"]
+    assert partial_json["summary"][0]["eer_ci_low"] is None  # one seed: no interval
 
     calls.clear()
     tables = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50)

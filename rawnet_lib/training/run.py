@@ -119,14 +119,15 @@ def check_run_dir(cfg: Config) -> Path:
     return path
 
 
-def run_changes(cfg: Config, allow: Collection[str] = ()) -> list[str]:
-    """How `cfg` would train something other than the run already in its folder (none there: [])."""
+def run_changes(cfg: Config, allow: Collection[str] = (), also: Collection[str] = ()) -> list[str]:
+    """How `cfg` would train something other than the run already in its folder (none there: []);
+    `allow` and `also` as in `recipe_changes`."""
     saved = run_path(cfg) / "config.yaml"
     if not saved.is_file():
         return []
     values = read_yaml(saved)
     try:
-        return recipe_changes(values, cfg, allow)
+        return recipe_changes(values, cfg, allow, also)
     except ConfigError as err:
         raise ConfigError(f"{saved}: {err}; it was not written by this version of the workbook: resume the "
                           "run with the version that trained it, or choose another name") from None

@@ -248,28 +248,29 @@ def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
 def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool, which: str = "best") -> pd.DataFrame:
     """Evaluate a run's `which` model on `lists` with the arm's settings. Earlier results are reused
     while they come from the same model and settings and each list's file is the one they scored (a
-    new corpus version rewrites the lists); those of a model the run has since replaced are replaced;
-    those of the same model scored otherwise (the arm's evaluation edited, or a user's own) are kept."""
+    new corpus version rewrites the lists; a corpus moved elsewhere is the same); those of a model the
+    run has since replaced are replaced; those of the same model scored otherwise (the arm's
+    evaluation edited, or a user's own) are kept."""
     checkpoint = run_checkpoint(folder, which)
     out = default_out_dir(checkpoint)
     done = out / "metrics.json"
     meta = json.loads(done.read_text()) if done.is_file() else {}
     data_path = resolve_data_path(cfg.data)  # once: for the demo corpus it checks the whole tree
     identity = evaluation_identity(checkpoint, cfg, [data_path / d for d in cfg.data.eval_dirs])
-    if meta.get("identity") == identity:
+    before = meta.get("identity") or {}
+    if {**before, "roots": identity["roots"]} == identity:  # the arm's scoring (of a corpus perhaps since moved)
         rows = pd.DataFrame(meta.get("metrics", []))
         cosine = rows[rows["scoring"] == "cosine"] if "list_sha1" in rows else None
         scored = {} if cosine is None else dict(zip(cosine["list"], cosine["list_sha1"]))
         paths = [(list_tag(n), official_list_path(data_path, n)) for n in lists]
         if all(path.is_file() and scored.get(tag) == file_sha1(path) for tag, path in paths):
             return rows
-    elif meta.get("fingerprint") == identity["fingerprint"]:
-        changed = identity_changes(meta.get("identity") or {}, identity)
+    elif before.get("fingerprint") == identity["fingerprint"]:
+        changed = identity_changes(before, identity)
         raise RunExistsError(f"{out} holds results of this model scored with other settings than the arm's "
                              f"(differing: {', '.join(changed)}); move that folder elsewhere to keep them, or "
                              "delete it, and run the sweep again to score the model with the arm's settings")
-    return evaluate(checkpoint, cfg, lists, out, progress=progress,
-                    overwrite=bool(meta) and meta.get("identity") != identity)
+    return evaluate(checkpoint, cfg, lists, out, progress=progress, overwrite=bool(meta) and before != identity)
 
 
 def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,

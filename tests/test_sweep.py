@@ -225,6 +225,12 @@ def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch
         return bool(calls)
 
     assert not evaluated_on(read_trials(trials).sha1)  # the same list: reused
+    moved = evaluation_identity(model, cfg, roots) | {"roots": ["/elsewhere/VoxCeleb1/test_wav"]}
+    row = {"list": "mine", "scoring": "cosine", "list_sha1": read_trials(trials).sha1}
+    (out / "metrics.json").write_text(json.dumps({"identity": moved, "metrics": [row]}))
+    calls.clear()
+    sweep_mod._evaluate_run(tmp_path / "run", cfg, [str(trials)], progress=False)
+    assert calls == []  # the corpus moved since: the same results
     assert evaluated_on(None)  # an evaluation that did not record its list
     old = read_trials(trials).sha1
     trials.write_text("".join(trials.read_text().splitlines(keepends=True)[:-2]))

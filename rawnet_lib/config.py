@@ -271,6 +271,7 @@ class Config:
 # Where and how a run executes rather than what it learns: these may differ when a run is resumed
 # (another machine or node split, precision, test-time setting); no other field may.
 RUN_CONTROL = frozenset({
+    "name",  # the run folder is the run: a copied or renamed one resumes as itself
     "eval_dirs", "num_workers", "on_bad_audio", "min_seconds", "fast", "devices", "device", "amp", "mode",
     "perf_steps", "warmup_steps", "out_dir", "resume", "overwrite", "profile", "save_every_epoch", "nnodes",
     "node_rank", "master_addr", "master_port", "sets_dir", *(f.name for f in dataclasses.fields(EvalConfig))})

@@ -209,8 +209,10 @@ def train(cfg: Config) -> dict[str, Any]:
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = schedules.make_optimizer(model, cfg, len(loader))  # default: the reference's
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
-        state = (resume_training(run.last_checkpoint(), model, optimizer, scheduler, scaler)
+        state = (resume_training(run.last_checkpoint(), model, optimizer, scheduler, scaler, speakers)
                  if cfg.train.resume else None)
+        if state is not None:
+            run.resumed(state)
         if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule
             for note in init_from_checkpoint(cfg.train.init_from, model):
                 run.log(0, note)

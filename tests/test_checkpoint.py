@@ -2,6 +2,7 @@
 state_dicts are inferred, resume restores the RNGs, and nothing that could run code loads."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -18,7 +19,7 @@ from rawnet_lib.models.checkpoint import (CheckpointError, average_checkpoints, 
                                           load_checkpoint_model, model_checkpoint, read_checkpoint, resume_training,
                                           save_checkpoint, training_checkpoint)
 from rawnet_lib.models.rawnet2 import build_model
-from rawnet_lib.training.run import epoch_models, resolve_checkpoint, run_checkpoint
+from rawnet_lib.training.run import RunDir, epoch_models, resolve_checkpoint, run_checkpoint
 from rawnet_lib.training.schedules import make_optimizer
 
 
@@ -149,8 +150,63 @@ def test_a_damaged_last_checkpoint_names_the_way_back(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     path.write_bytes(b"PK half a checkpoint")
     _, model, optimizer, scheduler, scaler = _training_objects(0)
-    with pytest.raises(CheckpointError, match=r"last.pt is not a readable .*remove it to resume from the epoch before"):
+    with pytest.raises(CheckpointError, match=r"last.pt is not a readable .*copy models/best_opt_eval.pt .* over it "
+                                              r"to resume from that epoch"):
         resume_training(path, model, optimizer, scheduler, scaler)
+
+
+def test_a_resume_names_other_speakers_and_starts_fp16_with_a_fresh_scale(tmp_path: Path) -> None:
+    cfg, model, optimizer, scheduler, scaler = _training_objects(0)  # trained without fp16: no scaler state
+    path = tmp_path / "last.pt"
+    save_checkpoint(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 1, 0.25), optimizer, scheduler,
+                                        scaler, [{"epoch": 1, "val_eer": 0.25}]), path)
+    _, fresh, fresh_opt, fresh_sched, _ = _training_objects(1)
+    with pytest.raises(CheckpointError, match=r"last.pt trained on 3 speakers, the training data now gives 3 "
+                                              r"\(b -> x\); resume with the data it trained on"):
+        resume_training(path, fresh, fresh_opt, fresh_sched, scaler, ["a", "x", "c"])
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    assert resume_training(path, fresh, fresh_opt, fresh_sched, fp16, ["a", "b", "c"])["epoch"] == 1
+    assert fp16.get_scale() == torch.amp.GradScaler("cpu", enabled=True).get_scale()
+    save_checkpoint({"model": model.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"last.pt holds no optimizer, scheduler, .*: it is not a training "
+                                              r"checkpoint"):
+        resume_training(path, fresh, fresh_opt, fresh_sched, scaler)
+
+
+def test_a_run_killed_after_last_pt_resumes_with_that_epoch_s_best_model_and_history(tmp_path: Path) -> None:
+    """last.pt is where an epoch counts; the best model and the history are written after it."""
+    cfg, model, optimizer, scheduler, scaler = _training_objects(0)
+    (tmp_path / "models").mkdir()
+    history = [{"epoch": 1, "val_eer": 0.3}, {"epoch": 2, "val_eer": 0.2}]
+    save_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 1, 0.3), tmp_path / "models" / "best_opt_eval.pt")
+    (tmp_path / "history.json").write_text(json.dumps(history[:1]))
+    run = RunDir(tmp_path, cfg, False, None)
+    run.resumed(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 2, 0.2), optimizer, scheduler,
+                                    scaler, history))
+    assert read_checkpoint(tmp_path / "models" / "best_opt_eval.pt")["epoch"] == 2
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert (tmp_path / "eers.txt").read_text().splitlines()[-1] == "epoch:2, TA_eval_eer:0.2000"
+    stamp = (tmp_path / "models" / "best_opt_eval.pt").stat().st_mtime_ns
+    run.resumed(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 3, 0.4), optimizer, scheduler,
+                                    scaler, [*history, {"epoch": 3, "val_eer": 0.4}]))  # not the best: left alone
+    assert (tmp_path / "models" / "best_opt_eval.pt").stat().st_mtime_ns == stamp
+
+
+def test_the_last_and_averaged_models_are_of_the_epochs_the_run_finished(tmp_path: Path) -> None:
+    """A TA file of an epoch the run never finished is not counted; a missing one is named; without
+    per-epoch files the last model is last.pt."""
+    cfg, speakers, models = load_config("smoke"), ["a", "b", "c"], tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    _epoch_models(models, range(1, 6), cfg, speakers)
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"epochs": 4}))  # TA_5: an attempt it never finished
+    assert run_checkpoint(tmp_path / "run", "last").name == "TA_4_0.4000.pt"
+    assert read_checkpoint(run_checkpoint(tmp_path / "run", "avg_last2"))["averaged"] == ["TA_3_0.3000.pt",
+                                                                                           "TA_4_0.4000.pt"]
+    (models / "TA_3_0.3000.pt").unlink()
+    with pytest.raises(WorkbookError, match=r"avg_last3 averages epochs 2-4, but models/ holds no .* epoch\(s\) 3 "):
+        run_checkpoint(tmp_path / "run", "avg_last3")
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"epochs": 7}))  # epochs 6-7 kept no TA file
+    assert run_checkpoint(tmp_path / "run", "last") == models / "last.pt"
 
 
 def test_checkpoints_written_with_numpy_rng_state_still_load(tmp_path: Path) -> None:
@@ -212,7 +268,8 @@ def test_the_last_epochs_average_is_their_mean_and_follows_the_run(tmp_path: Pat
     os.utime(models / "TA_12_0.9000.pt", ns=(time.time_ns() + 10**9,) * 2)
     assert [p.name for p in epoch_models(tmp_path / "run")][-2:] == ["TA_11_1.1000.pt", "TA_12_0.9000.pt"]
     assert read_checkpoint(run_checkpoint(tmp_path / "run", "avg_last3"))["averaged"][-1] == "TA_12_0.9000.pt"
-    with pytest.raises(WorkbookError, match=r"avg_last9 needs the models of 9 epochs, models/ holds 5"):
+    with pytest.raises(WorkbookError, match=r"avg_last9 averages epochs 4-12, but models/ holds no TA_<epoch>_<eer>.pt "
+                                            r"of epoch\(s\) 4, 5, 6, 7 \(written with train.save_every_epoch: true\)"):
         run_checkpoint(tmp_path / "run", "avg_last9")
     with pytest.raises(ConfigError, match=r"unknown checkpoint choice 'avg_last1'; valid: best, last or avg_last<N>"):
         run_checkpoint(tmp_path / "run", "avg_last1")

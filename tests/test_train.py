@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import rawnet_lib.train as train_module
 from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.dataset.trials import TrialList, read_trials
 from rawnet_lib.dist import RankInfo
@@ -18,7 +20,7 @@ from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch, launch_command
-from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, check_run_dir, run_path
+from rawnet_lib.training.run import NullRunDir, RunDir, RunExistsError, check_run_dir, run_path, run_state
 from rawnet_lib.training.schedules import make_optimizer
 
 
@@ -55,12 +57,21 @@ def test_single_process_run_writes_the_seed_layout(smoke_run: Path) -> None:
     assert all(h["crops_per_s"] > 0 and 0 <= h["val_eer"] <= 1 for h in history)
 
 
-def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
+def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted after epoch 1 and resumed == the uninterrupted 2-epoch smoke run."""
     cfg = dict(data_path=str(tiny_db), out_dir=str(tmp_path), name="fixture")
     train(load_config("smoke", epochs=1, **cfg))
-    train(load_config("smoke", epochs=2, resume=True, **cfg))
     resumed = run_path(load_config("smoke", **cfg))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:  # a finished run extended, then killed in its new epoch: not finished
+        patch.setattr(train_module, "train_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config("smoke", epochs=2, resume=True, **cfg))
+    assert run_state(resumed) == "started"
+    train(load_config("smoke", epochs=2, resume=True, **cfg))
     reference = _weights(smoke_run)
     for key, value in _weights(resumed).items():
         assert torch.equal(value, reference[key]), key
@@ -125,6 +136,8 @@ def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
         check_run_dir(load_config("smoke", lr_decay="cosine", seed=7, head="aam", data_path="/data/a", **again))
     fix = re.search(r"`--config (\S+) --out_dir (\S+) --resume true`", str(refused.value))
     assert check_run_dir(load_config(fix[1], out_dir=fix[2], resume=True)) == run  # the fix the message gives
+    shutil.copytree(run, run.parent / "copy")  # the folder is the run: a copy resumes as itself
+    assert check_run_dir(load_config(fix[1], out_dir=fix[2], name="copy", resume=True)) == run.parent / "copy"
     with pytest.raises(RunExistsError, match=r"data_path: '/data/a' -> ''"):  # the built-in corpus instead
         check_run_dir(load_config("smoke", **again))
     assert check_run_dir(load_config("smoke", epochs=5, num_workers=2, amp="bf16", data_path="/data/b", eval_hop=99,

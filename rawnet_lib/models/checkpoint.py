@@ -125,16 +125,29 @@ def read_checkpoint(path: str | Path, fix: str = _HELP) -> Any:
 
 
 def resume_training(path: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    scaler: Any) -> dict[str, Any] | None:
-    """Restore a training checkpoint (`last.pt`) into these objects and the RNGs; None without one."""
+                    scaler: Any, speakers: list[str] | None = None) -> dict[str, Any] | None:
+    """Restore a training checkpoint (`last.pt`) into these objects and the RNGs; None without one.
+    `speakers`: the classes the data gives now, which must be those the run trained."""
     if path is None:
         return None
-    state = read_checkpoint(path, fix="it was not written by a finished epoch: remove it to resume from "
-                                      "the epoch before, or set overwrite: true")
+    back = ("copy models/best_opt_eval.pt (a training checkpoint of the best epoch) over it to resume from that "
+            "epoch, or set overwrite: true to start the run again")
+    state = read_checkpoint(path, fix=f"it was not written by a finished epoch: {back}")
+    missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "history", "epoch") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} holds no {', '.join(missing)}: it is not a training checkpoint as models/last.pt "
+                              f"is written; {back}")
+    if speakers is not None and state.get("speakers", speakers) != speakers:
+        before = state["speakers"]
+        first = next((f"{a} -> {b}" for a, b in zip(before, speakers) if a != b), "the same first ones")
+        raise CheckpointError(f"{path} trained on {len(before)} speakers, the training data now gives {len(speakers)} "
+                              f"({first}); resume with the data it trained on (data_path), or give the new data a "
+                              "run of its own (another name)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when the run trained without fp16: a resume in fp16 starts a fresh scale
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return state
 

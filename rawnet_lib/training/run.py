@@ -213,16 +213,14 @@ class RunDir:
     def end_epoch(self, epoch: int, stats: dict[str, float], history: list[dict], model: torch.nn.Module,
                   optimizer, scheduler, scaler, speakers: list[str], best: bool) -> None:
         eer = stats["val_eer"]
-        eers = "".join(f"epoch:{h['epoch']}, TA_eval_eer:{h['val_eer']:.4f}\n" for h in history)
-        atomic_write_text(self.path / "eers.txt", eers)
-        atomic_write_text(self.path / "history.json", json.dumps(history, indent=1))
         weights = model_checkpoint(model, self.cfg, speakers, epoch, eer)
         if self.cfg.train.save_every_epoch:
             save_checkpoint(weights, self.path / "models" / f"TA_{epoch}_{eer:.4f}.pt")
         full = training_checkpoint(weights, optimizer, scheduler, scaler, history)
+        save_checkpoint(full, self.path / "models" / "last.pt")  # the epoch counts from here on (`resumed`)
         if best:
             save_checkpoint(full, self.path / "models" / "best_opt_eval.pt")
-        save_checkpoint(full, self.path / "models" / "last.pt")  # last: a crash never leaves it half-written
+        self._write_history(history)
         line = (f"epoch {epoch}: loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} val EER {100 * eer:.2f} % "
                 f"{stats['crops_per_s']:.1f} crops/s ({stats['crops_per_s_per_device']:.1f}/device, "
                 f"{stats['audio_seconds_per_s']:.0f} audio s/s) "
@@ -237,6 +235,22 @@ class RunDir:
             emit("epoch", **stats, best=best)
         else:
             print(line, flush=True)
+
+    def _write_history(self, history: list[dict]) -> None:
+        eers = "".join(f"epoch:{h['epoch']}, TA_eval_eer:{h['val_eer']:.4f}\n" for h in history)
+        atomic_write_text(self.path / "eers.txt", eers)
+        atomic_write_text(self.path / "history.json", json.dumps(history, indent=1))
+
+    def resumed(self, state: dict[str, Any]) -> None:
+        """Bring what an epoch writes after last.pt up to it: a run killed between last.pt and the
+        best model or the history resumes with the files of the epoch last.pt holds."""
+        history = state["history"]
+        valid = [h for h in history if np.isfinite(h["val_eer"])]
+        best = self.path / "models" / "best_opt_eval.pt"
+        if valid and min(valid, key=lambda h: h["val_eer"])["epoch"] == state["epoch"] and (
+                not best.is_file() or read_checkpoint(best).get("epoch") != state["epoch"]):
+            save_checkpoint(state, best)
+        self._write_history(history)
 
     def summary(self, history: list[dict]) -> dict[str, Any]:
         valid = [h for h in history if np.isfinite(h["val_eer"])]
@@ -285,6 +299,9 @@ class NullRunDir(RunDir):
         return float("nan")  # rank 0 scores; train broadcasts its EER
 
     def end_epoch(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def resumed(self, state: dict[str, Any]) -> None:
         pass
 
     def summary(self, history: list[dict]) -> dict[str, Any]:
@@ -336,8 +353,11 @@ def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | No
         shutil.rmtree(path)
     for sub in ("models", "results", "log", "prof"):
         (path / sub).mkdir(parents=True, exist_ok=True)
-    for stale in path.rglob(".*.tmp"):  # a write a killed run never finished: never read
-        stale.unlink()
+    for folder in (path, path / "models", path / "results"):  # not eval/: an evaluation may be writing there
+        for stale in folder.glob(".*.tmp"):  # a write a killed run never finished: never read
+            stale.unlink()
+    if cfg.train.resume:  # training again (more epochs, or the last ones): finished when it says so again
+        (path / "summary.json").unlink(missing_ok=True)
     atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_f_params(cfg, path / "f_params.txt")
     if trials is not None:
@@ -388,13 +408,18 @@ def check_checkpoint_choice(which: str) -> int:
 def epoch_models(run: str | Path) -> list[Path]:
     """The run's models/TA_<epoch>_<eer>.pt in epoch order, one per epoch: a run killed between an
     epoch's model and its last.pt trains that epoch again on resume, and the newer file counts."""
+    newest = _epoch_files(Path(run))
+    return [newest[e] for e in sorted(newest)]
+
+
+def _epoch_files(run: Path) -> dict[int, Path]:
     newest: dict[int, Path] = {}
-    for path in (Path(run) / "models").glob("TA_*_*.pt"):
+    for path in (run / "models").glob("TA_*_*.pt"):
         found = re.fullmatch(r"TA_(\d+)_.*\.pt", path.name)
         epoch = int(found[1]) if found else None
         if epoch is not None and (epoch not in newest or path.stat().st_mtime_ns > newest[epoch].stat().st_mtime_ns):
             newest[epoch] = path
-    return [newest[e] for e in sorted(newest)]
+    return newest
 
 
 def run_state(folder: Path) -> str:
@@ -417,14 +442,22 @@ def run_checkpoint(run: str | Path, which: str = "best", make: bool = True) -> P
     if run_state(run) != "finished":
         raise RunNotFoundError(f"{run}: checkpoint {which} needs a finished run (no summary.json yet: training is "
                                "running or was interrupted); finish it (resume: true) or choose best")
-    epochs = epoch_models(run)
-    if len(epochs) < n:
-        raise RunNotFoundError(f"{run}: checkpoint {which} needs the models of {n} epochs, models/ holds "
-                               f"{len(epochs)} (TA_<epoch>_<eer>.pt, written with train.save_every_epoch: true); "
+    files = _epoch_files(run)
+    try:  # the epochs the run finished: a TA file of a later one is from an attempt it never finished
+        last = int(json.loads((run / "summary.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        last = max(files, default=0)
+    if n > last:
+        raise RunNotFoundError(f"{run}: checkpoint {which} needs the models of {n} epochs, the run trained {last}; "
                                "choose fewer epochs or best")
-    if n == 1:
-        return epochs[-1]
-    path, sources = run / "models" / f"{which}.pt", epochs[-n:]
+    missing = [e for e in range(last - n + 1, last + 1) if e not in files]
+    if n == 1:  # with save_every_epoch: false the last epoch's model is only in last.pt
+        return run / "models" / "last.pt" if missing else files[last]
+    if missing:
+        raise RunNotFoundError(f"{run}: checkpoint {which} averages epochs {last - n + 1}-{last}, but models/ holds no "
+                               f"TA_<epoch>_<eer>.pt of epoch(s) {', '.join(map(str, missing))} (written with "
+                               "train.save_every_epoch: true); choose fewer epochs or best")
+    path, sources = run / "models" / f"{which}.pt", [files[e] for e in range(last - n + 1, last + 1)]
     if make and (not path.is_file() or read_checkpoint(path).get("averaged") != [p.name for p in sources]):
         save_checkpoint(average_checkpoints(sources), path)
     return path

@@ -72,6 +72,8 @@ def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_p
             train(load_config("smoke", epochs=2, resume=True, **cfg))
     assert run_state(resumed) == "started"
     train(load_config("smoke", epochs=2, resume=True, **cfg))
+    sessions = json.loads((resumed / "run.json").read_text())
+    assert len(sessions["earlier"]) == 2 and sessions["earlier"][0]["git_commit"] == sessions["git_commit"]
     reference = _weights(smoke_run)
     for key, value in _weights(resumed).items():
         assert torch.equal(value, reference[key]), key

@@ -168,7 +168,13 @@ class RunDir:
         info = {"command": sys.argv, "python": sys.version.split()[0], "torch": torch.__version__,
                 "host": platform.node(), "git_commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **facts}
-        atomic_write_text(self.path / "run.json", json.dumps(info, indent=1))
+        path = self.path / "run.json"
+        try:  # a resume keeps where and with what the run trained before it
+            before = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            before = {}
+        earlier = [*before.pop("earlier", []), before] if before else []
+        atomic_write_text(path, json.dumps({**info, "earlier": earlier}, indent=1))
         from torch.utils.tensorboard import SummaryWriter  # here: importing run.py stays light
         self._board = SummaryWriter(str(self.path / "tensorboard"), flush_secs=10)
         message = (f"run {self.path}: {facts['speakers']} speakers, {facts['utterances']} utterances, "

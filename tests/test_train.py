@@ -59,13 +59,20 @@ def test_single_process_run_writes_the_seed_layout(smoke_run: Path) -> None:
 
 def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Interrupted after epoch 1 and resumed == the uninterrupted 2-epoch smoke run."""
+    """Interrupted after epoch 1 and resumed == the uninterrupted 2-epoch smoke run; a kill in the first
+    epoch or in the epochs that extend a finished run leaves a run that resume: true continues."""
     cfg = dict(data_path=str(tiny_db), out_dir=str(tmp_path), name="fixture")
     train(load_config("smoke", epochs=1, **cfg))
     resumed = run_path(load_config("smoke", **cfg))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
+    with monkeypatch.context() as patch:  # killed in its first epoch: resume: true starts it from the beginning
+        patch.setattr(train_module, "train_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config("smoke", epochs=1, **{**cfg, "name": "first"}))
+    assert run_state(run_path(load_config("smoke", **{**cfg, "name": "first"}))) == "new"
+    assert train(load_config("smoke", epochs=1, resume=True, **{**cfg, "name": "first"}))["epochs"] == 1
     with monkeypatch.context() as patch:  # a finished run extended, then killed in its new epoch: not finished
         patch.setattr(train_module, "train_epoch", killed)
         with pytest.raises(KeyboardInterrupt):

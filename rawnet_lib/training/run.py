@@ -91,9 +91,10 @@ def check_run_dir(cfg: Config) -> Path:
     if started and not (cfg.train.resume or cfg.train.overwrite):
         raise RunExistsError(f"{path} holds an earlier run; set resume: true to continue it, "
                              "overwrite: true to replace it, or choose another name")
-    if cfg.train.resume and not (path / "models" / "last.pt").exists() and started:
-        raise RunExistsError(f"resume: true, but {path} has no models/last.pt to resume from; "
-                             "set overwrite: true to start it again")
+    # a run killed in its first epoch (config.yaml, no last.pt) resumes from the start; anything else is not a run
+    if cfg.train.resume and started and not any((path / f).exists() for f in ("models/last.pt", "config.yaml")):
+        raise RunExistsError(f"resume: true, but {path} holds no run to resume (no config.yaml, no models/last.pt); "
+                             "set overwrite: true to replace what it holds, or choose another name")
     # The folder names the processes in all (train_<N>P): with another number a resume would start afresh.
     others = [p for p in path.parents[2].glob(f"train_*P/DNNS/{path.name}")
               if (p / "models" / "last.pt").is_file()] if cfg.train.resume and not started else []

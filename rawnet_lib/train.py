@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from rawnet_lib import dist
 from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
-from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
+from rawnet_lib.dataset.augment import Augmenter, builtin_babble
 from rawnet_lib.dataset.check import DatasetError
 from rawnet_lib.dataset.loader import batch_keys, training_loader
 from rawnet_lib.dataset.trials import read_trials
@@ -189,7 +189,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if utts.bad and cfg.data.on_bad_audio == "stop":
             raise DatasetError(utts.bad_summary())  # before the run folder exists: fix the data, run again
         augment = dist.main_first(rank, lambda: Augmenter.from_config(  # rank 0 makes the built-in sets once
-            cfg.augment, builtin_babble_dir(data_path, cfg.data.val_from), cfg.model.sample_rate))
+            cfg.augment, builtin_babble(utts, cfg.train.seed), cfg.model.sample_rate))
         dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate,
                               skip_bad=cfg.data.on_bad_audio == "skip", speed_perturb=cfg.data.speed_perturb,
                               augment=augment)

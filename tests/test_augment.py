@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import rawnet_lib.dataset.augment as augment_mod
 from rawnet_lib.config import AugmentConfig
-from rawnet_lib.dataset.augment import Augmenter, AugmentError, ensure_builtin_sets, find_noises, find_rirs
+from rawnet_lib.dataset.augment import (Augmenter, AugmentError, builtin_babble, ensure_builtin_sets, find_noises,
+                                        find_rirs)
 from rawnet_lib.dataset.utterances import CropDataset, perturbed_speakers, scan_utterances, speed_crop
 
 SR = 16000
@@ -51,17 +53,27 @@ def test_layouts_are_found(sets):
     assert [p.name for p in find_rirs(rirs)] == ["Room001-00001.wav"]
 
 
-def test_measured_snr_is_inside_each_kinds_range(sets):
+def test_measured_snr_is_inside_each_kinds_range(sets, monkeypatch):
+    """Noise and music at an SNR of their kind's range; babble's talkers each at one of its range, summed."""
     aug = _augmenter(sets, noise_prob=1.0, rir_prob=0.5)
     x = np.sin(2 * np.pi * 200 * np.arange(8000) / SR).astype(np.float32)
+    parts, real = [], augment_mod.add_noise
+    monkeypatch.setattr(augment_mod, "add_noise", lambda x, noise, snr: parts.append(real(x, noise, snr)) or parts[-1])
+
+    def snr_of(noise: np.ndarray, speech: np.ndarray) -> float:
+        return float(10 * np.log10(np.mean(speech.astype(float) ** 2) / np.mean(noise.astype(float) ** 2)))
     seen = set()
+    # float32 signals: a measured power ratio is exact to a few float32 eps, i.e. ~1e-5 dB
+    tol = float(10 * np.log10(1 + 64 * np.finfo(np.float32).eps))
     for i in range(60):
+        parts.clear()
         m = aug.mix(x, np.random.default_rng([7, 1, i]))
-        measured = 10 * np.log10(np.mean(m.speech.astype(float) ** 2) / np.mean(m.noise.astype(float) ** 2))
         low, high = aug.snr[m.kind]
-        # float32 signals: the measured power ratio is exact to a few float32 eps, i.e. ~1e-5 dB
-        tol = float(10 * np.log10(1 + 64 * np.finfo(np.float32).eps))
-        assert low - tol <= measured <= high + tol and measured == pytest.approx(m.snr_db, abs=tol)
+        assert snr_of(m.noise, m.speech) == pytest.approx(m.snr_db, abs=tol)
+        talkers = [snr_of(part, m.speech) for part in parts]
+        assert all(low - tol <= t <= high + tol for t in talkers), (m.kind, talkers)
+        low_k, high_k = aug.cfg.babble_files if m.kind == "speech" else (1, 1)
+        assert low_k <= len(talkers) <= min(high_k, len(aug.noises[m.kind]))
         seen.add(m.kind)
     assert seen == {"noise", "music", "speech"}
 
@@ -132,6 +144,31 @@ def test_folders_without_audio_are_refused(tmp_path):
     assert Augmenter.from_config(AugmentConfig(enabled=False)) is None
 
 
+def test_a_noise_or_rir_file_it_cannot_use_stops_before_training(sets):
+    musan, rirs = sets
+    slow = musan / "noise" / "free-sound" / "slow.wav"
+    sf.write(str(slow), np.zeros(800, np.float32), 8000)
+    with pytest.raises(AugmentError, match=r"slow\.wav: sample rate 8000 Hz, expected 16000; resample it to 16000 Hz "
+                                           r"\(sox in\.wav -r 16000 out\.wav\) .* from the noise set \(noise/\)"):
+        _augmenter(sets)
+    slow.unlink()
+    empty = rirs / "simulated_rirs" / "smallroom" / "Room002" / "Room002-00001.wav"
+    empty.parent.mkdir(parents=True)
+    empty.write_bytes(b"")
+    with pytest.raises(AugmentError, match=r"Room002-00001\.wav: empty file .* remove it from the RIR set"):
+        _augmenter(sets)
+
+
+def test_silent_noise_or_rir_adds_nothing_and_says_so(tmp_path):
+    silent = _wav(tmp_path / "musan" / "noise" / "quiet" / "zeros.wav", np.zeros(SR))
+    _wav(tmp_path / "rirs" / "zero.wav", np.zeros(100))
+    cfg = AugmentConfig(enabled=True, noise_dir=str(silent.parents[2]), rir_dir=str(tmp_path / "rirs"),
+                        noise_prob=1.0, rir_prob=1.0)
+    x = np.sin(2 * np.pi * 200 * np.arange(4000) / SR).astype(np.float32)
+    m = Augmenter.from_config(cfg).mix(x, np.random.default_rng(0))
+    assert m.kind == "" and np.isnan(m.snr_db) and not m.noise.any() and np.array_equal(m.speech, x)
+
+
 def test_builtin_sets_are_made_once(tmp_path):
     noise, rirs = ensure_builtin_sets(tmp_path / "sets")
     kinds = find_noises(noise)
@@ -140,6 +177,9 @@ def test_builtin_sets_are_made_once(tmp_path):
     assert len(files) == 24 and {p.parent.parent.name for p in files} == {"smallroom", "mediumroom", "largeroom"}
     stamp = files[0].stat().st_mtime_ns
     assert ensure_builtin_sets(tmp_path / "sets") == (noise, rirs) and files[0].stat().st_mtime_ns == stamp
-    speech = _tree(tmp_path / "dev_wav")
-    aug = Augmenter.from_config(AugmentConfig(enabled=True, sets_dir=str(tmp_path / "sets")), babble_dir=speech)
-    assert sorted(aug.noises) == ["music", "noise", "speech"] and len(aug.noises["speech"]) == 6
+    utts = scan_utterances(_tree(tmp_path / "wav"), progress=False)
+    babble = builtin_babble(utts, seed=1, n=4)  # training speech, a fixed sample per seed
+    assert babble == builtin_babble(utts, seed=1, n=4) and len(set(babble)) == 4
+    assert {p.relative_to(utts.root).as_posix() for p in babble} <= set(utts.keys)
+    aug = Augmenter.from_config(AugmentConfig(enabled=True, sets_dir=str(tmp_path / "sets")), babble=babble)
+    assert sorted(aug.noises) == ["music", "noise", "speech"] and aug.noises["speech"] == babble

@@ -72,9 +72,24 @@ def test_margin_schedule_is_a_linear_warm_up():
     cfg = LossConfig(head="aam", margin=0.2, margin_schedule=[2, 4])
     assert [margin_at(cfg, e) for e in (1, 2, 3, 4, 10)] == pytest.approx([0, 0, 0.1, 0.2, 0.2])
     assert margin_at(LossConfig(margin=0.3), 1) == 0.3
+    step = LossConfig(head="aam", margin=0.2, margin_schedule=[3, 3])  # no ramp: the full margin from epoch 3
+    assert [margin_at(step, e) for e in (1, 2, 3, 4)] == [0, 0, 0.2, 0.2]
     # margin 0 at the first epoch: aam is then plain scaled-cosine cross-entropy
     first = _loss("aam", margin=0.2, scale=30, margin_schedule=[1, 3])
     assert first == pytest.approx(math.log(1 + math.exp(30 * (0.6 - 0.8))), rel=REL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cosine_of_exactly_one_keeps_the_aam_gradient_finite(dtype):
+    """bf16 rounds a cosine near 1 to exactly 1 (2.5 degrees is enough at scale 30), where the
+    margin's sine has no derivative: the head computes in float32 and the sine stays off 0."""
+    cfg = LossConfig(head="aam", margin=0.2, scale=30)
+    fc = _fc()
+    code = torch.tensor([[0.0, 1.0], [math.sin(math.radians(2.5)), math.cos(math.radians(2.5))]], requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = build_loss(cfg)(head_logits(code, fc, cfg), torch.tensor([1, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(code.grad).all() and torch.isfinite(fc.weight.grad).all()
 
 
 def test_margin_heads_keep_the_state_dict_names():

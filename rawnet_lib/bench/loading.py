@@ -21,7 +21,7 @@ def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, worker
     With `augment`, also the loader of the preset with `augment.enabled` (reverb + noise, the
     built-in sets unless the preset names folders), so a user sees whether augmentation would
     make the loader the bottleneck of the step."""
-    from rawnet_lib.dataset.augment import Augmenter, builtin_babble_dir
+    from rawnet_lib.dataset.augment import Augmenter, builtin_babble
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     cfg = load_config(preset)
     root = Path(data_path) if data_path else resolve_data_path(cfg.data)
@@ -29,7 +29,7 @@ def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, worker
     kinds = {"plain": None}
     if augment:
         cfg.augment.enabled = True
-        kinds["augment"] = Augmenter.from_config(cfg.augment, builtin_babble_dir(root, cfg.data.val_from),
+        kinds["augment"] = Augmenter.from_config(cfg.augment, builtin_babble(utts, cfg.train.seed),
                                                  cfg.model.sample_rate)
     out = []
     for kind, augmenter in kinds.items():

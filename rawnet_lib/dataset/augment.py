@@ -9,16 +9,20 @@ Without folders, built-in sets are made once under `sets_dir` (`ensure_builtin_s
 coloured noise (white, pink, brown, blue) and synthetic tone music, written by this module
 (ours, no third-party audio, same licence as the workbook), and 24 impulse responses of 12
 shoebox rooms (three sizes, RT60 0.2-0.9 s) simulated with pyroomacoustics' image method (MIT
-licence, EPFL-LCAV). Babble then comes from held-out speech of the data set: the `val_from` folder
-(VoxCeleb1/dev_wav), never training speakers nor the test lists' speakers. On the demo corpus
-that speech is synthesised by espeak-ng (GPL-3.0) with MBROLA voices (each voice's own licence,
-mostly non-commercial research use); on VoxCeleb it is VoxCeleb1 dev (CC BY 4.0).
+licence, EPFL-LCAV). Babble then comes from the training speech itself (`builtin_babble`: a fixed
+sample of training utterances per seed), never from VoxCeleb1: its dev part is the validation
+data here, and Vox1-E and Vox1-H draw their trials from all of it, so babble from it would play
+validation and test speakers into training. A crop's own speaker may be one of the talkers (about
+one chance in the number of training speakers per talker); the label stays right. On the demo
+corpus that speech is synthesised by espeak-ng (GPL-3.0) with MBROLA voices (each voice's own
+licence, mostly non-commercial research use); on VoxCeleb it is VoxCeleb2 dev (CC BY 4.0).
 
 Each crop's draws come from its own generator, seeded by (seed, epoch, index) in
 `data.CropDataset`, so augmented runs are reproducible and resume bit-identically with any
 number of loader workers. Order per crop: reverb (p = rir_prob), then one noise kind chosen
-uniformly among those present (p = noise_prob) at an SNR drawn from that kind's range, then
-peak normalisation as every training crop.
+uniformly among those present (p = noise_prob) at an SNR drawn from that kind's range (for
+babble, each talker at its own SNR from the range, summed, as voxceleb_trainer and
+RawNet2-modified do), then peak normalisation as every training crop.
 """
 from __future__ import annotations
 
@@ -27,20 +31,23 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
 from rawnet_lib.config import REPO_DIR, AugmentConfig
-from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, tile
+from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, probe, tile
+from rawnet_lib.dataset.utterances import UtteranceList
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["AugmentError", "KINDS", "Mixture", "Augmenter", "find_noises", "find_rirs", "ensure_builtin_sets",
-           "builtin_babble_dir", "add_noise", "reverberate"]
+           "builtin_babble", "add_noise", "reverberate"]
 
 KINDS = ("noise", "music", "speech")
 BUILTIN_VERSION = "v1"
+BABBLE_FILES = 2000  # training utterances in the built-in babble's pool (MUSAN's speech/ has 426 files)
 
 
 class AugmentError(WorkbookError, ValueError):
@@ -80,8 +87,12 @@ def add_noise(x: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
 
 
 def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
-    """x convolved with a unit-energy RIR, aligned on the direct path so the crop stays in place."""
-    rir = rir / (np.sqrt(np.sum(rir * rir)) + 1e-12)
+    """x convolved with a unit-energy RIR, aligned on the direct path so the crop stays in place
+    (a silent RIR leaves x as it is)."""
+    energy = float(np.sum(rir * rir))
+    if energy <= 0:
+        return x
+    rir = rir / np.sqrt(energy)
     peak = int(np.argmax(np.abs(rir)))
     return fftconvolve(x, rir)[peak:peak + len(x)].astype(x.dtype)
 
@@ -125,20 +136,21 @@ class Augmenter:
         self.snr = {"noise": cfg.snr_noise, "music": cfg.snr_music, "speech": cfg.snr_babble}
 
     @classmethod
-    def from_config(cls, cfg: AugmentConfig, babble_dir: Path | None = None,
+    def from_config(cls, cfg: AugmentConfig, babble: Sequence[Path] = (),
                     sample_rate: int = SAMPLE_RATE) -> "Augmenter | None":
         """The augmenter of a config (None when disabled); builds the built-in sets on first use.
-        Raises AugmentError for a folder without audio, before anything trains."""
+        `babble`: the speech files of the built-in babble (`builtin_babble`), used without a noise_dir.
+        Raises AugmentError for a folder without audio or a file it cannot use, before anything trains."""
         if not cfg.enabled:
             return None
         builtin_noise, builtin_rir = (ensure_builtin_sets(cfg.sets_dir)
                                       if not (cfg.noise_dir and cfg.rir_dir) else (None, None))
-        noises = find_noises(cfg.noise_dir or builtin_noise)
-        if not cfg.noise_dir and babble_dir is not None:
-            speech = sorted(babble_dir.glob("*/*/*.wav"))
-            if speech:
-                noises["speech"] = speech
-        return cls(cfg, noises, find_rirs(cfg.rir_dir or builtin_rir), sample_rate)
+        noises, rirs = find_noises(cfg.noise_dir or builtin_noise), find_rirs(cfg.rir_dir or builtin_rir)
+        for files, what in [*((f, f"noise set ({kind}/)") for kind, f in noises.items()), (rirs, "RIR set")]:
+            _check_files(files, what, sample_rate)
+        if not cfg.noise_dir and babble:
+            noises["speech"] = list(babble)  # training utterances: already checked by the training list
+        return cls(cfg, noises, rirs, sample_rate)
 
     def mix(self, x: np.ndarray, rng: np.random.Generator) -> Mixture:
         cfg = self.cfg
@@ -152,24 +164,40 @@ class Augmenter:
         if not use_noise:
             return Mixture(speech, np.zeros_like(x), "", float("nan"), use_rir)
         files = self.noises[kind]
-        if kind == "speech":  # babble: several talkers at equal power, the sum at the drawn SNR
+        if kind == "speech":  # babble: several talkers, each at its own SNR, summed
             k = int(rng.integers(cfg.babble_files[0], cfg.babble_files[1] + 1))
             picks = rng.choice(len(files), size=min(k, len(files)), replace=False)
-            parts = [_segment(files[i], len(x), rng, self.sample_rate) for i in picks]
-            raw = sum(p / (np.sqrt(np.mean(p * p)) + 1e-12) for p in parts)
+            snrs = [snr, *rng.uniform(*self.snr[kind], size=len(picks) - 1)]
+            noise = sum(add_noise(speech, _segment(files[i], len(x), rng, self.sample_rate), talker)
+                        for i, talker in zip(picks, snrs))
         else:
-            raw = _segment(files[int(rng.integers(len(files)))], len(x), rng, self.sample_rate)
-        return Mixture(speech, add_noise(speech, raw, snr).astype(x.dtype), kind, snr, use_rir)
+            noise = add_noise(speech, _segment(files[int(rng.integers(len(files)))], len(x), rng, self.sample_rate),
+                              snr)
+        p_speech, p_noise = float(np.mean(speech * speech)), float(np.mean(noise * noise))
+        if p_noise <= 0:  # a silent noise segment (or silent speech): nothing was added
+            return Mixture(speech, np.zeros_like(x), "", float("nan"), use_rir)
+        return Mixture(speech, noise.astype(x.dtype), kind, 10 * np.log10(p_speech / p_noise), use_rir)
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         m = self.mix(x, rng)
         return peak_normalise(m.speech + m.noise).astype(np.float32)
 
 
-def builtin_babble_dir(data_path: Path, val_from: str) -> Path | None:
-    """Held-out speech for the built-in babble: the data set's val_from folder, when it exists."""
-    folder = data_path / val_from
-    return folder if folder.is_dir() else None
+def builtin_babble(utts: UtteranceList, seed: int, n: int = BABBLE_FILES) -> list[Path]:
+    """The built-in babble's speech: up to n training utterances drawn with the run's seed (the
+    module's docstring says why training speech)."""
+    pick = np.random.default_rng([seed, 3]).choice(len(utts), size=min(n, len(utts)), replace=False)
+    return [utts.root / utts.keys[i] for i in np.sort(pick)]
+
+
+def _check_files(files: list[Path], what: str, sample_rate: int) -> None:
+    """Each file readable, not empty and at the training rate (its first channel is used), so a bad
+    one stops the run before training, not when a loader worker first draws it hours later."""
+    for path in files:
+        problems = [found for kind, found in probe(path, sample_rate).problems if kind != "channels"]
+        if problems:
+            raise AugmentError(f"{path}: {'; '.join(problems)}; resample it to {sample_rate} Hz (sox in.wav -r "
+                               f"{sample_rate} out.wav) if only its rate is wrong, else remove it from the {what}")
 
 
 # -- the built-in sets -------------------------------------------------------------------------
@@ -185,7 +213,8 @@ def ensure_builtin_sets(sets_dir: str | Path, seed: int = 0) -> tuple[Path, Path
             "noise": "coloured noise (white, pink, brown, blue) and tone music, "
                      "synthesised by rawnet_lib.dataset.augment",
             "rirs": f"{rooms} shoebox rooms, pyroomacoustics image method (MIT licence)",
-            "babble": "held-out speech of the data set (val_from), see rawnet_lib/dataset/augment.py"}, indent=1))
+            "babble": "training speech of the run's data (builtin_babble), see rawnet_lib/dataset/augment.py"},
+            indent=1))
         try:
             tmp.rename(root)  # atomic: a concurrent maker (another rank) may have won, which is fine
         except OSError:

@@ -34,8 +34,10 @@ def head_logits(code: Tensor, fc: nn.Linear, loss: LossConfig) -> Tensor:
     """(B, n_classes) logits of embeddings `code` (B, D) under the head; softmax is the reference's maths."""
     if loss.head == "softmax":
         return fc(code / (code.norm(p=2, dim=1, keepdim=True) / EMBEDDING_NORM))
-    # fc2_gru's bias is frozen (requires_grad False) under a margin head: cosines have no bias
-    return loss.scale * F.linear(F.normalize(code, dim=1), F.normalize(fc.weight, dim=1))
+    # fc2_gru's bias is frozen (requires_grad False) under a margin head: cosines have no bias. In
+    # float32 under AMP too: bf16 rounds a cosine near 1 to exactly 1, where the margin's sine has no gradient
+    with torch.autocast(code.device.type, enabled=False):
+        return loss.scale * F.linear(F.normalize(code.float(), dim=1), F.normalize(fc.weight.float(), dim=1))
 
 
 def margin_at(loss: LossConfig, epoch: int) -> float:
@@ -45,7 +47,7 @@ def margin_at(loss: LossConfig, epoch: int) -> float:
     first, last = loss.margin_schedule
     if epoch >= last:
         return loss.margin
-    return loss.margin * max(0.0, (epoch - first) / (last - first))
+    return loss.margin * (epoch - first) / (last - first) if epoch > first else 0.0
 
 
 class MarginLoss(nn.Module):
@@ -65,7 +67,7 @@ class MarginLoss(nn.Module):
             adjusted = logits - cfg.scale * m * target
         else:
             cos = (logits / cfg.scale).clamp(-1.0, 1.0)
-            sin = (1.0 - cos * cos).clamp_min(0.0).sqrt()
+            sin = (1.0 - cos * cos).clamp_min(1e-12).sqrt()  # sqrt has no gradient at 0 (cos exactly +-1)
             shifted = cos * math.cos(m) - sin * math.sin(m)  # cos(theta + m)
             if cfg.easy_margin:
                 shifted = torch.where(cos > 0, shifted, cos)

@@ -126,8 +126,9 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
                           f"got {arms!r}")
     tags = [list_tag(str(x)) for x in lists]
     if len(set(tags)) < len(tags):  # one list twice would count each run twice in its intervals
-        raise ConfigError(f"{path}: lists name {', '.join(sorted({t for t in tags if tags.count(t) > 1}))} more than "
-                          f"once ({lists!r}); name each list once")
+        twice = ", ".join(sorted({t for t in tags if tags.count(t) > 1}))
+        raise ConfigError(f"{path}: lists {lists!r} would report {twice} twice (a list is reported by its name, a "
+                          ".txt file by its stem); name each list once, or rename one of the files")
     # relative to the repository, as a run's out_dir (notebooks run in notebooks/)
     out = REPO_DIR / Path(out).expanduser() if out else REPO_DIR / "outputs" / "sweeps" / path.stem
     which = checkpoint or spec.get("checkpoint") or "best"
@@ -153,7 +154,7 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
         if n_epochs > train_cfg.epochs:
             raise ConfigError(f"{path}: arm {name!r} trains {train_cfg.epochs} epochs, checkpoint {which} averages "
                               f"{n_epochs}; choose avg_last{train_cfg.epochs} or fewer")
-        if n_epochs and not train_cfg.save_every_epoch:
+        if n_epochs > 1 and not train_cfg.save_every_epoch:
             raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
                               f"checkpoint {which} needs; remove that override or choose checkpoint: best")
     extra = arm_configs(_finished_elsewhere(configs))
@@ -313,7 +314,7 @@ def _check_n_boot(n_boot: int) -> None:
 
 
 def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]], list[str]]:
-    rows, pooled, missing, first_scored = [], {}, [], {}
+    rows, pooled, missing, first_scored, moved = [], {}, [], {}, {}
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
             run = run_path(cfg)
@@ -322,7 +323,12 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                 missing.append(f"{arm}-seed{seed}")
                 continue
             meta = json.loads((out / "metrics.json").read_text())
-            metrics, voices = pd.DataFrame(meta["metrics"]), base_voices(meta.get("data_path", ""))
+            recorded = meta.get("data_path") or ""  # where the corpus was when the run was scored
+            if not (recorded and Path(recorded).is_dir()):  # moved since: where the arm finds it now
+                if cfg.data.data_path not in moved:
+                    moved[cfg.data.data_path] = resolve_data_path(cfg.data)
+                recorded = moved[cfg.data.data_path]
+            metrics, voices = pd.DataFrame(meta["metrics"]), base_voices(recorded)
             for tag in spec.lists:
                 tag = list_tag(tag)
                 found = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")]

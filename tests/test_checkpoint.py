@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import rawnet_lib.training.run as run_module
 from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.models.checkpoint import (CheckpointError, average_checkpoints, infer_model_config,
@@ -187,9 +188,33 @@ def test_a_run_killed_after_last_pt_resumes_with_that_epoch_s_best_model_and_his
     assert json.loads((tmp_path / "history.json").read_text()) == history
     assert (tmp_path / "eers.txt").read_text().splitlines()[-1] == "epoch:2, TA_eval_eer:0.2000"
     stamp = (tmp_path / "models" / "best_opt_eval.pt").stat().st_mtime_ns
+    (tmp_path / "summary.json").write_text("{}")  # a finished run resumed for more epochs: not finished
     run.resumed(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 3, 0.4), optimizer, scheduler,
                                     scaler, [*history, {"epoch": 3, "val_eer": 0.4}]))  # not the best: left alone
     assert (tmp_path / "models" / "best_opt_eval.pt").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "summary.json").exists()
+    # older versions wrote the best model before last.pt: a discarded epoch 4 may hold it; epoch 2's file comes back
+    save_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 4, 0.1), tmp_path / "models" / "best_opt_eval.pt")
+    save_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 2, 0.2), tmp_path / "models" / "TA_2_0.2000.pt")
+    run.resumed(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 3, 0.4), optimizer, scheduler,
+                                    scaler, [*history, {"epoch": 3, "val_eer": 0.4}]))
+    assert read_checkpoint(tmp_path / "models" / "best_opt_eval.pt")["epoch"] == 2
+
+
+def test_an_epoch_counts_from_last_pt_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order end_epoch writes in: a kill before last.pt retrains the epoch; one after it, `resumed`."""
+    cfg, model, optimizer, scheduler, scaler = _training_objects(0)
+    (tmp_path / "models").mkdir()
+    written = []
+    monkeypatch.setattr(run_module, "save_checkpoint", lambda state, path: written.append(Path(path).name))
+    monkeypatch.setattr(run_module, "atomic_write_text", lambda path, text: written.append(Path(path).name))
+    stats = {"loss": 1.0, "accuracy": 0.5, "val_eer": 0.2, "crops_per_s": 1.0, "crops_per_s_per_device": 1.0,
+             "audio_seconds_per_s": 1.0, "fps_seed": 1.0, "data_wait_share": 0.0, "loader_crops_per_s": 1.0}
+    run = RunDir(tmp_path, cfg, True, None)
+    monkeypatch.setattr(run_module, "emit", lambda *a, **k: None)
+    (tmp_path / "log").mkdir()
+    run.end_epoch(1, stats, [{"epoch": 1, **stats}], model, optimizer, scheduler, scaler, ["a", "b", "c"], best=True)
+    assert written == ["TA_1_0.2000.pt", "last.pt", "best_opt_eval.pt", "eers.txt", "history.json"]
 
 
 def test_the_last_and_averaged_models_are_of_the_epochs_the_run_finished(tmp_path: Path) -> None:

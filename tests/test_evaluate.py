@@ -235,8 +235,9 @@ def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Pat
     np.testing.assert_allclose(np.loadtxt(out / "scores_O.txt"), single, atol=2e-5)
 
 
-def test_two_gloo_ranks_score_a_run_average_that_rank_0_makes(smoke_run: Path, tiny_db: Path,
-                                                               tmp_path: Path) -> None:
+def test_two_gloo_ranks_score_a_run_average_as_one_process(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
+    """`--checkpoint <run> --pick avg_last2` under torchrun: the CLI reads the settings before the
+    average exists, the average is made (by rank 0, the others then read it) and scored once."""
     run = tmp_path / "run"  # a copy: the average is written into the run's models/
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("eval"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

@@ -85,16 +85,16 @@ def _write(path: Path, spec: dict) -> Path:
     ({"seeds": [1], "arms": {"a": {}}, "armz": {}}, ConfigError, r"unknown key\(s\) armz; valid keys: seeds"),
     ({"seeds": "1", "arms": {"a": {}}}, ConfigError, r"seeds must be a list of distinct integers"),
     ({"seeds": [-1], "arms": {"a": {}}}, ConfigError, r"arm 'a': seed=-1 must be between 0 and 2\*\*32 - 1"),
-    ({"seeds": [1], "lists": ["O", "E", "O"], "arms": {"a": {}}}, ConfigError,
-     r"s\.yaml: lists name O more than once"),
+    ({"seeds": [1], "lists": ["O", "E", "my/O.txt"], "arms": {"a": {}}}, ConfigError,
+     r"s\.yaml: lists \['O', 'E', 'my/O.txt'\] would report O twice .* rename one of the files"),
     ({"seeds": [1], "arms": {"a": {"augment": {"enabled": True, "noise_dir": "EMPTY"}}}}, AugmentError,
      r"arm 'a': noise_dir .* has no \.wav files"),
     ({"seeds": [1], "checkpoint": "average", "arms": {"a": {}}}, ConfigError,
      r"s.yaml: unknown checkpoint choice 'average'; valid: best, last or avg_last<N>"),
     ({"seeds": [1], "checkpoint": "avg_last20", "arms": {"a": {"train": {"epochs": 10}}}}, ConfigError,
      r"arm 'a' trains 10 epochs, checkpoint avg_last20 averages 20; choose avg_last10 or fewer"),
-    ({"seeds": [1], "checkpoint": "last", "arms": {"a": {"train": {"save_every_epoch": False}}}}, ConfigError,
-     r"arm 'a' keeps no model per epoch \(save_every_epoch: false\), which checkpoint last needs"),
+    ({"seeds": [1], "checkpoint": "avg_last2", "arms": {"a": {"train": {"save_every_epoch": False}}}}, ConfigError,
+     r"arm 'a' keeps no model per epoch \(save_every_epoch: false\), which checkpoint avg_last2 needs"),
 ])
 def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, match):
     (tmp_path / "EMPTY").mkdir()

@@ -16,6 +16,7 @@ import rawnet_lib.train as train_module
 from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.dataset.trials import TrialList, read_trials
 from rawnet_lib.dist import RankInfo
+from rawnet_lib.errors import WorkbookError
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.train import train
@@ -87,6 +88,16 @@ def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_p
     assert (resumed / "eers.txt").read_text() == (smoke_run / "eers.txt").read_text()
 
 
+def test_a_refused_resume_leaves_a_finished_run_finished(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
+    run = tmp_path / "train_1P" / "DNNS" / "fixture"
+    shutil.copytree(smoke_run, run)
+    (run / "models" / "last.pt").write_bytes(b"PK not a checkpoint")
+    with pytest.raises(WorkbookError, match=r"last.pt is not a readable .*copy models/best_opt_eval.pt"):
+        train(load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), name="fixture", epochs=3,
+                          resume=True))
+    assert run_state(run) == "finished"
+
+
 def test_existing_run_is_never_overwritten(smoke_run: Path, tiny_db: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(smoke_run.parents[2]), name="fixture")
     before = (smoke_run / "eers.txt").read_text()
@@ -143,10 +154,13 @@ def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     with pytest.raises(RunExistsError, match=r"trained with other settings \(lr_decay: 'keras' -> 'cosine'; "
                                              r"seed: 1234 -> 7; head: 'softmax' -> 'aam'\)") as refused:
         check_run_dir(load_config("smoke", lr_decay="cosine", seed=7, head="aam", data_path="/data/a", **again))
-    fix = re.search(r"`--config (\S+) --out_dir (\S+) --resume true`", str(refused.value))
-    assert check_run_dir(load_config(fix[1], out_dir=fix[2], resume=True)) == run  # the fix the message gives
-    shutil.copytree(run, run.parent / "copy")  # the folder is the run: a copy resumes as itself
-    assert check_run_dir(load_config(fix[1], out_dir=fix[2], name="copy", resume=True)) == run.parent / "copy"
+    fix = re.search(r"`--config (\S+) --out_dir (\S+) --name (\S+) --resume true`", str(refused.value))
+    assert check_run_dir(load_config(fix[1], out_dir=fix[2], name=fix[3], resume=True)) == run  # the message's fix
+    shutil.copytree(run, run.parent / "copy")  # the folder is the run: a copy resumes as itself, by its message
+    with pytest.raises(RunExistsError, match="other settings") as refused:
+        check_run_dir(load_config("smoke", lr_decay="cosine", data_path="/data/a", **{**again, "name": "copy"}))
+    fix = re.search(r"`--config (\S+) --out_dir (\S+) --name (\S+) --resume true`", str(refused.value))
+    assert check_run_dir(load_config(fix[1], out_dir=fix[2], name=fix[3], resume=True)) == run.parent / "copy"
     with pytest.raises(RunExistsError, match=r"data_path: '/data/a' -> ''"):  # the built-in corpus instead
         check_run_dir(load_config("smoke", **again))
     assert check_run_dir(load_config("smoke", epochs=5, num_workers=2, amp="bf16", data_path="/data/b", eval_hop=99,

@@ -123,7 +123,7 @@ class Mixture:
     speech: np.ndarray
     noise: np.ndarray
     kind: str           # noise | music | speech (babble) | "" (none)
-    snr_db: float       # nan without noise
+    snr_db: float       # of all the noise added (babble: its sum) to the speech, measured; nan without noise
     reverb: bool
 
 

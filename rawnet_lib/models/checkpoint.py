@@ -135,8 +135,8 @@ def resume_training(path: Path | None, model: torch.nn.Module, optimizer: torch.
     state = read_checkpoint(path, fix=f"it was not written by a finished epoch: {back}")
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "history", "epoch") if k not in state]
     if missing:
-        raise CheckpointError(f"{path} holds no {', '.join(missing)}: it is not a training checkpoint as models/last.pt "
-                              f"is written; {back}")
+        raise CheckpointError(f"{path} holds no {', '.join(missing)}: it is not a training checkpoint as "
+                              f"models/last.pt is written; {back}")
     if speakers is not None and state.get("speakers", speakers) != speakers:
         before = state["speakers"]
         first = next((f"{a} -> {b}" for a, b in zip(before, speakers) if a != b), "the same first ones")

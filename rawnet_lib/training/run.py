@@ -17,7 +17,7 @@ write nothing, so the training loop calls them on every rank without asking whic
       eers.txt                  "epoch:<N>, TA_eval_eer:<eer>" per epoch
       f_params.txt              every parameter, "key:<tab>value"
       val_trial.txt             the validation trials, when the data set has none (val_from)
-      config.yaml, history.json, run.json (git commit, versions, host), summary.json
+      config.yaml, history.json, run.json (git commit, versions, host; earlier starts), summary.json
       eval/<checkpoint stem>/   what rawnet_lib.evaluate writes for a checkpoint of models/
 """
 from __future__ import annotations
@@ -108,8 +108,9 @@ def check_run_dir(cfg: Config) -> Path:
     if changes:
         own, out = path / "config.yaml", cfg.train.out_dir
         raise RunExistsError(f"resume: true, but {path} was trained with other settings ({'; '.join(changes)}); "
-                             f"resume it with its own (`--config {own} --out_dir {out} --resume true`, in a notebook "
-                             f"`-p preset {own} -p out_dir {out} -p resume True`), or choose another name for these")
+                             f"resume it with its own (`--config {own} --out_dir {out} --name {path.name} --resume "
+                             f"true`, in a notebook `-p preset {own} -p out_dir {out} -p name {path.name} -p resume "
+                             "True`), or choose another name for these")
     probe = path if path.exists() else next(p for p in path.parents if p.exists())
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"cannot write to {probe}; choose a writable out_dir")
@@ -249,14 +250,22 @@ class RunDir:
         atomic_write_text(self.path / "history.json", json.dumps(history, indent=1))
 
     def resumed(self, state: dict[str, Any]) -> None:
-        """Bring what an epoch writes after last.pt up to it: a run killed between last.pt and the
-        best model or the history resumes with the files of the epoch last.pt holds."""
+        """Bring what an epoch writes after last.pt up to it (a run killed between last.pt and the
+        best model or the history resumes with the files of the epoch last.pt holds), and take the
+        run's summary away: it trains again, and is finished when it writes one again."""
+        (self.path / "summary.json").unlink(missing_ok=True)
         history = state["history"]
         valid = [h for h in history if np.isfinite(h["val_eer"])]
         best = self.path / "models" / "best_opt_eval.pt"
-        if valid and min(valid, key=lambda h: h["val_eer"])["epoch"] == state["epoch"] and (
-                not best.is_file() or read_checkpoint(best).get("epoch") != state["epoch"]):
-            save_checkpoint(state, best)
+        epoch = min(valid, key=lambda h: h["val_eer"])["epoch"] if valid else None
+        held = read_checkpoint(best).get("epoch") if best.is_file() and epoch is not None else epoch
+        if held != epoch:  # of an attempt the run discarded (written before last.pt by older versions)
+            kept = _epoch_files(self.path).get(epoch)
+            if epoch == state["epoch"] or kept is not None:
+                save_checkpoint(state if epoch == state["epoch"] else read_checkpoint(kept), best)
+            else:
+                self.log(epoch, f"models/best_opt_eval.pt holds epoch {held}, which the run discarded; its best "
+                                f"epoch {epoch} kept no model (save_every_epoch: false): choose last or avg_last<N>")
         self._write_history(history)
 
     def summary(self, history: list[dict]) -> dict[str, Any]:
@@ -360,11 +369,10 @@ def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | No
         shutil.rmtree(path)
     for sub in ("models", "results", "log", "prof"):
         (path / sub).mkdir(parents=True, exist_ok=True)
-    for folder in (path, path / "models", path / "results"):  # not eval/: an evaluation may be writing there
-        for stale in folder.glob(".*.tmp"):  # a write a killed run never finished: never read
-            stale.unlink()
-    if cfg.train.resume:  # training again (more epochs, or the last ones): finished when it says so again
-        (path / "summary.json").unlink(missing_ok=True)
+    for folder in (path, path / "models", path / "results"):  # a write a killed run never finished: never read
+        for stale in folder.glob(".*.tmp"):
+            if not stale.name.startswith(".avg_last"):  # an evaluation may be averaging (eval/ is left alone too)
+                stale.unlink()
     atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_f_params(cfg, path / "f_params.txt")
     if trials is not None:
@@ -440,9 +448,9 @@ def run_state(folder: Path) -> str:
 def run_checkpoint(run: str | Path, which: str = "best", make: bool = True) -> Path:
     """The model file of a finished run that `which` names: `best` is best_opt_eval.pt (the epoch
     of lowest validation EER, the reference's choice; a small validation list makes it noisy),
-    `last` the last epoch's model, `avg_last<N>` the mean of the last N epochs' weights (written
-    once as models/avg_last<N>.pt, again only when the run gained epochs; `make=False` only
-    names the file)."""
+    `last` the last epoch's model (last.pt when it kept no TA file), `avg_last<N>` the mean of the
+    last N epochs' weights (written once as models/avg_last<N>.pt, again only when the run gained
+    epochs; `make=False` only names the file)."""
     n, run = check_checkpoint_choice(which), Path(run)
     if n == 0:
         return run / "models" / "best_opt_eval.pt"

@@ -129,9 +129,10 @@ def _list_unchanged(row: dict[str, Any]) -> bool:
 
 
 def _trial_lists(data_path: Path, names: Sequence[str], earlier: list[dict[str, Any]],
-                 overwrite: bool) -> dict[str, TrialList]:
+                 overwrite: bool, roots: Sequence[Path]) -> dict[str, TrialList]:
     """{tag: list} for `names`, refusing two files that results would name alike (O and a my/O.txt),
-    in this call or beside the `earlier` rows of the same out_dir."""
+    in this call or beside the `earlier` rows of the same out_dir, and lines whose audio no root
+    holds (every such line of a list in one error, before anything is embedded)."""
     paths: dict[str, Path] = {}
     for row in earlier if not overwrite else []:
         path = _list_file(row)
@@ -144,7 +145,7 @@ def _trial_lists(data_path: Path, names: Sequence[str], earlier: list[dict[str, 
             raise ConfigError(f"trial lists {paths[tag]} and {path} would both be reported as {tag!r} in one "
                               "metrics table; rename one of the files, or score it into another out_dir")
         mine[tag] = path
-    return {tag: read_trials(path) for tag, path in mine.items()}
+    return {tag: read_trials(path, roots) for tag, path in mine.items()}
 
 
 def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, lists: Sequence[str] | None = None,
@@ -174,7 +175,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     ev = cfg.evaluation
     identity = evaluation_identity(ckpt, cfg, roots)
     earlier = _earlier_rows(out, identity, overwrite) if rank.is_main else []
-    trial_lists = _trial_lists(data_path, list(lists or ev.trial_lists), earlier, overwrite)
+    trial_lists = _trial_lists(data_path, list(lists or ev.trial_lists), earlier, overwrite, roots)
 
     t0 = time.perf_counter()
     keys = sorted(set().union(*(t.files() for t in trial_lists.values())))

@@ -164,8 +164,8 @@ def _non_finite(loader, epoch: int, first: int, step: int, rank: dist.RankInfo) 
 def validate(model, cfg: Config, data_path: Path, rank: dist.RankInfo, run: RunDir, epoch: int) -> float:
     """Embed the validation files across all ranks; rank 0 receives them, scores and keeps the
     scores; every rank gets its EER (the same "best" decision everywhere)."""
-    trials = read_trials(run.val_trials)
     roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
+    trials = read_trials(run.val_trials, roots)  # a line whose audio is gone: the list file and the line
     emb = embed_files(model, trials.files(), roots, cfg.model, cfg.evaluation, rank,
                       amp=cfg.train.amp, workers=cfg.data.num_workers, progress=not run.events)
     return dist.broadcast_from_main(run.score(epoch, emb, trials))

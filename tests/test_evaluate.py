@@ -18,6 +18,7 @@ from rawnet_lib import dist
 from rawnet_lib import evaluate as ev
 from rawnet_lib.config import ConfigError
 from rawnet_lib.dataset.trials import read_trials, resolve
+from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval import embed
 from rawnet_lib.eval.embed import cached_embeddings
 from rawnet_lib.eval.metrics import eer
@@ -252,6 +253,21 @@ def test_two_gloo_ranks_score_a_run_average_as_one_process(smoke_run: Path, tiny
     single = ev.evaluate(average, ev.with_overrides(cfg, data_path=str(tiny_db)), ["O"], out_dir=tmp_path / "one",
                          progress=False)
     assert abs(pd.read_csv(tmp_path / "ddp" / "metrics.csv")["eer"][0] - single["eer"][0]) <= 1 / single["trials"][0]
+
+
+def test_a_list_naming_audio_that_is_gone_is_refused_with_its_lines(smoke_run: Path, tiny_db: Path,
+                                                                     tmp_path: Path) -> None:
+    lines = (tiny_db / "VoxCeleb1" / "veri_test.txt").read_text().splitlines()[:3]
+    label, enroll, _ = lines[1].split()
+    mine = tmp_path / "mine.txt"
+    mine.write_text("\n".join([lines[0], f"{label} {enroll} id99999/gone/00001.wav", lines[2]]) + "\n")
+    ckpt = smoke_run / "models" / "best_opt_eval.pt"
+    _, cfg = load_checkpoint_model(ckpt)
+    with pytest.raises(WorkbookError, match=r"(?s)mine\.txt is not usable .*file not on disk: 1 line\(s\).*line 2: "
+                                            r".*\(id99999/gone/00001\.wav not found\)"):
+        ev.evaluate(ckpt, ev.with_overrides(cfg, data_path=str(tiny_db)), [str(mine)], out_dir=tmp_path / "out",
+                    progress=False)
+    assert not (tmp_path / "out" / "metrics.csv").exists()
 
 
 def test_newest_run_picks_the_latest_best_model(tmp_path: Path) -> None:

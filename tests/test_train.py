@@ -111,7 +111,7 @@ def test_a_validation_list_the_data_cannot_hold_stops_before_the_run_folder(tiny
     run folder left behind (a folder with a config would be taken for an interrupted run)."""
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_pairs=100000)
     with pytest.raises(ConfigError, match=r"val_pairs=100000, but the \d+ validation utterances of \S+/VoxCeleb1/"
-                                          r"dev_wav give 1 to \d+ balanced pairs; set data\.val_pairs \(--val_pairs\)"):
+                                          r"dev_wav give 2 to \d+ balanced pairs; set data\.val_pairs \(--val_pairs\)"):
         train(cfg)
     assert not run_path(cfg).exists()
 

@@ -217,8 +217,10 @@ def test_make_trials_uses_same_video_only_when_needed_and_caps():
     two = make_trials(keys, 4, seed=0)
     assert all(a.split("/")[1] != b.split("/")[1]
                for a, b, y in zip(two.enroll, two.test, two.labels) if y)  # 2 targets: both cross-video
-    with pytest.raises(ValueError, match="1 to 9"):
+    with pytest.raises(ValueError, match="2 to 9"):
         make_trials(keys, 10, seed=0)
+    with pytest.raises(ValueError, match="n_pairs=1, .* give 2 to 9"):  # one pair: one class, no EER
+        make_trials(keys, 1, seed=0)
 
 
 @pytest.mark.parametrize("keys, match", [

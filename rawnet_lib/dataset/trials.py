@@ -306,8 +306,8 @@ def make_trials(keys: list[str], n_pairs: int, seed: int) -> TrialList:
                          f"{n_spk} speaker(s) and {n} utterance(s); hold out more utterances")
     n_target, n_non = n_pairs // 2, n_pairs - n_pairs // 2
     most = min(2 * (sizes["cross"] + sizes["same"]) + 1, 2 * sizes["non"])
-    if n_pairs < 1 or n_pairs > most:
-        raise PairCountError(f"n_pairs={n_pairs}, but these {n} utterances of {n_spk} speakers give 1 to {most} "
+    if n_pairs < 2 or n_pairs > most:  # one pair would be one class: no EER
+        raise PairCountError(f"n_pairs={n_pairs}, but these {n} utterances of {n_spk} speakers give 2 to {most} "
                              f"balanced pairs ({sizes['cross'] + sizes['same']} target, {sizes['non']} non-target); "
                              "lower n_pairs or hold out more utterances", most)
     rng = np.random.default_rng(seed)

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -179,7 +180,7 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, tuple[np.ndarray, tup
                 return {}  # another checkpoint's embeddings: replaced on the next write
             stamps = [tuple(s) for s in z["stamps"].tolist()]
             return dict(zip(z["keys"].tolist(), zip(z["emb"], stamps)))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged from outside
         return {}  # unreadable cache, or one from before the stamps: rebuilt
 
 

@@ -347,7 +347,7 @@ def held_out_trials(cfg: Config, data_path: Path) -> TrialList:
         return make_trials(keys, cfg.data.val_pairs, cfg.train.seed)
     except PairCountError as err:
         raise ConfigError(f"val_pairs={cfg.data.val_pairs}, but the {len(keys)} validation utterances of {folder} "
-                          f"give 1 to {err.most} balanced pairs; set data.val_pairs (--val_pairs) within that range, "
+                          f"give 2 to {err.most} balanced pairs; set data.val_pairs (--val_pairs) within that range, "
                           "or give data.val_trials a list the data set holds") from None
     except ValueError as err:
         raise ConfigError(f"no validation list can be made from {folder}: {err}") from None

@@ -186,6 +186,10 @@ def test_a_run_killed_after_last_pt_resumes_with_that_epoch_s_best_model_and_his
                                     scaler, history))
     assert read_checkpoint(tmp_path / "models" / "best_opt_eval.pt")["epoch"] == 2
     assert json.loads((tmp_path / "history.json").read_text()) == history
+    (tmp_path / "models" / "best_opt_eval.pt").unlink()  # killed after the first last.pt, before any best model
+    run.resumed(training_checkpoint(model_checkpoint(model, cfg, ["a", "b", "c"], 2, 0.2), optimizer, scheduler,
+                                    scaler, history))
+    assert read_checkpoint(tmp_path / "models" / "best_opt_eval.pt")["epoch"] == 2
     assert (tmp_path / "eers.txt").read_text().splitlines()[-1] == "epoch:2, TA_eval_eer:0.2000"
     stamp = (tmp_path / "models" / "best_opt_eval.pt").stat().st_mtime_ns
     (tmp_path / "summary.json").write_text("{}")  # a finished run resumed for more epochs: not finished

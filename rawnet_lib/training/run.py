@@ -258,8 +258,8 @@ class RunDir:
         valid = [h for h in history if np.isfinite(h["val_eer"])]
         best = self.path / "models" / "best_opt_eval.pt"
         epoch = min(valid, key=lambda h: h["val_eer"])["epoch"] if valid else None
-        held = read_checkpoint(best).get("epoch") if best.is_file() and epoch is not None else epoch
-        if held != epoch:  # of an attempt the run discarded (written before last.pt by older versions)
+        held = read_checkpoint(best).get("epoch") if best.is_file() else None
+        if epoch is not None and held != epoch:  # none yet, or of an attempt the run discarded
             kept = _epoch_files(self.path).get(epoch)
             if epoch == state["epoch"] or kept is not None:
                 save_checkpoint(state if epoch == state["epoch"] else read_checkpoint(kept), best)

@@ -255,9 +255,8 @@ class RunDir:
         run's summary away: it trains again, and is finished when it writes one again."""
         (self.path / "summary.json").unlink(missing_ok=True)
         history = state["history"]
-        valid = [h for h in history if np.isfinite(h["val_eer"])]
         best = self.path / "models" / "best_opt_eval.pt"
-        epoch = min(valid, key=lambda h: h["val_eer"])["epoch"] if valid else None
+        epoch = _best_epoch(history).get("epoch")
         held = read_checkpoint(best).get("epoch") if best.is_file() else None
         if epoch is not None and held != epoch:  # none yet, or of an attempt the run discarded
             kept = _epoch_files(self.path).get(epoch)
@@ -269,8 +268,7 @@ class RunDir:
         self._write_history(history)
 
     def summary(self, history: list[dict]) -> dict[str, Any]:
-        valid = [h for h in history if np.isfinite(h["val_eer"])]
-        best = min(valid, key=lambda h: h["val_eer"]) if valid else {}
+        best = _best_epoch(history)
         out = {"run": str(self.path), "epochs": len(history), "best_epoch": best.get("epoch"),
                "best_val_eer": best.get("val_eer"), "final_val_eer": history[-1]["val_eer"] if history else None}
         atomic_write_text(self.path / "summary.json", json.dumps(out, indent=1))
@@ -291,6 +289,13 @@ class RunDir:
         else:
             print(json.dumps(out), flush=True)
         return out
+
+
+def _best_epoch(history: list[dict]) -> dict:
+    """The history entry of lowest finite validation EER, the first of equals (as training's strict
+    `<` decides "best"); {} when none is finite."""
+    valid = [h for h in history if np.isfinite(h["val_eer"])]
+    return min(valid, key=lambda h: h["val_eer"]) if valid else {}
 
 
 class NullRunDir(RunDir):
@@ -465,14 +470,15 @@ def run_checkpoint(run: str | Path, which: str = "best", make: bool = True) -> P
     if n > last:
         raise RunNotFoundError(f"{run}: checkpoint {which} needs the models of {n} epochs, the run trained {last}; "
                                "choose fewer epochs or best")
-    missing = [e for e in range(last - n + 1, last + 1) if e not in files]
+    wanted = range(last - n + 1, last + 1)
+    missing = [e for e in wanted if e not in files]
     if n == 1:  # with save_every_epoch: false the last epoch's model is only in last.pt
         return run / "models" / "last.pt" if missing else files[last]
     if missing:
-        raise RunNotFoundError(f"{run}: checkpoint {which} averages epochs {last - n + 1}-{last}, but models/ holds no "
+        raise RunNotFoundError(f"{run}: checkpoint {which} averages epochs {wanted[0]}-{last}, but models/ holds no "
                                f"TA_<epoch>_<eer>.pt of epoch(s) {', '.join(map(str, missing))} (written with "
                                "train.save_every_epoch: true); choose fewer epochs or best")
-    path, sources = run / "models" / f"{which}.pt", [files[e] for e in range(last - n + 1, last + 1)]
+    path, sources = run / "models" / f"{which}.pt", [files[e] for e in wanted]
     if make and (not path.is_file() or read_checkpoint(path).get("averaged") != [p.name for p in sources]):
         save_checkpoint(average_checkpoints(sources), path)
     return path

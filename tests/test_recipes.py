@@ -193,6 +193,7 @@ def test_bad_recipe_values_name_the_value_and_choices(blocks, match):
 def test_presets_load():
     modified = load_config("rawnet2_modified")
     assert modified.loss.head == "am" and modified.loss.add_ce and modified.optim.lr_decay == "cosine"
+    assert not modified.optim.amsgrad  # RawNet2_modified/parser.py's default, not the paper's amsgrad
     assert modified.model.blocks == [128, 128, 256, 256, 256, 512, 512, 512] and modified.train.epochs == 160
     demo, modern = load_config("demo"), load_config("demo_modern")
     assert modern.model == demo.model and modern.train.epochs == demo.train.epochs

@@ -20,8 +20,8 @@ from rawnet_lib.config import ConfigError
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["RankInfo", "setup", "single", "cleanup", "resolve_device_kind", "available_devices", "barrier",
-           "main_first", "share", "gather_rows", "broadcast_from_main", "all_reduce_sum", "check_fast_path",
-           "DistError"]
+           "main_first", "share", "gather_rows", "broadcast_from_main", "all_reduce_sum", "average_buffers",
+           "check_fast_path", "DistError"]
 
 T = TypeVar("T")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -183,3 +183,22 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return t.tolist()
+
+
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average the floating-point buffers (batch-norm running statistics) over ranks, in place.
+
+    Training normalises with batch statistics, so this changes no weight and no step; it makes the
+    model every rank validates with the one `last.pt` holds, so a resumed run scores as one never
+    stopped, and each rank's statistics count (as timm's distribute_bn).
+    """
+    if not torch_dist.is_initialized():
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])  # float32: HCCL has no float64
+    torch_dist.all_reduce(flat)
+    flat /= torch_dist.get_world_size()
+    for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(part.view_as(b))

@@ -216,7 +216,8 @@ def train(cfg: Config) -> dict[str, Any]:
         if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule
             for note in init_from_checkpoint(cfg.train.init_from, model):
                 run.log(0, note)
-        # Batch-norm statistics stay per rank after the initial sync, as the reference's broadcast_buffers=False.
+        # Batch-norm statistics stay per rank within an epoch, as the reference's broadcast_buffers=False,
+        # and are averaged before validation (dist.average_buffers).
         net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []
         best_eer = min([h["val_eer"] for h in history if not math.isnan(h["val_eer"])], default=math.inf)
@@ -235,6 +236,7 @@ def train(cfg: Config) -> dict[str, Any]:
             stats = train_epoch(net, loader, optimizer, scheduler, scaler, cfg, rank, epoch, run)
             stats["epoch_seconds"] = time.time() - t0
             stats["fps_seed"] = _seed_fps(utts.frames.sum(), len(utts), stats, rank)
+            dist.average_buffers(model)
             stats["val_eer"] = validate(net, cfg, data_path, rank, run, epoch)
             stats["epoch"] = epoch
             history.append(stats)

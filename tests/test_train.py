@@ -184,6 +184,21 @@ def test_two_gloo_processes_through_the_launcher(tiny_db: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
+def test_a_resumed_two_process_run_validates_as_one_never_stopped(tiny_db: Path, tmp_path: Path) -> None:
+    """Batch-norm statistics are averaged over ranks before validation, so `last.pt` holds what every
+    rank validated with; before, a resumed rank 1 validated with rank 0's statistics."""
+    cfg = dict(data_path=str(tiny_db), out_dir=str(tmp_path), devices=2)
+    launch(load_config("smoke", name="whole", epochs=2, **cfg))
+    launch(load_config("smoke", name="resumed", epochs=1, **cfg))
+    launch(load_config("smoke", name="resumed", epochs=2, resume=True, **cfg))
+    whole, resumed = (run_path(load_config("smoke", name=n, **cfg)) for n in ("whole", "resumed"))
+    for key, value in _weights(resumed).items():
+        assert torch.equal(value, _weights(whole)[key]), key
+    scores = [(run / "results" / "eval_epoch2.txt").read_text() for run in (whole, resumed)]
+    assert scores[0] == scores[1]
+
+
+@pytest.mark.slow
 def test_performance_mode_reports_throughput_only(tiny_db: Path, tmp_path: Path) -> None:
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), mode="performance",
                       perf_steps=4, warmup_steps=1, amp="bf16", profile=True)

@@ -37,7 +37,7 @@ from rawnet_lib.models.checkpoint import init_from_checkpoint, resume_training
 from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training import schedules
-from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir
+from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch
 
 __all__ = ["train", "train_epoch", "validate", "main"]
 
@@ -220,7 +220,6 @@ def train(cfg: Config) -> dict[str, Any]:
         # and are averaged before validation (dist.average_buffers).
         net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []
-        best_eer = min([h["val_eer"] for h in history if not math.isnan(h["val_eer"])], default=math.inf)
         run.start(speakers=len(speakers), utterances=len(utts), hours=utts.seconds() / 3600)
 
         if cfg.train.mode == "performance":
@@ -240,8 +239,7 @@ def train(cfg: Config) -> dict[str, Any]:
             stats["val_eer"] = validate(net, cfg, data_path, rank, run, epoch)
             stats["epoch"] = epoch
             history.append(stats)
-            best = stats["val_eer"] < best_eer
-            best_eer = min(best_eer, stats["val_eer"])
+            best = best_epoch(history).get("epoch") == epoch
             run.end_epoch(epoch, stats, history, model, optimizer, scheduler, scaler, speakers, best)
             dist.barrier()
         return run.summary(history)

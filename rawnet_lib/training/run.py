@@ -51,7 +51,7 @@ from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint,
                                           training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
-           "emit", "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir",
+           "best_epoch", "emit", "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir",
            "EVENT_PREFIX", "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
 EVENT_PREFIX = "@@rawnet "
@@ -256,7 +256,7 @@ class RunDir:
         (self.path / "summary.json").unlink(missing_ok=True)
         history = state["history"]
         best = self.path / "models" / "best_opt_eval.pt"
-        epoch = _best_epoch(history).get("epoch")
+        epoch = best_epoch(history).get("epoch")
         held = read_checkpoint(best).get("epoch") if best.is_file() else None
         if epoch is not None and held != epoch:  # none yet, or of an attempt the run discarded
             kept = _epoch_files(self.path).get(epoch)
@@ -268,7 +268,7 @@ class RunDir:
         self._write_history(history)
 
     def summary(self, history: list[dict]) -> dict[str, Any]:
-        best = _best_epoch(history)
+        best = best_epoch(history)
         out = {"run": str(self.path), "epochs": len(history), "best_epoch": best.get("epoch"),
                "best_val_eer": best.get("val_eer"), "final_val_eer": history[-1]["val_eer"] if history else None}
         atomic_write_text(self.path / "summary.json", json.dumps(out, indent=1))
@@ -291,7 +291,7 @@ class RunDir:
         return out
 
 
-def _best_epoch(history: list[dict]) -> dict:
+def best_epoch(history: list[dict]) -> dict:
     """The history entry of lowest finite validation EER, the first of equals (as training's strict
     `<` decides "best"); {} when none is finite."""
     valid = [h for h in history if np.isfinite(h["val_eer"])]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_co
 from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
 from rawnet_lib.dataset.trials import OFFICIAL_LISTS, list_tag, official_list_path, speaker_of
-from rawnet_lib.dataset.utterances import resolve_data_path
+from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
 from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
@@ -232,6 +233,31 @@ def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
+def _check_trained_on(path: Path, arm: str, cfg: Config, corpora: dict[tuple[str, str], tuple[Path, int, float]]
+                      ) -> None:
+    """A finished run is reused only while the arm's training data is the data it trained on. A
+    data folder may move (the settings count it as where, not what), so the check is the corpus
+    itself: its utterances and hours, from run.json, against the arm's folder now (scanned once
+    per folder, `corpora`). Runs from before run.json held them are not checked."""
+    folder = run_path(cfg)
+    try:
+        facts = json.loads((folder / "run.json").read_text())
+        trained = int(facts["utterances"]), float(facts["hours"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    key = (cfg.data.data_path, cfg.data.train_dir)
+    if key not in corpora:
+        data_path = resolve_data_path(cfg.data)
+        utts = load_utterances(data_path, cfg.data.train_dir, progress=False)
+        corpora[key] = (data_path / cfg.data.train_dir, len(utts), utts.seconds() / 3600)
+    root, n, hours = corpora[key]
+    if trained[0] != n or not math.isclose(trained[1], hours, rel_tol=1e-9):
+        raise RunExistsError(
+            f"{path}: arm {arm!r}: {folder} trained on {trained[0]} utterances ({trained[1]:.2f} h), but the arm's "
+            f"training data {root} now holds {n} ({hours:.2f} h): its results would describe other data. Point "
+            f"data_path back, or move {folder} elsewhere (or delete it) to train the arm on the new data")
+
+
 def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     """Train (or reuse, or resume) one arm x seed; returns its run folder."""
     folder = run_path(cfg)
@@ -280,10 +306,14 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
     _check_n_boot(n_boot)
     spec = load_sweep(sweep, out, seeds, checkpoint)
+    corpora: dict[tuple[str, str], tuple[Path, int, float]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
         to_train = [cfg for cfg in by_seed.values() if run_state(run_path(cfg)) != "finished"]
         if to_train:
             _check_data(spec.path, arm, to_train[0], spec.lists)
+        for cfg in by_seed.values():
+            if run_state(run_path(cfg)) == "finished":
+                _check_trained_on(spec.path, arm, cfg, corpora)
     _check_own_folder(spec)
     spec.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())

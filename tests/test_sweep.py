@@ -3,6 +3,7 @@ tiny sweep (smoke preset, tiny corpus, 2 seeds x 2 arms x 1 epoch) resumed after
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from rawnet_lib import sweep as sweep_mod
 from rawnet_lib.config import REPO_DIR, Config, ConfigError, load_config
 from rawnet_lib.dataset.augment import AugmentError
 from rawnet_lib.dataset.trials import read_trials
+from rawnet_lib.dataset.utterances import load_utterances
 from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
@@ -161,6 +163,31 @@ def test_an_arm_edited_after_training_is_refused(tmp_path, monkeypatch):
     spec["arms"]["a"] = {"preset": "smoke", "train": {"amp": "bf16"}, "model": {"fast": True}}
     with pytest.raises(ConfigError, match=r"other settings \(fast: False -> True; amp: 'off' -> 'bf16'\)"):
         sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+
+
+def test_a_finished_run_is_not_reused_for_other_training_data(tiny_db, tmp_path, monkeypatch):
+    """Data folders may move, so an arm pointed at another corpus would reuse models trained on the
+    old one: the corpus itself (utterances and hours) decides, before anything trains."""
+    monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained"))
+    monkeypatch.setattr(sweep_mod, "_evaluate_run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sweep_mod, "summarise", lambda spec, n_boot: "summarised")
+    spec = {"seeds": [1], "arms": {"a": {"preset": "smoke", "data": {"data_path": str(tiny_db)}}}}
+    cfg = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out").configs["a"][1]
+    run = sweep_mod.run_path(cfg)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    utts = load_utterances(tiny_db, cfg.data.train_dir, progress=False)
+    (run / "run.json").write_text(json.dumps({"utterances": len(utts), "hours": utts.seconds() / 3600}))
+    (run / "summary.json").write_text("{}")
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_db, moved)
+    spec["arms"]["a"]["data"]["data_path"] = str(moved)
+    assert sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out") == "summarised"
+    next((moved / cfg.data.train_dir).rglob("*.wav")).unlink()  # now another corpus
+    with pytest.raises(WorkbookError, match=rf"s\.yaml: arm 'a': .*a-seed1 trained on {len(utts)} utterances .*, "
+                                            rf"but the arm's training data .*moved.* now holds {len(utts) - 1} "
+                                            r".*Point data_path back, or move"):
+        sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
 
 
 def test_the_tables_cover_every_seed_finished_for_every_arm(tmp_path):

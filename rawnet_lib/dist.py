@@ -186,19 +186,21 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def average_buffers(model: torch.nn.Module) -> None:
-    """Average the floating-point buffers (batch-norm running statistics) over ranks, in place.
+    """Average the batch-norm running statistics over ranks, in place.
 
     Training normalises with batch statistics, so this changes no weight and no step; it makes the
     model every rank validates with the one `last.pt` holds, so a resumed run scores as one never
-    stopped, and each rank's statistics count (as timm's distribute_bn).
+    stopped, and each rank's statistics count (as timm's distribute_bn). Other buffers (the sinc
+    layer's window) are equal on every rank and left alone: (k x) / k is not always x in float32.
     """
     if not torch_dist.is_initialized():
         return
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if not buffers:
+    stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+             and m.track_running_stats and m.running_mean is not None for b in (m.running_mean, m.running_var)]
+    if not stats:
         return
-    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])  # float32: HCCL has no float64
+    flat = torch.cat([b.detach().reshape(-1).float() for b in stats])  # float32: HCCL has no float64
     torch_dist.all_reduce(flat)
     flat /= torch_dist.get_world_size()
-    for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+    for b, part in zip(stats, flat.split([b.numel() for b in stats])):
         b.copy_(part.view_as(b))

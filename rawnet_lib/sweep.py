@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -52,8 +51,8 @@ from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, RunNotFoundError, check_checkpoint_choice,
-                                     check_validation, default_out_dir, run_changes, run_checkpoint, run_path,
-                                     run_state)
+                                     check_validation, data_changes, default_out_dir, run_changes, run_checkpoint,
+                                     run_path, run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -233,29 +232,31 @@ def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _check_trained_on(path: Path, arm: str, cfg: Config, corpora: dict[tuple[str, str], tuple[Path, int, float]]
-                      ) -> None:
-    """A finished run is reused only while the arm's training data is the data it trained on. A
-    data folder may move (the settings count it as where, not what), so the check is the corpus
-    itself: its utterances and hours, from run.json, against the arm's folder now (scanned once
-    per folder, `corpora`). Runs from before run.json held them are not checked."""
-    folder = run_path(cfg)
+def _check_trained_on(path: Path, arm: str, cfg: Config,
+                      corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]]) -> None:
+    """A finished run is reused only while the arm's training data is the corpus it trained on
+    (`data_changes`); each folder is scanned once per sweep (`corpora`). A training folder that is
+    gone (scoring again on a machine with VoxCeleb1 only) cannot be checked: a warning says so."""
+    key = (cfg.data.data_path, cfg.data.demo_size, cfg.data.train_dir)
     try:
-        facts = json.loads((folder / "run.json").read_text())
-        trained = int(facts["utterances"]), float(facts["hours"])
-    except (OSError, ValueError, KeyError, TypeError):
+        if key not in corpora:
+            data_path = resolve_data_path(cfg.data)
+            root = data_path / cfg.data.train_dir
+            utts = load_utterances(data_path, cfg.data.train_dir, progress=False) if root.is_dir() else None
+            corpora[key] = root, None if utts is None else (len(utts), utts.seconds() / 3600)
+    except WorkbookError as err:
+        raise type(err)(f"{path}: arm {arm!r}: {err}") from None
+    root, corpus = corpora[key]
+    if corpus is None:
+        warnings.warn(f"{path}: arm {arm!r}: {root} is not there, so whether the finished run {run_path(cfg).name} "
+                      "trained on the arm's data is not checked", stacklevel=2)
         return
-    key = (cfg.data.data_path, cfg.data.train_dir)
-    if key not in corpora:
-        data_path = resolve_data_path(cfg.data)
-        utts = load_utterances(data_path, cfg.data.train_dir, progress=False)
-        corpora[key] = (data_path / cfg.data.train_dir, len(utts), utts.seconds() / 3600)
-    root, n, hours = corpora[key]
-    if trained[0] != n or not math.isclose(trained[1], hours, rel_tol=1e-9):
-        raise RunExistsError(
-            f"{path}: arm {arm!r}: {folder} trained on {trained[0]} utterances ({trained[1]:.2f} h), but the arm's "
-            f"training data {root} now holds {n} ({hours:.2f} h): its results would describe other data. Point "
-            f"data_path back, or move {folder} elsewhere (or delete it) to train the arm on the new data")
+    changes = data_changes(run_path(cfg), *corpus)
+    if changes:
+        back = ("point data_path back" if cfg.data.data_path else
+                "the built-in corpus changed (another demo_size or corpus version): set demo_size back")
+        raise RunExistsError(f"{path}: arm {arm!r}: {changes} ({root}): its results would describe other data; "
+                             f"{back}, or move {run_path(cfg)} elsewhere (or delete it) to train the arm on this data")
 
 
 def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
@@ -306,7 +307,7 @@ def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool =
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
     _check_n_boot(n_boot)
     spec = load_sweep(sweep, out, seeds, checkpoint)
-    corpora: dict[tuple[str, str], tuple[Path, int, float]] = {}
+    corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
         to_train = [cfg for cfg in by_seed.values() if run_state(run_path(cfg)) != "finished"]
         if to_train:

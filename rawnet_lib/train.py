@@ -33,11 +33,11 @@ from rawnet_lib.dataset.trials import read_trials
 from rawnet_lib.dataset.utterances import CropDataset, UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 from rawnet_lib.eval.embed import autocast, embed_files
-from rawnet_lib.models.checkpoint import init_from_checkpoint, resume_training
+from rawnet_lib.models.checkpoint import CheckpointError, init_from_checkpoint, resume_training
 from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training import schedules
-from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch
+from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, data_changes
 
 __all__ = ["train", "train_epoch", "validate", "main"]
 
@@ -209,6 +209,11 @@ def train(cfg: Config) -> dict[str, Any]:
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = schedules.make_optimizer(model, cfg, len(loader))  # default: the reference's
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
+        if cfg.train.resume and run.last_checkpoint() is not None:
+            changes = data_changes(run.path, len(utts), utts.seconds() / 3600)
+            if changes:  # the same speakers, other files: the epochs would no longer be the run's
+                raise CheckpointError(f"{changes} ({data_path / cfg.data.train_dir}); resume with the data it trained "
+                                      "on (data_path), or give the new data a run of its own (another name)")
         state = (resume_training(run.last_checkpoint(), model, optimizer, scheduler, scaler, speakers)
                  if cfg.train.resume else None)
         if state is not None:

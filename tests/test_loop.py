@@ -166,12 +166,14 @@ def test_rows_are_gathered_on_rank_0_only(tmp_path: Path) -> None:
 
 def _buffer_rank(rank: int, world: int, store: str, out: str) -> None:
     torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    bn = torch.nn.BatchNorm1d(3)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    model.register_buffer("window", torch.full((2,), 0.1 * (rank + 1)))  # not a statistic: left alone
+    bn = model[0]
     bn.running_mean.fill_(float(rank))
     bn.running_var.fill_(1.0 + 2 * rank)
     bn.num_batches_tracked.fill_(5)
-    dist.average_buffers(bn)
-    result = {k: v.tolist() for k, v in bn.state_dict().items()}
+    dist.average_buffers(model)
+    result = {k.removeprefix("0."): v.tolist() for k, v in model.state_dict().items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     torch_dist.destroy_process_group()
 
@@ -180,6 +182,8 @@ def _buffer_rank(rank: int, world: int, store: str, out: str) -> None:
 def test_batch_norm_statistics_are_averaged_over_ranks(tmp_path: Path) -> None:
     mp.spawn(_buffer_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert main["window"] == pytest.approx([0.1] * 2) and other["window"] == pytest.approx([0.2] * 2)
+    main.pop("window"), other.pop("window")
     assert main == other, "every rank holds the same statistics"
     assert main["running_mean"] == [0.5] * 3 and main["running_var"] == [2.0] * 3
     assert main["num_batches_tracked"] == 5 and main["weight"] == [1.0] * 3, "counters and weights untouched"

@@ -185,9 +185,13 @@ def test_a_finished_run_is_not_reused_for_other_training_data(tiny_db, tmp_path,
     assert sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out") == "summarised"
     next((moved / cfg.data.train_dir).rglob("*.wav")).unlink()  # now another corpus
     with pytest.raises(WorkbookError, match=rf"s\.yaml: arm 'a': .*a-seed1 trained on {len(utts)} utterances .*, "
-                                            rf"but the arm's training data .*moved.* now holds {len(utts) - 1} "
-                                            r".*Point data_path back, or move"):
+                                            rf"but its training data now holds {len(utts) - 1} .*moved.*: its results "
+                                            r"would describe other data; point data_path back, or move"):
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+    shutil.rmtree(moved / cfg.data.train_dir)  # scored again where only VoxCeleb1 is: reused, with a warning
+    with pytest.warns(UserWarning, match=r"arm 'a': .*VoxCeleb2/wav is not there, so whether the finished run "
+                                         r"a-seed1 trained on the arm's data is not checked"):
+        assert sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out") == "summarised"
 
 
 def test_the_tables_cover_every_seed_finished_for_every_arm(tmp_path):

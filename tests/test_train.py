@@ -88,6 +88,21 @@ def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_p
     assert (resumed / "eers.txt").read_text() == (smoke_run / "eers.txt").read_text()
 
 
+@pytest.mark.slow
+def test_a_resume_on_other_files_of_the_same_speakers_is_refused(tiny_db: Path, tmp_path: Path) -> None:
+    """The speakers check misses a file added or removed; the run's own record of its corpus does not."""
+    data = tmp_path / "db"
+    shutil.copytree(tiny_db, data)
+    cfg = dict(data_path=str(data), out_dir=str(tmp_path / "runs"), name="r")
+    train(load_config("smoke", epochs=1, **cfg))
+    spare = sorted((data / "VoxCeleb2" / "wav").rglob("*.wav"))[-1]
+    spare.unlink()  # its speaker keeps other files
+    with pytest.raises(WorkbookError, match=r"r trained on (\d+) utterances .*, but its training data now holds "
+                                            r"\d+ .*VoxCeleb2/wav\); resume with the data it trained on"):
+        train(load_config("smoke", epochs=2, resume=True, **cfg))
+    assert json.loads((run_path(load_config("smoke", **cfg)) / "history.json").read_text())[-1]["epoch"] == 1
+
+
 def test_a_refused_resume_leaves_a_finished_run_finished(smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
     run = tmp_path / "train_1P" / "DNNS" / "fixture"
     shutil.copytree(smoke_run, run)

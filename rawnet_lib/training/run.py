@@ -23,6 +23,7 @@ write nothing, so the training loop calls them on every rank without asking whic
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -51,7 +52,7 @@ from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint,
                                           training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
-           "best_epoch", "emit", "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir",
+           "best_epoch", "data_changes", "emit", "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir",
            "EVENT_PREFIX", "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
 EVENT_PREFIX = "@@rawnet "
@@ -289,6 +290,21 @@ class RunDir:
         else:
             print(json.dumps(out), flush=True)
         return out
+
+
+def data_changes(folder: Path, utterances: int, hours: float) -> str | None:
+    """How the training data given differs from the data the run in `folder` trained on (its
+    run.json: utterances and hours); None when the same, or not recorded (an older version's run).
+    A data folder may move, so the corpus itself is compared, not its path."""
+    try:
+        facts = json.loads((folder / "run.json").read_text())
+        trained = int(facts["utterances"]), float(facts["hours"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if trained[0] == utterances and math.isclose(trained[1], hours, rel_tol=1e-9):
+        return None
+    return (f"{folder} trained on {trained[0]} utterances ({trained[1] * 3600:.4f} s of audio), but its training "
+            f"data now holds {utterances} ({hours * 3600:.4f} s)")
 
 
 def best_epoch(history: list[dict]) -> dict:

@@ -19,9 +19,9 @@ import torch.distributed as torch_dist
 from rawnet_lib.config import ConfigError
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["RankInfo", "setup", "single", "cleanup", "resolve_device_kind", "available_devices", "barrier",
-           "main_first", "share", "gather_rows", "broadcast_from_main", "all_reduce_sum", "average_buffers",
-           "check_fast_path", "DistError"]
+__all__ = ["RankInfo", "setup", "launched_as", "rank_batch", "single", "cleanup", "resolve_device_kind",
+           "available_devices", "barrier", "main_first", "share", "gather_rows", "broadcast_from_main",
+           "all_reduce_sum", "average_buffers", "check_fast_path", "DistError"]
 
 T = TypeVar("T")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -109,6 +109,33 @@ def setup(kind: str = "auto", timeout_s: float = 600.0) -> RankInfo:
         torch_dist.init_process_group(BACKENDS[kind], timeout=datetime.timedelta(seconds=timeout_s),
                                       **({"device_id": device} if kind == "cuda" else {}))
     return RankInfo(rank, world, device)
+
+
+def launched_as(devices: int, nnodes: int, rank: RankInfo) -> tuple[int, int]:
+    """(processes per node, nodes) as torchrun started them, which name the run folder (`train_<N>P`).
+    A shell's torchrun without --devices and --nnodes (the config's 1 x 1) gives its own numbers;
+    other numbers than torchrun's are an error, as the folder would name another run than this."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    started = (per_node, rank.world_size // per_node)
+    if (devices, nnodes) in (started, (1, 1)):
+        return started
+    if "RANK" not in os.environ:
+        raise DistError(f"devices {devices} x nnodes {nnodes} asked for in one process: start the ranks with "
+                        "`python -m rawnet_lib.train` (which starts torchrun itself), torchrun, or, from Python, "
+                        "rawnet_lib.training.launch.launch(cfg)")
+    raise DistError(f"devices {devices} x nnodes {nnodes} asked for, but torchrun started {rank.world_size} "
+                    f"process(es), {per_node} per node: start torchrun with --nproc_per_node={devices} "
+                    f"--nnodes={nnodes}, or give --devices {per_node} --nnodes {started[1]}")
+
+
+def rank_batch(batch_size: int, world_size: int) -> int:
+    """Each rank's share of the global batch, which must split evenly (DDP averages equal shares)."""
+    if batch_size % world_size:
+        below = batch_size // world_size * world_size
+        raise ConfigError(f"batch_size {batch_size} (the global batch) does not split evenly over {world_size} "
+                          f"processes; use a multiple of {world_size}, e.g. "
+                          f"{' or '.join(str(b) for b in (below, below + world_size) if b)}")
+    return batch_size // world_size
 
 
 def single(device: str | torch.device = "cpu") -> RankInfo:

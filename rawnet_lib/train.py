@@ -2,17 +2,20 @@
 
 One device or the CPU:
     python -m rawnet_lib.train --config demo
-8 GPUs / NPUs on one machine:
-    torchrun --standalone --nproc_per_node=8 -m rawnet_lib.train --config paper --data_path /data/DB
+8 GPUs / NPUs on one machine (`--devices 8` alone starts the same torchrun):
+    torchrun --standalone --nproc_per_node=8 -m rawnet_lib.train --config paper --data_path /data/DB --batch_size 96
 2 machines x 8 devices (the same on each; scripts/slurm_train.sh does it under Slurm):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \\
-        -m rawnet_lib.train --config paper --data_path /data/DB --nnodes 2
+        -m rawnet_lib.train --config paper --data_path /data/DB --batch_size 96
+The global batch must split over the ranks (the paper's 100 does over 2 or 4; 96 over 8, 16, 32).
 Any config field is a flag (`--epochs 3 --amp bf16`); `--config` takes a preset name or a YAML.
 notebooks/train.ipynb starts the same command through `rawnet_lib.training.launch`.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -37,6 +40,7 @@ from rawnet_lib.models.checkpoint import CheckpointError, init_from_checkpoint, 
 from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training import schedules
+from rawnet_lib.training.launch import launch
 from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, data_changes
 
 __all__ = ["train", "train_epoch", "validate", "main"]
@@ -180,10 +184,9 @@ def train(cfg: Config) -> dict[str, Any]:
     np.random.seed(cfg.train.seed + rank.rank)
     random.seed(cfg.train.seed + rank.rank)
     try:
+        cfg.train.devices, cfg.train.nnodes = dist.launched_as(cfg.train.devices, cfg.train.nnodes, rank)
         dist.check_fast_path(cfg.model.fast, rank.device)
-        if cfg.train.batch_size % rank.world_size:
-            raise ConfigError(f"batch_size {cfg.train.batch_size} does not split evenly over "
-                             f"{rank.world_size} processes; use a multiple of {rank.world_size}")
+        per_rank = dist.rank_batch(cfg.train.batch_size, rank.world_size)
         # rank 0 builds the demo corpus and scans the tree once; the others then read its list
         data_path, utts = dist.main_first(rank, lambda: _training_data(cfg, check_tree=rank.is_main))
         if utts.bad and cfg.data.on_bad_audio == "stop":
@@ -196,7 +199,7 @@ def train(cfg: Config) -> dict[str, Any]:
         speakers = dataset.speakers()
         sampler = DistributedSampler(dataset, rank.world_size, rank.rank, shuffle=True,
                                      seed=cfg.train.seed, drop_last=True)
-        loader = training_loader(dataset, sampler, cfg.train.batch_size // rank.world_size, cfg.data.num_workers,
+        loader = training_loader(dataset, sampler, per_rank, cfg.data.num_workers,
                                  rank.device)
         if len(loader) == 0:  # drop_last would leave no step at all (performance mode would wait forever)
             raise ConfigError(f"batch_size {cfg.train.batch_size} is more than the {len(dataset)} training crops "
@@ -282,7 +285,11 @@ def _parse_args(argv: list[str] | None) -> Config:
 
 @record  # under torchrun, a failing rank's traceback is reported with its rank
 def main(argv: list[str] | None = None) -> None:
-    train(_parse_args(argv))  # rank 0 reports the result (an event for the launcher, else JSON)
+    cfg = _parse_args(argv)
+    if "RANK" not in os.environ and cfg.train.devices * cfg.train.nnodes > 1:
+        print(json.dumps(launch(cfg)), flush=True)  # --devices 8 from a shell: torchrun, as the notebook starts it
+    else:
+        train(cfg)  # rank 0 reports the result (an event for the launcher, else JSON)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # node. Submit from the repository root (extra arguments go to rawnet_lib.train, later flags win):
 #   sbatch scripts/slurm_train.sh --data_path /data/DB
 #   sbatch --nodes=4 scripts/slurm_train.sh --data_path /data/DB --name paper_4n --epochs 20
+# The global batch splits over the ranks: 96, the multiple of 8, 16 and 32 nearest the paper's 100.
 # The run folder is outputs/train/train_<nodes*8>P/DNNS/<name>/ on the file system the nodes share;
 # global rank 0 writes it and its log goes to rawnet2-<jobid>.out.
 #SBATCH --job-name=rawnet2
@@ -32,4 +33,4 @@ srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
     --nnodes="$SLURM_NNODES" --nproc_per_node="$PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="$SLURM_JOB_ID" \
     -m rawnet_lib.train --config paper --device "$DEVICE" --devices "$PER_NODE" --nnodes "$SLURM_NNODES" \
-    --fast false --amp bf16 "$@"
+    --fast false --amp bf16 --batch_size 96 "$@"

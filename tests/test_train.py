@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +296,56 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
     assert (run / "figures" / "history.png").stat().st_size > 0
     assert (run / "figures" / "loader.png").stat().st_size > 0
     assert_seed_layout(run, epochs=1)
+
+
+def test_the_run_takes_the_numbers_torchrun_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is named after devices x nnodes: a shell's torchrun without them gives its own;
+    numbers that are not torchrun's, or several devices in one process, are refused."""
+    from rawnet_lib.dist import DistError, launched_as
+    for var in ("RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cpu = torch.device("cpu")
+    assert launched_as(1, 1, RankInfo(0, 1, cpu)) == (1, 1)
+    with pytest.raises(DistError, match=r"devices 2 x nnodes 1 asked for in one process: start the ranks with "
+                                        r"`python -m rawnet_lib.train`"):
+        launched_as(2, 1, RankInfo(0, 1, cpu))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert launched_as(1, 1, RankInfo(3, 16, cpu)) == (8, 2)
+    assert launched_as(8, 2, RankInfo(3, 16, cpu)) == (8, 2)
+    with pytest.raises(DistError, match=r"devices 4 x nnodes 1 asked for, but torchrun started 16 process\(es\), "
+                                        r"8 per node: start torchrun with --nproc_per_node=4 --nnodes=1, or give "
+                                        r"--devices 8 --nnodes 2"):
+        launched_as(4, 1, RankInfo(3, 16, cpu))
+
+
+def test_the_global_batch_must_split_over_the_ranks() -> None:
+    from rawnet_lib.dist import rank_batch
+    assert rank_batch(96, 8) == 12 and rank_batch(100, 4) == 25
+    with pytest.raises(ConfigError, match=r"batch_size 100 \(the global batch\) does not split evenly over 8 "
+                                          r"processes; use a multiple of 8, e.g. 96 or 104"):
+        rank_batch(100, 8)
+    with pytest.raises(ConfigError, match=r"use a multiple of 8, e.g. 8$"):
+        rank_batch(4, 8)
+    with pytest.raises(ConfigError, match=r"batch_size 100 .* over 8 processes"):  # before torchrun starts
+        launch(load_config("paper", devices=8, name="never", out_dir="/tmp/rawnet-never-created"))
+
+
+@pytest.mark.slow
+def test_shell_commands_name_the_folder_after_the_processes(tiny_db: Path, tmp_path: Path) -> None:
+    """torchrun from a shell without --devices, and --devices 2 without torchrun (which starts it)."""
+    flags = ["--config", "smoke", "--data_path", str(tiny_db), "--out_dir", str(tmp_path), "--epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "rawnet_lib.train", *flags, "--name", "torchrun"],
+                "plain": [sys.executable, "-m", "rawnet_lib.train", *flags, "--name", "plain", "--devices", "2"]}
+    for name, cmd in commands.items():
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["epochs"] == 1
+        run = tmp_path / "train_2P" / "DNNS" / name
+        assert_seed_layout(run, epochs=1)
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["devices"] == 2
 
 
 def test_more_devices_than_exist_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import REPO_DIR, Config
-from rawnet_lib.dist import DistError, available_devices, check_fast_path, resolve_device_kind
+from rawnet_lib.dist import DistError, available_devices, check_fast_path, rank_batch, resolve_device_kind
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.training.run import EVENT_PREFIX, check_run_dir, run_path
 
@@ -56,6 +56,7 @@ def launch_command(cfg: Config, config_file: Path) -> list[str]:
 def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
     """Run training to the end and return its summary (or performance figures)."""
     check_run_dir(cfg)  # refuse to clobber an earlier run before starting any process
+    rank_batch(cfg.train.batch_size, cfg.train.devices * cfg.train.nnodes)
     kind = resolve_device_kind(cfg.train.device)
     check_fast_path(cfg.model.fast, kind)
     if cfg.train.devices > available_devices(kind):

@@ -116,7 +116,10 @@ def launched_as(devices: int, nnodes: int, rank: RankInfo) -> tuple[int, int]:
     A shell's torchrun without --devices and --nnodes (the config's 1 x 1) gives its own numbers;
     other numbers than torchrun's are an error, as the folder would name another run than this."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    started = (per_node, rank.world_size // per_node)
+    started = (per_node, int(os.environ.get("GROUP_WORLD_SIZE", rank.world_size // per_node)))
+    if per_node * started[1] != rank.world_size:
+        raise DistError(f"torchrun started {rank.world_size} processes on {started[1]} nodes, {per_node} on this one: "
+                        "give every node the same --nproc_per_node (a run folder names one number of processes)")
     if (devices, nnodes) in (started, (1, 1)):
         return started
     if "RANK" not in os.environ:

@@ -50,6 +50,7 @@ from rawnet_lib.evaluate import evaluate, evaluation_identity, identity_changes
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
+from rawnet_lib.training.launch import launch
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, RunNotFoundError, check_checkpoint_choice,
                                      check_validation, data_changes, default_out_dir, run_changes, run_checkpoint,
                                      run_path, run_state)
@@ -194,10 +195,14 @@ def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, l
         raise ConfigError(f"{where}: {', '.join(owned)} are set by the sweep (seeds:, lists:, --out); remove them")
     arm_preset = overrides.pop("preset", preset)
     try:
-        return load_config(arm_preset, overrides, seed=seed, name=f"{name}-seed{seed}", out_dir=str(out),
-                           trial_lists=[str(x) for x in lists])
+        cfg = load_config(arm_preset, overrides, seed=seed, name=f"{name}-seed{seed}", out_dir=str(out),
+                          trial_lists=[str(x) for x in lists])
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+    if cfg.train.nnodes != 1:
+        raise ConfigError(f"{where}: nnodes {cfg.train.nnodes}: a sweep trains on one machine (devices: N there runs "
+                          "each run on N ranks); train a multi-node run with torchrun on every node")
+    return cfg
 
 
 def _check_inputs(path: Path, name: str, cfg: Config) -> None:
@@ -269,7 +274,10 @@ def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     resume = state == "started"
     log(f"{'resume ' if resume else 'train  '} {folder.name}")
     cfg.train.resume, cfg.train.overwrite = resume, not resume
-    train(cfg)
+    if cfg.train.devices > 1:
+        launch(cfg)  # torchrun with one rank per device, as the training notebook starts it
+    else:
+        train(cfg)
     return folder
 
 

@@ -287,7 +287,9 @@ def _parse_args(argv: list[str] | None) -> Config:
 def main(argv: list[str] | None = None) -> None:
     cfg = _parse_args(argv)
     if "RANK" not in os.environ and cfg.train.devices * cfg.train.nnodes > 1:
-        print(json.dumps(launch(cfg)), flush=True)  # --devices 8 from a shell: torchrun, as the notebook starts it
+        result = launch(cfg, cwd=Path.cwd())  # --devices 8 from a shell: torchrun, as the notebook starts it
+        if result:  # only the node of global rank 0 has one
+            print(json.dumps(result), flush=True)
     else:
         train(cfg)  # rank 0 reports the result (an event for the launcher, else JSON)
 

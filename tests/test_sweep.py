@@ -194,6 +194,22 @@ def test_a_finished_run_is_not_reused_for_other_training_data(tiny_db, tmp_path,
         assert sweep_mod.run_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out") == "summarised"
 
 
+def test_an_arm_on_several_devices_trains_through_torchrun(tmp_path, monkeypatch):
+    """Ranks never run inside the sweep's process (or a notebook's kernel): devices: 2 goes to the
+    launcher, one device trains in-process; several nodes are refused."""
+    started = []
+    monkeypatch.setattr(sweep_mod, "launch", lambda cfg: started.append(("launch", cfg.train.devices)))
+    monkeypatch.setattr(sweep_mod, "train", lambda cfg: started.append(("train", cfg.train.devices)))
+    spec = {"seeds": [1], "arms": {"one": {"preset": "smoke"}, "two": {"preset": "smoke", "train": {"devices": 2}}}}
+    configs = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out").configs
+    for arm in ("one", "two"):
+        sweep_mod._train_run(configs[arm][1], print)
+    assert started == [("train", 1), ("launch", 2)]
+    spec["arms"]["two"]["train"]["nnodes"] = 2
+    with pytest.raises(ConfigError, match=r"arm 'two': nnodes 2: a sweep trains on one machine"):
+        sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out")
+
+
 def test_the_tables_cover_every_seed_finished_for_every_arm(tmp_path):
     """Seeds beyond those asked join the sweep when every arm's run of them finished with the arm's
     settings; one arm only, a started run, a name the sweep does not write (01) or a run of other

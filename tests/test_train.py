@@ -302,7 +302,7 @@ def test_the_run_takes_the_numbers_torchrun_started(monkeypatch: pytest.MonkeyPa
     """The folder is named after devices x nnodes: a shell's torchrun without them gives its own;
     numbers that are not torchrun's, or several devices in one process, are refused."""
     from rawnet_lib.dist import DistError, launched_as
-    for var in ("RANK", "LOCAL_WORLD_SIZE"):
+    for var in ("RANK", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     cpu = torch.device("cpu")
     assert launched_as(1, 1, RankInfo(0, 1, cpu)) == (1, 1)
@@ -317,6 +317,10 @@ def test_the_run_takes_the_numbers_torchrun_started(monkeypatch: pytest.MonkeyPa
                                         r"8 per node: start torchrun with --nproc_per_node=4 --nnodes=1, or give "
                                         r"--devices 8 --nnodes 2"):
         launched_as(4, 1, RankInfo(3, 16, cpu))
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # 8 + 4 processes: no one folder name fits
+    with pytest.raises(DistError, match=r"torchrun started 12 processes on 2 nodes, 8 on this one: give every node "
+                                        r"the same --nproc_per_node"):
+        launched_as(1, 1, RankInfo(3, 12, cpu))
 
 
 def test_the_global_batch_must_split_over_the_ranks() -> None:
@@ -334,7 +338,8 @@ def test_the_global_batch_must_split_over_the_ranks() -> None:
 @pytest.mark.slow
 def test_shell_commands_name_the_folder_after_the_processes(tiny_db: Path, tmp_path: Path) -> None:
     """torchrun from a shell without --devices, and --devices 2 without torchrun (which starts it)."""
-    flags = ["--config", "smoke", "--data_path", str(tiny_db), "--out_dir", str(tmp_path), "--epochs", "1"]
+    (tmp_path / "DB").symlink_to(tiny_db)  # a relative data_path is the shell's, also when torchrun is started for it
+    flags = ["--config", "smoke", "--data_path", "DB", "--out_dir", str(tmp_path), "--epochs", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     commands = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "rawnet_lib.train", *flags, "--name", "torchrun"],

@@ -53,8 +53,10 @@ def launch_command(cfg: Config, config_file: Path) -> list[str]:
             f"--nproc_per_node={cfg.train.devices}", *train]
 
 
-def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
-    """Run training to the end and return its summary (or performance figures)."""
+def launch(cfg: Config, echo_logs: bool = False, cwd: Path = REPO_DIR) -> dict[str, Any]:
+    """Run training to the end and return its summary (or performance figures); {} on a node
+    that does not hold global rank 0. Relative data paths are read from `cwd` (the repository,
+    for notebooks; the shell's folder, for the command line)."""
     check_run_dir(cfg)  # refuse to clobber an earlier run before starting any process
     rank_batch(cfg.train.batch_size, cfg.train.devices * cfg.train.nnodes)
     kind = resolve_device_kind(cfg.train.device)
@@ -71,7 +73,7 @@ def launch(cfg: Config, echo_logs: bool = False) -> dict[str, Any]:
     env = {**os.environ, "RAWNET_EVENTS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            cwd=REPO_DIR, env=env, start_new_session=True)
+                            cwd=cwd, env=env, start_new_session=True)
     tail: list[str] = []
     result: dict[str, Any] = {}
     bar = None

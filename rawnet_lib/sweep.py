@@ -22,8 +22,9 @@ Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials an
 speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
 second is the wider), summary.csv /
 .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
-paired.csv (each arm minus the first over the same seeds), det_<list>.png (all arms, the
-scores of their seeds pooled).
+paired.csv (each arm minus the first over the same seeds), training.csv (per run: best epoch,
+validation EER over the last 10 epochs and its epoch-to-epoch movement, final training accuracy),
+det_<list>.png (all arms, the scores of their seeds pooled).
 """
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch
-from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, RunNotFoundError, check_checkpoint_choice,
-                                     check_validation, data_changes, default_out_dir, run_changes, run_checkpoint,
-                                     run_path, run_state)
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, RunNotFoundError, best_epoch,
+                                     check_checkpoint_choice, check_validation, data_changes, default_out_dir,
+                                     run_changes, run_checkpoint, run_path, run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -419,8 +420,29 @@ def _run_scores(out: Path, tag: str) -> pd.DataFrame:
     return load_scores(names if names.is_file() else out / f"scores_{tag}.txt")
 
 
+def _training_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """How each run trained, from its history.json: what says whether a recipe still learns, how
+    much its validation EER moves from epoch to epoch (so how much luck the best epoch holds) and
+    whether it memorises its training speakers. EERs in %."""
+    rows = []
+    for (arm, seed, run), _ in runs.groupby(["arm", "seed", "run"], sort=False):
+        history = json.loads((Path(run) / "history.json").read_text())
+        val = np.array([h["val_eer"] for h in history], dtype=float) * 100
+        half = val[len(val) // 2:]
+        best = best_epoch(history)
+        rows.append({"arm": arm, "seed": seed, "epochs": len(history), "best_epoch": best.get("epoch"),
+                     "best_val_eer": 100 * best["val_eer"] if best else np.nan,
+                     "val_eer_last10": float(np.nanmean(val[-10:])),
+                     "val_eer_step_median": float(np.nanmedian(np.abs(np.diff(half)))) if len(half) > 1 else np.nan,
+                     "train_accuracy": history[-1].get("accuracy", np.nan),
+                     "epoch_seconds_median": float(np.nanmedian([h.get("epoch_seconds", np.nan) for h in history])),
+                     "run": run})
+    return pd.DataFrame(rows)
+
+
 def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
-    """runs.csv, summary.csv/.json, paired.csv and det_<list>.png under the sweep folder; returns the tables."""
+    """runs.csv, summary.csv/.json, paired.csv, training.csv and det_<list>.png under the sweep folder;
+    returns the tables."""
     _check_n_boot(n_boot)
     _check_own_folder(spec)
     runs, pooled, missing = _runs_table(spec, n_boot)
@@ -440,7 +462,8 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
             paired.append({"arm": arm, "baseline": base, "list": tag, "n_pairs": len(common), "eer_diff": diff,
                            "eer_diff_ci_low": lo, "eer_diff_ci_high": hi,
                            "relative_change_percent": 100 * diff / ref[common].mean()})
-    tables = {"runs": runs, "summary": pd.DataFrame(summary), "paired": pd.DataFrame(paired)}
+    tables = {"runs": runs, "summary": pd.DataFrame(summary), "paired": pd.DataFrame(paired),
+              "training": _training_table(runs)}
     for name, table in tables.items():
         with atomic_open(spec.results / f"{name}.csv", "w") as f:
             table.to_csv(f, index=False)

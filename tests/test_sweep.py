@@ -291,6 +291,21 @@ def test_results_of_a_changed_list_are_not_reused(tiny_db, tmp_path, monkeypatch
         evaluated_on(read_trials(trials).sha1, scored_as=full)
 
 
+def test_the_training_table_reads_each_run_s_history(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    val = [0.30, 0.20, float("nan"), 0.25, 0.22, 0.26]  # epoch 3's validation failed: never best, left out
+    history = [{"epoch": i + 1, "val_eer": v, "accuracy": 0.1 * (i + 1), "epoch_seconds": 10.0 + i}
+               for i, v in enumerate(val)]
+    (run / "history.json").write_text(json.dumps(history))
+    runs = pd.DataFrame([{"arm": "a", "seed": 1, "list": tag, "run": str(run)} for tag in ("O", "E")])
+    row = sweep_mod._training_table(runs).iloc[0]
+    assert (row["epochs"], row["best_epoch"]) == (6, 2) and row["best_val_eer"] == pytest.approx(20.0)
+    assert row["val_eer_last10"] == pytest.approx(np.mean([30, 20, 25, 22, 26]))
+    assert row["val_eer_step_median"] == pytest.approx(np.median([3, 4]))  # second half: 25, 22, 26
+    assert row["train_accuracy"] == pytest.approx(0.6) and row["epoch_seconds_median"] == pytest.approx(12.5)
+
+
 def test_a_run_that_never_scored_a_list_of_the_sweep_is_named(tmp_path):
     path = _write(tmp_path / "s.yaml", {"seeds": [1], "lists": ["O", "E"], "arms": {"a": {"preset": "smoke"}}})
     spec = sweep_mod.load_sweep(path, tmp_path / "out")
@@ -359,6 +374,9 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     assert (runs_table["eer_spk_low"] <= runs_table["eer_spk_high"]).all()  # the evaluation wrote the names files
     assert (out / "det_O.png").is_file() and json.loads((out / "summary.json").read_text())["baseline"] == "ref"
     assert runs_table["list_sha1"].nunique() == 1 and len(runs_table["list_sha1"].iloc[0]) == 40
+    training = pd.read_csv(out / "training.csv")
+    assert list(zip(training["arm"], training["seed"])) == [("ref", 1), ("ref", 2), ("aam", 1), ("aam", 2)]
+    assert (training["epochs"] == 1).all() and (training["best_epoch"] == 1).all()
 
     # the file's seeds, or fewer, run again: the tables still cover every seed finished in the folder
     calls.clear()

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -219,9 +220,26 @@ class Config:
             value = getattr(getattr(self, block), key)
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-        for key in ("epochs", "batch_size", "devices", "n_samples", "sinc_filters", "eval_batch_size"):
-            if self.flat()[key] < 1:
-                raise ConfigError(f"{key}={self.flat()[key]} must be at least 1")
+        flat = self.flat()
+        for key in ("epochs", "batch_size", "devices", "nnodes", "n_samples", "sample_rate", "sinc_filters",
+                    "sinc_kernel", "gru_units", "gru_layers", "embedding_dim", "eval_batch_size", "eval_hop",
+                    "perf_steps", "val_pairs", "asnorm_top_k", "asnorm_cohort"):
+            if flat[key] < 1:
+                raise ConfigError(f"{key}={flat[key]} must be at least 1")
+        for key in ("num_workers", "warmup_steps", "node_rank", "weight_decay", "keras_decay", "momentum",
+                    "min_seconds"):
+            if not flat[key] >= 0:
+                raise ConfigError(f"{key}={flat[key]} must be 0 or more")
+        if not (math.isfinite(self.optim.lr) and self.optim.lr > 0):
+            raise ConfigError(f"lr={self.optim.lr} must be a positive number, e.g. 1e-3")
+        if self.train.node_rank >= self.train.nnodes or not 1 <= self.train.master_port <= 65535:
+            raise ConfigError(f"node_rank={self.train.node_rank}, nnodes={self.train.nnodes}, "
+                              f"master_port={self.train.master_port}: node_rank counts from 0 to nnodes - 1 and "
+                              "the port is between 1 and 65535")
+        if any(width < 1 for width in self.model.blocks):
+            raise ConfigError(f"blocks={self.model.blocks}: every block needs at least 1 filter")
+        if not self.evaluation.trial_lists:
+            raise ConfigError("trial_lists=[] names no list to score; use e.g. [O] or [O, E, H]")
         ranks = self.train.devices * self.train.nnodes
         if not 0 <= self.train.seed <= 2**32 - ranks:  # numpy takes 32-bit seeds; each rank seeds with seed + rank
             raise ConfigError(f"seed={self.train.seed} must be between 0 and 2**32 - {ranks} (rank r seeds with "
@@ -241,6 +259,9 @@ class Config:
         loss, aug, optim = self.loss, self.augment, self.optim
         if loss.scale <= 0 or loss.margin < 0:
             raise ConfigError(f"scale={loss.scale}, margin={loss.margin}: the scale must be positive, the margin >= 0")
+        if loss.head == "aam" and loss.margin >= math.pi / 2:
+            raise ConfigError(f"margin={loss.margin}: an angular margin is in radians and must stay below pi/2 "
+                              "(published ones are 0.2-0.5)")
         schedule = loss.margin_schedule
         if schedule and (len(schedule) != 2 or not 0 <= schedule[0] <= schedule[1]):
             raise ConfigError(f"margin_schedule={schedule} must be [first_epoch, last_epoch] with "
@@ -307,12 +328,30 @@ def preset_path(preset: str | Path) -> Path:
     return path
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, holds: str = "a mapping of blocks (model:, data:, ...)") -> dict[str, Any]:
-    """The mapping a YAML file holds (empty file: {}); ConfigError naming the file otherwise."""
+    """The mapping a YAML file holds (empty file: {}); ConfigError naming the file (and line) otherwise."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, encoding="utf-8") as stream:  # a stream: the error's line names the file
+            data = yaml.load(stream, Loader=_StrictLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        tabs = " (indent with spaces: YAML does not allow tabs)" if "\t" in str(err) or "tab" in str(err) else ""
+        raise ConfigError(f"{path} is not valid YAML{tabs}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold {holds}, not {type(data).__name__}")
     return data
@@ -349,10 +388,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{name}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
 
 
-def _apply(config: Config, values: Mapping[str, Any], where: str) -> None:
-    """Set fields from a flat mapping, or `block: {field: value}` sub-mappings."""
+def _apply(config: Config, values: Mapping[str, Any], where: str) -> list[str]:
+    """Set fields from a flat mapping, or `block: {field: value}` sub-mappings; returns the fields set."""
     blocks = config.blocks()
     owner = {f.name: name for name, block in blocks.items() for f in dataclasses.fields(block)}
+    done: list[str] = []
     for key, value in values.items():
         if key == "preset":
             continue
@@ -363,18 +403,26 @@ def _apply(config: Config, values: Mapping[str, Any], where: str) -> None:
                 raise ConfigError(f"{where}: block {key!r} must be a mapping of fields, got {value!r}")
             for sub, subvalue in value.items():
                 if owner.get(sub) != key:
+                    if sub in owner:
+                        raise ConfigError(f"{where}: {sub!r} is a field of the {owner[sub]}: block, not of {key}:; "
+                                          f"move it there")
                     _unknown(f"{key}.{sub}", [f.name for f in dataclasses.fields(blocks[key])], where)
-                _set(blocks[key], sub, subvalue)
+                done.append(_set(blocks[key], sub, subvalue, where))
         elif key in owner:
             if value is not None:   # None in a notebook parameter means "keep the preset's value"
-                _set(blocks[owner[key]], key, value)
+                done.append(_set(blocks[owner[key]], key, value, where))
         else:
             _unknown(key, list(owner) + list(blocks), where)
+    return done
 
 
-def _set(block: Any, name: str, value: Any) -> None:
+def _set(block: Any, name: str, value: Any, where: str) -> str:
     hints = typing.get_type_hints(type(block))
-    setattr(block, name, _coerce(name, value, hints[name]))
+    try:
+        setattr(block, name, _coerce(name, value, hints[name]))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return name
 
 
 def _unknown(key: Any, valid: list[str], where: str) -> typing.NoReturn:
@@ -398,16 +446,37 @@ def load_config(preset: str | Path | Config | None = "demo", blocks: Mapping[str
         overrides = {"blocks": blocks, **overrides}
         blocks = None
     config = Config()
+    set_by: dict[str, str] = {}  # field -> the preset file its value came from, for the error of a bad one
     if isinstance(preset, Config):
         config = copy.deepcopy(preset)
     elif preset:
-        path = preset_path(preset)
-        values = read_yaml(path)
-        _apply(config, values, str(path))
-        config.preset = str(values.get("preset") or preset)
-    _apply(config, dict(blocks or {}), "YAML blocks")
-    _apply(config, overrides, "parameters")
-    return config.validate()
+        config.preset = _apply_preset(config, preset, set_by)
+    for values, where in ((dict(blocks or {}), "YAML blocks"), (overrides, "parameters")):
+        for key in _apply(config, values, where):
+            set_by.pop(key, None)
+    try:
+        return config.validate()
+    except ConfigError as err:
+        key = re.match(r"(\w+)=", str(err))
+        where = set_by.get(key[1]) if key else None
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+
+
+def _apply_preset(config: Config, preset: str | Path, set_by: dict[str, str], seen: tuple[Path, ...] = ()) -> str:
+    """A preset YAML over `config`; returns its name. A YAML of one's own that names a preset
+    (`preset: demo`) starts from that preset, as `-f` in a notebook and a sweep arm do."""
+    path = preset_path(preset)
+    values = read_yaml(path)
+    base = values.get("preset")
+    if base:
+        base = str(base)
+        base_path = path.parent / base if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() else base
+        if preset_path(base_path).resolve() != path.resolve():
+            if path.resolve() in seen:
+                raise ConfigError(f"{path}: preset {base!r} leads back to {path}")
+            _apply_preset(config, base_path, set_by, (*seen, path.resolve()))
+    set_by.update(dict.fromkeys(_apply(config, values, str(path)), str(path)))
+    return str(base or preset)
 
 
 def write_f_params(config: Config, path: Path) -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rawnet_lib.config import Config, cli_parser
+from rawnet_lib.config import Config, ConfigError, cli_parser
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.eval.calibrate import calibration_path
 from rawnet_lib.io import atomic_path
@@ -133,7 +133,11 @@ def onnx_embedder(path: str | Path, threads: int = 0) -> tuple[Callable[[np.ndar
     if CONFIG_KEY not in meta:
         raise ExportError(f"{path}: an ONNX file without {CONFIG_KEY} metadata, so its crop length is unknown; "
                           "export it with python -m rawnet_lib.export")
-    cfg = Config.from_dict(json.loads(meta[CONFIG_KEY]))
+    try:
+        cfg = Config.from_dict(json.loads(meta[CONFIG_KEY]))
+    except (ConfigError, ValueError) as err:
+        raise ExportError(f"{path}: its {CONFIG_KEY} metadata is not a config this version reads ({err}); export "
+                          "the checkpoint again with python -m rawnet_lib.export") from None
     name = session.get_inputs()[0].name
 
     def run(crops: np.ndarray) -> np.ndarray:

@@ -126,6 +126,10 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     if not (isinstance(arms, dict) and arms):
         raise ConfigError(f"{path}: arms must map names to overrides, e.g. {{baseline: {{preset: demo}}}}, "
                           f"got {arms!r}")
+    folded = [str(a).lower() for a in arms]
+    if len(set(folded)) != len(folded):
+        raise ConfigError(f"{path}: arm names {', '.join(map(str, arms))} differ only in case: their run folders "
+                          "would be one on a case-insensitive file system; rename one")
     tags = [list_tag(str(x)) for x in lists]
     if len(set(tags)) < len(tags):  # one list twice would count each run twice in its intervals
         twice = ", ".join(sorted({t for t in tags if tags.count(t) > 1}))
@@ -185,7 +189,7 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
 
 def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
     where = f"{path}: arm {name!r}"
-    if "/" in name or name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", str(name)):
         raise ConfigError(f"{where}: an arm name becomes a folder name; use letters, digits, - and _")
     overrides = dict(overrides or {}) if isinstance(overrides, dict) or overrides is None else overrides
     if not isinstance(overrides, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,9 +178,52 @@ def test_unknown_flat_key_suggests_the_right_one():
 def test_unknown_block_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match=r"'train\.epoch'.*did you mean.*epochs"):
         load_config("smoke", blocks={"train": {"epoch": 3}})
-    # A real field in the wrong block is also refused.
-    with pytest.raises(ConfigError, match=r"model\.lr"):
+    # A real field in the wrong block is also refused, naming its block.
+    with pytest.raises(ConfigError, match=r"YAML blocks: 'lr' is a field of the optim: block, not of model:; move"):
         load_config("smoke", blocks={"model": {"lr": 0.1}})
+
+
+def test_values_out_of_range_are_refused_naming_the_file(tmp_path):
+    bad = {"lr": -1, "gru_units": 0, "eval_hop": 0, "num_workers": -1, "val_pairs": 0, "momentum": -0.5,
+           "blocks": [8, 0], "trial_lists": [], "node_rank": 1, "master_port": 99999}
+    for key, value in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config("smoke", **{key: value})
+    with pytest.raises(ConfigError, match=r"lr=nan must be a positive number"):
+        load_config("smoke", lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"margin=5\.0: an angular margin is in radians"):
+        load_config("smoke", {"loss": {"head": "aam", "margin": 5}})
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train: {epochs: 0}\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(mine))}: epochs=0 must be at least 1"):
+        load_config(mine)
+    assert load_config(mine, epochs=2).train.epochs == 2  # a later layer mends it
+    mine.write_text("train: {epochs: ten}\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(mine))}: epochs='ten' is not a valid int"):
+        load_config(mine)
+
+
+def test_a_yaml_of_one_s_own_starts_from_the_preset_it_names(tmp_path):
+    """As `-f` in a notebook and a sweep arm do; before, load_config and the CLI ignored it."""
+    (tmp_path / "mine.yaml").write_text("preset: demo\ntrain: {epochs: 3}\n")
+    (tmp_path / "more.yaml").write_text("preset: mine.yaml\noptim: {lr: 0.01}\n")
+    cfg = load_config(tmp_path / "more.yaml")
+    assert (cfg.model, cfg.train.epochs, cfg.optim.lr) == (load_config("demo").model, 3, 0.01)
+    (tmp_path / "mine.yaml").write_text("preset: more.yaml\n")
+    with pytest.raises(ConfigError, match=r"leads back to"):
+        load_config(tmp_path / "more.yaml")
+
+
+def test_a_key_given_twice_or_a_tab_is_named_with_its_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 3\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"'epochs' is given twice in one mapping; keep one\s+in \".*twice\.yaml\", "
+                                          r"line 3"):
+        load_config(twice)
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("train:\n\tepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"tab\.yaml is not valid YAML \(indent with spaces"):
+        load_config(tab)
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

@@ -86,6 +86,8 @@ def _write(path: Path, spec: dict) -> Path:
     ({"seeds": [1], "arms": {"a": {"train": {"seed": 4}}}}, ConfigError, r"seed are set by the sweep"),
     ({"seeds": [1], "arms": {"a": {}}, "armz": {}}, ConfigError, r"unknown key\(s\) armz; valid keys: seeds"),
     ({"seeds": "1", "arms": {"a": {}}}, ConfigError, r"seeds must be a list of distinct integers"),
+    ({"seeds": [1], "arms": {"a b": {}}}, ConfigError, r"arm 'a b': an arm name becomes a folder name"),
+    ({"seeds": [1], "arms": {"base": {}, "Base": {}}}, ConfigError, r"arm names base, Base differ only in case"),
     ({"seeds": [-1], "arms": {"a": {}}}, ConfigError, r"arm 'a': seed=-1 must be between 0 and 2\*\*32 - 1"),
     ({"seeds": [1], "lists": ["O", "E", "my/O.txt"], "arms": {"a": {}}}, ConfigError,
      r"s\.yaml: lists \['O', 'E', 'my/O.txt'\] would report O twice .* rename one of the files"),

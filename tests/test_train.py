@@ -323,6 +323,14 @@ def test_the_run_takes_the_numbers_torchrun_started(monkeypatch: pytest.MonkeyPa
         launched_as(1, 1, RankInfo(3, 12, cpu))
 
 
+def test_a_name_that_is_not_one_folder_is_refused() -> None:
+    """An empty or relative name would point at the folder of other runs, which overwrite deletes."""
+    for name in ("", ".", "..", "../x", "a/b", "/tmp/x", "a b"):
+        with pytest.raises(ConfigError, match=r"becomes the run's folder name"):
+            run_path(load_config("smoke", name=name, overwrite=True))
+    assert run_path(load_config("smoke", name="paper_4n.v2-b")).name == "paper_4n.v2-b"
+
+
 def test_the_global_batch_must_split_over_the_ranks() -> None:
     from rawnet_lib.dist import rank_batch
     assert rank_batch(96, 8) == 12 and rank_batch(100, 4) == 25

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rawnet_lib.config import Config, ModelConfig, load_config
+from rawnet_lib.config import Config, ConfigError, ModelConfig, load_config
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_torch_save
 from rawnet_lib.models.rawnet2 import RawNet2, build_model
@@ -222,7 +222,11 @@ def checkpoint_model(stored: Any, path: str | Path, device: str | torch.device =
     needs the rest of it (the optimiser state, the epoch)."""
     state, config = _weights(stored, str(path))
     if config is not None:
-        cfg = Config.from_dict(config)
+        try:
+            cfg = Config.from_dict(config)
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: the config it carries does not load here ({err}); a checkpoint of "
+                                  "another version of the workbook loads with that version") from None
         _, n_classes = infer_model_config(state, cfg.model)
     else:
         cfg = load_config(base) if isinstance(base, str) else copy.deepcopy(base)

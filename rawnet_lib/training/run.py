@@ -74,6 +74,11 @@ class NonFiniteLossError(WorkbookError, FloatingPointError):
 
 
 def run_path(cfg: Config) -> Path:
+    """<out_dir>/train_<N>P/DNNS/<name>; a name that is not one plain folder name is refused, as an
+    empty or relative one would point at the folder of other runs (which overwrite: true deletes)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", cfg.train.name):
+        raise ConfigError(f"name={cfg.train.name!r} becomes the run's folder name: use letters, digits, '.', '-' "
+                          "and '_', not starting with '.'")
     out = Path(cfg.train.out_dir)
     out = out if out.is_absolute() else REPO_DIR / out
     return out / f"train_{cfg.train.devices * cfg.train.nnodes}P" / "DNNS" / cfg.train.name

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from rawnet_lib.config import Config, ConfigError, cli_parser
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.eval.calibrate import calibration_path
-from rawnet_lib.io import atomic_path
+from rawnet_lib.io import atomic_path, check_output
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.models.rawnet2 import RawNet2
 
@@ -84,10 +84,16 @@ def embedding_network(model: RawNet2) -> nn.Module:
     return _Embedder(net).eval()
 
 
-def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str = "paper") -> Path:
-    """Write the embedding network of `checkpoint` as ONNX or TorchScript to `out`; returns `out`."""
+def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str = "paper",
+                 overwrite: bool = False) -> Path:
+    """Write the embedding network of `checkpoint` as ONNX or TorchScript to `out` (and its
+    calibration beside it, when the checkpoint has one); returns `out`. An existing `out` or
+    calibration there is replaced only with `overwrite`; the checkpoint itself never."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_output(out, overwrite, [checkpoint])
+    if calibration_path(checkpoint).is_file():
+        check_output(calibration_path(out), overwrite, [checkpoint, calibration_path(checkpoint)])
     model, cfg = load_checkpoint_model(checkpoint, base=preset)
     net = embedding_network(model)
     example = torch.randn(2, cfg.model.n_samples, generator=torch.Generator().manual_seed(0))
@@ -151,8 +157,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--checkpoint", required=True, help="a .pt file: ours or a bare reference state_dict")
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its calibration)")
     args = parser.parse_args(argv)
-    out = export_model(args.checkpoint, args.format, args.out, args.config)
+    out = export_model(args.checkpoint, args.format, args.out, args.config, overwrite=args.overwrite)
     print(json.dumps({"checkpoint": str(args.checkpoint), "format": args.format, "out": str(out),
                       "opset": OPSET if args.format == "onnx" else None}))
     return out

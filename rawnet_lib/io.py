@@ -14,9 +14,29 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
-__all__ = ["atomic_open", "atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save"]
+from rawnet_lib.errors import WorkbookError
+
+__all__ = ["atomic_open", "atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save",
+           "check_output", "OutputExistsError"]
+
+
+class OutputExistsError(WorkbookError, FileExistsError):
+    """A command's output would replace an existing file (never one of its inputs)."""
+
+
+def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (),
+                 flag: str = "--overwrite") -> Path:
+    """Before the work: refuse to write `path` over one of the command's inputs, ever, or over an
+    existing file unless `overwrite` (the command's `flag`) says so."""
+    path = Path(path)
+    for given in inputs:
+        if Path(given).exists() and path.exists() and path.resolve() == Path(given).resolve():
+            raise OutputExistsError(f"{path} is also an input of this command; write the output elsewhere")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; give another output path, or {flag} to replace it")
+    return path
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.eval.calibrate import Calibration, calibration_path, cllr, fit_calibration, load_calibration
 from rawnet_lib.eval.embed import autocast, check_crops, cpu_amp, mean_crop_embeddings, utterance_crops
 from rawnet_lib.eval.metrics import summarize
-from rawnet_lib.io import atomic_open
+from rawnet_lib.io import atomic_open, check_output
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 
 __all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
@@ -293,6 +293,8 @@ def _parser(command: str):
     parser = cli_parser(f"python -m rawnet_lib.verify {command}", __doc__, preset="paper", fields=CLI_FIELDS,
                         config_help="settings for a bare reference state_dict: preset name or YAML")
     parser.add_argument("--checkpoint", required=True, help="a .pt file (ours or a reference state_dict) or an .onnx")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (--out, or calibrate's .calibration.json)")
     if command == "embed":
         parser.add_argument("inputs", nargs="+", help="audio files and folders")
         parser.add_argument("--out", required=True, help="the .npz to write (keys, emb, meta)")
@@ -313,6 +315,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise VerifyError(f"give a command first: {' | '.join(commands)} (python -m rawnet_lib.verify score -h)")
     command = argv.pop(0)
     args = _parser(command).parse_args(argv)
+    if command == "calibrate":  # before any embedding: never a file replaced without asking
+        check_output(calibration_path(args.checkpoint), args.overwrite, [args.checkpoint])
+    elif args.out:
+        check_output(args.out, args.overwrite, [args.checkpoint, *getattr(args, "inputs", []),
+                                                *([args.trials] if getattr(args, "trials", "") else [])])
     flags = cli_overrides(args)  # over the model's own settings
     flags.pop("device", None)
     verifier = Verifier.from_checkpoint(args.checkpoint, preset=args.config, device=cli_config(args).train.device,

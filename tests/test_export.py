@@ -55,6 +55,12 @@ def test_torchscript_export_and_onnx_verifier(tmp_path: Path) -> None:
     with torch.no_grad():
         assert F.cosine_similarity(ts(x), model.embed(x)).min() >= PARITY
     onnx_file = export_model(ckpt, "onnx", tmp_path / "demo.onnx")
+    from rawnet_lib.io import OutputExistsError
+    with pytest.raises(OutputExistsError, match=r"demo\.onnx exists; give another output path, or --overwrite"):
+        export_model(ckpt, "onnx", onnx_file)
+    with pytest.raises(OutputExistsError, match=r"is also an input"):
+        export_model(ckpt, "torchscript", ckpt, overwrite=True)  # the checkpoint itself, never
+    assert export_model(ckpt, "onnx", onnx_file, overwrite=True) == onnx_file
     audio = np.sin(np.linspace(0, 4000, 40000)).astype(np.float32)
     by_torch = Verifier.from_checkpoint(ckpt, device="cpu", amp="off").embed(audio)  # not bf16 (cpu_amp)
     by_onnx = Verifier.from_checkpoint(onnx_file)

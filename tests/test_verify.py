@@ -251,6 +251,24 @@ def test_cli_embed_score_list_and_calibrate(checkpoint: Path, files, tmp_path: P
     scored = json.loads(capsys.readouterr().out)
     assert set(scored) >= {"score", "llr", "decision", "operating_point", "threshold"}
 
+    # nothing is replaced without --overwrite, and an input never, before any embedding
+    from rawnet_lib.io import OutputExistsError
+    before = ckpt.read_bytes(), calibration_path(ckpt).read_text()
+    other = str(files["other"])
+    for argv, match in ((["embed", "--checkpoint", str(ckpt), other, "--out", str(out)], "emb.npz exists"),
+                        (["embed", "--checkpoint", str(ckpt), other, "--out", str(ckpt), "--overwrite"],
+                         "model.pt is also an input"),
+                        (["score", "--checkpoint", str(ckpt), "--trials", str(pairs), "--out", str(pairs),
+                          "--overwrite"], "dev.txt is also an input"),
+                        (["calibrate", "--checkpoint", str(ckpt), "--trials", str(pairs)],
+                         r"model\.calibration\.json exists; give another output path, or --overwrite")):
+        with pytest.raises(OutputExistsError, match=match):
+            main(argv)
+    assert (ckpt.read_bytes(), calibration_path(ckpt).read_text()) == before
+    main(["calibrate", "--checkpoint", str(ckpt), "--trials", str(pairs), "--root", str(files["wav16000"].parent),
+          "--overwrite"])
+    assert json.loads(capsys.readouterr().out)["calibration"] == str(calibration_path(ckpt))
+
 
 def test_cli_reports_a_bad_file_without_a_traceback(checkpoint: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.wav"

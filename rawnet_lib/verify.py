@@ -18,6 +18,7 @@ pass; only for models without the fixed-length layer norm). A pair list has one 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -80,21 +81,33 @@ class Pairs:
 
 def read_pairs(path: str | Path, roots: Sequence[str | Path] = ()) -> Pairs:
     """Lines `label a b` or `a b` (blank lines and `#` comments skipped); relative paths are looked
-    up under `roots`, then the list's folder. Every bad line is reported at once."""
+    up under `roots`, then the list's folder. Every bad line is reported at once: the format, a
+    file compared with itself, a pair given twice. A file that cannot be read is found when
+    scoring, which lists its pairs and goes on."""
     path = Path(path)
     if not path.is_file():
         raise TrialListError(f"{path}: no such pair list; give a text file of lines 'label a b' or 'a b'")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TrialListError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     search = [Path(r) for r in roots] + [path.parent]
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        tokens = line.split("#")[0].split()
+    rows, bad, seen = [], [], {}
+    for number, line in enumerate(text.splitlines(), 1):
+        tokens = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].split()  # a # inside a file name is the name's
         if not tokens:
             continue
         if len(tokens) not in (2, 3) or (len(tokens) == 3 and tokens[0] not in ("0", "1")):
             bad.append(f"line {number}: {line.strip()[:80]!r} is not 'label a b' (label 0 or 1) or 'a b'")
             continue
-        rows.append((tokens[0] if len(tokens) == 3 else None,
-                     *(_locate(t, search) for t in tokens[-2:])))
+        a, b = (_locate(t, search) for t in tokens[-2:])
+        pair = frozenset((a, b))
+        if a == b:
+            bad.append(f"line {number}: compares {tokens[-1]} with itself")
+        elif pair in seen:
+            bad.append(f"line {number}: the pair of line {seen[pair]} again (either order counts twice)")
+        seen.setdefault(pair, number)
+        rows.append((tokens[0] if len(tokens) == 3 else None, a, b))
     kinds = {label is None for label, _, _ in rows}
     if len(kinds) > 1:
         bad.append("some lines have a label and some do not; label every line or none")
@@ -253,8 +266,9 @@ class Verifier:
                   progress: bool = True) -> Calibration:
         """Fit score -> LLR on a labelled development list and use it from now on; saved as JSON
         (beside the checkpoint when `save_to` is None and the model is a file)."""
-        if pairs.labels is None:
-            raise TrialListError(f"{pairs.source}: calibration needs labels (lines '1 a b' / '0 a b')")
+        if pairs.labels is None or len(set(pairs.labels.tolist())) < 2:
+            raise TrialListError(f"{pairs.source}: calibration needs labelled pairs of both kinds (lines '1 a b', "
+                                 "same speaker, and '0 a b', different speakers)")
         scores, failed = self.score_pairs(pairs, progress)
         ok = np.isfinite(scores)
         if failed:
@@ -356,7 +370,9 @@ def _score_list(verifier: Verifier, pairs: Pairs, out: str) -> dict[str, Any]:
                 f.write(f"{scores[i]:.6f}{label} {pairs.a[i]} {pairs.b[i]}\n")
     result: dict[str, Any] = {"trials": len(scores), "scored": int(ok.sum()), "failed": failed,
                               "out": out or None, **verifier.protocol}
-    if pairs.labels is not None and ok.any():
+    if pairs.labels is not None and len(set(pairs.labels[ok].tolist())) < 2:
+        result["note"] = "EER and minDCF need scored pairs of both labels (1 and 0); the scores are written"
+    elif pairs.labels is not None:
         summary = summarize(scores[ok], pairs.labels[ok])
         result.update(eer_percent=summary["eer_percent"], min_dcf_001=summary["min_dcf_0.01"],
                       min_dcf_005=summary["min_dcf_0.05"])

@@ -148,8 +148,10 @@ def test_files_not_on_disk_are_listed_by_line_with_the_other_problems(tmp_path):
                             "1 a/v/1.wav\n"               # 3 too few fields
                             "0 d/v/9.wav c/v/1.wav\n"     # 4 both missing
                             "yes a/w/2.wav b/v/1.wav\n")  # 5 bad label, files present
-    assert read_trials(_write(tmp_path, "0 a/v/1.wav b/v/1.wav\n", "ok.txt"), [dev, ev]).files() == [
-        "a/v/1.wav", "b/v/1.wav"]
+    assert read_trials(_write(tmp_path, "0 a/v/1.wav b/v/1.wav\n1 a/v/1.wav a/w/2.wav\n", "ok.txt"),
+                       [dev, ev]).files() == ["a/v/1.wav", "a/w/2.wav", "b/v/1.wav"]
+    with pytest.raises(TrialListError, match=r"one\.txt is not usable .*\n  one class only\n    fix: EER, minDCF"):
+        read_trials(_write(tmp_path, "0 a/v/1.wav b/v/1.wav\n", "one.txt"))
     with pytest.raises(TrialListError) as info:
         read_trials(path, [dev, ev])
     msg = str(info.value)

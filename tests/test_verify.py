@@ -166,6 +166,10 @@ def test_bad_files_are_named_and_a_batch_goes_on(verifier: Verifier, files, tmp_
         verifier.embed(empty)
     with pytest.raises(AudioError, match=r"notes\.wav: not readable audio.*re-export"):
         verifier.embed(text)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(SAMPLE_RATE * 2, np.float32), SAMPLE_RATE)
+    with pytest.raises(AudioError, match=r"silent\.wav: digital silence \(every sample is 0\)"):
+        verifier.embed(silent)
     found = verifier.embed_many([files["wav16000"], text, files["flac"], empty, tmp_path / "nothing",
                                  tmp_path / "missing.wav"], progress=False)
     assert list(found.embeddings) == [str(files["wav16000"]), str(files["flac"])]
@@ -201,6 +205,12 @@ def test_pair_lists_with_and_without_labels(tmp_path: Path) -> None:
     assert read_pairs(_write(tmp_path / "u.txt", "a.wav b.wav\n")).labels is None
     with pytest.raises(TrialListError, match=r"line 2.*line 3"):
         read_pairs(_write(tmp_path / "bad.txt", "1 a b\n2 a b\na b c d\n"))
+    with pytest.raises(TrialListError, match=r"line 2: compares a.wav with itself; line 3: the pair of line 1 again"):
+        read_pairs(_write(tmp_path / "twice.txt", "1 a.wav b.wav\n1 a.wav a.wav\n0 b.wav a.wav  # swapped\n"))
+    assert read_pairs(_write(tmp_path / "hash.txt", "1 c#1.wav d.wav # a comment\n")).a[0].name == "c#1.wav"
+    (tmp_path / "latin.txt").write_bytes("1 caf\xe9.wav b.wav\n".encode("latin-1"))
+    with pytest.raises(TrialListError, match=r"latin\.txt: not UTF-8 text .*save it as UTF-8"):
+        read_pairs(tmp_path / "latin.txt")
 
 
 def _write(path: Path, text: str) -> Path:

@@ -81,6 +81,9 @@ def load_any(path: str | Path, target: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{path}: no samples; re-record or re-export it")
     if not np.isfinite(x).all():
         raise AudioError(f"{path}: NaN or Inf samples; re-export it as PCM (ffmpeg -i in -c:a pcm_s16le out.wav)")
+    if not x.any():
+        raise AudioError(f"{path}: digital silence (every sample is 0), so no voice to embed; check the recording "
+                         "or the export that made it")
     if x.size < MIN_SECONDS * target:
         warnings.warn(f"{path}: only {x.size / target:.2f} s of audio; it is repeated to fill a crop, so its "
                       "embedding (and any score) is unreliable", ShortAudioWarning, stacklevel=2)

@@ -37,6 +37,8 @@ _FIXES = {
     "same file on both sides": "remove trials that compare a file with itself",
     "label disagrees with speaker ids": "the speaker id is the first path component; fix the label or the paths",
     "empty list": _FORMAT,
+    "one class only": "EER, minDCF and calibration need same-speaker (1) and different-speaker (0) trials: "
+                      "add the other kind",
     "file not on disk": "keys resolve against the VoxCeleb1 folders (Vox1-E/H need both dev_wav and eval_wav): "
                         "add the missing folder, check data_path, or use the list that matches the data",
 }
@@ -196,6 +198,8 @@ def read_trials(path: str | Path, roots: Sequence[Path] | None = None) -> TrialL
     label_a, enroll, test = np.asarray(tokens[0::3]), tokens[1::3], tokens[2::3]
     is_one, is_zero = label_a == "1", label_a == "0"
     problems.add("label not 0/1", line_of[~(is_one | is_zero)])
+    if is_one.all() or is_zero.all():
+        problems.flag("one class only")
 
     index: dict[str, int] = {}
     e, t = _codes(enroll, index), _codes(test, index)

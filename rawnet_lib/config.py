@@ -334,6 +334,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may repeat on purpose
+                continue
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, typing.Hashable):
                 continue  # SafeLoader's own error names it
@@ -350,7 +352,7 @@ def read_yaml(path: Path, holds: str = "a mapping of blocks (model:, data:, ...)
         with open(path, encoding="utf-8") as stream:  # a stream: the error's line names the file
             data = yaml.load(stream, Loader=_StrictLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        tabs = " (indent with spaces: YAML does not allow tabs)" if "\t" in str(err) or "tab" in str(err) else ""
+        tabs = " (indent with spaces: YAML does not allow tabs)" if "'\\t'" in str(err) else ""
         raise ConfigError(f"{path} is not valid YAML{tabs}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold {holds}, not {type(data).__name__}")
@@ -457,8 +459,8 @@ def load_config(preset: str | Path | Config | None = "demo", blocks: Mapping[str
     try:
         return config.validate()
     except ConfigError as err:
-        key = re.match(r"(\w+)=", str(err))
-        where = set_by.get(key[1]) if key else None
+        sources = {set_by.get(key) for key in re.findall(r"(\w+)=", str(err))}
+        where = sources.pop() if len(sources) == 1 else None  # every value it names came from one file
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
 
 
@@ -471,7 +473,16 @@ def _apply_preset(config: Config, preset: str | Path, set_by: dict[str, str], se
     if base:
         base = str(base)
         base_path = path.parent / base if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() else base
-        if preset_path(base_path).resolve() != path.resolve():
+        try:
+            start = preset_path(base_path)
+        except ConfigError:
+            if set(BLOCK_NAMES) <= set(values):  # a run's resolved config.yaml: every block there, `preset` a label
+                start = path
+            else:
+                names = ", ".join(sorted(q.stem for q in PARAMS_DIR.glob("*.yaml")))
+                raise ConfigError(f"{path}: preset {base!r} is neither a preset ({names}) nor a YAML file; name "
+                                  "the preset this file starts from, or remove the line") from None
+        if start.resolve() != path.resolve():
             if path.resolve() in seen:
                 raise ConfigError(f"{path}: preset {base!r} leads back to {path}")
             _apply_preset(config, base_path, set_by, (*seen, path.resolve()))

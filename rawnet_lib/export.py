@@ -92,8 +92,10 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     check_output(out, overwrite, [checkpoint])
-    if calibration_path(checkpoint).is_file():
-        check_output(calibration_path(out), overwrite, [checkpoint, calibration_path(checkpoint)])
+    calibration, beside_out = calibration_path(checkpoint), calibration_path(out)
+    copy_calibration = calibration.is_file() and beside_out.resolve() != calibration.resolve()  # best.pt -> best.onnx
+    if copy_calibration:
+        check_output(beside_out, overwrite, [checkpoint, calibration])
     model, cfg = load_checkpoint_model(checkpoint, base=preset)
     net = embedding_network(model)
     example = torch.randn(2, cfg.model.n_samples, generator=torch.Generator().manual_seed(0))
@@ -106,9 +108,8 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
         else:
             traced = torch.jit.trace(net, example)
             torch.jit.save(traced, str(tmp), _extra_files={CONFIG_KEY: json.dumps(cfg.to_dict())})
-    calibration = calibration_path(checkpoint)
-    if calibration.is_file():
-        shutil.copyfile(calibration, calibration_path(out))
+    if copy_calibration:
+        shutil.copyfile(calibration, beside_out)
     return out
 
 

@@ -189,8 +189,9 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
 
 def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
     where = f"{path}: arm {name!r}"
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", str(name)):
-        raise ConfigError(f"{where}: an arm name becomes a folder name; use letters, digits, - and _")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", str(name)):
+        raise ConfigError(f"{where}: an arm name becomes a folder name; use letters, digits, '.', '-' and '_', "
+                          "not starting with '.'")
     overrides = dict(overrides or {}) if isinstance(overrides, dict) or overrides is None else overrides
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: the overrides must be a mapping of blocks (loss: {{head: aam}}), "

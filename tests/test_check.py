@@ -77,7 +77,8 @@ def broken_db(tmp_path: Path) -> Path:
         "0 id001/x/gone.wav id009/v/00001.wav\n"
         "same id001/vidA/00001.wav id001/vidB/00001.wav\n")
     (db / "broken list.txt").write_text("1 id001/vidA/00001.wav\n")
-    (db / "bom list.txt").write_bytes(b"\xef\xbb\xbf1 id001/vidA/00001.wav id001/vidB/00001.wav\n")
+    (db / "bom list.txt").write_bytes(b"\xef\xbb\xbf1 id001/vidA/00001.wav id001/vidB/00001.wav\n"
+                                      b"0 id001/vidA/00001.wav id003/v/00001.wav\n")
     return db
 
 
@@ -151,12 +152,14 @@ def test_report_text_dict_and_raise(broken_db: Path):
 def test_clean_tree_is_ok(tmp_path: Path):
     db = tmp_path / "clean db ü"
     _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav")
+    _wav(db / "VoxCeleb1/dev_wav/id001/v2/00001.wav")
     _wav(db / "VoxCeleb1/eval_wav/id002/v1/00001.wav", seconds=1.5)
-    (db / "VoxCeleb1/veri_test.txt").write_text("0 id001/v1/00001.wav id002/v1/00001.wav\n")
+    (db / "VoxCeleb1/veri_test.txt").write_text("0 id001/v1/00001.wav id002/v1/00001.wav\n"
+                                                "1 id001/v1/00001.wav id001/v2/00001.wav\n")
     report = check_dataset(db, dirs=["VoxCeleb1/dev_wav", "VoxCeleb1/eval_wav"], workers=1, progress=False)
     assert report.ok and not report.problems, str(report)
-    assert (report.files, report.utterances, report.speakers) == (2, 2, 2)
-    assert report.hours == pytest.approx(2.5 / 3600)
+    assert (report.files, report.utterances, report.speakers) == (3, 3, 2)
+    assert report.hours == pytest.approx(3.5 / 3600)
     assert str(report).endswith("no problems found")
     report.raise_if_bad()  # no exception
     assert CheckReport(db).ok
@@ -167,7 +170,8 @@ def test_short_files_and_a_bom_are_warnings_with_their_count(tmp_path: Path):
     _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav", seconds=2.0)
     for i, seconds in enumerate((0.05, 0.3, 0.5, 0.7, 0.9, 0.99, 0.2)):
         _wav(db / f"VoxCeleb1/dev_wav/id002/v{i}/00001.wav", seconds=seconds)
-    (db / "VoxCeleb1/veri_test.txt").write_bytes(b"\xef\xbb\xbf0 id001/v1/00001.wav id002/v0/00001.wav\n")
+    (db / "VoxCeleb1/veri_test.txt").write_bytes(b"\xef\xbb\xbf0 id001/v1/00001.wav id002/v0/00001.wav\n"
+                                                 b"1 id002/v1/00001.wav id002/v2/00001.wav\n")
     report = check_dataset(db, dirs=["VoxCeleb1/dev_wav"], progress=False)  # min_seconds defaults to 1 s
     assert report.ok, str(report)
     report.raise_if_bad()  # warnings alone never raise

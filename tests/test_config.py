@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import rawnet_lib.io
 from rawnet_lib.config import (PARAMS_DIR, Config, ConfigError, cli_config, cli_parser, declared_parameters,
-                               load_config, notebook_config, preset_path, write_f_params)
+                               load_config, notebook_config, preset_path, read_yaml, write_f_params)
 from rawnet_lib.errors import run_cli
 
 PRESETS = ["paper", "demo", "smoke"]
@@ -198,6 +198,9 @@ def test_values_out_of_range_are_refused_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"{re.escape(str(mine))}: epochs=0 must be at least 1"):
         load_config(mine)
     assert load_config(mine, epochs=2).train.epochs == 2  # a later layer mends it
+    mine.write_text("loss: {scale: 30}\n")
+    with pytest.raises(ConfigError, match=r"^scale=30\.0, margin=-1\.0"):  # two sources: no file blamed
+        load_config(mine, margin=-1)
     mine.write_text("train: {epochs: ten}\n")
     with pytest.raises(ConfigError, match=rf"{re.escape(str(mine))}: epochs='ten' is not a valid int"):
         load_config(mine)
@@ -212,6 +215,17 @@ def test_a_yaml_of_one_s_own_starts_from_the_preset_it_names(tmp_path):
     (tmp_path / "mine.yaml").write_text("preset: more.yaml\n")
     with pytest.raises(ConfigError, match=r"leads back to"):
         load_config(tmp_path / "more.yaml")
+    (tmp_path / "mine.yaml").write_text("preset: demp\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: preset 'demp' is neither a preset \(.*demo.*\) nor a YAML"):
+        load_config(tmp_path / "mine.yaml")
+    # a run's config.yaml holds every block; its preset is then a label (the YAML it came from may be gone)
+    resolved = tmp_path / "run" / "config.yaml"
+    resolved.parent.mkdir()
+    resolved.write_text(yaml.safe_dump({**cfg.to_dict(), "preset": "more.yaml"}))
+    assert load_config(resolved).flat() == cfg.flat()
+    merged = tmp_path / "sweep.yaml"  # YAML merge keys (sweep arms sharing settings) still load
+    merged.write_text("arms:\n  a: &a {preset: smoke, train: {epochs: 1}}\n  b: {<<: *a, loss: {head: aam}}\n")
+    assert read_yaml(merged)["arms"]["b"] == {"preset": "smoke", "train": {"epochs": 1}, "loss": {"head": "aam"}}
 
 
 def test_a_key_given_twice_or_a_tab_is_named_with_its_line(tmp_path):

@@ -67,3 +67,7 @@ def test_torchscript_export_and_onnx_verifier(tmp_path: Path) -> None:
     assert by_onnx.backend == "onnxruntime"
     emb = by_onnx.embed(audio)
     assert float(np.dot(emb, by_torch) / np.linalg.norm(emb) / np.linalg.norm(by_torch)) >= PARITY
+    from rawnet_lib.eval.calibrate import calibration_path
+    calibration_path(ckpt).write_text("{}")  # beside C.pt, and so beside C.onnx too: kept, not copied onto itself
+    assert export_model(ckpt, "onnx", ckpt.with_suffix(".onnx"), overwrite=True).is_file()
+    assert calibration_path(ckpt).read_text() == "{}"

@@ -199,8 +199,7 @@ def train(cfg: Config) -> dict[str, Any]:
         speakers = dataset.speakers()
         sampler = DistributedSampler(dataset, rank.world_size, rank.rank, shuffle=True,
                                      seed=cfg.train.seed, drop_last=True)
-        loader = training_loader(dataset, sampler, per_rank, cfg.data.num_workers,
-                                 rank.device)
+        loader = training_loader(dataset, sampler, per_rank, cfg.data.num_workers, rank.device)
         if len(loader) == 0:  # drop_last would leave no step at all (performance mode would wait forever)
             raise ConfigError(f"batch_size {cfg.train.batch_size} is more than the {len(dataset)} training crops "
                               f"of an epoch ({len(utts)} utterances in {data_path / cfg.data.train_dir}"

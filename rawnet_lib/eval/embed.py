@@ -151,7 +151,8 @@ def check_crops(mcfg: ModelConfig, ecfg: EvalConfig) -> None:
                           f"but this one has layer_norm over {mcfg.n_samples} samples; use crop_mode: reference")
     if ecfg.crop_mode == "reference" and not 0 < ecfg.eval_hop <= mcfg.n_samples:
         raise ConfigError(f"eval_hop={ecfg.eval_hop} must be in 1..n_samples ({mcfg.n_samples}), or test crops "
-                          "skip audio; use the checkpoint's own evaluation settings or a smaller hop")
+                          f"skip audio; give eval_hop {mcfg.n_samples * 4 // 5} (the reference's 80 %) or less, or, "
+                          "for a bare state_dict, the preset its weights come from (--config)")
 
 
 # -- the on-disk cache ------------------------------------------------------------------------------

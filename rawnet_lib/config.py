@@ -36,8 +36,8 @@ from rawnet_lib.errors import WorkbookError
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
     "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
-    "preset_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config", "cli_parser", "cli_config",
-    "cli_overrides",
+    "preset_path", "repo_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config", "cli_parser",
+    "cli_config", "cli_overrides",
 ]
 
 
@@ -312,6 +312,13 @@ def recipe_changes(saved: Mapping[str, Any], config: Config, allow: Collection[s
             return bool(before[key]) != bool(now[key])
         return (key in also or key not in RUN_CONTROL and key not in allow) and before[key] != now[key]
     return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if changed(k)]
+
+
+def repo_path(path: str | Path) -> Path:
+    """A path a notebook or command names: relative ones are the repository's (where `outputs/`
+    is), as `out_dir` is, wherever the kernel or the shell started."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_DIR / path
 
 
 def preset_path(preset: str | Path) -> Path:

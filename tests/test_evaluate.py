@@ -290,7 +290,7 @@ def test_evaluate_notebook_saves_table_and_scores(evaluated, smoke_run: Path, ti
     out = tmp_path / "nb_eval"
     shutil.copytree(evaluated[1] / "cache", out / "cache")  # the fixture's embeddings: the notebook embeds nothing
     notebook = run_notebook("evaluate", checkpoint=str(smoke_run / "models" / "best_opt_eval.pt"),
-                            data_path=str(tiny_db), lists=["O", "O2"], out_dir=str(out))
+                            data_path=str(tiny_db), trial_lists=["O", "O2"], out_dir=str(out))
     assert "embedding 0" in notebook.read_text()
     table = pd.read_csv(out / "metrics.csv")
     assert list(table["list"]) == ["O", "O2"] and table["eer"].between(0, 1).all()

@@ -77,7 +77,7 @@ def test_model_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
 def test_model_notebook_reads_a_checkpoint(run_notebook, smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
     checkpoint = smoke_run / "models" / "best_opt_eval.pt"
     run_notebook("model", checkpoint=str(checkpoint), data_path=str(tiny_db), figures_dir=str(tmp_path))
-    assert (tmp_path / "best_opt_eval" / "sinc_bands.npz").is_file()
+    assert (tmp_path / f"{smoke_run.name}-best_opt_eval" / "sinc_bands.npz").is_file()  # the run's, not any best's
 
 
 # --- parameters never override silently -----------------------------------------------------

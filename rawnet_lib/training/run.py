@@ -51,9 +51,10 @@ from rawnet_lib.io import atomic_write_text
 from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint, read_checkpoint, save_checkpoint,
                                           training_checkpoint)
 
-__all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError", "run_path",
-           "best_epoch", "data_changes", "emit", "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir",
-           "EVENT_PREFIX", "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
+__all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError",
+           "run_path", "best_epoch", "data_changes", "validation_trials", "emit", "check_run_dir", "run_changes",
+           "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX", "run_checkpoint",
+           "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
 EVENT_PREFIX = "@@rawnet "
 LOG_EVERY = 50  # training steps between log lines
@@ -154,7 +155,7 @@ class RunDir:
     def create(cls, cfg: Config, rank: dist.RankInfo, data_path: Path) -> RunDir:
         """Rank 0 makes the folder (and its validation list); every rank gets the run after it."""
         path = run_path(cfg)
-        val_trials = _validation_trials(cfg, data_path, path) if cfg.train.mode == "full" else None
+        val_trials = validation_trials(cfg, data_path, path) if cfg.train.mode == "full" else None
         if rank.is_main:
             _make_folder(cfg, path, data_path, val_trials)
         dist.barrier()
@@ -359,7 +360,7 @@ def _data_set_list(cfg: Config, data_path: Path) -> Path | None:
     return given if given.is_file() else None
 
 
-def _validation_trials(cfg: Config, data_path: Path, path: Path) -> Path:
+def validation_trials(cfg: Config, data_path: Path, path: Path) -> Path:
     """The data set's validation list, or one kept in the run folder (made from val_from)."""
     return _data_set_list(cfg, data_path) or path / Path(cfg.data.val_trials).name
 

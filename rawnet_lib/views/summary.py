@@ -1,6 +1,8 @@
 """Looking inside a RawNet2: layer shapes and sizes, the sinc filter bank, the FMS gates."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -10,7 +12,7 @@ from rawnet_lib.dataset.audio import peak_normalise, read_audio, tile
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.models.rawnet2 import RawNet2
 
-__all__ = ["layer_table", "sinc_bank", "fms_scales", "example_crop"]
+__all__ = ["layer_table", "sinc_bank", "fms_scales", "example_crop", "checkpoint_label"]
 
 
 def layer_table(model: RawNet2, n_samples: int | None = None) -> pd.DataFrame:
@@ -75,3 +77,10 @@ def example_crop(cfg: Config, index: int = 0) -> tuple[str, np.ndarray]:
     n = cfg.model.n_samples
     start = max(0, (len(x) - n) // 2)
     return key, tile(x[start:start + n], n)
+
+
+def checkpoint_label(checkpoint: str | Path) -> str:
+    """A folder name for a checkpoint's figures: its run and its file (`demo-best_opt_eval`), so the
+    best models of two runs do not share one."""
+    path = Path(checkpoint)
+    return f"{path.parent.parent.name}-{path.stem}" if path.parent.name == "models" else path.stem

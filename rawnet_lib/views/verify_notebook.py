@@ -16,12 +16,12 @@ import pandas as pd
 from IPython.display import HTML
 from matplotlib.figure import Figure
 
-from rawnet_lib.config import Config, notebook_config
+from rawnet_lib.config import BLOCK_NAMES, Config, declared_parameters, notebook_config
 from rawnet_lib.dataset.anyaudio import find_audio
 from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.eval.calibrate import Calibration
 from rawnet_lib.models.checkpoint import load_checkpoint_model
-from rawnet_lib.training.run import resolve_checkpoint
+from rawnet_lib.training.run import resolve_checkpoint, validation_trials
 from rawnet_lib.verify import Verifier, VerifyError, read_pairs
 from rawnet_lib.views.listen import samples_table
 from rawnet_lib.views.plots import waveform_spectrogram
@@ -61,6 +61,7 @@ def demo_inputs(data_path: Path) -> tuple[Path, Path, Path]:
 
 def verify_session(namespace: Mapping[str, Any]) -> VerifySession:
     """The notebook's verifier and inputs from its parameters (`verify_session(globals())`)."""
+    declared_parameters(namespace, accept=BLOCK_NAMES)  # a misspelt -p is named before any loading
     ckpt = resolve_checkpoint(namespace.get("checkpoint"))
     _, cfg = load_checkpoint_model(ckpt, base=namespace.get("preset") or "paper")
     cfg = notebook_config(namespace, base=cfg, own=OWN)
@@ -72,9 +73,11 @@ def verify_session(namespace: Mapping[str, Any]) -> VerifySession:
     inputs = [find_audio([g])[0] if g else [d] for g, d in zip(given, defaults)]
     note = f"calibration from {verifier.calibration.source.get('trials')}" if verifier.calibration else ""
     if verifier.calibration is None:
-        dev = Path(namespace.get("dev_trials") or ckpt.parent.parent / Path(cfg.data.val_trials).name)
+        given = namespace.get("dev_trials")  # else the run's validation list: the data set's, or its own
+        dev = Path(given) if given else validation_trials(cfg, data_path, ckpt.parent.parent)
         roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
-        verifier.calibrate(read_pairs(dev, roots), far=namespace.get("far") or 0.01)
+        far = namespace.get("far")
+        verifier.calibrate(read_pairs(dev, roots), far=0.01 if far is None else far)
         note = f"calibrated now on {dev}, saved beside the checkpoint"
     return VerifySession(verifier, cfg, *inputs, note)
 

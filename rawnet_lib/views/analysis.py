@@ -18,7 +18,7 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.config import DataConfig
+from rawnet_lib.config import DataConfig, repo_path
 from rawnet_lib.dataset.audio import read_audio
 from rawnet_lib.dataset.trials import resolve, speaker_of
 from rawnet_lib.errors import MissingPathError
@@ -55,7 +55,7 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, 
         from rawnet_lib.training.run import newest_run
         sources = [newest_run()]
     files: list[Path] = []
-    for source in map(Path, sources):
+    for source in map(repo_path, sources):  # relative: the repository's, wherever the kernel started
         if source.is_file():
             files.append(source)
         elif (source / "models").is_dir():

@@ -564,11 +564,16 @@ def notebook_config(namespace: Mapping[str, Any], base: Config | None = None, ow
     Config fields and not None. Call it as `cfg = notebook_config(globals())`.
 
     Parameters default to None, "keep what the preset or YAML says", so nothing the notebook
-    declares overrides a value silently. `own` names parameters the notebook uses itself although
-    a Config field has the same name (evaluate's `out_dir` is where its results go).
+    declares overrides a value silently. `own` names the parameters the notebook uses itself: those
+    that are no Config field (a parameter that is neither is an error), and those that share a
+    field's name but mean the notebook's own thing (evaluate's `out_dir` is where its results go).
     """
     values = declared_parameters(namespace, accept=("preset", *BLOCK_NAMES))
     fields = Config().flat()
+    stray = [k for k in values if k not in fields and k not in own and k not in ("preset", *BLOCK_NAMES)]
+    if stray:  # a misnamed field would be silently ignored (evaluate once had `lists` for trial_lists)
+        raise ConfigError(f"notebook parameter(s) {', '.join(stray)} are no Config field; name the field, or list "
+                          "what the notebook uses itself in notebook_config(..., own=(...))")
     blocks = {k: values[k] for k in BLOCK_NAMES if values.get(k) is not None}
     overrides = {k: v for k, v in values.items() if k in fields and k not in own and v is not None}
     return _layered(base if base is not None else values.get("preset"), blocks, overrides)

@@ -315,12 +315,13 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool, w
     return evaluate(checkpoint, cfg, lists, out, progress=progress, overwrite=bool(meta) and before != identity)
 
 
-def run_sweep(sweep: str | Path, out: str | Path | None = None, progress: bool = True,
+def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress: bool = True,
               n_boot: int = 1000, seeds: list[int] | None = None, checkpoint: str | None = None
               ) -> dict[str, pd.DataFrame]:
-    """Train and evaluate every arm x seed (reusing what is done), then `summarise`."""
+    """Train and evaluate every arm x seed (reusing what is done), then `summarise`. `sweep` is a
+    sweep file, or the `Sweep` that `load_sweep` made of one (then `out`, `seeds`, `checkpoint` are its)."""
     _check_n_boot(n_boot)
-    spec = load_sweep(sweep, out, seeds, checkpoint)
+    spec = sweep if isinstance(sweep, Sweep) else load_sweep(sweep, out, seeds, checkpoint)
     corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
         to_train = [cfg for cfg in by_seed.values() if run_state(run_path(cfg)) != "finished"]

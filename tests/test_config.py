@@ -464,6 +464,10 @@ def test_own_parameters_are_not_config_fields():
     """evaluate.ipynb's out_dir is where its results go, not the training run's out_dir."""
     namespace = _namespace({"preset": "smoke", "out_dir": "/eval", "data_path": None})
     assert notebook_config(namespace, own=("out_dir",)).train.out_dir == load_config("smoke").train.out_dir
+    stray = {**namespace, "lists": ["O"], "__annotations__": {**namespace["__annotations__"], "lists": list}}
+    with pytest.raises(ConfigError, match=r"notebook parameter\(s\) lists are no Config field; name the field"):
+        notebook_config(stray)  # a misnamed field (trial_lists) would be ignored silently
+    assert notebook_config(stray, own=("lists",)) == notebook_config(namespace)
     assert notebook_config(namespace).train.out_dir == "/eval"
 
 

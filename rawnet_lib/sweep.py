@@ -321,6 +321,8 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`. `sweep` is a
     sweep file, or the `Sweep` that `load_sweep` made of one (then `out`, `seeds`, `checkpoint` are its)."""
     _check_n_boot(n_boot)
+    if isinstance(sweep, Sweep) and (out, seeds, checkpoint) != (None, None, None):
+        raise ConfigError("give out, seeds and checkpoint to load_sweep, which made this Sweep, not to run_sweep")
     spec = sweep if isinstance(sweep, Sweep) else load_sweep(sweep, out, seeds, checkpoint)
     corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need

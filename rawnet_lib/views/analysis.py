@@ -55,7 +55,7 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, 
         from rawnet_lib.training.run import newest_run
         sources = [newest_run()]
     files: list[Path] = []
-    for source in map(repo_path, sources):  # relative: the repository's, wherever the kernel started
+    for source in (Path(s) if Path(s).exists() else repo_path(s) for s in sources):  # else: the repository's
         if source.is_file():
             files.append(source)
         elif (source / "models").is_dir():

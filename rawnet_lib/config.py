@@ -325,14 +325,22 @@ def preset_path(preset: str | Path) -> Path:
     """A preset name (`demo`) or a YAML path -> the YAML file."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"config file {path} does not exist")
         return path
     path = PARAMS_DIR / f"{preset}.yaml"
-    if not path.is_file():
+    if not _is_file(path):
         names = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(names)} or give a .yaml path")
     return path
+
+
+def _is_file(path: Path) -> bool:
+    """is_file, False for a name the file system cannot hold (too long), as for any missing file."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -477,8 +485,9 @@ def _apply_preset(config: Config, preset: str | Path, set_by: dict[str, str], se
     path = preset_path(preset)
     values = read_yaml(path)
     base = values.get("preset")
+    if base and not isinstance(base, str):
+        raise ConfigError(f"{path}: preset {base!r} must be a preset name or a YAML path")
     if base:
-        base = str(base)
         base_path = path.parent / base if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() else base
         try:
             start = preset_path(base_path)

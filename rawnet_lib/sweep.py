@@ -52,9 +52,9 @@ from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import read_checkpoint
 from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch
-from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, RunNotFoundError, best_epoch,
-                                     check_checkpoint_choice, check_validation, data_changes, default_out_dir,
-                                     run_changes, run_checkpoint, run_path, run_state)
+from rawnet_lib.training.run import (CHECKPOINT_CHOICES, FOLDER_NAME, RunExistsError, RunNotFoundError, best_epoch,
+                                     check_checkpoint_choice, check_validation, corpus_facts, data_changes,
+                                     default_out_dir, run_changes, run_checkpoint, run_path, run_state)
 from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -189,7 +189,7 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
 
 def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
     where = f"{path}: arm {name!r}"
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", str(name)):
+    if not FOLDER_NAME.fullmatch(str(name)):  # the run folder <name>-seed<N> must be one too
         raise ConfigError(f"{where}: an arm name becomes a folder name; use letters, digits, '.', '-' and '_', "
                           "not starting with '.'")
     overrides = dict(overrides or {}) if isinstance(overrides, dict) or overrides is None else overrides
@@ -254,7 +254,7 @@ def _check_trained_on(path: Path, arm: str, cfg: Config,
             data_path = resolve_data_path(cfg.data)
             root = data_path / cfg.data.train_dir
             utts = load_utterances(data_path, cfg.data.train_dir, progress=False) if root.is_dir() else None
-            corpora[key] = root, None if utts is None else (len(utts), utts.seconds() / 3600)
+            corpora[key] = root, None if utts is None else corpus_facts(utts)
     except WorkbookError as err:
         raise type(err)(f"{path}: arm {arm!r}: {err}") from None
     root, corpus = corpora[key]
@@ -326,11 +326,12 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
     spec = sweep if isinstance(sweep, Sweep) else load_sweep(sweep, out, seeds, checkpoint)
     corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
-        to_train = [cfg for cfg in by_seed.values() if run_state(run_path(cfg)) != "finished"]
+        finished = {seed: run_state(run_path(cfg)) == "finished" for seed, cfg in by_seed.items()}
+        to_train = [cfg for seed, cfg in by_seed.items() if not finished[seed]]
         if to_train:
             _check_data(spec.path, arm, to_train[0], spec.lists)
-        for cfg in by_seed.values():
-            if run_state(run_path(cfg)) == "finished":
+        for seed, cfg in by_seed.items():
+            if finished[seed]:
                 _check_trained_on(spec.path, arm, cfg, corpora)
     _check_own_folder(spec)
     spec.results.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training import schedules
 from rawnet_lib.training.launch import launch
-from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, data_changes
+from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, corpus_facts, data_changes
 
 __all__ = ["train", "train_epoch", "validate", "main"]
 
@@ -211,8 +211,9 @@ def train(cfg: Config) -> dict[str, Any]:
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = schedules.make_optimizer(model, cfg, len(loader))  # default: the reference's
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
+        utterances, hours = corpus_facts(utts)
         if cfg.train.resume and run.last_checkpoint() is not None:
-            changes = data_changes(run.path, len(utts), utts.seconds() / 3600)
+            changes = data_changes(run.path, utterances, hours)
             if changes:  # the same speakers, other files: the epochs would no longer be the run's
                 raise CheckpointError(f"{changes} ({data_path / cfg.data.train_dir}); resume with the data it trained "
                                       "on (data_path), or give the new data a run of its own (another name)")
@@ -227,7 +228,7 @@ def train(cfg: Config) -> dict[str, Any]:
         # and are averaged before validation (dist.average_buffers).
         net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []
-        run.start(speakers=len(speakers), utterances=len(utts), hours=utts.seconds() / 3600)
+        run.start(speakers=len(speakers), utterances=utterances, hours=hours)
 
         if cfg.train.mode == "performance":
             loader.sampler.set_epoch(1)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from rawnet_lib import dist
 from rawnet_lib.config import REPO_DIR, Config, ConfigError, read_yaml, recipe_changes, write_f_params
 from rawnet_lib.dataset.trials import PairCountError, TrialList, make_trials, write_trials
-from rawnet_lib.dataset.utterances import load_utterances
+from rawnet_lib.dataset.utterances import UtteranceList, load_utterances
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval.metrics import eer as compute_eer
 from rawnet_lib.eval.scoring import cosine_scores, write_scores
@@ -52,9 +52,9 @@ from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint,
                                           training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError",
-           "run_path", "best_epoch", "data_changes", "validation_trials", "emit", "check_run_dir", "run_changes",
-           "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX", "run_checkpoint",
-           "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
+           "FOLDER_NAME", "run_path", "best_epoch", "corpus_facts", "data_changes", "validation_trials", "emit",
+           "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX",
+           "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
 EVENT_PREFIX = "@@rawnet "
 LOG_EVERY = 50  # training steps between log lines
@@ -74,10 +74,13 @@ class NonFiniteLossError(WorkbookError, FloatingPointError):
     """The loss became NaN or inf; the message names the epoch and step."""
 
 
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one plain folder name: a run's, a sweep arm's
+
+
 def run_path(cfg: Config) -> Path:
     """<out_dir>/train_<N>P/DNNS/<name>; a name that is not one plain folder name is refused, as an
     empty or relative one would point at the folder of other runs (which overwrite: true deletes)."""
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", cfg.train.name):
+    if not FOLDER_NAME.fullmatch(cfg.train.name):
         raise ConfigError(f"name={cfg.train.name!r} becomes the run's folder name: use letters, digits, '.', '-' "
                           "and '_', not starting with '.'")
     out = Path(cfg.train.out_dir)
@@ -296,6 +299,11 @@ class RunDir:
         else:
             print(json.dumps(out), flush=True)
         return out
+
+
+def corpus_facts(utts: UtteranceList) -> tuple[int, float]:
+    """(utterances, hours) of a training corpus: what run.json records and `data_changes` compares."""
+    return len(utts), utts.seconds() / 3600
 
 
 def data_changes(folder: Path, utterances: int, hours: float) -> str | None:

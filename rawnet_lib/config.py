@@ -35,9 +35,9 @@ from rawnet_lib.errors import WorkbookError
 
 __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
-    "BLOCK_NAMES", "PARAMS_DIR", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
-    "preset_path", "repo_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config", "cli_parser",
-    "cli_config", "cli_overrides",
+    "BLOCK_NAMES", "PARAMS_DIR", "RENAMED", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
+    "preset_path", "repo_path", "input_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config",
+    "cli_parser", "cli_config", "cli_overrides",
 ]
 
 
@@ -58,6 +58,9 @@ REPO_DIR = _workspace()
 # links to them, for `papermill -f params/x.yaml`), so a regular install finds them too.
 PARAMS_DIR = Path(os.fspath(resources.files("rawnet_lib") / "params"))
 BLOCK_NAMES = ("model", "data", "optim", "train", "evaluation", "loss", "augment")
+# Names of notebook parameters and sweep keys since made one across the workbook: an old name is
+# told its new one where that is declared (every output folder is `out_dir`, a run's model `pick`).
+RENAMED = {"figures_dir": "out_dir", "out": "out_dir", "batch": "batch_size", "checkpoint": "pick"}
 HEADS = ("softmax", "am", "aam")
 LR_SCHEDULES = ("keras", "none", "cosine", "exponential", "step", "sgdr")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -321,6 +324,16 @@ def repo_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_DIR / path
 
 
+def input_path(path: str | Path) -> Path:
+    """A file or folder a notebook or command reads: a relative one from the working folder when
+    it is there (a shell's), else the repository's when it is there (a notebook's kernel runs in
+    notebooks/), else as given, for the error that names it."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (REPO_DIR / path).exists():
+        return path
+    return REPO_DIR / path
+
+
 def preset_path(preset: str | Path) -> Path:
     """A preset name (`demo`) or a YAML path -> the YAML file."""
     path = Path(preset)
@@ -562,8 +575,12 @@ def declared_parameters(namespace: Mapping[str, Any], accept: Collection[str] = 
     declared = list(namespace.get("__annotations__") or {})
     injected = _injected(namespace)
     for name in injected:
-        if name not in declared and name not in accept:
-            _unknown(name, declared + list(accept), "papermill parameters (-p / -f)")
+        if name in declared or name in accept:
+            continue
+        if RENAMED.get(name) in declared:
+            raise ConfigError(f"papermill parameters (-p / -f): {name!r} is now {RENAMED[name]!r}; "
+                              f"give -p {RENAMED[name]} ...")
+        _unknown(name, declared + list(accept), "papermill parameters (-p / -f)")
     return {**{name: namespace.get(name) for name in declared}, **injected}
 
 

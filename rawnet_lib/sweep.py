@@ -13,15 +13,15 @@ runs other seeds than the file's into the same folder (more seeds when the inter
 The tables cover the seeds asked and every other seed whose runs of every arm finished in DIR, so
 running the file's seeds again after `--seeds 1 2 3 4 5` still describes all five.
 
-Which model of a run is scored is `checkpoint:` (or `--checkpoint`): `best` (default; the epoch of
+Which model of a run is scored is `pick:` (or `--pick`, as evaluate's): `best` (default; the epoch of
 lowest validation EER, as the reference), `last`, or `avg_last<N>` (the last N epochs' weights
 averaged, as WeSpeaker). Another choice than `best` reuses the training and writes its tables
 under `DIR/<choice>/`, so the comparisons of each choice sit side by side.
 
 Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over test
 speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
-second is the wider), summary.csv /
-.json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
+second is the wider; and its score file, so `sources=DIR` in the analysis notebook shows every run),
+summary.csv / .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
 paired.csv (each arm minus the first over the same seeds), training.csv (per run: best epoch,
 validation EER over the last 10 epochs and its epoch-to-epoch movement, final training accuracy),
 det_<list>.png (all arms, the scores of their seeds pooled).
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.config import PARAMS_DIR, REPO_DIR, Config, ConfigError, load_config, read_yaml
+from rawnet_lib.config import PARAMS_DIR, RENAMED, REPO_DIR, Config, ConfigError, load_config, read_yaml
 from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
 from rawnet_lib.dataset.trials import OFFICIAL_LISTS, list_tag, official_list_path, speaker_of
@@ -59,7 +60,7 @@ from rawnet_lib.views.plots import det_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
 
-SWEEP_KEYS = ("seeds", "lists", "arms", "preset", "checkpoint")
+SWEEP_KEYS = ("seeds", "lists", "arms", "preset", "pick")
 OWNED = ("seed", "name", "out_dir", "resume", "overwrite", "trial_lists")  # set by the sweep itself
 # Settings a resumed run may change (RUN_CONTROL) that its results still depend on: an arm that
 # changed one is another arm (params/sweeps/demo_amp.yaml compares arms by amp alone).
@@ -74,7 +75,7 @@ class Sweep:
     seeds: list[int]
     lists: list[str]
     configs: dict[str, dict[int, Config]]
-    checkpoint: str = "best"
+    pick: str = "best"
 
     @property
     def arms(self) -> list[str]:
@@ -83,12 +84,12 @@ class Sweep:
     @property
     def results(self) -> Path:
         """Where the tables and figures go: DIR for the best models, DIR/<choice>/ for another choice."""
-        return self.out if self.checkpoint == "best" else self.out / self.checkpoint
+        return self.out if self.pick == "best" else self.out / self.pick
 
     @property
     def command(self) -> str:
         """The command line that runs (or finishes) this very sweep."""
-        choice = "" if self.checkpoint == "best" else f" --checkpoint {self.checkpoint}"
+        choice = "" if self.pick == "best" else f" --pick {self.pick}"
         return (f"python -m rawnet_lib.sweep {self.path} --out {self.out} --seeds {' '.join(map(str, self.seeds))}"
                 + choice)
 
@@ -104,18 +105,20 @@ def sweep_file(sweep: str | Path) -> Path:
 
 
 def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int] | None = None,
-               checkpoint: str | None = None) -> Sweep:
+               pick: str | None = None) -> Sweep:
     """Read and check a sweep file: every arm's config is built (unknown keys and values raise,
     naming the arm) and its noise / RIR folders and init_from checkpoint are found, before any training.
-    `seeds` replaces the file's seeds (the runs of seeds both name are the same runs), `checkpoint`
-    its choice of model to score. The sweep's seeds are those and every other seed whose runs of
+    `seeds` replaces the file's seeds (the runs of seeds both name are the same runs), `pick` its
+    choice of model to score. The sweep's seeds are those and every other seed whose runs of
     every arm finished in the folder with the arms' settings (`_finished_elsewhere`): the tables
     describe every finished seed, not only the last command's."""
     path = sweep_file(sweep)
     spec = read_yaml(path, holds="seeds:, lists: and arms:")
     unknown = [k for k in spec if k not in SWEEP_KEYS]
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(SWEEP_KEYS)}")
+        renamed = "".join(f" ({k} is now {RENAMED[k]})" for k in unknown if RENAMED.get(k) in SWEEP_KEYS)
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}{renamed}; valid keys: "
+                          f"{', '.join(SWEEP_KEYS)}")
     where = f"{path}: seeds" if not seeds else "the seeds given (--seeds, or the notebook's -y 'seeds: [1, 2, 3]')"
     seeds, lists, arms = seeds or spec.get("seeds"), spec.get("lists", ["O"]), spec.get("arms")
     distinct_ints = isinstance(seeds, list) and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)
@@ -137,11 +140,11 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
                           ".txt file by its stem); name each list once, or rename one of the files")
     # relative to the repository, as a run's out_dir (notebooks run in notebooks/)
     out = REPO_DIR / Path(out).expanduser() if out else REPO_DIR / "outputs" / "sweeps" / path.stem
-    which = checkpoint or spec.get("checkpoint") or "best"
+    which = pick or spec.get("pick") or "best"
     try:
         n_epochs = check_checkpoint_choice(which)
     except ConfigError as err:
-        raise ConfigError(f"{path if not checkpoint else 'the checkpoint given'}: {err}") from None
+        raise ConfigError(f"{path if not pick else 'the pick given'}: {err}") from None
 
     def arm_configs(some: list[int]) -> dict[str, dict[int, Config]]:
         return {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists,
@@ -158,11 +161,11 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
                                   "or delete that folder to train it again")
         train_cfg = next(iter(by_seed.values())).train
         if n_epochs > train_cfg.epochs:
-            raise ConfigError(f"{path}: arm {name!r} trains {train_cfg.epochs} epochs, checkpoint {which} averages "
+            raise ConfigError(f"{path}: arm {name!r} trains {train_cfg.epochs} epochs, pick {which} averages "
                               f"{n_epochs}; choose avg_last{train_cfg.epochs} or fewer")
         if n_epochs > 1 and not train_cfg.save_every_epoch:
             raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
-                              f"checkpoint {which} needs; remove that override or choose checkpoint: best")
+                              f"pick {which} needs; remove that override or choose pick: best")
     extra = arm_configs(_finished_elsewhere(configs))
     edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items()
                      if run_changes(cfg, also=ARM_RUN_FIELDS)})
@@ -316,14 +319,14 @@ def _evaluate_run(folder: Path, cfg: Config, lists: list[str], progress: bool, w
 
 
 def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress: bool = True,
-              n_boot: int = 1000, seeds: list[int] | None = None, checkpoint: str | None = None
+              n_boot: int = 1000, seeds: list[int] | None = None, pick: str | None = None
               ) -> dict[str, pd.DataFrame]:
     """Train and evaluate every arm x seed (reusing what is done), then `summarise`. `sweep` is a
-    sweep file, or the `Sweep` that `load_sweep` made of one (then `out`, `seeds`, `checkpoint` are its)."""
+    sweep file, or the `Sweep` that `load_sweep` made of one (then `out`, `seeds`, `pick` are its)."""
     _check_n_boot(n_boot)
-    if isinstance(sweep, Sweep) and (out, seeds, checkpoint) != (None, None, None):
-        raise ConfigError("give out, seeds and checkpoint to load_sweep, which made this Sweep, not to run_sweep")
-    spec = sweep if isinstance(sweep, Sweep) else load_sweep(sweep, out, seeds, checkpoint)
+    if isinstance(sweep, Sweep) and (out, seeds, pick) != (None, None, None):
+        raise ConfigError("give out, seeds and pick to load_sweep, which made this Sweep, not to run_sweep")
+    spec = sweep if isinstance(sweep, Sweep) else load_sweep(sweep, out, seeds, pick)
     corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
         finished = {seed: run_state(run_path(cfg)) == "finished" for seed, cfg in by_seed.items()}
@@ -339,7 +342,7 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds
         for arm, by_seed in spec.configs.items():
             folder = _train_run(by_seed[seed], print)
-            _evaluate_run(folder, by_seed[seed], spec.lists, progress, spec.checkpoint)
+            _evaluate_run(folder, by_seed[seed], spec.lists, progress, spec.pick)
     return summarise(spec, n_boot)
 
 
@@ -367,7 +370,7 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
             run = run_path(cfg)
-            out = _eval_dir(run, spec.checkpoint)
+            out = _eval_dir(run, spec.pick)
             if out is None or not (out / "metrics.json").is_file():  # not trained or evaluated yet
                 missing.append(f"{arm}-seed{seed}")
                 continue
@@ -391,7 +394,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                     raise WorkbookError(f"{spec.out}: {arm}-seed{seed} scored another version of list {tag} than "
                                         f"{first} (the corpus changed between them, or one recorded none); run "
                                         f"`{spec.command}` again: it scores every run on the lists there are now")
-                scores = _run_scores(out, tag)
+                scores_file = _scores_file(out, tag)
+                scores = load_scores(scores_file)
                 data = scores[["score", "label"]].to_numpy(float)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
                 spk_low, spk_high = (bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed,
@@ -402,7 +406,7 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
                              "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run),
-                             "list_sha1": sha})
+                             "list_sha1": sha, "scores": os.path.relpath(scores_file, spec.results)})
                 pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
         warnings.warn(f"{spec.out}: {len(missing)} run(s) not finished yet, left out of the summary: "
@@ -422,11 +426,11 @@ def _eval_dir(run: Path, which: str) -> Path | None:
         return None
 
 
-def _run_scores(out: Path, tag: str) -> pd.DataFrame:
-    """A run's scores of one list: with the trial names when the evaluation wrote them (the test
-    speakers of the speaker bootstrap), else score and label only."""
+def _scores_file(out: Path, tag: str) -> Path:
+    """A run's score file of one list: the one with the trial names when the evaluation wrote it
+    (the test speakers of the speaker bootstrap, the analysis notebook's players)."""
     names = out / f"scores_{tag}_names.txt"
-    return load_scores(names if names.is_file() else out / f"scores_{tag}.txt")
+    return names if names.is_file() else out / f"scores_{tag}.txt"
 
 
 def _training_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -478,7 +482,7 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
             table.to_csv(f, index=False)
     records = {k: json.loads(t.to_json(orient="records", double_precision=15)) for k, t in tables.items()}  # NaN: null
     atomic_write_text(spec.results / "summary.json", json.dumps(
-        {"sweep": str(spec.path.resolve()), "seeds": spec.seeds, "lists": spec.lists, "checkpoint": spec.checkpoint,
+        {"sweep": str(spec.path.resolve()), "seeds": spec.seeds, "lists": spec.lists, "pick": spec.pick,
          "baseline": base, "unfinished": missing, "confidence": 0.95, "eer_unit": "percent", **records}, indent=1))
     for old in spec.results.glob("det_*.*"):  # figures of lists the sweep no longer scores
         if old.stem.removeprefix("det_") not in pooled and old.suffix in (".png", ".svg"):
@@ -488,8 +492,8 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
                                                   np.concatenate([p[:, 1] for p in parts]))
                   for arm, parts in arms.items()}
         fig = det_plot(curves)
-        fig.axes[0].set_title(f"{spec.path.stem}: list {tag}" + ("" if spec.checkpoint == "best"
-                                                                  else f", {spec.checkpoint} models"))
+        fig.axes[0].set_title(f"{spec.path.stem}: list {tag}" + ("" if spec.pick == "best"
+                                                                  else f", {spec.pick} models"))
         save_figure(fig, spec.results, f"det_{tag}")
     return tables
 
@@ -503,10 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep); "
                              "the tables also cover every other seed finished in DIR")
-    parser.add_argument("--checkpoint", default=None, help=f"the model of each run to score instead of the file's "
-                                                           f"choice: {CHECKPOINT_CHOICES}; tables go to DIR/<choice>/")
+    parser.add_argument("--pick", default=None, help=f"the model of each run to score instead of the file's "
+                                                     f"choice: {CHECKPOINT_CHOICES}; tables go to DIR/<choice>/")
     args = parser.parse_args(argv)
-    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds, checkpoint=args.checkpoint)
+    tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds, pick=args.pick)
     print(tables["summary"].to_string(index=False))
     if not tables["paired"].empty:
         print(tables["paired"].to_string(index=False))

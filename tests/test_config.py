@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rawnet_lib.io
-from rawnet_lib.config import (PARAMS_DIR, Config, ConfigError, cli_config, cli_parser, declared_parameters,
-                               load_config, notebook_config, preset_path, read_yaml, write_f_params)
+from rawnet_lib.config import (PARAMS_DIR, REPO_DIR, Config, ConfigError, cli_config, cli_parser, declared_parameters,
+                               input_path, load_config, notebook_config, preset_path, read_yaml, write_f_params)
 from rawnet_lib.errors import run_cli
 
 PRESETS = ["paper", "demo", "smoke"]
@@ -443,6 +443,29 @@ def test_misspelt_injected_parameter_names_the_declared_one():
         declared_parameters(_namespace({"sources": ""}, {"model": {"fast": True}}))
     values = declared_parameters(_namespace({"sources": "", "n_worst": 10}, {"n_worst": 2}))
     assert values == {"sources": "", "n_worst": 2}
+
+
+@pytest.mark.parametrize("old, new", [("figures_dir", "out_dir"), ("out", "out_dir"), ("checkpoint", "pick"),
+                                      ("batch", "batch_size")])
+def test_a_renamed_parameter_names_its_new_name(old, new):
+    """The names made one across the notebooks (every output folder `out_dir`, a run's model
+    `pick`): an old name in a papermill command is told the new one, not a guess."""
+    with pytest.raises(ConfigError, match=rf"{old!r} is now {new!r}; give -p {new} "):
+        declared_parameters(_namespace({"sources": "", new: ""}, {old: "x"}))
+    with pytest.raises(ConfigError, match=rf"unknown parameter {old!r}"):  # where the new name is not declared
+        declared_parameters(_namespace({"sources": ""}, {old: "x"}))
+
+
+def test_an_input_path_is_the_working_folders_else_the_repositorys(tmp_path, monkeypatch):
+    """A notebook's kernel runs in notebooks/: `params/demo.yaml` or `outputs/...` given there
+    are the repository's; a shell's relative path is its own folder's first."""
+    monkeypatch.chdir(tmp_path)
+    assert input_path("params/demo.yaml") == REPO_DIR / "params" / "demo.yaml"
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "demo.yaml").write_text("")
+    assert input_path("params/demo.yaml") == Path("params/demo.yaml")
+    assert input_path("no/such.txt") == Path("no/such.txt")  # as given, for the error naming it
+    assert input_path(tmp_path / "x") == tmp_path / "x"
 
 
 def test_injected_values_are_read_from_papermills_cell():

@@ -14,6 +14,7 @@ from papermill.inspection import inspect_notebook
 from rawnet_lib.config import BLOCK_NAMES, Config, DataConfig
 from rawnet_lib.demo import NOTEBOOKS, notebook_parameters
 from rawnet_lib.prep import prepare, sample_utterances, utterance_table
+from rawnet_lib.views import summary, verify_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -41,7 +42,7 @@ def test_demo_passes_only_parameters_the_notebooks_declare(name: str) -> None:
     """What the notebook accepts: its declared parameters, and the YAML blocks where it builds a Config."""
     path = REPO / "notebooks" / f"{name}.ipynb"
     accepted = set(inspect_notebook(str(path)))
-    if _loader_call(_code_cells(path)[1]).func.id == "notebook_config":
+    if _loader_call(_code_cells(path)[1]).func.id in CONFIG_LOADERS:
         accepted |= {"preset", *BLOCK_NAMES}
     for preset in ("smoke", "demo"):
         assert set(notebook_parameters(name, "tiny", preset, 1)) <= accepted
@@ -69,14 +70,14 @@ def test_data_prep_notebook_runs_headless(run_notebook, tiny_db: Path) -> None:
 
 
 def test_model_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Path) -> None:
-    run_notebook("model", preset="smoke", n_classes=6, data_path=str(tiny_db), figures_dir=str(tmp_path))
+    run_notebook("model", preset="smoke", n_classes=6, data_path=str(tiny_db), out_dir=str(tmp_path))
     for name in ("sinc_bands", "sinc_responses", "fms_scales"):
         assert (tmp_path / "smoke" / f"{name}.png").stat().st_size > 0
 
 
 def test_model_notebook_reads_a_checkpoint(run_notebook, smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:
     checkpoint = smoke_run / "models" / "best_opt_eval.pt"
-    run_notebook("model", checkpoint=str(checkpoint), data_path=str(tiny_db), figures_dir=str(tmp_path))
+    run_notebook("model", checkpoint=str(checkpoint), data_path=str(tiny_db), out_dir=str(tmp_path))
     assert (tmp_path / f"{smoke_run.name}-best_opt_eval" / "sinc_bands.npz").is_file()  # the run's, not any best's
 
 
@@ -86,10 +87,15 @@ def _code_cells(path: Path) -> list[str]:
     return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
 
 
+# Library calls that build a notebook's Config with notebook_config (the checkpoint's config as
+# base), and the parameters each says are the notebook's own.
+CONFIG_LOADERS = {"notebook_config": (), "verify_session": verify_notebook.OWN, "notebook_model": summary.OWN}
+
+
 def _loader_call(source: str) -> ast.Call:
-    """The notebook_config / declared_parameters call of a notebook's config cell (verify's
-    `verify_session(globals())` calls notebook_config with the checkpoint's config as base)."""
-    loaders = ("notebook_config", "declared_parameters", "verify_session")
+    """The notebook_config / declared_parameters call of a notebook's config cell, or the library
+    call that makes it (verify_session, notebook_model)."""
+    loaders = (*CONFIG_LOADERS, "declared_parameters")
     calls = [n for n in ast.walk(ast.parse(source.replace("%matplotlib inline", "")))
              if isinstance(n, ast.Call) and getattr(n.func, "id", "") in loaders]
     assert calls, "the config cell must check the parameters with notebook_config(globals()) or declared_parameters"
@@ -103,11 +109,11 @@ def test_config_field_parameters_default_to_the_preset(path: Path) -> None:
     unless the notebook says it is its own (evaluate's out_dir)."""
     params, config = _code_cells(path)[:2]
     call = _loader_call(config)
-    own = next((ast.literal_eval(k.value) for k in call.keywords if k.arg == "own"), ())
+    own = next((ast.literal_eval(k.value) for k in call.keywords if k.arg == "own"), CONFIG_LOADERS.get(call.func.id))
     fields = set(Config().flat())
     for node in ast.parse(params).body:
         name = node.target.id
-        if call.func.id in ("notebook_config", "verify_session") and name in fields and name not in own:
+        if call.func.id in CONFIG_LOADERS and name in fields and name not in own:
             assert ast.literal_eval(node.value) is None, f"{name} would override the preset; default it to None"
 
 

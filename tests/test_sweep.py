@@ -22,6 +22,7 @@ from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluation_identity
 from rawnet_lib.io import file_sha1
+from rawnet_lib.views.analysis import score_sources
 
 
 def test_t_interval_matches_scipy():
@@ -93,12 +94,14 @@ def _write(path: Path, spec: dict) -> Path:
      r"s\.yaml: lists \['O', 'E', 'my/O.txt'\] would report O twice .* rename one of the files"),
     ({"seeds": [1], "arms": {"a": {"augment": {"enabled": True, "noise_dir": "EMPTY"}}}}, AugmentError,
      r"arm 'a': noise_dir .* has no \.wav files"),
-    ({"seeds": [1], "checkpoint": "average", "arms": {"a": {}}}, ConfigError,
+    ({"seeds": [1], "pick": "average", "arms": {"a": {}}}, ConfigError,
      r"s.yaml: unknown checkpoint choice 'average'; valid: best, last or avg_last<N>"),
-    ({"seeds": [1], "checkpoint": "avg_last20", "arms": {"a": {"train": {"epochs": 10}}}}, ConfigError,
-     r"arm 'a' trains 10 epochs, checkpoint avg_last20 averages 20; choose avg_last10 or fewer"),
-    ({"seeds": [1], "checkpoint": "avg_last2", "arms": {"a": {"train": {"save_every_epoch": False}}}}, ConfigError,
-     r"arm 'a' keeps no model per epoch \(save_every_epoch: false\), which checkpoint avg_last2 needs"),
+    ({"seeds": [1], "pick": "avg_last20", "arms": {"a": {"train": {"epochs": 10}}}}, ConfigError,
+     r"arm 'a' trains 10 epochs, pick avg_last20 averages 20; choose avg_last10 or fewer"),
+    ({"seeds": [1], "pick": "avg_last2", "arms": {"a": {"train": {"save_every_epoch": False}}}}, ConfigError,
+     r"arm 'a' keeps no model per epoch \(save_every_epoch: false\), which pick avg_last2 needs"),
+    ({"seeds": [1], "checkpoint": "last", "arms": {"a": {}}}, ConfigError,
+     r"unknown key\(s\) checkpoint \(checkpoint is now pick\); valid keys: seeds, lists, arms, preset, pick"),
 ])
 def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, match):
     (tmp_path / "EMPTY").mkdir()
@@ -399,13 +402,23 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     # another choice of model reuses the training and puts its tables beside the others; with one
     # epoch, the last epoch's model holds the best model's weights
     calls.clear()
-    last = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50, checkpoint="last")
+    last = sweep_mod.run_sweep(spec, out, progress=False, n_boot=50, pick="last")
     assert calls == [] and (out / "last" / "summary.csv").is_file() and (out / "last" / "det_O.png").is_file()
     assert last["runs"]["eer"].to_numpy() == pytest.approx(tables["runs"]["eer"].to_numpy(), abs=1e-9)
     assert sorted(p.parent.name[:5] for p in runs.glob("*/eval/TA_1_*/metrics.json")) == ["TA_1_"] * 4
     assert pd.read_csv(out / "summary.csv").equals(summary)  # the best models' tables are untouched
 
     # the notebook over the same code: every run is reused, the tables and the DET figure come back
-    executed = json.loads(run_notebook("sweep", sweep=str(spec), out=str(out), n_boot=50).read_text())
+    executed = json.loads(run_notebook("sweep", sweep=str(spec), out_dir=str(out), n_boot=50).read_text())
     text = json.dumps([c.get("outputs", []) for c in executed["cells"]])
     assert "reuse   aam-seed2" in text and "eer_ci_low" in text and "image/png" in text
+
+    # the analysis notebook opens the sweep folder: every run's scores, labelled by arm and seed
+    assert list(score_sources(out)) == ["ref-seed1: O", "ref-seed2: O", "aam-seed1: O", "aam-seed2: O"]
+    assert all(p.parent.name.startswith("TA_1_") for p in score_sources(out / "last").values())
+    with pytest.raises(MissingPathError, match="no score files of lists E in"):
+        score_sources(out, lists=["E"])
+    figures = tmp_path / "figures"
+    run_notebook("analysis", sources=str(out), trial_lists=["O"], out_dir=str(figures), n_worst=2)
+    assert (figures / "det.png").is_file() and len(list(figures.glob("hist_*-seed*_O.png"))) == 4
+    assert len(list(figures.glob("val_eer_*-seed*.png"))) == 4

@@ -1,10 +1,14 @@
 """Every measurement in one call, its chart, and the command line (`python -m rawnet_lib.bench`)."""
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 from rawnet_lib import bench
 from rawnet_lib.bench.common import PAPER_CLASSES, PATHS, QUICK
@@ -13,25 +17,40 @@ from rawnet_lib.bench.inference import bench_embed
 from rawnet_lib.bench.loading import bench_data_scale, bench_load
 from rawnet_lib.bench.numerics import bench_subnormals
 from rawnet_lib.bench.scoring import bench_gather, bench_score
-from rawnet_lib.config import cli_config, cli_parser, load_config
+from rawnet_lib.config import cli_config, cli_parser, load_config, repo_path
+from rawnet_lib.io import atomic_write_text
 from rawnet_lib.models import fastsinc
+from rawnet_lib.views.plots import save_figure
 
-__all__ = ["run_all", "plot_comparison", "main"]
+__all__ = ["results_folder", "run_all", "plot_comparison", "summary_table", "speed_figure", "memory_figure", "main"]
 
 SCALE_QUICK = {"speakers": 20, "videos": 2, "utterances": 3, "batches": 4}
+SUMMARY_COLUMNS = ["name", "path", "dtype", "processes", "crops_per_s", "seconds", "gflops", "ratio", "peak_rss_mib",
+                   "cosine_min"]
+
+
+def results_folder(out_dir: str | Path) -> Path:
+    """A new time-stamped folder under `out_dir` (relative: the repository's) for one benchmark's results."""
+    folder = repo_path(out_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def run_all(preset: str = "paper", batch: int = 8, repeats: int = 5, quick: bool = False,
-            data_path: str | Path | None = None, scale: bool = True) -> list[dict[str, Any]]:
-    """Every measurement; quick: smoke preset, small batch, 2 rounds, small lists, no scaling runs."""
+            data_path: str | Path | None = None, scale: bool = True, out: Path | None = None) -> list[dict[str, Any]]:
+    """Every measurement; quick: smoke preset, small batch, 2 rounds, small lists, no scaling runs.
+    With `out`, the records are also written to `out/records.json`."""
     if quick:
         preset, batch, repeats = QUICK["preset"], QUICK["batch"], QUICK["repeats"]
         compiled = fastsinc.set_compile(False)  # no compile time; same results, slower kernels
     try:
-        return _run_all(preset, batch, repeats, quick, data_path, scale)
+        records = _run_all(preset, batch, repeats, quick, data_path, scale)
     finally:
         if quick:
             fastsinc.set_compile(compiled)
+    if out is not None:
+        atomic_write_text(Path(out) / "records.json", json.dumps(records, indent=1))
+    return records
 
 
 def _run_all(preset: str, batch: int, repeats: int, quick: bool, data_path: str | Path | None,
@@ -50,7 +69,6 @@ def _run_all(preset: str, batch: int, repeats: int, quick: bool, data_path: str 
 
 def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", ax=None):
     """Bars of `metric` per measurement name, exact next to fast; returns the Figure."""
-    from matplotlib.figure import Figure
     if ax is None:
         ax = Figure(figsize=(6, 3.5)).subplots()
     rows = [r for r in records if r.get("path") in PATHS and metric in r]
@@ -65,23 +83,45 @@ def plot_comparison(records: list[dict[str, Any]], metric: str = "crops_per_s", 
     return ax.figure
 
 
+def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The records' main columns, one row per measurement."""
+    table = pd.DataFrame(records)
+    return table[[c for c in SUMMARY_COLUMNS if c in table]]
+
+
+def speed_figure(records: list[dict[str, Any]], preset: str, folder: Path) -> Figure:
+    """Training and embedding crops/s, exact next to fast, saved as `folder/speed`."""
+    fig = plot_comparison([r for r in records if r["name"] in ("train_step", "embed")], "crops_per_s")
+    fig.axes[0].set_title(f"{preset} preset, crops per second (higher is better)")
+    save_figure(fig, folder, "speed")
+    return fig
+
+
+def memory_figure(records: list[dict[str, Any]], folder: Path) -> Figure:
+    """Peak RSS of a training step, exact next to fast, saved as `folder/memory`."""
+    fig = plot_comparison([r for r in records if r["name"] == "train_memory"], "peak_rss_mib")
+    fig.axes[0].set_title("peak RSS of a training step, MiB (lower is better)")
+    save_figure(fig, folder, "memory")
+    return fig
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     usage = bench.__doc__  # the package's docstring: what each command measures
     parser = cli_parser("python -m rawnet_lib.bench", usage, preset=None, fields=("data_path",),
                         config_help="model preset to time, a name or YAML (default paper; smoke with --quick)")
     parser.add_argument("what", choices=["train", "accel", "memory", "embed", "load", "score", "gather", "peak",
                                          "scale", "scale-data", "subnormals", "all"])
-    parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 4 with --quick)")
+    parser.add_argument("--batch_size", type=int, default=None, help="training batch (default 8; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per path (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small and fast: a check that everything runs")
     parser.add_argument("--checkpoint", default="", help="trained weights: embed compares with them, subnormals "
                         "(required) looks at their training step")
     parser.add_argument("--augment", action="store_true", help="load: also the loader with augmentation on")
     args = parser.parse_args(argv)
-    custom = bool(args.config or args.batch or args.repeats)
+    custom = bool(args.config or args.batch_size or args.repeats)
     defaults = QUICK if args.quick else {"preset": "paper", "batch": 8, "repeats": 5}
     args.config = preset = args.config or defaults["preset"]
-    batch, repeats = args.batch or defaults["batch"], args.repeats or defaults["repeats"]
+    batch, repeats = args.batch_size or defaults["batch"], args.repeats or defaults["repeats"]
     n_classes = 10 if args.quick else PAPER_CLASSES
     data = cli_config(args).data.data_path or None   # --data_path, else the preset's ('': the demo corpus)
     if args.what == "subnormals" and not args.checkpoint:
@@ -100,6 +140,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
            "scale": lambda: bench_scale(preset, batch, 2 if args.quick else 6, 1 if args.quick else 2,
                                         data_path=str(data or "")),
            "scale-data": lambda: bench_data_scale(preset, data, **(SCALE_QUICK if args.quick else {})),
-           "subnormals": lambda: bench_subnormals(args.checkpoint, batch if args.batch else 32, data,
+           "subnormals": lambda: bench_subnormals(args.checkpoint, batch if args.batch_size else 32, data,
                                                   base=preset)}
     return run[args.what]()

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rawnet_lib.config import input_path
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_write_text, file_sha1
 
@@ -84,7 +85,7 @@ def official_list_path(data_path: Path, name: str) -> Path:
     if name in OFFICIAL_LISTS:
         return Path(data_path) / "VoxCeleb1" / OFFICIAL_LISTS[name]
     if str(name).endswith(".txt"):
-        return Path(name).expanduser()
+        return input_path(name)
     raise ValueError(f"unknown trial list {name!r}; give one of {', '.join(OFFICIAL_LISTS)} "
                      "(files in <data_path>/VoxCeleb1/) or a path to a .txt list")
 

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from rawnet_lib.config import REPO_DIR, DataConfig
+from rawnet_lib.config import REPO_DIR, DataConfig, input_path
 from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
 from rawnet_lib.errors import MissingPathError
 from rawnet_lib.io import atomic_write_text
@@ -212,7 +212,7 @@ def _what_changed(written: str | None, now: str, root: Path) -> str:
 def resolve_data_path(cfg: DataConfig) -> Path:
     """The user's data folder, or the built-in demo corpus (generated on first use)."""
     if cfg.data_path:
-        path = Path(cfg.data_path).expanduser()
+        path = input_path(cfg.data_path)
         if not path.is_dir():
             raise MissingPathError(f"data_path {path} does not exist; give the folder that holds VoxCeleb1/ "
                                     "and VoxCeleb2/, or leave data_path empty to use the demo corpus")

@@ -41,7 +41,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib import dist
-from rawnet_lib.config import REPO_DIR, Config, ConfigError, read_yaml, recipe_changes, write_f_params
+from rawnet_lib.config import REPO_DIR, Config, ConfigError, input_path, read_yaml, recipe_changes, write_f_params
 from rawnet_lib.dataset.trials import PairCountError, TrialList, make_trials, write_trials
 from rawnet_lib.dataset.utterances import UtteranceList, load_utterances
 from rawnet_lib.errors import WorkbookError
@@ -426,15 +426,13 @@ def newest_run(out_dir: str | Path = "outputs/train") -> Path:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, pick: str = "best", make: bool = True) -> Path:
-    """A checkpoint path as given (or relative to the repository); for a run folder, or "" / None
+    """A checkpoint path (`input_path`: the working folder's, else the repository's); for a run folder, or "" / None
     (the newest run), the model `pick` names in it (`run_checkpoint`: best, last, avg_last<N>;
     `make=False` only names an average)."""
     check_checkpoint_choice(pick)
     if not checkpoint:
         return run_checkpoint(newest_run(), pick, make)
-    path = Path(checkpoint).expanduser()
-    if not path.exists() and not path.is_absolute() and (REPO_DIR / path).exists():
-        path = REPO_DIR / path
+    path = input_path(checkpoint)
     if path.is_dir():
         return run_checkpoint(path, pick, make)
     if pick != "best":

@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-from rawnet_lib.config import DataConfig, repo_path
+from rawnet_lib.config import DataConfig, input_path, repo_path
 from rawnet_lib.dataset.audio import read_audio
-from rawnet_lib.dataset.trials import resolve, speaker_of
+from rawnet_lib.dataset.trials import list_tag, resolve, speaker_of
 from rawnet_lib.errors import MissingPathError
 from rawnet_lib.eval.metrics import eer_threshold
-from rawnet_lib.eval.scoring import ScoreFileError
-from rawnet_lib.views.plots import waveform_spectrogram
+from rawnet_lib.eval.scoring import ScoreFileError, load_scores
+from rawnet_lib.views.plots import det_plot, history_plot, save_figure, score_histogram, waveform_spectrogram
 
-__all__ = ["score_sources", "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials",
-           "trial_player", "misverified_browser", "file_stem"]
+__all__ = ["score_sources", "Results", "open_results", "det_figure", "validation_figures", "histogram_figures",
+           "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials", "trial_player",
+           "misverified_browser", "file_stem"]
 
 
 _KINDS = ("false_reject", "false_accept")
@@ -42,41 +46,138 @@ def _eval_dir_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("scores_*_names.txt"))
 
 
-def score_sources(sources: str | Path | Sequence[str | Path] = "") -> dict[str, Path]:
-    """{label: score file} from score files, evaluation folders and run folders.
-
-    A string may hold several comma-separated entries; "" means the newest run. A run folder
-    stands for every evaluation under its eval/. Labels are `<list>[ asnorm]`, prefixed with
-    `<run>/<checkpoint>:` when results of more than one evaluation are shown together.
-    """
+def _source_paths(sources: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The sources as paths: comma-separated in a string, "" the newest run, relative ones found
+    from the working folder first, then the repository's (`input_path`)."""
     if isinstance(sources, (str, Path)):
         sources = [s.strip() for s in str(sources).split(",") if s.strip()]
     if not sources:
         from rawnet_lib.training.run import newest_run
         sources = [newest_run()]
+    return [input_path(s) for s in sources]
+
+
+def _is_sweep(folder: Path) -> bool:
+    """A sweep's results folder: DIR, or DIR/<pick>/ for another model choice (rawnet_lib.sweep)."""
+    return (folder / "runs.csv").is_file() and (folder / "summary.json").is_file()
+
+
+def _sweep_files(folder: Path) -> dict[str, Path]:
+    """{`<arm>-seed<seed>: <list>`: score file} of every run and list in a sweep's runs.csv."""
+    runs = pd.read_csv(folder / "runs.csv")
+    if "scores" not in runs:
+        raise ScoreFileError(f"{folder / 'runs.csv'} names no score files (an older version wrote it); run the "
+                             "sweep's command again (python -m rawnet_lib.sweep SWEEP.yaml ...): it reuses every "
+                             "finished run and evaluation and rewrites its tables")
+    return {f"{r.arm}-seed{r.seed}: {r.list}": Path(os.path.normpath(folder / r.scores)) for r in runs.itertuples()}
+
+
+def _list_of(score_file: Path) -> str:
+    """The trial list a score file scored (`scores_O_asnorm_names.txt` -> O)."""
+    return re.sub(r"(_asnorm)?(_names)?$", "", score_file.stem.removeprefix("scores_"))
+
+
+def score_sources(sources: str | Path | Sequence[str | Path] = "", lists: Sequence[str] = ()) -> dict[str, Path]:
+    """{label: score file} from score files, evaluation folders, run folders and sweep folders.
+
+    A string may hold several comma-separated entries; "" means the newest run. A run folder
+    stands for every evaluation under its eval/, a sweep folder for the runs its runs.csv lists
+    (labels `<arm>-seed<seed>: <list>`). Other labels are `<list>[ asnorm]`, prefixed with
+    `<run>/<checkpoint>:` when results of more than one evaluation are shown together. `lists`
+    keeps the score files of those trial lists only (O, E, H, or a .txt list's stem).
+    """
+    paths = _source_paths(sources)
     files: list[Path] = []
-    for source in (Path(s) if Path(s).exists() else repo_path(s) for s in sources):  # else: the repository's
+    labels: dict[str, Path] = {}
+    for source in paths:
         if source.is_file():
             files.append(source)
+        elif _is_sweep(source):
+            labels.update(_sweep_files(source))
         elif (source / "models").is_dir():
             files += [f for d in sorted((source / "eval").glob("*/")) for f in _eval_dir_files(d)]
         elif source.is_dir():
             files += _eval_dir_files(source)
         else:
-            raise MissingPathError(f"{source} is neither a score file nor a folder; give score files, "
-                                    "evaluation folders (<run>/eval/<checkpoint>) or run folders")
-    if not files:
-        raise MissingPathError(f"no score files in {', '.join(map(str, sources))}; evaluate the run first "
-                                "(notebooks/evaluate.ipynb)")
-    several = len({f.parent for f in files}) > 1
-    labels = {}
+            raise MissingPathError(f"{source} is neither a score file nor a folder; give score files, evaluation "
+                                   "folders (<run>/eval/<checkpoint>), run folders or sweep folders")
+    several = len({f.parent for f in files}) > 1 or bool(labels)
     for f in files:
         label = re.sub(r"^scores_|_names$", "", f.stem).replace("_asnorm", " asnorm")
         if several:
             run = run_folder(f)
             label = f"{run.name + '/' if run else ''}{f.parent.name}: {label}"
         labels[label] = f
+    if lists:
+        wanted = {list_tag(str(x)) for x in lists}
+        labels = {label: f for label, f in labels.items() if _list_of(f) in wanted}
+    if not labels:
+        raise MissingPathError(f"no score files{' of lists ' + ', '.join(map(str, lists)) if lists else ''} in "
+                               f"{', '.join(map(str, paths))}; evaluate the run first (notebooks/evaluate.ipynb)")
     return labels
+
+
+@dataclass
+class Results:
+    """What the analysis notebook looks at: score files by label, their scores, the folder its
+    figures go to and the folders the trials' audio is found in."""
+    files: dict[str, Path]
+    scores: dict[str, pd.DataFrame]
+    figures: Path
+    roots: list[Path]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame({"score file": {label: str(path) for label, path in self.files.items()}})
+
+
+def open_results(sources: str | Path | Sequence[str | Path] = "", lists: Sequence[str] = (),
+                 data_path: str | Path = "", out_dir: str | Path = "") -> Results:
+    """Load the score files of `sources` (see score_sources). Figures go to `out_dir` (relative: the
+    repository's), else the sweep's `figures/` when the first source is a sweep folder, else the
+    first score file's run's `figures/`. The audio is under `data_path`, else where the first
+    evaluation found it. `lists` may be one comma-separated string (papermill's `-p trial_lists O,E`)."""
+    if isinstance(lists, str):
+        lists = [x.strip() for x in lists.split(",") if x.strip()]
+    files = score_sources(sources, lists)
+    first = next(iter(files.values()))
+    if out_dir:
+        figures = repo_path(out_dir)
+    else:
+        lead = _source_paths(sources)[0]
+        figures = lead / "figures" if _is_sweep(lead) else figures_folder(first)
+    return Results(files, {label: load_scores(path) for label, path in files.items()}, figures,
+                   audio_roots(first, data_path))
+
+
+def det_figure(results: Results) -> Figure:
+    """Every score file's DET curve on one figure, saved as `det`."""
+    fig = det_plot({label: (s["score"], s["label"]) for label, s in results.scores.items()})
+    save_figure(fig, results.figures, "det")
+    return fig
+
+
+def validation_figures(results: Results) -> list[Figure]:
+    """Loss, accuracy and validation EER per epoch of each run the score files come from, saved as
+    `val_eer_<run>`."""
+    runs = sorted({run for run in map(run_folder, results.files.values()) if run and (run / "eers.txt").is_file()})
+    figures = []
+    for run in runs:
+        fig = history_plot(eer_history(run))
+        fig.suptitle(run.name)
+        save_figure(fig, results.figures, f"val_eer_{file_stem(run.name)}")
+        figures.append(fig)
+    return figures
+
+
+def histogram_figures(results: Results) -> list[Figure]:
+    """Target and non-target score densities of each score file, saved as `hist_<label>`."""
+    figures = []
+    for label, s in results.scores.items():
+        fig = score_histogram(s["score"], s["label"])
+        fig.suptitle(label)
+        save_figure(fig, results.figures, f"hist_{file_stem(label)}")
+        figures.append(fig)
+    return figures
 
 
 def run_folder(score_file: str | Path) -> Path | None:
@@ -123,15 +224,19 @@ def eer_history(run: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["epoch", "val_eer"])
 
 
-def worst_trials(scores: pd.DataFrame, kind: str = "false_reject", n: int = 10, threshold: float | None = None,
-                 speaker: str | None = None, min_score: float | None = None,
+def worst_trials(scores: pd.DataFrame, kind: str | Sequence[str] = "false_reject", n: int = 10,
+                 threshold: float | None = None, speaker: str | None = None, min_score: float | None = None,
                  max_score: float | None = None) -> pd.DataFrame:
     """The n most confidently wrong trials at `threshold` (default: the EER threshold), worst first.
 
     false_reject: same-speaker trials scored below the threshold, lowest first; false_accept:
-    different-speaker trials at or above it, highest first. `speaker` keeps trials with that
-    speaker on either side; min_score / max_score bound the scores. Needs a `_names` score file.
+    different-speaker trials at or above it, highest first; several kinds: n of each, one after
+    the other. `speaker` keeps trials with that speaker on either side; min_score / max_score
+    bound the scores. Needs a `_names` score file.
     """
+    if not isinstance(kind, str):
+        return pd.concat([worst_trials(scores, k, n, threshold, speaker, min_score, max_score) for k in kind],
+                         ignore_index=True)
     if kind not in _KINDS:
         raise ValueError(f"kind={kind!r}; choose one of {', '.join(_KINDS)}")
     if not {"enroll", "test"} <= set(scores.columns):

@@ -1,18 +1,44 @@
 """Looking inside a RawNet2: layer shapes and sizes, the sinc filter bank, the FMS gates."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from rawnet_lib.config import Config
+from rawnet_lib.config import BLOCK_NAMES, Config, declared_parameters, notebook_config, repo_path
 from rawnet_lib.dataset.audio import peak_normalise, read_audio, tile
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
-from rawnet_lib.models.rawnet2 import RawNet2
+from rawnet_lib.models.checkpoint import load_checkpoint_model
+from rawnet_lib.models.rawnet2 import RawNet2, build_model
+from rawnet_lib.training.run import resolve_checkpoint
 
-__all__ = ["layer_table", "sinc_bank", "fms_scales", "example_crop", "checkpoint_label"]
+__all__ = ["OWN", "notebook_model", "layer_table", "sinc_bank", "fms_scales", "example_crop", "checkpoint_label"]
+
+OWN = ("checkpoint", "n_classes", "out_dir")  # the model notebook's own parameters (out_dir: its figures)
+
+
+def notebook_model(namespace: Mapping[str, Any]) -> tuple[RawNet2, Config, Path]:
+    """The model notebook's model, Config and figures folder, from its parameters.
+
+    With `checkpoint` (a .pt file, or a run folder: its best model) the trained model, with the
+    notebook's parameters over the checkpoint's config; without, a freshly initialised model of
+    `preset` with `n_classes` outputs. Figures go to `out_dir/<checkpoint label or preset>`.
+    A misspelt parameter is named before anything loads.
+    """
+    values = declared_parameters(namespace, accept=BLOCK_NAMES)
+    if values["checkpoint"]:
+        checkpoint = resolve_checkpoint(values["checkpoint"])
+        model, cfg = load_checkpoint_model(checkpoint, base=values["preset"])
+        cfg = notebook_config(namespace, base=cfg, own=OWN)  # the checkpoint's, then the parameters
+        label = checkpoint_label(checkpoint)
+    else:
+        cfg = notebook_config(namespace, own=OWN)
+        model, label = build_model(cfg, values["n_classes"]), cfg.preset
+    return model, cfg, repo_path(values["out_dir"] or "outputs/model") / label
 
 
 def layer_table(model: RawNet2, n_samples: int | None = None) -> pd.DataFrame:

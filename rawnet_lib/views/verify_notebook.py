@@ -16,7 +16,7 @@ import pandas as pd
 from IPython.display import HTML
 from matplotlib.figure import Figure
 
-from rawnet_lib.config import BLOCK_NAMES, Config, declared_parameters, notebook_config
+from rawnet_lib.config import BLOCK_NAMES, Config, declared_parameters, input_path, notebook_config
 from rawnet_lib.dataset.anyaudio import find_audio
 from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.eval.calibrate import Calibration
@@ -70,11 +70,11 @@ def verify_session(namespace: Mapping[str, Any]) -> VerifySession:
     data_path = resolve_data_path(cfg.data)
     given = [namespace.get(k) or "" for k in ("enroll", "test", "impostor")]
     defaults = demo_inputs(data_path) if not all(given) else (None, None, None)
-    inputs = [find_audio([g])[0] if g else [d] for g, d in zip(given, defaults)]
+    inputs = [find_audio([input_path(g)])[0] if g else [d] for g, d in zip(given, defaults)]
     note = f"calibration from {verifier.calibration.source.get('trials')}" if verifier.calibration else ""
     if verifier.calibration is None:
         given = namespace.get("dev_trials")  # else the run's validation list: the data set's, or its own
-        dev = Path(given) if given else validation_trials(cfg, data_path, ckpt.parent.parent)
+        dev = input_path(given) if given else validation_trials(cfg, data_path, ckpt.parent.parent)
         roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
         far = namespace.get("far")
         verifier.calibrate(read_pairs(dev, roots), far=0.01 if far is None else far)

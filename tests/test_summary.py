@@ -1,13 +1,15 @@
 """Tests for rawnet_lib.views.summary: the layer table, the sinc filter bank and the FMS gates."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from rawnet_lib.config import load_config
 from rawnet_lib.models.rawnet2 import build_model, stage_frames
-from rawnet_lib.views.summary import fms_scales, layer_table, sinc_bank
+from rawnet_lib.views.summary import fms_scales, layer_table, notebook_model, sinc_bank
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +106,17 @@ def test_fms_scales(smoke_model):
     with torch.no_grad():
         want = torch.sigmoid(block0.frm.fc(captured["x"].mean(-1)))[0].numpy()
     np.testing.assert_allclose(scales["block0"], want, rtol=1e-6)
+
+
+def test_the_model_notebooks_figures_go_beside_the_runs_own(smoke_run, tiny_db):
+    """A run's model draws into `<run>/figures/model/<file>`, so same-named runs of two sweeps
+    never share a folder; `out_dir` gathers them, one folder per run and file."""
+    values = {"preset": "paper", "checkpoint": str(smoke_run), "n_classes": 5994, "data_path": str(tiny_db),
+              "demo_size": None, "out_dir": ""}
+    namespace = {"__annotations__": dict.fromkeys(values, str), **values}
+    model, cfg, figures = notebook_model(namespace)
+    assert figures == smoke_run / "figures" / "model" / "best_opt_eval" and cfg.data.data_path == str(tiny_db)
+    namespace["out_dir"] = "/elsewhere"
+    assert notebook_model(namespace)[2] == Path("/elsewhere") / f"{smoke_run.name}-best_opt_eval"
+    namespace.update(checkpoint="", preset="smoke", n_classes=3, out_dir="")
+    assert notebook_model(namespace)[2].parts[-3:] == ("outputs", "model", "smoke")

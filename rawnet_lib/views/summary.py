@@ -26,10 +26,13 @@ def notebook_model(namespace: Mapping[str, Any]) -> tuple[RawNet2, Config, Path]
 
     With `checkpoint` (a .pt file, or a run folder: its best model) the trained model, with the
     notebook's parameters over the checkpoint's config; without, a freshly initialised model of
-    `preset` with `n_classes` outputs. Figures go to `out_dir/<checkpoint label or preset>`.
-    A misspelt parameter is named before anything loads.
+    `preset` with `n_classes` outputs. Figures go to `out_dir/<checkpoint label or preset>`;
+    without out_dir, a run's model's to `<run>/figures/model/<file stem>` (beside the analysis
+    notebook's figures of the run), others to `outputs/model/<label>`. A misspelt parameter is
+    named before anything loads.
     """
     values = declared_parameters(namespace, accept=BLOCK_NAMES)
+    checkpoint = None
     if values["checkpoint"]:
         checkpoint = resolve_checkpoint(values["checkpoint"])
         model, cfg = load_checkpoint_model(checkpoint, base=values["preset"])
@@ -38,7 +41,13 @@ def notebook_model(namespace: Mapping[str, Any]) -> tuple[RawNet2, Config, Path]
     else:
         cfg = notebook_config(namespace, own=OWN)
         model, label = build_model(cfg, values["n_classes"]), cfg.preset
-    return model, cfg, repo_path(values["out_dir"] or "outputs/model") / label
+    if values["out_dir"]:
+        figures = repo_path(values["out_dir"]) / label
+    elif checkpoint is not None and checkpoint.parent.name == "models":  # a run's model: with the run's figures
+        figures = checkpoint.parent.parent / "figures" / "model" / checkpoint.stem
+    else:
+        figures = repo_path("outputs/model") / label
+    return model, cfg, figures
 
 
 def layer_table(model: RawNet2, n_samples: int | None = None) -> pd.DataFrame:

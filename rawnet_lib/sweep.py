@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from rawnet_lib.config import PARAMS_DIR, RENAMED, REPO_DIR, Config, ConfigError, load_config, read_yaml
+from rawnet_lib.config import PARAMS_DIR, RENAMED, Config, ConfigError, input_path, load_config, read_yaml, repo_path
 from rawnet_lib.corpus import base_voices
 from rawnet_lib.dataset.augment import find_noises, find_rirs
 from rawnet_lib.dataset.trials import OFFICIAL_LISTS, list_tag, official_list_path, speaker_of
@@ -95,9 +95,8 @@ class Sweep:
 
 
 def sweep_file(sweep: str | Path) -> Path:
-    """A sweep YAML as given, relative to the repository (notebooks run in notebooks/), or by name in params/sweeps/."""
-    path = Path(sweep).expanduser()
-    for candidate in (path, REPO_DIR / path, PARAMS_DIR / "sweeps" / f"{sweep}.yaml"):
+    """A sweep YAML (`input_path`: the working folder's, else the repository's) or a name in params/sweeps/."""
+    for candidate in (input_path(sweep), PARAMS_DIR / "sweeps" / f"{sweep}.yaml"):
         if candidate.is_file():
             return candidate
     names = sorted(p.stem for p in (PARAMS_DIR / "sweeps").glob("*.yaml"))
@@ -138,8 +137,7 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
         twice = ", ".join(sorted({t for t in tags if tags.count(t) > 1}))
         raise ConfigError(f"{path}: lists {lists!r} would report {twice} twice (a list is reported by its name, a "
                           ".txt file by its stem); name each list once, or rename one of the files")
-    # relative to the repository, as a run's out_dir (notebooks run in notebooks/)
-    out = REPO_DIR / Path(out).expanduser() if out else REPO_DIR / "outputs" / "sweeps" / path.stem
+    out = repo_path(out or Path("outputs") / "sweeps" / path.stem)  # as a run's out_dir
     which = pick or spec.get("pick") or "best"
     try:
         n_epochs = check_checkpoint_choice(which)
@@ -356,8 +354,8 @@ def _check_own_folder(spec: Sweep) -> None:
         other = None  # unreadable tables: this sweep writes them again
     if other is not None and other.is_file() and other.resolve() != spec.path.resolve():
         raise RunExistsError(f"{spec.results} holds the tables of the sweep {other}, not of {spec.path}; give this "
-                             f"sweep a folder of its own (--out, or the notebook's out), or delete {done} to let it "
-                             "write its tables there")
+                             f"sweep a folder of its own (--out, or the notebook's out_dir), or delete {done} to let "
+                             "it write its tables there")
 
 
 def _check_n_boot(n_boot: int) -> None:
@@ -502,14 +500,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rawnet_lib.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (seeds, lists, arms) or a name in params/sweeps/")
-    parser.add_argument("--out", default=None, help="sweep folder (default outputs/sweeps/<sweep name>)")
+    parser.add_argument("--out", "--out_dir", dest="out", default=None,
+                        help="sweep folder (default outputs/sweeps/<sweep name>; relative: the repository's)")
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per run and list")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="these seeds instead of the file's (e.g. 1 2 3 4 5 to add two to a 3-seed sweep); "
                              "the tables also cover every other seed finished in DIR")
     parser.add_argument("--pick", default=None, help=f"the model of each run to score instead of the file's "
                                                      f"choice: {CHECKPOINT_CHOICES}; tables go to DIR/<choice>/")
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # the old name of --pick
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        parser.error(f"--checkpoint is now --pick (--pick {args.checkpoint}), as in python -m rawnet_lib.evaluate")
     tables = run_sweep(args.sweep, args.out, n_boot=args.n_boot, seeds=args.seeds, pick=args.pick)
     print(tables["summary"].to_string(index=False))
     if not tables["paired"].empty:

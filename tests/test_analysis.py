@@ -88,6 +88,32 @@ def test_score_sources_labels_and_figure_folders(eval_dir: Path, smoke_run: Path
         an.score_sources("/nonexistent/scores.txt")
 
 
+def test_labels_say_whose_results_and_never_merge_two(tmp_path: Path) -> None:
+    """Same-named runs in two folders keep one label each (their paths); the list a score file
+    scored comes from its metrics table, so a list whose name ends in _asnorm is itself."""
+    trials = TrialList(HAND["label"].to_numpy(np.int8), list(HAND["enroll"]), list(HAND["test"]))
+    folders = []
+    for where in ("a", "b"):
+        run = tmp_path / where / "train_1P" / "DNNS" / "demo"
+        (run / "models").mkdir(parents=True)
+        folder = run / "eval" / "best_opt_eval"
+        folder.mkdir(parents=True)
+        for stem in ("scores_O_names", "scores_O_asnorm_names", "scores_x_asnorm_names"):
+            write_scores(folder / f"{stem}.txt", HAND["score"].to_numpy(), trials, with_names=True)
+        folders.append(folder)
+    a, b = folders
+    (b / "metrics.json").write_text(json.dumps({"metrics": [
+        {"list": "O", "scoring": "cosine", "scores_file": "scores_O_names.txt"},
+        {"list": "x_asnorm", "scoring": "cosine", "scores_file": "scores_x_asnorm_names.txt"}]}))
+    assert an.score_sources(a.parents[1]) == {
+        "O": a / "scores_O_names.txt", "O asnorm": a / "scores_O_asnorm_names.txt", "x asnorm": a / "scores_x_asnorm_names.txt"}
+    both = an.score_sources([a.parents[1], b.parents[1]])
+    assert list(both) == ["O asnorm", str(a / "scores_O_names.txt"), "x asnorm", str(b / "scores_O_names.txt"),
+                          "x_asnorm"]
+    assert list(an.score_sources(b, lists="x_asnorm")) == ["x_asnorm"]  # a string is a list name, not letters
+    assert list(an.score_sources(a, lists="O,x")) == ["O asnorm", "O", "x asnorm"]
+
+
 def test_trial_player_and_browser(eval_dir: Path) -> None:
     scores = load_scores(eval_dir / "scores_O_names.txt")
     roots = an.audio_roots(eval_dir / "scores_O_names.txt")

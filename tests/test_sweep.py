@@ -328,7 +328,7 @@ def test_a_run_that_never_scored_a_list_of_the_sweep_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch, run_notebook):
+def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch, run_notebook, capsys):
     smoke = {"preset": "smoke", "data": {"data_path": str(tiny_db)}, "train": {"epochs": 1}}
     spec = _write(tmp_path / "tiny.yaml", {"seeds": [1, 2], "lists": ["O"], "arms": {
         "ref": smoke, "aam": {**smoke, "loss": {"head": "aam", "margin": 0.2, "scale": 30}}}})
@@ -416,8 +416,17 @@ def test_tiny_sweep_resumes_after_an_interruption(tiny_db, tmp_path, monkeypatch
     # the analysis notebook opens the sweep folder: every run's scores, labelled by arm and seed
     assert list(score_sources(out)) == ["ref-seed1: O", "ref-seed2: O", "aam-seed1: O", "aam-seed2: O"]
     assert all(p.parent.name.startswith("TA_1_") for p in score_sources(out / "last").values())
+    both = score_sources(f"{out},{out / 'last'}", lists="O")  # two results of one sweep: named apart
+    assert list(both)[::4] == ["sweep/ref-seed1: O", "sweep/last/ref-seed1: O"] and len(set(both.values())) == 8
     with pytest.raises(MissingPathError, match="no score files of lists E in"):
         score_sources(out, lists=["E"])
+    (out / "runs.csv").rename(out / "runs.csv.x")
+    with pytest.raises(MissingPathError, match=r"sweep holds no tables of the runs' best models; open .*sweep/last"):
+        score_sources(out)
+    (out / "runs.csv.x").rename(out / "runs.csv")
+    with pytest.raises(SystemExit):
+        sweep_mod.main([str(spec), "--out", str(out), "--checkpoint", "last"])
+    assert "--checkpoint is now --pick (--pick last)" in capsys.readouterr().err
     figures = tmp_path / "figures"
     run_notebook("analysis", sources=str(out), trial_lists=["O"], out_dir=str(figures), n_worst=2)
     assert (figures / "det.png").is_file() and len(list(figures.glob("hist_*-seed*_O.png"))) == 4

@@ -36,15 +36,15 @@ def results_folder(out_dir: str | Path) -> Path:
     return folder
 
 
-def run_all(preset: str = "paper", batch: int = 8, repeats: int = 5, quick: bool = False,
+def run_all(preset: str = "paper", batch_size: int = 8, repeats: int = 5, quick: bool = False,
             data_path: str | Path | None = None, scale: bool = True, out: Path | None = None) -> list[dict[str, Any]]:
     """Every measurement; quick: smoke preset, small batch, 2 rounds, small lists, no scaling runs.
     With `out`, the records are also written to `out/records.json`."""
     if quick:
-        preset, batch, repeats = QUICK["preset"], QUICK["batch"], QUICK["repeats"]
+        preset, batch_size, repeats = QUICK["preset"], QUICK["batch"], QUICK["repeats"]
         compiled = fastsinc.set_compile(False)  # no compile time; same results, slower kernels
     try:
-        records = _run_all(preset, batch, repeats, quick, data_path, scale)
+        records = _run_all(preset, batch_size, repeats, quick, data_path, scale)
     finally:
         if quick:
             fastsinc.set_compile(compiled)
@@ -89,10 +89,12 @@ def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return table[[c for c in SUMMARY_COLUMNS if c in table]]
 
 
-def speed_figure(records: list[dict[str, Any]], preset: str, folder: Path) -> Figure:
+def speed_figure(records: list[dict[str, Any]], folder: Path) -> Figure:
     """Training and embedding crops/s, exact next to fast, saved as `folder/speed`."""
-    fig = plot_comparison([r for r in records if r["name"] in ("train_step", "embed")], "crops_per_s")
-    fig.axes[0].set_title(f"{preset} preset, crops per second (higher is better)")
+    rows = [r for r in records if r["name"] in ("train_step", "embed")]
+    fig = plot_comparison(rows, "crops_per_s")
+    presets = sorted({r["preset"] for r in rows if "preset" in r})
+    fig.axes[0].set_title(f"{', '.join(presets)} preset, crops per second (higher is better)")
     save_figure(fig, folder, "speed")
     return fig
 

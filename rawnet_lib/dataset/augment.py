@@ -37,7 +37,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
-from rawnet_lib.config import REPO_DIR, AugmentConfig
+from rawnet_lib.config import AugmentConfig, input_path, repo_path
 from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, probe, tile
 from rawnet_lib.dataset.utterances import UtteranceList
 from rawnet_lib.errors import WorkbookError
@@ -56,7 +56,7 @@ class AugmentError(WorkbookError, ValueError):
 
 def find_noises(folder: str | Path) -> dict[str, list[Path]]:
     """MUSAN layout: the wav files under each of noise/, music/, speech/ (kinds without files left out)."""
-    folder = Path(folder).expanduser()
+    folder = input_path(folder)
     found = {kind: sorted((folder / kind).rglob("*.wav")) for kind in KINDS}
     found = {kind: files for kind, files in found.items() if files}
     if not found:
@@ -69,7 +69,7 @@ def find_noises(folder: str | Path) -> dict[str, list[Path]]:
 def find_rirs(folder: str | Path) -> list[Path]:
     """RIRS_NOISES layout: the simulated_rirs/ files when present (real_rirs_isotropic_noises/
     also holds noises), else every wav under the folder."""
-    folder = Path(folder).expanduser()
+    folder = input_path(folder)
     simulated = [p for p in (folder / "simulated_rirs", folder / "RIRS_NOISES" / "simulated_rirs") if p.is_dir()]
     files = sorted((simulated[0] if simulated else folder).rglob("*.wav"))
     if not files:
@@ -203,8 +203,7 @@ def _check_files(files: list[Path], what: str, sample_rate: int) -> None:
 # -- the built-in sets -------------------------------------------------------------------------
 def ensure_builtin_sets(sets_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """(noise folder, RIR folder) of the built-in sets, made once (a few seconds) under sets_dir."""
-    root = Path(sets_dir).expanduser()
-    root = (root if root.is_absolute() else REPO_DIR / root) / BUILTIN_VERSION
+    root = repo_path(sets_dir) / BUILTIN_VERSION
     if not (root / "sets.json").is_file():
         tmp = root.with_name(f".{root.name}.{np.random.default_rng().integers(1 << 30)}.tmp")
         _write_noise(tmp / "noise", np.random.default_rng([seed, 1]))

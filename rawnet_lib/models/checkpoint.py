@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rawnet_lib.config import Config, ConfigError, ModelConfig, load_config
+from rawnet_lib.config import Config, ConfigError, ModelConfig, input_path, load_config
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_torch_save
 from rawnet_lib.models.rawnet2 import RawNet2, build_model
@@ -106,7 +106,7 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
 def read_checkpoint(path: str | Path, fix: str = _HELP) -> Any:
     """The stored object, loaded with weights_only=True (tensors and plain values only); `fix`
     ends the message when the file is missing or not a checkpoint."""
-    path = Path(path)
+    path = input_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
     try:

@@ -41,7 +41,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from rawnet_lib import dist
-from rawnet_lib.config import REPO_DIR, Config, ConfigError, input_path, read_yaml, recipe_changes, write_f_params
+from rawnet_lib.config import (REPO_DIR, Config, ConfigError, input_path, read_yaml, recipe_changes, repo_path,
+                               write_f_params)
 from rawnet_lib.dataset.trials import PairCountError, TrialList, make_trials, write_trials
 from rawnet_lib.dataset.utterances import UtteranceList, load_utterances
 from rawnet_lib.errors import WorkbookError
@@ -83,9 +84,7 @@ def run_path(cfg: Config) -> Path:
     if not FOLDER_NAME.fullmatch(cfg.train.name):
         raise ConfigError(f"name={cfg.train.name!r} becomes the run's folder name: use letters, digits, '.', '-' "
                           "and '_', not starting with '.'")
-    out = Path(cfg.train.out_dir)
-    out = out if out.is_absolute() else REPO_DIR / out
-    return out / f"train_{cfg.train.devices * cfg.train.nnodes}P" / "DNNS" / cfg.train.name
+    return repo_path(cfg.train.out_dir) / f"train_{cfg.train.devices * cfg.train.nnodes}P" / "DNNS" / cfg.train.name
 
 
 def emit(kind: str, **fields: Any) -> None:
@@ -417,7 +416,7 @@ def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | No
 # -- finding runs again ------------------------------------------------------------------------
 def newest_run(out_dir: str | Path = "outputs/train") -> Path:
     """The run folder under out_dir (relative to the repository) whose models/best_opt_eval.pt is newest."""
-    root = Path(out_dir) if Path(out_dir).is_absolute() else REPO_DIR / out_dir
+    root = repo_path(out_dir)
     found = sorted(root.rglob("models/best_opt_eval.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise RunNotFoundError(f"no finished run under {root} (no models/best_opt_eval.pt); train one with "

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -38,12 +38,56 @@ _KINDS = ("false_reject", "false_accept")
 _EERS_LINE = re.compile(r"epoch:\s*(\d+),\s*TA_eval_eer:\s*([-+0-9.eE]+|nan)")
 
 
-def _eval_dir_files(folder: Path) -> list[Path]:
-    """The names variants of an evaluation folder, in its metrics table's order when it has one."""
+@dataclass(frozen=True)
+class _Entry:
+    """A score file found in the sources: the trial list it scored, its name in its evaluation
+    (`O`, `O asnorm`), and whose it is (`<run>/<checkpoint>`, or `<arm>-seed<seed>` in a sweep)."""
+    path: Path
+    list: str
+    name: str
+    owner: str
+
+
+def _file_entry(path: Path) -> _Entry:
+    """A score file without a metrics table, named from its file name (`scores_O_asnorm_names.txt`)."""
+    stem = re.sub(r"_names$", "", path.stem).removeprefix("scores_")
+    tag = stem.removesuffix("_asnorm")
+    run = run_folder(path)
+    return _Entry(path, tag, tag + (" asnorm" if tag != stem else ""),
+                  f"{run.name + '/' if run else ''}{path.parent.name}")
+
+
+def _eval_dir_entries(folder: Path) -> list[_Entry]:
+    """The names variants of an evaluation folder, in and named by its metrics table when it has one."""
     info = folder / "metrics.json"
-    if info.is_file():
-        return [folder / row["scores_file"] for row in json.loads(info.read_text())["metrics"]]
-    return sorted(folder.glob("scores_*_names.txt"))
+    if not info.is_file():
+        return [_file_entry(f) for f in sorted(folder.glob("scores_*_names.txt"))]
+    rows = json.loads(info.read_text())["metrics"]
+    return [replace(_file_entry(folder / r["scores_file"]), list=r["list"],
+                    name=r["list"] + ("" if r["scoring"] == "cosine" else f" {r['scoring']}")) for r in rows]
+
+
+def _sweep_entries(folder: Path, prefix: str) -> list[_Entry]:
+    """Every run and list of a sweep's runs.csv, owned by `<prefix><arm>-seed<seed>`."""
+    runs = pd.read_csv(folder / "runs.csv")
+    if "scores" not in runs:
+        raise ScoreFileError(f"{folder / 'runs.csv'} names no score files (an older version wrote it); run the "
+                             "sweep's command again (python -m rawnet_lib.sweep SWEEP.yaml ...): it reuses every "
+                             "finished run and evaluation and rewrites its tables")
+    return [_Entry(Path(os.path.normpath(folder / r.scores)), str(r.list), str(r.list), f"{prefix}{r.arm}-seed{r.seed}")
+            for r in runs.itertuples()]
+
+
+def _sweep_name(folder: Path) -> str:
+    """A sweep results folder's name: `<sweep>`, or `<sweep>/<pick>` for another model choice."""
+    summary = json.loads((folder / "summary.json").read_text())
+    pick = summary.get("pick", summary.get("checkpoint", "best"))  # `checkpoint` before it was named pick
+    return folder.name if pick == "best" else f"{folder.parent.name}/{pick}"
+
+
+def _is_sweep(folder: Path) -> bool:
+    """A sweep's results folder: DIR, or DIR/<pick>/ for another model choice (rawnet_lib.sweep)."""
+    return (folder / "runs.csv").is_file() and (folder / "summary.json").is_file()
 
 
 def _source_paths(sources: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -57,64 +101,55 @@ def _source_paths(sources: str | Path | Sequence[str | Path]) -> list[Path]:
     return [input_path(s) for s in sources]
 
 
-def _is_sweep(folder: Path) -> bool:
-    """A sweep's results folder: DIR, or DIR/<pick>/ for another model choice (rawnet_lib.sweep)."""
-    return (folder / "runs.csv").is_file() and (folder / "summary.json").is_file()
-
-
-def _sweep_files(folder: Path) -> dict[str, Path]:
-    """{`<arm>-seed<seed>: <list>`: score file} of every run and list in a sweep's runs.csv."""
-    runs = pd.read_csv(folder / "runs.csv")
-    if "scores" not in runs:
-        raise ScoreFileError(f"{folder / 'runs.csv'} names no score files (an older version wrote it); run the "
-                             "sweep's command again (python -m rawnet_lib.sweep SWEEP.yaml ...): it reuses every "
-                             "finished run and evaluation and rewrites its tables")
-    return {f"{r.arm}-seed{r.seed}: {r.list}": Path(os.path.normpath(folder / r.scores)) for r in runs.itertuples()}
-
-
-def _list_of(score_file: Path) -> str:
-    """The trial list a score file scored (`scores_O_asnorm_names.txt` -> O)."""
-    return re.sub(r"(_asnorm)?(_names)?$", "", score_file.stem.removeprefix("scores_"))
-
-
-def score_sources(sources: str | Path | Sequence[str | Path] = "", lists: Sequence[str] = ()) -> dict[str, Path]:
-    """{label: score file} from score files, evaluation folders, run folders and sweep folders.
-
-    A string may hold several comma-separated entries; "" means the newest run. A run folder
-    stands for every evaluation under its eval/, a sweep folder for the runs its runs.csv lists
-    (labels `<arm>-seed<seed>: <list>`). Other labels are `<list>[ asnorm]`, prefixed with
-    `<run>/<checkpoint>:` when results of more than one evaluation are shown together. `lists`
-    keeps the score files of those trial lists only (O, E, H, or a .txt list's stem).
-    """
-    paths = _source_paths(sources)
-    files: list[Path] = []
-    labels: dict[str, Path] = {}
+def _entries(paths: list[Path]) -> list[_Entry]:
+    sweeps = [p for p in paths if _is_sweep(p)]
+    found: list[_Entry] = []
     for source in paths:
         if source.is_file():
-            files.append(source)
-        elif _is_sweep(source):
-            labels.update(_sweep_files(source))
+            found.append(_file_entry(source))
+        elif source in sweeps:  # the sweep's name only where more than one thing is open
+            found += _sweep_entries(source, f"{_sweep_name(source)}/" if len(paths) > 1 else "")
         elif (source / "models").is_dir():
-            files += [f for d in sorted((source / "eval").glob("*/")) for f in _eval_dir_files(d)]
+            found += [e for d in sorted((source / "eval").glob("*/")) for e in _eval_dir_entries(d)]
+        elif (source / "sweep.yaml").is_file():  # a sweep folder whose best models have no tables (yet)
+            picks = sorted(p.name for p in source.iterdir() if _is_sweep(p))
+            raise MissingPathError(f"{source} holds no tables of the runs' best models; "
+                                   + (f"open {', '.join(str(source / p) for p in picks)}, the tables of " if picks
+                                      else "") + "the sweep's other choices, or run the sweep (python -m "
+                                   "rawnet_lib.sweep ...) to write them")
         elif source.is_dir():
-            files += _eval_dir_files(source)
+            found += _eval_dir_entries(source)
         else:
             raise MissingPathError(f"{source} is neither a score file nor a folder; give score files, evaluation "
                                    "folders (<run>/eval/<checkpoint>), run folders or sweep folders")
-    several = len({f.parent for f in files}) > 1 or bool(labels)
-    for f in files:
-        label = re.sub(r"^scores_|_names$", "", f.stem).replace("_asnorm", " asnorm")
-        if several:
-            run = run_folder(f)
-            label = f"{run.name + '/' if run else ''}{f.parent.name}: {label}"
-        labels[label] = f
+    return found
+
+
+def score_sources(sources: str | Path | Sequence[str | Path] = "", lists: str | Sequence[str] = ()
+                  ) -> dict[str, Path]:
+    """{label: score file} from score files, evaluation folders, run folders and sweep folders.
+
+    A string may hold several comma-separated entries; "" means the newest run. A run folder
+    stands for every evaluation under its eval/, a sweep folder (DIR, or DIR/<pick>) for the runs
+    its runs.csv lists. Labels are `<list>[ asnorm]`, prefixed with whose results they are when
+    there are several (`<run>/<checkpoint>: O`, `<arm>-seed<seed>: O`, the sweep's name before the
+    arm when more than one source is open); labels still alike get the score file's path. `lists`
+    keeps the score files of those trial lists only (O, E, H, or a .txt list's stem; a string
+    may hold several, comma-separated).
+    """
+    if isinstance(lists, str):
+        lists = [x.strip() for x in lists.split(",") if x.strip()]
+    paths = _source_paths(sources)
+    entries = _entries(paths)
     if lists:
         wanted = {list_tag(str(x)) for x in lists}
-        labels = {label: f for label, f in labels.items() if _list_of(f) in wanted}
-    if not labels:
+        entries = [e for e in entries if e.list in wanted]
+    if not entries:
         raise MissingPathError(f"no score files{' of lists ' + ', '.join(map(str, lists)) if lists else ''} in "
                                f"{', '.join(map(str, paths))}; evaluate the run first (notebooks/evaluate.ipynb)")
-    return labels
+    several = len({e.owner for e in entries}) > 1
+    labels = [f"{e.owner}: {e.name}" if several else e.name for e in entries]
+    return {(label if labels.count(label) == 1 else f"{e.path}"): e.path for label, e in zip(labels, entries)}
 
 
 @dataclass
@@ -129,22 +164,25 @@ class Results:
     def table(self) -> pd.DataFrame:
         return pd.DataFrame({"score file": {label: str(path) for label, path in self.files.items()}})
 
+    def worst_trials(self, n: int = 10, speaker: str | None = None) -> tuple[str, pd.DataFrame]:
+        """The first score file's label and its n worst false rejects, then its n worst false accepts."""
+        label, scores = next(iter(self.scores.items()))
+        return label, worst_trials(scores, _KINDS, n=n, speaker=speaker or None)
 
-def open_results(sources: str | Path | Sequence[str | Path] = "", lists: Sequence[str] = (),
+
+def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | Sequence[str] = (),
                  data_path: str | Path = "", out_dir: str | Path = "") -> Results:
     """Load the score files of `sources` (see score_sources). Figures go to `out_dir` (relative: the
-    repository's), else the sweep's `figures/` when the first source is a sweep folder, else the
-    first score file's run's `figures/`. The audio is under `data_path`, else where the first
-    evaluation found it. `lists` may be one comma-separated string (papermill's `-p trial_lists O,E`)."""
-    if isinstance(lists, str):
-        lists = [x.strip() for x in lists.split(",") if x.strip()]
+    repository's), else to the sweep's `figures/` when the first source is a sweep folder, else
+    to the `figures/` of the first score file's run (or beside it, outside a run). The audio is
+    under `data_path`, else where the first evaluation found it."""
     files = score_sources(sources, lists)
     first = next(iter(files.values()))
+    lead = _source_paths(sources)[0] if sources else None  # "" is the newest run: its score files say where
     if out_dir:
         figures = repo_path(out_dir)
     else:
-        lead = _source_paths(sources)[0]
-        figures = lead / "figures" if _is_sweep(lead) else figures_folder(first)
+        figures = lead / "figures" if lead is not None and _is_sweep(lead) else figures_folder(first)
     return Results(files, {label: load_scores(path) for label, path in files.items()}, figures,
                    audio_roots(first, data_path))
 
@@ -160,11 +198,13 @@ def validation_figures(results: Results) -> list[Figure]:
     """Loss, accuracy and validation EER per epoch of each run the score files come from, saved as
     `val_eer_<run>`."""
     runs = sorted({run for run in map(run_folder, results.files.values()) if run and (run / "eers.txt").is_file()})
+    names = [run.name for run in runs]
     figures = []
     for run in runs:
+        name = run.name if names.count(run.name) == 1 else str(run)  # same-named runs of two sweeps
         fig = history_plot(eer_history(run))
-        fig.suptitle(run.name)
-        save_figure(fig, results.figures, f"val_eer_{file_stem(run.name)}")
+        fig.suptitle(name)
+        save_figure(fig, results.figures, f"val_eer_{file_stem(name)}")
         figures.append(fig)
     return figures
 
@@ -197,7 +237,7 @@ def audio_roots(score_file: str | Path, data_path: str | Path = "") -> list[Path
     """Folders the trial files resolve against: data_path's evaluation folders when given,
     else those the evaluation itself used (from its metrics.json)."""
     if data_path:
-        return [Path(data_path) / d for d in DataConfig().eval_dirs]
+        return [input_path(data_path) / d for d in DataConfig().eval_dirs]
     roots = eval_info(score_file).get("roots")
     if not roots:
         raise ScoreFileError(f"no metrics.json beside {score_file} says where its audio is; give data_path, "

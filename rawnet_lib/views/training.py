@@ -20,12 +20,13 @@ def _history(run: Path) -> list[dict[str, Any]]:
 
 def training_report(run: Path, summary: dict[str, Any]) -> None:
     """Loss, accuracy and validation EER per epoch (saved as `<run>/figures/history`) and the
-    run's eers.txt; for a performance-mode run, its summary."""
+    run's eers.txt."""
     if not summary:  # launch's summary on a node without global rank 0, which writes no run files
-        print("this machine holds no rank 0: the run's files and report are on the node of node_rank 0")
+        print("this machine holds no global rank 0: the run's files and report are on the node that does "
+              "(the host named in the run's run.json)")
         return
     if summary.get("mode") == "performance":
-        print(json.dumps(summary, indent=1))
+        print("performance mode: no curves (it validates nothing); its figures are the summary above")
         return
     fig = history_plot(_history(run))
     save_figure(fig, run / "figures", "history")

@@ -15,6 +15,7 @@ from rawnet_lib.io import atomic_torch_save
 from rawnet_lib.models.checkpoint import init_from_checkpoint
 from rawnet_lib.models.losses import build_loss, head_logits, margin_at
 from rawnet_lib.models.rawnet2 import build_model
+from rawnet_lib.training.run import RunExistsError, check_run_dir, run_path
 from rawnet_lib.training.schedules import lr_factor, make_optimizer
 
 # One embedding with known cosines to two class vectors: code (3, 4), |code| = 5,
@@ -174,6 +175,21 @@ def test_init_from_reinitialises_ln_and_classes(tmp_path):
     again = build_model("smoke", n_classes=3)
     assert init_from_checkpoint(tmp_path / "dp.pt", again) == []
     assert all(torch.equal(again.state_dict()[k], v) for k, v in old.state_dict().items())
+
+
+def test_init_from_inside_the_folder_overwrite_deletes_is_refused(tmp_path):
+    """A fine-tuning named like the run it starts from, with overwrite: true, would delete its
+    source weights before reading them: refused before anything is touched."""
+    cfg = load_config("smoke", out_dir=str(tmp_path), name="ft", overwrite=True)
+    source = run_path(cfg) / "models" / "best_opt_eval.pt"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"weights")
+    cfg.train.init_from = str(source)
+    with pytest.raises(RunExistsError, match=r"init_from .*best_opt_eval.pt lies in .*ft, which overwrite: true"):
+        check_run_dir(cfg)
+    assert source.read_bytes() == b"weights"
+    cfg.train.name = "ft2"  # another name: a new run from those weights
+    assert check_run_dir(cfg) == run_path(cfg)
 
 
 @pytest.mark.parametrize("blocks, match", [

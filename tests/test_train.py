@@ -92,6 +92,36 @@ def test_resume_ends_with_the_same_weights(smoke_run: Path, tiny_db: Path, tmp_p
 
 
 @pytest.mark.slow
+def test_the_modern_recipe_resumes_bit_identically_with_loader_workers(tiny_db: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """AAM, built-in augmentation, speed perturbation and the cosine schedule, with 2 loader
+    workers: stopped after epoch 1 and resumed, a run ends with the weights of one never stopped
+    (every crop's noise, room and speed are drawn from (seed, epoch, index), not from a worker)."""
+    recipe = {"loss": {"head": "aam", "margin": 0.2, "scale": 30, "margin_schedule": [1, 2]},
+              "augment": {"enabled": True}, "data": {"speed_perturb": [0.9, 1.0, 1.1]},
+              "optim": {"lr_decay": "cosine", "warmup_epochs": 0.5}}
+    cfg = dict(data_path=str(tiny_db), out_dir=str(tmp_path), num_workers=2, epochs=2)
+    train(load_config("smoke", recipe, name="straight", **cfg))
+    real, calls = train_module.train_epoch, []
+
+    def stopped_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train_epoch", stopped_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config("smoke", recipe, name="resumed", **cfg))
+    train(load_config("smoke", recipe, name="resumed", resume=True, **cfg))
+    straight, resumed = (tmp_path / "train_1P" / "DNNS" / name for name in ("straight", "resumed"))
+    reference = _weights(straight)
+    for key, value in _weights(resumed).items():
+        assert torch.equal(value, reference[key]), key
+    assert (resumed / "eers.txt").read_text() == (straight / "eers.txt").read_text()
+
+
+@pytest.mark.slow
 def test_a_resume_on_other_files_of_the_same_speakers_is_refused(tiny_db: Path, tmp_path: Path) -> None:
     """The speakers check misses a file added or removed; the run's own record of its corpus does not."""
     data = tmp_path / "db"

@@ -7,7 +7,7 @@ Folders follow the public layouts, so MUSAN and RIRS_NOISES work as downloaded:
 
 Without folders, built-in sets are made once under `sets_dir` (`ensure_builtin_sets`):
 coloured noise (white, pink, brown, blue) and synthetic tone music, written by this module
-(ours, no third-party audio, same licence as the workbook), and 24 impulse responses of 12
+(by the workbook's own code, no third-party audio), and 24 impulse responses of 12
 shoebox rooms (three sizes, RT60 0.2-0.9 s) simulated with pyroomacoustics' image method (MIT
 licence, EPFL-LCAV). Babble then comes from the training speech itself (`builtin_babble`: a fixed
 sample of training utterances per seed), never from VoxCeleb1: its dev part is the validation

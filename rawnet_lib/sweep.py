@@ -282,7 +282,7 @@ def _train_run(cfg: Config, log: Callable[[str], Any]) -> Path:
     log(f"{'resume ' if resume else 'train  '} {folder.name}")
     cfg.train.resume, cfg.train.overwrite = resume, not resume
     if cfg.train.devices > 1:
-        launch(cfg)  # torchrun with one rank per device, as the training notebook starts it
+        launch(cfg, cwd=Path.cwd())  # torchrun with one rank per device; paths as load_sweep checked them
     else:
         train(cfg)
     return folder

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -111,6 +112,10 @@ def test_labels_say_whose_results_and_never_merge_two(tmp_path: Path) -> None:
     assert list(both) == ["O asnorm", str(a / "scores_O_names.txt"), "x asnorm", str(b / "scores_O_names.txt"),
                           "x_asnorm"]
     assert list(an.score_sources(b, lists="x_asnorm")) == ["x_asnorm"]  # a string is a list name, not letters
+    assert an.score_sources([a.parents[1], str(a.parents[1]), a]) == an.score_sources(a)  # each file once
+    comma = tmp_path / "c,d"
+    shutil.copytree(a, comma)
+    assert list(an.score_sources(comma)) == ["O asnorm", "O", "x asnorm"]  # a Path is one source, commas and all
     assert list(an.score_sources(a, lists="O,x")) == ["O asnorm", "O", "x asnorm"]
 
 

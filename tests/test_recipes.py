@@ -187,6 +187,10 @@ def test_init_from_inside_the_folder_overwrite_deletes_is_refused(tmp_path):
     cfg.train.init_from = str(source)
     with pytest.raises(RunExistsError, match=r"init_from .*best_opt_eval.pt lies in .*ft, which overwrite: true"):
         check_run_dir(cfg)
+    (source.parent / "link.pt").symlink_to(tmp_path / "elsewhere.pt")  # a link in the folder dies with it too
+    cfg.train.init_from = str(source.parent / "link.pt")
+    with pytest.raises(RunExistsError, match=r"init_from .*link.pt lies in"):
+        check_run_dir(cfg)
     assert source.read_bytes() == b"weights"
     cfg.train.name = "ft2"  # another name: a new run from those weights
     assert check_run_dir(cfg) == run_path(cfg)

@@ -100,6 +100,7 @@ def test_the_modern_recipe_resumes_bit_identically_with_loader_workers(tiny_db: 
     recipe = {"loss": {"head": "aam", "margin": 0.2, "scale": 30, "margin_schedule": [1, 2]},
               "augment": {"enabled": True}, "data": {"speed_perturb": [0.9, 1.0, 1.1]},
               "optim": {"lr_decay": "cosine", "warmup_epochs": 0.5}}
+    recipe["augment"]["sets_dir"] = str(tmp_path / "sets")
     cfg = dict(data_path=str(tiny_db), out_dir=str(tmp_path), num_workers=2, epochs=2)
     train(load_config("smoke", recipe, name="straight", **cfg))
     real, calls = train_module.train_epoch, []

@@ -2,6 +2,7 @@
 onnxruntime, each with its agreement with the exact path and its share of the CPU's peak."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ def speech_crops(cfg: Config, n: int, data_path: str | Path | None, seed: int = 
     (n crops of Gaussian noise, "noise"); records carry which, as `input`."""
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     try:
-        root = Path(data_path) if data_path else resolve_data_path(cfg.data)
+        root = resolve_data_path(dataclasses.replace(cfg.data, data_path=str(data_path)) if data_path else cfg.data)
         utts = load_utterances(root, cfg.data.train_dir, progress=False)
         data = CropDataset(utts, cfg.model.n_samples, seed, cfg.model.sample_rate)
         return torch.stack([data[i * len(data) // n][0] for i in range(n)]), "speech"

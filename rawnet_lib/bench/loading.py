@@ -23,8 +23,8 @@ def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, worker
     make the loader the bottleneck of the step."""
     from rawnet_lib.dataset.augment import Augmenter, builtin_babble
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
-    cfg = load_config(preset)
-    root = Path(data_path) if data_path else resolve_data_path(cfg.data)
+    cfg = load_config(preset, data_path=str(data_path or ""))
+    root = resolve_data_path(cfg.data)
     utts = load_utterances(root, cfg.data.train_dir, progress=False)
     kinds = {"plain": None}
     if augment:
@@ -87,8 +87,8 @@ def bench_data_scale(preset: str = "paper", data_path: str | Path | None = None,
     from torch.utils.data import DistributedSampler
 
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path, tree_signature
-    cfg = load_config(preset)
-    root = Path(data_path) if data_path else resolve_data_path(cfg.data)
+    cfg = load_config(preset, data_path=str(data_path or ""))
+    root = resolve_data_path(cfg.data)
     wavs = sorted((root / cfg.data.train_dir).glob("*/*/*.wav"))[:sources]
     if not wavs:
         raise MissingPathError(f"no wav files under {root / cfg.data.train_dir} to link to; give --data_path")

@@ -111,8 +111,10 @@ def check_run_dir(cfg: Config) -> Path:
         raise RunExistsError(f"resume: true, but {path} holds no run; {others[0]} does: resume it with as many "
                              f"processes in all (devices x nnodes) as {others[0].parents[1].name} names, or set "
                              "resume: false to start a new run here")
-    source = input_path(cfg.train.init_from).resolve() if cfg.train.init_from else None
-    if started and cfg.train.overwrite and not cfg.train.resume and source and source.is_relative_to(path.resolve()):
+    source = input_path(cfg.train.init_from) if cfg.train.init_from else None
+    inside = source is not None and any(Path(p).is_relative_to(r) for p in (os.path.abspath(source), source.resolve())
+                                        for r in (os.path.abspath(path), path.resolve()))
+    if started and cfg.train.overwrite and not cfg.train.resume and inside:
         raise RunExistsError(f"init_from {cfg.train.init_from} lies in {path}, which overwrite: true deletes before "
                              "reading it; fine-tune into a run of another name (init_from starts a new run)")
     # init_from only starts a run; more epochs continue one, except under cosine, whose curve spans its length.

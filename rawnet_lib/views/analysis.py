@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -69,12 +68,12 @@ def _eval_dir_entries(folder: Path) -> list[_Entry]:
 
 def _sweep_entries(folder: Path, prefix: str) -> list[_Entry]:
     """Every run and list of a sweep's runs.csv, owned by `<prefix><arm>-seed<seed>`."""
-    runs = pd.read_csv(folder / "runs.csv")
+    runs = pd.read_csv(folder / "runs.csv", dtype={"list": str})
     if "scores" not in runs:
         raise ScoreFileError(f"{folder / 'runs.csv'} names no score files (an older version wrote it); run the "
                              "sweep's command again (python -m rawnet_lib.sweep SWEEP.yaml ...): it reuses every "
                              "finished run and evaluation and rewrites its tables")
-    return [_Entry(Path(os.path.normpath(folder / r.scores)), str(r.list), str(r.list), f"{prefix}{r.arm}-seed{r.seed}")
+    return [_Entry((folder / r.scores).resolve(), r.list, r.list, f"{prefix}{r.arm}-seed{r.seed}")
             for r in runs.itertuples()]
 
 
@@ -93,8 +92,11 @@ def _is_sweep(folder: Path) -> bool:
 def _source_paths(sources: str | Path | Sequence[str | Path]) -> list[Path]:
     """The sources as paths: comma-separated in a string, "" the newest run, relative ones found
     from the working folder first, then the repository's (`input_path`)."""
-    if isinstance(sources, (str, Path)):
-        sources = [s.strip() for s in str(sources).split(",") if s.strip()]
+    if isinstance(sources, str):
+        sources = sources.split(",")
+    elif isinstance(sources, Path):
+        sources = [sources]
+    sources = [s for s in (str(s).strip() for s in sources) if s]
     if not sources:
         from rawnet_lib.training.run import newest_run
         sources = [newest_run()]
@@ -139,8 +141,11 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "", lists: str | 
     """
     if isinstance(lists, str):
         lists = [x.strip() for x in lists.split(",") if x.strip()]
-    paths = _source_paths(sources)
-    entries = _entries(paths)
+    paths = list(dict.fromkeys(_source_paths(sources)))  # a source given twice counts once
+    unique: dict[Path, _Entry] = {}
+    for entry in _entries(paths):  # so does a score file two sources hold (a run and its sweep)
+        unique.setdefault(entry.path.resolve(), entry)
+    entries = list(unique.values())
     if lists:
         wanted = {list_tag(str(x)) for x in lists}
         entries = [e for e in entries if e.list in wanted]

@@ -129,7 +129,7 @@ def train_config_cells(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train.ipynb cut after its config cell, plus a cell printing the resolved config."""
     nb = json.loads((REPO / "notebooks" / "train.ipynb").read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"][:2]
-    show = {**code[1], "source": ['print("CONFIG=" + json.dumps(cfg.to_dict()))'], "metadata": {}}
+    show = {**code[1], "source": ['import json\n', 'print("CONFIG=" + json.dumps(cfg.to_dict()))'], "metadata": {}}
     nb["cells"] = [*code, show]
     path = tmp_path_factory.mktemp("nb") / "train_config.ipynb"
     path.write_text(json.dumps(nb))

@@ -203,7 +203,7 @@ def test_an_arm_on_several_devices_trains_through_torchrun(tmp_path, monkeypatch
     """Ranks never run inside the sweep's process (or a notebook's kernel): devices: 2 goes to the
     launcher, one device trains in-process; several nodes are refused."""
     started = []
-    monkeypatch.setattr(sweep_mod, "launch", lambda cfg: started.append(("launch", cfg.train.devices)))
+    monkeypatch.setattr(sweep_mod, "launch", lambda cfg, cwd: started.append(("launch", cfg.train.devices)))
     monkeypatch.setattr(sweep_mod, "train", lambda cfg: started.append(("train", cfg.train.devices)))
     spec = {"seeds": [1], "arms": {"one": {"preset": "smoke"}, "two": {"preset": "smoke", "train": {"devices": 2}}}}
     configs = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out").configs

@@ -104,12 +104,11 @@ def _source_paths(sources: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def _entries(paths: list[Path]) -> list[_Entry]:
-    sweeps = [p for p in paths if _is_sweep(p)]
     found: list[_Entry] = []
     for source in paths:
         if source.is_file():
             found.append(_file_entry(source))
-        elif source in sweeps:  # the sweep's name only where more than one thing is open
+        elif _is_sweep(source):  # the sweep's name only where more than one thing is open
             found += _sweep_entries(source, f"{_sweep_name(source)}/" if len(paths) > 1 else "")
         elif (source / "models").is_dir():
             found += [e for d in sorted((source / "eval").glob("*/")) for e in _eval_dir_entries(d)]

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import yaml
 from papermill.inspection import inspect_notebook
@@ -70,9 +71,13 @@ def test_data_prep_notebook_runs_headless(run_notebook, tiny_db: Path) -> None:
 
 
 def test_model_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Path) -> None:
-    run_notebook("model", preset="smoke", n_classes=6, data_path=str(tiny_db), out_dir=str(tmp_path))
+    out = run_notebook("model", preset="smoke", n_classes=6, data_path=str(tiny_db), out_dir=str(tmp_path))
     for name in ("sinc_bands", "sinc_responses", "fms_scales"):
         assert (tmp_path / "smoke" / f"{name}.png").stat().st_size > 0
+    with np.load(tmp_path / "smoke" / "fms_scales.npz") as gates:  # the gates behind the figure, per block
+        assert gates.files == [f"block{i}" for i in range(6)]
+    sinc = next(c for c in json.loads(out.read_text())["cells"] if "".join(c["source"]).startswith("display(*sinc"))
+    assert sum("image/png" in o.get("data", {}) for o in sinc["outputs"]) == 2  # passbands and responses
 
 
 def test_model_notebook_reads_a_checkpoint(run_notebook, smoke_run: Path, tiny_db: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from rawnet_lib.config import load_config
 from rawnet_lib.models.rawnet2 import build_model, stage_frames
-from rawnet_lib.views.summary import fms_scales, layer_table, notebook_model, sinc_bank
+from rawnet_lib.views.summary import fms_scales, layer_table, notebook_model, sinc_bank, sinc_figures
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,16 @@ def test_the_model_notebooks_figures_go_beside_the_runs_own(smoke_run, tiny_db):
     assert notebook_model(namespace)[2] == Path("/elsewhere") / f"{smoke_run.name}-best_opt_eval"
     namespace.update(checkpoint="", preset="smoke", n_classes=3, out_dir="")
     assert notebook_model(namespace)[2].parts[-3:] == ("outputs", "model", "smoke")
+
+
+def test_sinc_figures_keep_the_arrays_that_redraw_them(smoke_model, tmp_path):
+    bands, responses = sinc_figures(smoke_model, tmp_path)
+    bank = sinc_bank(smoke_model)
+    assert bands.axes[0].get_ylabel() == "frequency (Hz)"
+    assert responses.axes[0].get_xlim() == (0.0, smoke_model.first_conv.sample_rate / 2)
+    for name, keys in (("sinc_bands", ("low_hz", "high_hz")), ("sinc_responses", ("taps",))):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0 and (tmp_path / f"{name}.svg").is_file()
+        with np.load(tmp_path / f"{name}.npz") as saved:
+            assert sorted(saved.files) == sorted(keys)
+            for key in keys:
+                np.testing.assert_array_equal(saved[key], bank[key])

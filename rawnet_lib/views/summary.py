@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from rawnet_lib.config import BLOCK_NAMES, Config, declared_parameters, notebook_config, repo_path
 from rawnet_lib.dataset.audio import peak_normalise, read_audio, tile
@@ -15,8 +16,10 @@ from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.models.rawnet2 import RawNet2, build_model
 from rawnet_lib.training.run import resolve_checkpoint
+from rawnet_lib.views.plots import filter_responses, fms_plot, frequency_response, save_figure
 
-__all__ = ["OWN", "notebook_model", "layer_table", "sinc_bank", "fms_scales", "example_crop", "checkpoint_label"]
+__all__ = ["OWN", "notebook_model", "layer_table", "sinc_bank", "fms_scales", "example_crop", "checkpoint_label",
+           "sinc_figures", "fms_figure"]
 
 OWN = ("checkpoint", "n_classes", "out_dir")  # the model notebook's own parameters (out_dir: its figures)
 
@@ -101,6 +104,28 @@ def fms_scales(model: RawNet2, wave: np.ndarray) -> dict[str, np.ndarray]:
             h.remove()
         model.train(was_training)
     return scales
+
+
+def sinc_figures(model: RawNet2, figures: Path) -> list[Figure]:
+    """The first layer's passbands and magnitude responses, saved with their arrays (`sinc_bands`,
+    `sinc_responses`) so they can be redrawn or compared between checkpoints without the model."""
+    bank = sinc_bank(model)
+    bands = filter_responses(bank["low_hz"], bank["high_hz"])
+    save_figure(bands, figures, "sinc_bands", {"low_hz": bank["low_hz"], "high_hz": bank["high_hz"]})
+    responses = frequency_response(bank["taps"], sr=model.first_conv.sample_rate)
+    save_figure(responses, figures, "sinc_responses", {"taps": bank["taps"]})
+    return [bands, responses]
+
+
+def fms_figure(model: RawNet2, cfg: Config, figures: Path) -> Figure:
+    """Each block's FMS gates on the middle crop of the first evaluation utterance (its key in the
+    title), saved with the gates as `fms_scales`."""
+    key, wave = example_crop(cfg)
+    scales = fms_scales(model, wave)
+    fig = fms_plot(scales)
+    fig.suptitle(key, fontsize="small")
+    save_figure(fig, figures, "fms_scales", scales)
+    return fig
 
 
 def example_crop(cfg: Config, index: int = 0) -> tuple[str, np.ndarray]:

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rawnet_lib import dist
-from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
+from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, input_path
 from rawnet_lib.dataset.augment import Augmenter, builtin_babble
 from rawnet_lib.dataset.check import DatasetError
 from rawnet_lib.dataset.loader import batch_keys, training_loader
@@ -36,6 +36,7 @@ from rawnet_lib.dataset.trials import read_trials
 from rawnet_lib.dataset.utterances import CropDataset, UtteranceList, load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 from rawnet_lib.eval.embed import autocast, embed_files
+from rawnet_lib.io import file_sha1
 from rawnet_lib.models.checkpoint import CheckpointError, init_from_checkpoint, resume_training
 from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
@@ -221,14 +222,18 @@ def train(cfg: Config) -> dict[str, Any]:
                  if cfg.train.resume else None)
         if state is not None:
             run.resumed(state)
+        started_from = {}
         if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule
-            for note in init_from_checkpoint(cfg.train.init_from, model):
+            source = input_path(cfg.train.init_from).resolve()
+            for note in init_from_checkpoint(source, model):
                 run.log(0, note)
+            # config.yaml keeps the path as given; run.json which file that was, wherever the run is read from
+            started_from = {"init_from": str(source), "init_from_sha1": file_sha1(source)}
         # Batch-norm statistics stay per rank within an epoch, as the reference's broadcast_buffers=False,
         # and are averaged before validation (dist.average_buffers).
         net = DDP(model, forward_sync_buffers=False) if rank.distributed else model
         history = state["history"] if state else []
-        run.start(speakers=len(speakers), utterances=utterances, hours=hours)
+        run.start(speakers=len(speakers), utterances=utterances, hours=hours, **started_from)
 
         if cfg.train.mode == "performance":
             loader.sampler.set_epoch(1)

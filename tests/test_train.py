@@ -20,7 +20,8 @@ from rawnet_lib.config import ConfigError, load_config
 from rawnet_lib.dataset.trials import TrialList, read_trials
 from rawnet_lib.dist import RankInfo
 from rawnet_lib.errors import WorkbookError
-from rawnet_lib.models.checkpoint import read_checkpoint
+from rawnet_lib.io import file_sha1
+from rawnet_lib.models.checkpoint import load_checkpoint_model, read_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch, launch_command
@@ -221,6 +222,39 @@ def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     with pytest.raises(RunExistsError, match=r"epochs: 2 -> 4"):
         check_run_dir(load_config("smoke", out_dir=str(tmp_path), name="cosine", epochs=4, lr_decay="cosine",
                                   resume=True))
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_records_which(smoke_run: Path, tiny_db: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """init_from through train(), as the large-margin fine-tuning command runs it: longer crops and
+    a larger AAM margin. Every weight but the layer norm's (its size is the crop length) starts as the
+    checkpoint's, the log says what was re-initialised, and run.json records the file resolved with
+    its sha1, since config.yaml keeps the relative path as given (it means nothing from elsewhere)."""
+    source = smoke_run / "models" / "best_opt_eval.pt"
+    start: dict[str, torch.Tensor] = {}
+    loader = train_module.init_from_checkpoint
+
+    def remember(path: Path, model: torch.nn.Module) -> list[str]:
+        notes = loader(path, model)
+        start.update({k: v.clone() for k, v in model.state_dict().items()})
+        return notes
+    monkeypatch.setattr(train_module, "init_from_checkpoint", remember)
+    monkeypatch.chdir(smoke_run.parent)
+    relative = f"{smoke_run.name}/models/best_opt_eval.pt"
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), name="ft", epochs=1, n_samples=8000,
+                      head="aam", margin=0.5, init_from=relative)
+    train(cfg)
+    run = run_path(cfg)
+    trained, _ = load_checkpoint_model(source)
+    for name, value in trained.state_dict().items():
+        if not name.startswith("ln."):
+            assert torch.equal(start[name], value), name
+    assert torch.equal(start["ln.gamma"].flatten(), torch.ones(8000)) and not start["ln.beta"].any()
+    assert "ln re-initialised (gamma 1, beta 0) for (8000,) (checkpoint (6561,))" in (run / "log" / "eval_epoch0.txt"
+                                                                                       ).read_text()
+    facts = json.loads((run / "run.json").read_text())
+    assert facts["init_from"] == str(source.resolve()) and facts["init_from_sha1"] == file_sha1(source)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["init_from"] == relative
 
 
 @pytest.mark.slow

@@ -138,9 +138,14 @@ def score_sources(sources: str | Path | Sequence[str | Path] = "", lists: str | 
     keeps the score files of those trial lists only (O, E, H, or a .txt list's stem; a string
     may hold several, comma-separated).
     """
+    return _score_files(_source_paths(sources), lists)
+
+
+def _score_files(paths: list[Path], lists: str | Sequence[str]) -> dict[str, Path]:
+    """score_sources of sources already found (`_source_paths`)."""
     if isinstance(lists, str):
         lists = [x.strip() for x in lists.split(",") if x.strip()]
-    paths = list(dict.fromkeys(_source_paths(sources)))  # a source given twice counts once
+    paths = list(dict.fromkeys(paths))  # a source given twice counts once
     unique: dict[Path, _Entry] = {}
     for entry in _entries(paths):  # so does a score file two sources hold (a run and its sweep)
         unique.setdefault(entry.path.resolve(), entry)
@@ -180,13 +185,13 @@ def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | S
     repository's), else to the sweep's `figures/` when the first source is a sweep folder, else
     to the `figures/` of the first score file's run (or beside it, outside a run). The audio is
     under `data_path`, else where the first evaluation found it."""
-    files = score_sources(sources, lists)
+    paths = _source_paths(sources)  # once: "" is the newest run, which a run starting meanwhile would change
+    files = _score_files(paths, lists)
     first = next(iter(files.values()))
-    lead = _source_paths(sources)[0] if sources else None  # "" is the newest run: its score files say where
     if out_dir:
         figures = repo_path(out_dir)
     else:
-        figures = lead / "figures" if lead is not None and _is_sweep(lead) else figures_folder(first)
+        figures = paths[0] / "figures" if _is_sweep(paths[0]) else figures_folder(first)
     return Results(files, {label: load_scores(path) for label, path in files.items()}, figures,
                    audio_roots(first, data_path))
 

@@ -225,7 +225,7 @@ def train(cfg: Config) -> dict[str, Any]:
         started_from = {}
         if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule
             source = input_path(cfg.train.init_from).resolve()
-            for note in init_from_checkpoint(source, model):
+            for note in init_from_checkpoint(source, model, speakers):
                 run.log(0, note)
             # config.yaml keeps the path as given; run.json which file that was, wherever the run is read from
             started_from = {"init_from": str(source), "init_from_sha1": file_sha1(source)}

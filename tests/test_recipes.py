@@ -168,13 +168,52 @@ def test_init_from_reinitialises_ln_and_classes(tmp_path):
     assert torch.equal(new.block2[0].conv1.weight, old.block2[0].conv1.weight)
     assert torch.equal(new.ln.gamma, torch.ones(8000)) and new.fc2_gru.weight.shape == (5, 32)
     from rawnet_lib.models.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="only n_samples may change"):
+    with pytest.raises(CheckpointError, match="only n_samples and layer_norm may change"):
         init_from_checkpoint(tmp_path / "a.pt", build_model(load_config("smoke", gru_units=16), 3))
     # a bare state_dict saved from nn.DataParallel (every key `module.`) starts a fine-tuning too
     atomic_torch_save({f"module.{k}": v for k, v in old.state_dict().items()}, tmp_path / "dp.pt")
     again = build_model("smoke", n_classes=3)
     assert init_from_checkpoint(tmp_path / "dp.pt", again) == []
     assert all(torch.equal(again.state_dict()[k], v) for k, v in old.state_dict().items())
+
+
+def test_init_from_maps_class_rows_by_speaker_name(tmp_path):
+    """Fine-tuning on other data, or with the speed factors in another order, keeps each class's own
+    row of fc2_gru and starts the others fresh; the same classes in the same order load unchanged."""
+    torch.manual_seed(0)
+    old = build_model("smoke", n_classes=4)
+    named = ["a", "b", "a@sp0.9", "b@sp0.9"]
+    atomic_torch_save({"model": old.state_dict(), "config": load_config("smoke").to_dict(), "speakers": named},
+                      tmp_path / "a.pt")
+    rows = old.fc2_gru.weight.detach()
+    same = build_model("smoke", n_classes=4)
+    assert init_from_checkpoint(tmp_path / "a.pt", same, named) == []
+    assert torch.equal(same.fc2_gru.weight, rows)
+    swapped = build_model("smoke", n_classes=4)  # speed_perturb [0.9, 1.0] instead of [1.0, 0.9]: as many classes
+    notes = init_from_checkpoint(tmp_path / "a.pt", swapped, ["a@sp0.9", "b@sp0.9", "a", "b"])
+    assert torch.equal(swapped.fc2_gru.weight, rows[[2, 3, 0, 1]])
+    assert notes == [f"init_from {tmp_path / 'a.pt'}: the classes changed: fc2_gru keeps the rows of the 4 speaker(s) "
+                     "of the checkpoint's 4 that this run has, by name; 0 of the run's 4 start fresh"]
+    other = build_model("smoke", n_classes=3)  # other data: b stays, c and d are new
+    fresh = other.fc2_gru.weight.detach().clone()
+    notes = init_from_checkpoint(tmp_path / "a.pt", other, ["b", "c", "d"])
+    assert torch.equal(other.fc2_gru.weight[0], rows[1]) and torch.equal(other.fc2_gru.weight[1:], fresh[1:])
+    assert "keeps the rows of the 1 speaker(s) of the checkpoint's 4" in notes[0] and "2 of the run's 3" in notes[0]
+    assert torch.equal(other.block0[0].conv1.weight, old.block0[0].conv1.weight)
+
+
+def test_init_from_into_a_model_without_layer_norm_drops_it(tmp_path):
+    old = build_model("smoke", n_classes=3)
+    atomic_torch_save({"model": old.state_dict(), "config": load_config("smoke").to_dict()}, tmp_path / "a.pt")
+    bare = build_model(load_config("smoke", layer_norm=False), n_classes=3)
+    notes = init_from_checkpoint(tmp_path / "a.pt", bare)
+    assert len(notes) == 1 and "no layer norm (layer_norm: false): the checkpoint's ln dropped" in notes[0]
+    assert all(torch.equal(bare.state_dict()[k], v) for k, v in old.state_dict().items() if not k.startswith("ln."))
+    atomic_torch_save({"model": bare.state_dict()}, tmp_path / "bare.pt")  # and back: ln starts as the identity
+    back = build_model("smoke", n_classes=3)
+    notes = init_from_checkpoint(tmp_path / "bare.pt", back)
+    assert len(notes) == 1 and "no layer norm: ln starts as the identity affine" in notes[0]
+    assert torch.equal(back.ln.gamma, torch.ones_like(back.ln.gamma)) and not back.ln.beta.any()
 
 
 def test_init_from_inside_the_folder_overwrite_deletes_is_refused(tmp_path):

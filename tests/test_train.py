@@ -234,8 +234,8 @@ def test_fine_tuning_starts_from_the_checkpoint_and_records_which(smoke_run: Pat
     start: dict[str, torch.Tensor] = {}
     loader = train_module.init_from_checkpoint
 
-    def remember(path: Path, model: torch.nn.Module) -> list[str]:
-        notes = loader(path, model)
+    def remember(path: Path, model: torch.nn.Module, speakers: list[str]) -> list[str]:
+        notes = loader(path, model, speakers)
         start.update({k: v.clone() for k, v in model.state_dict().items()})
         return notes
     monkeypatch.setattr(train_module, "init_from_checkpoint", remember)

@@ -152,28 +152,54 @@ def resume_training(path: Path | None, model: torch.nn.Module, optimizer: torch.
     return state
 
 
-def init_from_checkpoint(path: str | Path, model: torch.nn.Module) -> list[str]:
+def init_from_checkpoint(path: str | Path, model: torch.nn.Module,
+                         speakers: Sequence[str] | None = None) -> list[str]:
     """Fine-tuning start (`init_from`): the weights only of one of our checkpoints or a bare state_dict.
 
-    Two tensors may differ in shape from the new run and are then left at their fresh
-    initialisation, each with a note for the run log: the layer norm `ln` (its size is the crop
-    length, so longer fine-tuning crops need a new one; gamma 1, beta 0 is the identity affine
-    and the normalisation itself keeps working), and `fc2_gru` (other speakers or speed
-    perturbation change the classes). Any other difference is an error, as a wrong model would be.
+    The layer norm `ln` is sized by the crop length, so longer fine-tuning crops re-initialise it
+    (gamma 1, beta 0 is the identity affine; the normalisation itself keeps working); a model
+    without one (`layer_norm: false`) drops it, and one with it where the checkpoint had none
+    starts it afresh. `fc2_gru`'s rows are classes: with `speakers` (the run's class names) and a
+    checkpoint that names its own, each class keeps the row of its name and the others start
+    fresh, so other data or another order of speed factors never hands a class another speaker's
+    row; without names, rows are kept by position when the count fits. Each of these gets a note
+    for the run log; any other difference is an error, as a wrong model would be.
     """
-    state, _ = _weights(read_checkpoint(path, fix=f"init_from: {_HELP}"), f"init_from: {path}")
+    obj = read_checkpoint(path, fix=f"init_from: {_HELP}")
+    state, _ = _weights(obj, f"init_from: {path}")
     own = model.state_dict()
     notes = []
-    for prefix, why in (("ln.", "the crop length changed: ln re-initialised (gamma 1, beta 0) for "),
-                        ("fc2_gru.", "the classes changed: fc2_gru re-initialised for ")):
-        mismatched = [k for k in own if k.startswith(prefix) and k in state and state[k].shape != own[k].shape]
-        if mismatched:
-            notes.append(f"init_from {path}: {why}{tuple(own[mismatched[0]].shape)} "
-                         f"(checkpoint {tuple(state[mismatched[0]].shape)})")
-            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-            state.update({k: v for k, v in own.items() if k.startswith(prefix)})
+    ln_state, ln_own = {k for k in state if k.startswith("ln.")}, {k for k in own if k.startswith("ln.")}
+    if ln_state and not ln_own:
+        notes.append(f"init_from {path}: this model has no layer norm (layer_norm: false): the checkpoint's ln "
+                     "dropped, so the first layers see the crops unnormalised until fine-tuning adapts them")
+    elif ln_own and (ln_state != ln_own or any(state[k].shape != own[k].shape for k in ln_own)):
+        why = (f"the crop length changed: ln re-initialised (gamma 1, beta 0) for {tuple(own['ln.gamma'].shape)} "
+               f"(checkpoint {tuple(state['ln.gamma'].shape)})" if "ln.gamma" in state
+               else "the checkpoint has no layer norm: ln starts as the identity affine (gamma 1, beta 0)")
+        notes.append(f"init_from {path}: {why}")
+    if notes:  # so far only the layer norm's: the run's own, fresh, or none
+        state = {k: v for k, v in state.items() if not k.startswith("ln.")} | {k: own[k] for k in ln_own}
+    named = obj.get("speakers") if isinstance(obj, Mapping) else None
+    weight = state.get("fc2_gru.weight")
+    if weight is not None and "fc2_gru.weight" in own and weight.shape[1:] == own["fc2_gru.weight"].shape[1:]:
+        if speakers is not None and named is not None and list(named) != list(speakers):
+            row = {name: i for i, name in enumerate(named)}
+            pairs = [(j, row[name]) for j, name in enumerate(speakers) if name in row]
+            for key in ("fc2_gru.weight", "fc2_gru.bias"):
+                rows = own[key].clone()
+                if pairs and key in state:
+                    rows[[j for j, _ in pairs]] = state[key][[i for _, i in pairs]].to(rows.dtype)
+                state[key] = rows
+            notes.append(f"init_from {path}: the classes changed: fc2_gru keeps the rows of the {len(pairs)} "
+                         f"speaker(s) of the checkpoint's {len(named)} that this run has, by name; "
+                         f"{len(speakers) - len(pairs)} of the run's {len(speakers)} start fresh")
+        elif weight.shape != own["fc2_gru.weight"].shape:
+            notes.append(f"init_from {path}: the classes changed: fc2_gru re-initialised for "
+                         f"{tuple(own['fc2_gru.weight'].shape)} (checkpoint {tuple(weight.shape)})")
+            state.update({k: v for k, v in own.items() if k.startswith("fc2_gru.")})
     _load_strict(model, state, f"init_from {path}: the weights do not fit this run's model",
-                 "give the model block of the checkpoint's run (only n_samples may change)")
+                 "give the model block of the checkpoint's run (only n_samples and layer_norm may change)")
     return notes
 
 

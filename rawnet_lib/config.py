@@ -436,7 +436,7 @@ def _apply(config: Config, values: Mapping[str, Any], where: str) -> list[str]:
                     if sub in owner:
                         raise ConfigError(f"{where}: {sub!r} is a field of the {owner[sub]}: block, not of {key}:; "
                                           f"move it there")
-                    _unknown(f"{key}.{sub}", [f.name for f in dataclasses.fields(blocks[key])], where)
+                    _unknown(f"{key}.{sub}", [f.name for f in dataclasses.fields(blocks[key])], where, key)
                 done.append(_set(blocks[key], sub, subvalue, where))
         elif key in owner:
             if value is not None:   # None in a notebook parameter means "keep the preset's value"
@@ -455,10 +455,14 @@ def _set(block: Any, name: str, value: Any, where: str) -> str:
     return name
 
 
-def _unknown(key: Any, valid: list[str], where: str) -> typing.NoReturn:
+def _unknown(key: Any, valid: list[str], where: str, block: str = "") -> typing.NoReturn:
+    """The error of an unknown name: the closest valid ones, and all of them when there are few
+    (a block's fields) or none is close."""
     key = str(key)  # YAML keys can be numbers, booleans or dates (`1: 2`)
     close = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if block or not close:
+        hint += f"{';' if not close else ''} valid keys{f' of {block}' if block else ''}: {', '.join(valid)}"
     raise ConfigError(f"{where}: unknown parameter {key!r}{hint}")
 
 

@@ -42,7 +42,7 @@ import pandas as pd
 
 from rawnet_lib.config import PARAMS_DIR, RENAMED, Config, ConfigError, input_path, load_config, read_yaml, repo_path
 from rawnet_lib.corpus import base_voices
-from rawnet_lib.dataset.augment import find_noises, find_rirs
+from rawnet_lib.dataset.augment import AugmentError, check_folders, find_noises, find_rirs
 from rawnet_lib.dataset.trials import OFFICIAL_LISTS, list_tag, official_list_path, speaker_of
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
@@ -227,9 +227,11 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
 
 
 def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
-    """What only the data can tell (run_sweep calls it; load_sweep stays cheap): the validation list
-    can be made and the test lists exist, so no run trains for an evaluation that cannot happen."""
+    """What only the data can tell (run_sweep calls it; load_sweep stays cheap): every noise and RIR
+    file can be used, the validation list can be made and the test lists exist, so no run trains
+    for an evaluation, or an arm, that cannot happen."""
     try:
+        check_folders(cfg.augment, cfg.model.sample_rate)
         data_path = resolve_data_path(cfg.data)
         check_validation(cfg, data_path)
         for item in lists:
@@ -239,8 +241,8 @@ def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
                        if item in OFFICIAL_LISTS
                        else f"give an existing file (a relative path is read from {Path.cwd()})")
                 raise ConfigError(f"trial list {item}: {listed} does not exist; {fix}, or remove it from lists")
-    except ConfigError as err:
-        raise ConfigError(f"{path}: arm {name!r}: {err}") from None
+    except (ConfigError, AugmentError) as err:
+        raise type(err)(f"{path}: arm {name!r}: {err}") from None
 
 
 # -- running ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 import yaml
 from scipy import stats as sps
 
@@ -112,8 +113,9 @@ def test_bad_sweeps_fail_before_training(tmp_path, monkeypatch, spec, error, mat
 
 
 def test_data_the_sweep_cannot_use_fails_before_training(tiny_db, tmp_path, monkeypatch):
-    """A validation list the data cannot hold, a test list that is not there, n_boot 0 or a folder
-    holding another sweep's tables: each named before any run trains."""
+    """A validation list the data cannot hold, a noise file the augmentation cannot use, a test list
+    that is not there, n_boot 0 or a folder holding another sweep's tables: each named before any
+    run trains."""
     monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained despite a bad sweep"))
     ok = {"preset": "smoke", "data": {"data_path": str(tiny_db)}}
     spec = {"seeds": [1], "arms": {"a": ok, "b": {**ok, "data": {**ok["data"], "val_pairs": 100000}}}}
@@ -129,6 +131,13 @@ def test_data_the_sweep_cannot_use_fails_before_training(tiny_db, tmp_path, monk
             sweep_mod.run_sweep(path, out)
     finally:
         (tmp_path / "hard.txt").rename(tiny_db / "VoxCeleb1" / "list_test_hard.txt")
+    noise = tmp_path / "musan" / "noise" / "hum.wav"  # a second arm's noise at the wrong rate: named before arm a
+    noise.parent.mkdir(parents=True)
+    sf.write(noise, np.zeros(8000, dtype=np.float32), 8000)
+    noisy = {**ok, "augment": {"enabled": True, "noise_dir": str(noise.parents[1])}}
+    path = _write(tmp_path / "s.yaml", {"seeds": [1], "arms": {"a": ok, "b": noisy}})
+    with pytest.raises(AugmentError, match=r"s\.yaml: arm 'b': .*hum\.wav: .*8000 Hz.*resample it to 16000 Hz"):
+        sweep_mod.run_sweep(path, out)
     path = _write(tmp_path / "s.yaml", {"seeds": [1], "lists": [str(tmp_path / "no.txt")], "arms": {"a": ok}})
     with pytest.raises(ConfigError, match=r"trial list .*no\.txt: .*no\.txt does not exist; give an existing file"):
         sweep_mod.run_sweep(path, out)

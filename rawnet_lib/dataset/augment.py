@@ -42,7 +42,7 @@ from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, probe, tile
 from rawnet_lib.dataset.utterances import UtteranceList
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["AugmentError", "KINDS", "Mixture", "Augmenter", "find_noises", "find_rirs", "ensure_builtin_sets",
+__all__ = ["AugmentError", "KINDS", "Mixture", "Augmenter", "check_folders", "find_noises", "find_rirs", "ensure_builtin_sets",
            "builtin_babble", "add_noise", "reverberate"]
 
 KINDS = ("noise", "music", "speech")
@@ -188,6 +188,17 @@ def builtin_babble(utts: UtteranceList, seed: int, n: int = BABBLE_FILES) -> lis
     module's docstring says why training speech)."""
     pick = np.random.default_rng([seed, 3]).choice(len(utts), size=min(n, len(utts)), replace=False)
     return [utts.root / utts.keys[i] for i in np.sort(pick)]
+
+
+def check_folders(cfg: AugmentConfig, sample_rate: int = SAMPLE_RATE) -> None:
+    """A config's own noise and RIR folders hold audio and every file is usable, as `from_config`
+    checks at a run's start, without making the built-in sets: a sweep checks every arm's before
+    its first run trains, not when a later arm starts hours on."""
+    if not cfg.enabled:
+        return
+    sets = [(f, f"noise set ({kind}/)") for kind, f in find_noises(cfg.noise_dir).items()] if cfg.noise_dir else []
+    for files, what in [*sets, *([(find_rirs(cfg.rir_dir), "RIR set")] if cfg.rir_dir else [])]:
+        _check_files(files, what, sample_rate)
 
 
 def _check_files(files: list[Path], what: str, sample_rate: int) -> None:

@@ -42,8 +42,8 @@ from rawnet_lib.dataset.audio import SAMPLE_RATE, peak_normalise, probe, tile
 from rawnet_lib.dataset.utterances import UtteranceList
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["AugmentError", "KINDS", "Mixture", "Augmenter", "check_folders", "find_noises", "find_rirs", "ensure_builtin_sets",
-           "builtin_babble", "add_noise", "reverberate"]
+__all__ = ["AugmentError", "KINDS", "Mixture", "Augmenter", "check_folders", "find_noises", "find_rirs",
+           "ensure_builtin_sets", "builtin_babble", "add_noise", "reverberate"]
 
 KINDS = ("noise", "music", "speech")
 BUILTIN_VERSION = "v1"

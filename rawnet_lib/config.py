@@ -115,7 +115,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0      # linear warm-up from 0, per iteration, before any lr_decay
     min_lr: float = 5e-6            # the floor of cosine and sgdr (RawNet2-modified: 5e-6)
     lr_gamma: float = 0.75          # exponential / step: lr *= gamma per epoch / per step_epochs
-    step_epochs: int = 1            # step: epochs between decays
+    step_epochs: int = 1            # step: epochs between decays (voxceleb_trainer: its test_interval, 10)
     restart_epochs: int = 10        # sgdr: epochs of the first cosine cycle
     restart_mult: int = 1           # sgdr: each cycle this many times longer than the one before
 

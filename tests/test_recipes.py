@@ -130,7 +130,11 @@ def test_each_schedule_lr_curve():
     assert np.allclose(cos[4:], 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * t)))
     sgdr = _lrs({"lr_decay": "sgdr", "restart_epochs": 2, "restart_mult": 2, "min_lr": 0})
     assert [s for s in range(1, 24) if sgdr[s] > sgdr[s - 1]] == [8]  # cycles of 2 then 4 epochs
-    assert sgdr[0] == sgdr[8] == pytest.approx(1e-3)
+    assert np.allclose(sgdr, 1e-3 * 0.5 * (1 + np.cos(np.pi * np.r_[np.arange(8) / 8, np.arange(16) / 16])))
+    floor = _lrs({"lr_decay": "sgdr", "restart_epochs": 2, "min_lr": 1e-4})
+    assert np.allclose(floor[:8], 1e-4 + 9e-4 * 0.5 * (1 + np.cos(np.pi * np.arange(8) / 8)))
+    assert np.allclose(_lrs({"lr_decay": "step", "step_epochs": 10}, epochs=12, spe=1),  # voxceleb_trainer's steplr
+                       1e-3 * 0.75 ** (np.arange(12) >= 10))
 
 
 def test_a_skipped_first_update_moves_the_schedule_without_a_warning():

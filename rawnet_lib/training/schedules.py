@@ -7,8 +7,10 @@ within an epoch, the cosine ones (cosine, sgdr) move every iteration as their re
     keras        lr / (1 + keras_decay * step)                      reference RawNet2
     none         lr
     cosine       lr -> min_lr over the run after warm-up             RawNet2-modified (1e-3 -> 5e-6)
-    exponential  lr * lr_gamma ** epoch                              voxceleb_trainer (lr_decay 0.75)
-    step         lr * lr_gamma ** (epoch // step_epochs)
+    exponential  lr * lr_gamma ** epoch                              torch's ExponentialLR, per epoch
+    step         lr * lr_gamma ** (epoch // step_epochs)             voxceleb_trainer's steplr with step_epochs 10
+                                                                     (lr_decay 0.75 every test_interval = 10 epochs
+                                                                     in its configs/RawNet3_AAM.yaml)
     sgdr         cosine cycles restarting at lr, restart_epochs long, each restart_mult x longer (ESPnet)
 
 `warmup_epochs` multiplies any of them by a linear ramp from 0 to 1 (per iteration).

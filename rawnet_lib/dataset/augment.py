@@ -8,8 +8,13 @@ Folders follow the public layouts, so MUSAN and RIRS_NOISES work as downloaded:
 Without folders, built-in sets are made once under `sets_dir` (`ensure_builtin_sets`):
 coloured noise (white, pink, brown, blue) and synthetic tone music, written by this module
 (by the workbook's own code, no third-party audio), and 24 impulse responses of 12
-shoebox rooms (three sizes, RT60 0.2-0.9 s) simulated with pyroomacoustics' image method (MIT
-licence, EPFL-LCAV). Babble then comes from the training speech itself (`builtin_babble`: a fixed
+shoebox rooms (three sizes) simulated with pyroomacoustics' image method (MIT licence,
+EPFL-LCAV). Each room's absorption is Sabine's for an RT60 drawn in 0.2-0.9 s, but the image
+sources stop at order 20 (Sabine asks 20-96 here), so the simulated decays are not those
+RT60s: measured (T30, `pyroomacoustics.experimental.measure_rt60`) 0.16-0.74 s in the small
+and medium rooms and 0.45-2.2 s in the large, flat ones (15-30 m wide, 2.5-5 m high). The set
+is kept as it is so runs stay comparable; for reverberation of known RT60, give rir_dir
+RIRS_NOISES. Babble then comes from the training speech itself (`builtin_babble`: a fixed
 sample of training utterances per seed), never from VoxCeleb1: its dev part is the validation
 data here, and Vox1-E and Vox1-H draw their trials from all of it, so babble from it would play
 validation and test speakers into training. A crop's own speaker may be one of the talkers (about

@@ -24,7 +24,8 @@ second is the wider; and its score file, so `sources=DIR` in the analysis notebo
 summary.csv / .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
 paired.csv (each arm minus the first over the same seeds), training.csv (per run: best epoch,
 validation EER over the last 10 epochs and its epoch-to-epoch movement, final training accuracy),
-det_<list>.png (all arms, the scores of their seeds pooled).
+det_<list>.png (all arms: each seed's curve and their average per arm; scores of different models
+are never pooled, as each model's scores have their own scale).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from rawnet_lib.training.launch import launch
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, FOLDER_NAME, RunExistsError, RunNotFoundError, best_epoch,
                                      check_checkpoint_choice, check_validation, corpus_facts, data_changes,
                                      default_out_dir, run_changes, run_checkpoint, run_path, run_state)
-from rawnet_lib.views.plots import det_plot, save_figure
+from rawnet_lib.views.plots import det_seeds_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
 
@@ -366,7 +367,7 @@ def _check_n_boot(n_boot: int) -> None:
 
 
 def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[str, list[np.ndarray]]], list[str]]:
-    rows, pooled, missing, first_scored, moved = [], {}, [], {}, {}
+    rows, trials, missing, first_scored, moved = [], {}, [], {}, {}
     for arm, by_seed in spec.configs.items():
         for seed, cfg in by_seed.items():
             run = run_path(cfg)
@@ -407,13 +408,13 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                              "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run),
                              "list_sha1": sha, "scores": os.path.relpath(scores_file, spec.results)})
-                pooled.setdefault(tag, {}).setdefault(arm, []).append(data)
+                trials.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
         warnings.warn(f"{spec.out}: {len(missing)} run(s) not finished yet, left out of the summary: "
                       f"{', '.join(missing)}; run `{spec.command}` to finish them", stacklevel=3)
     if not rows:
         raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run `{spec.command}`")
-    return pd.DataFrame(rows), pooled, missing
+    return pd.DataFrame(rows), trials, missing
 
 
 def _eval_dir(run: Path, which: str) -> Path | None:
@@ -458,7 +459,7 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     returns the tables."""
     _check_n_boot(n_boot)
     _check_own_folder(spec)
-    runs, pooled, missing = _runs_table(spec, n_boot)
+    runs, trials, missing = _runs_table(spec, n_boot)
     summary, paired = [], []
     base = spec.arms[0]
     for (arm, tag), group in runs.groupby(["arm", "list"], sort=False):
@@ -485,13 +486,10 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
         {"sweep": str(spec.path.resolve()), "seeds": spec.seeds, "lists": spec.lists, "pick": spec.pick,
          "baseline": base, "unfinished": missing, "confidence": 0.95, "eer_unit": "percent", **records}, indent=1))
     for old in spec.results.glob("det_*.*"):  # figures of lists the sweep no longer scores
-        if old.stem.removeprefix("det_") not in pooled and old.suffix in (".png", ".svg"):
+        if old.stem.removeprefix("det_") not in trials and old.suffix in (".png", ".svg"):
             old.unlink()
-    for tag, arms in pooled.items():
-        curves = {f"{arm} ({len(parts)} seeds)": (np.concatenate([p[:, 0] for p in parts]),
-                                                  np.concatenate([p[:, 1] for p in parts]))
-                  for arm, parts in arms.items()}
-        fig = det_plot(curves)
+    for tag, arms in trials.items():
+        fig = det_seeds_plot({arm: [(p[:, 0], p[:, 1]) for p in parts] for arm, parts in arms.items()})
         fig.axes[0].set_title(f"{spec.path.stem}: list {tag}" + ("" if spec.pick == "best"
                                                                   else f", {spec.pick} models"))
         save_figure(fig, spec.results, f"det_{tag}")

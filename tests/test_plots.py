@@ -14,9 +14,9 @@ import pytest
 from matplotlib.figure import Figure
 from scipy.stats import norm
 
-from rawnet_lib.eval.metrics import eer, eer_threshold
-from rawnet_lib.views.plots import (det_plot, filter_responses, frequency_response, history_plot, save_figure,
-                                    score_histogram, waveform_spectrogram)
+from rawnet_lib.eval.metrics import det_curve, eer, eer_threshold
+from rawnet_lib.views.plots import (det_plot, det_seeds_plot, filter_responses, frequency_response, history_plot,
+                                    save_figure, score_histogram, waveform_spectrogram)
 
 
 def _trials(seed: int, shift: float, n: int = 3000):
@@ -69,6 +69,30 @@ def test_det_plot_uses_given_axes():
 def test_det_plot_rejects_non_mapping(curves):
     with pytest.raises(ValueError, match="mapping"):
         det_plot(curves)
+
+
+def test_det_seeds_plot_averages_seeds_without_pooling_their_scores():
+    """Two seeds whose scores sit on different scales: pooled, their curve would be no model's; the
+    average of their miss rates in normal-deviate space is each model's curve where they agree."""
+    scores, labels = _trials(4, 3.0)
+    seeds = [(scores, labels), (10 * scores + 5, labels)]  # the same model up to a monotone map: one DET
+    fig = det_seeds_plot({"arm": seeds, "other": [_trials(5, 1.5)]})
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    rate = eer(scores, labels)
+    assert legend == [f"arm: 2 seeds, mean EER {100 * rate:.2f} %",
+                      f"other: 1 seed, mean EER {100 * eer(*_trials(5, 1.5)):.2f} %"]
+    thin = [ln for ln in ax.lines if ln.get_label() == "_seed"]
+    assert len(thin) == 3 and thin[0].get_color() == thin[1].get_color() != thin[2].get_color()
+    average = next(ln for ln in ax.lines if ln.get_label().startswith("arm:"))
+    x, y = average.get_xydata().T
+    p_miss, p_fa, _ = det_curve(scores, labels)
+    np.testing.assert_allclose(y, np.interp(x, norm.ppf(np.clip(p_fa, 1e-9, 1))[::-1],
+                                            norm.ppf(np.clip(p_miss, 1e-9, 1 - 1e-9))[::-1]))
+    marker = next(ln for ln in ax.lines if ln.get_marker() == "o")
+    np.testing.assert_allclose(marker.get_xydata(), norm.ppf(rate))
+    with pytest.raises(ValueError, match="none empty"):
+        det_seeds_plot({"arm": []})
 
 
 def test_score_histogram_marks_eer_threshold():

@@ -25,6 +25,7 @@ from rawnet_lib.io import atomic_open
 __all__ = [
     "DET_TICKS",
     "det_plot",
+    "det_seeds_plot",
     "score_histogram",
     "history_plot",
     "loader_plot",
@@ -89,14 +90,60 @@ def det_plot(
             f"curves must be a non-empty mapping name -> (scores, labels), got {type(curves).__name__}"
         )
     rates = {name: eer_threshold(scores, labels)[0] for name, (scores, labels) in curves.items()}
-    lo, hi = limits or (0.0005, float(np.clip(2 * max(rates.values()), 0.5, 0.95)))
-    if not 0 < lo < hi < 1:
-        raise ValueError(f"limits must satisfy 0 < low < high < 1, got {limits}")
     fig, ax = _axes(ax, (5.0, 5.0))
     for name, (scores, labels) in curves.items():
         p_miss, p_fa, _ = det_curve(scores, labels)
         (line,) = ax.plot(_probit(p_fa), _probit(p_miss), label=f"{name} (EER {100 * rates[name]:.2f} %)")
         ax.plot(_probit(rates[name]), _probit(rates[name]), "o", color=line.get_color(), label="_eer_marker")
+    _det_axes(ax, limits, max(rates.values()))
+    return fig
+
+
+def det_seeds_plot(
+    arms: Mapping[str, Sequence[tuple[ArrayLike, ArrayLike]]],
+    ax: Axes | None = None,
+    limits: tuple[float, float] | None = None,
+) -> Figure:
+    """DET curves of recipes trained with several seeds: each seed's curve thin, and per recipe the
+    average of its seeds' miss rates in normal-deviate space at each false-acceptance rate (thick),
+    marked at the mean of the seeds' EERs. Scores of different models are never pooled: each
+    model's scores have their own scale, so one curve of all of them would be no model's.
+
+    ``arms`` maps a legend name to one (scores, labels) per seed, labels 1 = same speaker.
+    """
+    if not isinstance(arms, Mapping) or not arms or not all(len(runs) for runs in arms.values()):
+        raise ValueError("arms must be a non-empty mapping name -> [(scores, labels) per seed], none empty")
+    rates = {name: [eer_threshold(s, y)[0] for s, y in runs] for name, runs in arms.items()}
+    lo, hi = _det_limits(limits, max(max(r) for r in rates.values()))
+    grid = np.linspace(norm.ppf(lo), norm.ppf(hi), 400)
+    fig, ax = _axes(ax, (5.0, 5.0))
+    for name, runs in arms.items():
+        misses = []
+        color = None
+        for scores, labels in runs:
+            p_miss, p_fa, _ = det_curve(scores, labels)
+            x, y = _probit(p_fa)[::-1], _probit(p_miss)[::-1]  # by increasing false-acceptance rate
+            (line,) = ax.plot(x, y, color=color, linewidth=0.6, alpha=0.45, label="_seed")
+            color = line.get_color()
+            misses.append(np.interp(grid, x, y))
+        mean = float(np.mean(rates[name]))
+        ax.plot(grid, np.mean(misses, axis=0), color=color, linewidth=1.8,
+                label=f"{name}: {len(runs)} seed{'s' if len(runs) > 1 else ''}, mean EER {100 * mean:.2f} %")
+        ax.plot(_probit(mean), _probit(mean), "o", color=color, label="_eer_marker")
+    _det_axes(ax, (lo, hi), 0.0)
+    return fig
+
+
+def _det_limits(limits: tuple[float, float] | None, worst: float) -> tuple[float, float]:
+    lo, hi = limits or (0.0005, float(np.clip(2 * worst, 0.5, 0.95)))
+    if not 0 < lo < hi < 1:
+        raise ValueError(f"limits must satisfy 0 < low < high < 1, got {limits}")
+    return lo, hi
+
+
+def _det_axes(ax: Axes, limits: tuple[float, float] | None, worst: float) -> None:
+    """Normal-deviate axes between `limits` (see det_plot), ticks in %, the EER diagonal, the legend."""
+    lo, hi = _det_limits(limits, worst)
     edge = norm.ppf([lo, hi])
     ax.plot(edge, edge, "--", color="0.6", linewidth=0.8, label="_diagonal")
     ticks = [t for t in DET_TICKS if lo <= t <= hi]
@@ -112,7 +159,6 @@ def det_plot(
     ax.set_ylabel("miss rate (%)")
     ax.grid(True, linewidth=0.4)
     ax.legend(loc="lower left", fontsize="small")  # DET curves leave that corner empty
-    return fig
 
 
 def score_histogram(

@@ -121,12 +121,16 @@ def test_speed_perturbed_labels_and_pitch(tmp_path):
     assert ds.speakers()[:4] == ["id00000@sp0.9", "id00001@sp0.9", "id00002@sp0.9", "id00000"]
     labels = utts.labels()
     seen = set()
+    bins = np.fft.rfftfreq(4000, 1 / SR)
     for epoch in range(4):
         ds.set_epoch(epoch)
         for i in range(len(ds)):
             x, label = ds[i]
             k, speaker = divmod(label, 3)
             assert speaker == labels[i] and len(x) == 4000
+            # the label's factor is the one the audio was played at: speaker s's tone moves to f0 x factor
+            peak = bins[np.argmax(np.abs(np.fft.rfft(np.asarray(x))))]
+            assert abs(peak - (300, 500, 700)[speaker] * factors[k]) <= SR / 4000, (epoch, i, label)
             seen.add(k)
     assert seen == {0, 1, 2}
     # a 500 Hz tone played 1.1 times faster peaks at 550 Hz (the FFT bin is 4 Hz wide)

@@ -69,6 +69,16 @@ def test_aam_easy_margin_leaves_obtuse_angles_alone():
         assert got == pytest.approx(math.log(1 + math.exp(30 * -0.6 - 30 * target)), rel=REL)
 
 
+def test_aam_beyond_pi_minus_m_takes_the_linear_stand_in():
+    """Past theta = pi - m, cos(theta + m) would rise again and reward a worse angle; the usual stand-in
+    cos(theta) - sin(pi - m) m keeps the target logit falling (insightface, WeSpeaker)."""
+    code = torch.tensor([[-0.28, -0.96]])  # cos to the target e2 is -0.96 < cos(pi - 0.5) = -0.8776
+    cfg = LossConfig(head="aam", margin=0.5, scale=30)
+    target = -0.96 - math.sin(math.pi - 0.5) * 0.5
+    got = build_loss(cfg)(head_logits(code, _fc(), cfg), LABEL).item()
+    assert got == pytest.approx(math.log1p(math.exp(30 * -0.28 - 30 * target)), rel=REL)
+
+
 def test_margin_schedule_is_a_linear_warm_up():
     cfg = LossConfig(head="aam", margin=0.2, margin_schedule=[2, 4])
     assert [margin_at(cfg, e) for e in (1, 2, 3, 4, 10)] == pytest.approx([0, 0, 0.1, 0.2, 0.2])

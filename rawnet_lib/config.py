@@ -142,7 +142,7 @@ class TrainConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    init_from: str = ""             # start from these weights only (fine-tuning); a new run, not a resume
+    init_from: str = ""             # start from these weights only (a .pt, or a run folder: its best model)
 
 
 @dataclass

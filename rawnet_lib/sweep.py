@@ -56,7 +56,8 @@ from rawnet_lib.train import train
 from rawnet_lib.training.launch import launch
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, FOLDER_NAME, RunExistsError, RunNotFoundError, best_epoch,
                                      check_checkpoint_choice, check_validation, corpus_facts, data_changes,
-                                     default_out_dir, run_changes, run_checkpoint, run_path, run_state)
+                                     default_out_dir, resolve_checkpoint, run_changes, run_checkpoint, run_path,
+                                     run_state)
 from rawnet_lib.views.plots import det_seeds_plot, save_figure
 
 __all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
@@ -145,15 +146,22 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
     except ConfigError as err:
         raise ConfigError(f"{path if not pick else 'the pick given'}: {err}") from None
 
+    bases = _fine_tuning_bases(path, arms)
+
     def arm_configs(some: list[int]) -> dict[str, dict[int, Config]]:
-        return {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists,
-                                              out) for seed in some} for name, overrides in arms.items()}
+        configs = {str(name): {seed: _arm_config(path, str(name), overrides, spec.get("preset") or "demo", seed, lists,
+                                                 out) for seed in some} for name, overrides in arms.items()}
+        for name, base in bases.items():  # each seed fine-tunes the base arm's run of the same seed
+            for seed, cfg in configs[name].items():
+                cfg.train.init_from = str(run_path(configs[base][seed]))
+        return configs
 
     configs = arm_configs(seeds)
     for name, by_seed in configs.items():
-        _check_inputs(path, name, next(iter(by_seed.values())))
+        _check_inputs(path, name, next(iter(by_seed.values())), linked=name in bases)
+        allow = ("init_from",) if name in bases else ()  # the base's run, wherever the sweep folder is now
         for cfg in by_seed.values():
-            changes = run_changes(cfg, also=ARM_RUN_FIELDS) if run_state(run_path(cfg)) != "new" else []
+            changes = run_changes(cfg, allow, ARM_RUN_FIELDS) if run_state(run_path(cfg)) != "new" else []
             if changes:  # the arm was edited after this run trained: its results would be another recipe's
                 raise ConfigError(f"{path}: arm {name!r}: {run_path(cfg)} was trained with other settings "
                                   f"({'; '.join(changes)}); give the arm another name to train these as new runs, "
@@ -166,8 +174,8 @@ def load_sweep(sweep: str | Path, out: str | Path | None = None, seeds: list[int
             raise ConfigError(f"{path}: arm {name!r} keeps no model per epoch (save_every_epoch: false), which "
                               f"pick {which} needs; remove that override or choose pick: best")
     extra = arm_configs(_finished_elsewhere(configs))
-    edited = sorted({seed for by_seed in extra.values() for seed, cfg in by_seed.items()
-                     if run_changes(cfg, also=ARM_RUN_FIELDS)})
+    edited = sorted({seed for name, by_seed in extra.items() for seed, cfg in by_seed.items()
+                     if run_changes(cfg, ("init_from",) if name in bases else (), ARM_RUN_FIELDS)})
     if edited:
         warnings.warn(f"{path}: seed(s) {', '.join(map(str, edited))} finished in {out} with other settings of an "
                       "arm than the file's: left out of the tables", stacklevel=2)
@@ -189,6 +197,26 @@ def _finished_elsewhere(configs: dict[str, dict[int, Config]]) -> list[int]:
     return sorted((finished or set()) - {seed for by_seed in configs.values() for seed in by_seed})
 
 
+def _fine_tuning_bases(path: Path, arms: dict) -> dict[str, str]:
+    """{arm: the earlier arm whose run of each seed it fine-tunes} of the arms with `init_from_arm`
+    (their runs start from that run's best model, as `init_from: <run folder>` does)."""
+    bases, names = {}, [str(a) for a in arms]
+    for i, (name, overrides) in enumerate(arms.items()):
+        base = overrides.get("init_from_arm") if isinstance(overrides, dict) else None
+        if base is None:
+            continue
+        where = f"{path}: arm {name!r}: init_from_arm {base!r}"
+        if str(base) not in names[:i]:
+            earlier = ", ".join(names[:i]) or "none (it is the first arm)"
+            raise ConfigError(f"{where} is not an arm before it (each seed's runs train in the file's order); "
+                              f"arms before it: {earlier}")
+        train = overrides.get("train")
+        if isinstance(train, dict) and train.get("init_from"):
+            raise ConfigError(f"{where} and train.init_from both say where it starts; keep one")
+        bases[str(name)] = str(base)
+    return bases
+
+
 def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, lists: list, out: Path) -> Config:
     where = f"{path}: arm {name!r}"
     if not FOLDER_NAME.fullmatch(str(name)):  # the run folder <name>-seed<N> must be one too
@@ -202,6 +230,7 @@ def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, l
     if owned:
         raise ConfigError(f"{where}: {', '.join(owned)} are set by the sweep (seeds:, lists:, --out); remove them")
     arm_preset = overrides.pop("preset", preset)
+    overrides.pop("init_from_arm", None)  # _fine_tuning_bases
     try:
         cfg = load_config(arm_preset, overrides, seed=seed, name=f"{name}-seed{seed}", out_dir=str(out),
                           trial_lists=[str(x) for x in lists])
@@ -213,7 +242,9 @@ def _arm_config(path: Path, name: str, overrides: Any, preset: str, seed: int, l
     return cfg
 
 
-def _check_inputs(path: Path, name: str, cfg: Config) -> None:
+def _check_inputs(path: Path, name: str, cfg: Config, linked: bool = False) -> None:
+    """The arm's noise and RIR folders hold audio and its init_from checkpoint reads (not that of an
+    arm fine-tuning another arm's runs: `linked`, those are trained first)."""
     where = f"{path}: arm {name!r}"
     aug = cfg.augment
     try:
@@ -221,8 +252,8 @@ def _check_inputs(path: Path, name: str, cfg: Config) -> None:
             find_noises(aug.noise_dir)
         if aug.enabled and aug.rir_dir:
             find_rirs(aug.rir_dir)
-        if cfg.train.init_from:
-            read_checkpoint(cfg.train.init_from)
+        if cfg.train.init_from and not linked:
+            read_checkpoint(resolve_checkpoint(cfg.train.init_from))
     except WorkbookError as err:
         raise type(err)(f"{where}: {err}") from None
 

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rawnet_lib import dist
-from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, input_path
+from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser
 from rawnet_lib.dataset.augment import Augmenter, builtin_babble
 from rawnet_lib.dataset.check import DatasetError
 from rawnet_lib.dataset.loader import batch_keys, training_loader
@@ -42,7 +42,8 @@ from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training import schedules
 from rawnet_lib.training.launch import launch
-from rawnet_lib.training.run import LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, corpus_facts, data_changes
+from rawnet_lib.training.run import (LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, corpus_facts, data_changes,
+                                     resolve_checkpoint)
 
 __all__ = ["train", "train_epoch", "validate", "main"]
 
@@ -224,7 +225,7 @@ def train(cfg: Config) -> dict[str, Any]:
             run.resumed(state)
         started_from = {}
         if cfg.train.init_from and state is None:  # fine-tuning: weights only, a fresh optimiser and schedule
-            source = input_path(cfg.train.init_from).resolve()
+            source = resolve_checkpoint(cfg.train.init_from).resolve()  # a run folder: its best model
             for note in init_from_checkpoint(source, model, speakers):
                 run.log(0, note)
             # config.yaml keeps the path as given; run.json which file that was, wherever the run is read from

@@ -246,6 +246,27 @@ def test_the_tables_cover_every_seed_finished_for_every_arm(tmp_path):
     assert "--seeds 1 2 4" in sweep.command
 
 
+def test_an_arm_fine_tunes_each_seed_s_run_of_an_earlier_arm(tmp_path):
+    """WeSpeaker's large-margin step compared over seeds: `init_from_arm` starts each seed's run from
+    the best model of the named arm's run of the same seed, which the seed-major order trains first."""
+    ft = {"preset": "smoke", "init_from_arm": "base", "model": {"n_samples": 8000},
+          "loss": {"head": "aam", "margin": 0.5}}
+    path = _write(tmp_path / "s.yaml", {"seeds": [1, 2], "arms": {"base": {"preset": "smoke"}, "ft": ft}})
+    sweep = sweep_mod.load_sweep(path, tmp_path / "out")  # the base's runs need not exist yet
+    for seed in (1, 2):
+        cfg = sweep.configs["ft"][seed]
+        assert cfg.train.init_from == str(sweep_mod.run_path(sweep.configs["base"][seed]))
+        assert cfg.model.n_samples == 8000 and cfg.loss.margin == 0.5 and cfg.train.seed == seed
+    for arms, match in (({"ft": ft, "base": {}}, r"arm 'ft': init_from_arm 'base' is not an arm before it .*arms "
+                                                 r"before it: none \(it is the first arm\)"),
+                        ({"a": {}, "ft": {**ft, "init_from_arm": "b"}}, r"init_from_arm 'b' is not an arm before it"
+                                                                         r".*arms before it: a$"),
+                        ({"base": {}, "ft": {**ft, "train": {"init_from": "x.pt"}}}, r"init_from_arm 'base' and "
+                                                                                     r"train\.init_from both say")):
+        with pytest.raises(ConfigError, match=match):
+            sweep_mod.load_sweep(_write(tmp_path / "s.yaml", {"seeds": [1], "arms": arms}), tmp_path / "out")
+
+
 def test_example_sweeps_load(tmp_path):
     spec = sweep_mod.load_sweep("demo_recipes", tmp_path)
     assert spec.arms[:2] == ["reference_2020", "modern"] and spec.seeds == [1, 2, 3]

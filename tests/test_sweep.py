@@ -23,6 +23,7 @@ from rawnet_lib.eval.metrics import eer
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluation_identity
 from rawnet_lib.io import file_sha1
+from rawnet_lib.training.run import RunDir
 from rawnet_lib.views.analysis import score_sources
 
 
@@ -355,6 +356,36 @@ def test_a_run_that_never_scored_a_list_of_the_sweep_is_named(tmp_path):
     with pytest.raises(MissingPathError, match=r"best_opt_eval/metrics\.json holds no cosine result of list E; run "
                                                r"`python -m rawnet_lib\.sweep"):
         sweep_mod.summarise(spec, n_boot=10)
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_a_run_stopped_between_its_epochs(tiny_db, tmp_path, monkeypatch, capsys):
+    """A run stopped after epoch 1 of 2 (its last.pt saved) continues at epoch 2 when the sweep runs
+    again: the first epoch is neither trained again nor rewritten."""
+    spec = _write(tmp_path / "s.yaml", {"seeds": [1], "lists": ["O"], "arms": {
+        "ref": {"preset": "smoke", "data": {"data_path": str(tiny_db)}, "train": {"epochs": 2}}}})
+    end_epoch = RunDir.end_epoch
+
+    def stop_after_the_first(self, epoch, *args, **kwargs):
+        end_epoch(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "end_epoch", stop_after_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            sweep_mod.run_sweep(spec, tmp_path / "out", progress=False, n_boot=20)
+    run = tmp_path / "out" / "train_1P" / "DNNS" / "ref-seed1"
+    first = json.loads((run / "history.json").read_text())
+    weights = next((run / "models").glob("TA_1_*.pt"))
+    stamp = weights.stat().st_mtime_ns
+    assert sweep_mod.run_state(run) == "started" and len(first) == 1
+    capsys.readouterr()
+    tables = sweep_mod.run_sweep(spec, tmp_path / "out", progress=False, n_boot=20)
+    assert "resume  ref-seed1" in capsys.readouterr().out
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 2 and history[0] == first[0] and weights.stat().st_mtime_ns == stamp
+    assert tables["training"]["epochs"].tolist() == [2]
 
 
 @pytest.mark.slow

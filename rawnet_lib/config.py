@@ -78,6 +78,7 @@ class ModelConfig:
     sinc_filters: int = 128         # SincNet band-pass filters in `first_conv`
     sinc_kernel: int = 251          # taps of each sinc filter (odd)
     blocks: list[int] = field(default_factory=lambda: [128, 128, 256, 256, 256, 256])
+    block_pool: list[bool] = field(default_factory=list)  # per block: max-pool by 3 at its end; [] every block
     gru_units: int = 1024
     gru_layers: int = 1
     embedding_dim: int = 1024       # `fc1_gru` output, the speaker embedding
@@ -251,6 +252,9 @@ class Config:
             raise ConfigError(f"sinc_kernel={self.model.sinc_kernel} must be odd (symmetric filters)")
         if not self.model.blocks:
             raise ConfigError("blocks must list at least one block width, e.g. [128, 128, 256]")
+        if self.model.block_pool and len(self.model.block_pool) != len(self.model.blocks):
+            raise ConfigError(f"block_pool={self.model.block_pool} needs one true/false per block of blocks="
+                              f"{self.model.blocks} ({len(self.model.blocks)}), or [] to pool after every block")
         for item in self.evaluation.trial_lists:
             if item not in ("O", "E", "H", "O2", "E2", "H2") and not item.endswith(".txt"):
                 raise ConfigError(f"trial list {item!r}: use O, E, H (O2, E2, H2 cleaned) or a .txt path")

@@ -127,7 +127,9 @@ def _module_scales(model, grads) -> dict[str, float]:
     return {name: sums[owner[name]] ** 0.5 for name in owner}
 
 
-@pytest.mark.parametrize("preset", ["smoke", "demo"])
+@pytest.mark.parametrize("preset", ["smoke", "demo", pytest.param(
+    load_config("smoke", blocks=[8, 8, 16, 16, 16, 16, 16], block_pool=[True, False, True, False, True, False, True]),
+    id="smoke-pool-per-stage")])
 def test_fast_model_is_the_same_function_in_float64(preset):
     """Both paths in float64: logits, every parameter gradient and the batch-norm statistics agree
     to float64 rounding (2.2e-16 relative, amplified by depth: 1e-9 of each module's gradient

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rawnet_lib.config import ModelConfig, load_config
+from rawnet_lib.config import ConfigError, ModelConfig, load_config
 from rawnet_lib.models.rawnet2 import RawNet2, build_model, stage_frames
 
 PAPER_CLASSES = 5994  # VoxCeleb2 dev speakers
@@ -154,6 +154,29 @@ def test_stage_frames_match_the_forward_pass():
     assert set(seen) == {"first_conv", *(f"block{i}" for i in range(6))}
     assert {k: want[k] for k in seen} == seen
     assert frames.shape == (1, 64, want["block5"]) == (1, 64, 8)
+
+
+def test_blocks_that_do_not_pool_keep_the_names_and_more_frames():
+    """RawNet2-modified's public model pools once per stage (the last block of each): `block_pool`
+    leaves the other blocks unpooled; pooling has no weights, so every state_dict name and shape stays."""
+    cfg = load_config("smoke", blocks=[8, 8, 16, 16, 16, 16, 16, 16],
+                      block_pool=[True, True, True, False, True, True, False, True])
+    torch.manual_seed(0)
+    model = build_model(cfg, 5).eval()
+    seen: dict[str, int] = {}
+    hooks = [getattr(model, f"block{i}").register_forward_hook(
+        lambda m, i, o, name=f"block{i}": seen.__setitem__(name, o.shape[-1])) for i in range(8)]
+    with torch.no_grad():
+        frames = model.frame_features(torch.randn(1, cfg.model.n_samples))
+    for h in hooks:
+        h.remove()
+    want = dict(stage_frames(cfg.model))
+    assert {k: want[k] for k in seen} == seen and want["block3"] == want["block2"] and frames.shape[-1] == want["block7"]
+    assert frames.shape[-1] == dict(stage_frames(load_config("smoke").model))["block5"]  # 6 pools, as the paper's
+    every = build_model(load_config("smoke", blocks=cfg.model.blocks), 5)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in every.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"block_pool=\[True\] needs one true/false per block"):
+        load_config("smoke", block_pool=[True])
 
 
 # --- initialisation -------------------------------------------------------------------------

@@ -222,6 +222,8 @@ def infer_model_config(state: Mapping[str, torch.Tensor], base: ModelConfig | No
     cfg.blocks = []
     while f"block{len(cfg.blocks)}.0.conv1.weight" in state:
         cfg.blocks.append(int(state[f"block{len(cfg.blocks)}.0.conv1.weight"].shape[0]))
+    if len(cfg.block_pool) != len(cfg.blocks):  # pooling has no weights: the base's when it fits, else every block
+        cfg.block_pool = []
     cfg.gru_units = int(state["gru.weight_hh_l0"].shape[1])
     cfg.gru_layers = sum(1 for k in state if k.startswith("gru.weight_hh_l"))
     cfg.embedding_dim = int(state["fc1_gru.weight"].shape[0])

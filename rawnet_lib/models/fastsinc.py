@@ -401,7 +401,8 @@ def _block(blk: nn.Module, x: Tensor) -> Tensor:
     identity = _conv(blk.conv_downsample, x) if hasattr(blk, "conv_downsample") else x
     # The residual sum in x's dtype: float32 under autocast, as on the exact path (in bf16 it
     # costs embedding cosine). A conv's backward does not need its output, so add in place.
-    out = _max_pool3(out.to(x.dtype).add_(identity))
+    out = out.to(x.dtype).add_(identity)
+    out = _max_pool3(out) if blk.pool else out
     s = torch.sigmoid(blk.frm.fc(_time_mean(out))).to(out.dtype)[:, :, None, None]  # FMS gate
     return torch.addcmul(s, out, s)  # out * s + s
 

@@ -112,11 +112,12 @@ class FMS(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block, then max-pool by 3 and FMS (`frm`)."""
+    """Pre-activation residual block, then max-pool by 3 (the reference's every block; `pool`) and FMS
+    (`frm`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, first: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, first: bool = False, pool: bool = True):
         super().__init__()
-        self.first = first
+        self.first, self.pool = first, pool
         if not first:
             self.bn1 = nn.BatchNorm1d(in_channels)
         self.lrelu = nn.LeakyReLU(LEAKY_SLOPE)
@@ -125,7 +126,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_downsample = nn.Conv1d(in_channels, out_channels, kernel_size=1)
-        self.mp = nn.MaxPool1d(3)
+        self.mp = nn.MaxPool1d(3) if pool else nn.Identity()  # no weights: the names stay the reference's
         self.frm = FMS(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,9 +147,10 @@ class RawNet2(nn.Module):
         self.first_bn = nn.BatchNorm1d(cfg.sinc_filters)
         self.lrelu_keras = nn.LeakyReLU(LEAKY_SLOPE)
         widths = [cfg.sinc_filters, *cfg.blocks]
+        pools = cfg.block_pool or [True] * len(cfg.blocks)
         for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
             # nn.Sequential only to keep the reference's key names (`block0.0.conv1.weight`).
-            setattr(self, f"block{i}", nn.Sequential(ResidualBlock(c_in, c_out, first=i == 0)))
+            setattr(self, f"block{i}", nn.Sequential(ResidualBlock(c_in, c_out, first=i == 0, pool=pools[i])))
         self.n_blocks = len(cfg.blocks)
         self.bn_before_gru = nn.BatchNorm1d(widths[-1])
         self.gru = nn.GRU(widths[-1], cfg.gru_units, num_layers=cfg.gru_layers, batch_first=True)
@@ -212,6 +214,6 @@ def stage_frames(cfg: ModelConfig, n_samples: int | None = None) -> list[tuple[s
     """Time frames after each stage, e.g. 59049 -> 58799 -> 19599 -> ... -> 26 GRU steps."""
     t = n_samples or cfg.n_samples
     stages = [("input", t), ("first_conv", t := t - cfg.sinc_kernel + 1), ("first pool", t := t // 3)]
-    for i in range(len(cfg.blocks)):
-        stages.append((f"block{i}", t := t // 3))
+    for i, pool in enumerate(cfg.block_pool or [True] * len(cfg.blocks)):
+        stages.append((f"block{i}", t := t // 3 if pool else t))
     return stages

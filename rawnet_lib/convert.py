@@ -53,8 +53,8 @@ def _convert_batch(pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, str
         run_ffmpeg(pairs, WAV_ARGS, check=True)
         return [], len(pairs)
     except ConvertError as err:
-        if len(pairs) == 1:
-            return [(pairs[0][0], str(err))], 0
+        if len(pairs) == 1:  # ffmpeg names the input; the report names it already
+            return [(pairs[0][0], str(err).removeprefix(f"{pairs[0][0]}: "))], 0
     failures, done = [], 0
     for pair in pairs:
         bad, ok = _convert_batch([pair])

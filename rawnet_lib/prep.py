@@ -32,6 +32,11 @@ class PrepResult:
     lists: dict[str, UtteranceList]
     check: CheckReport | None
 
+    @property
+    def ok(self) -> bool:
+        """False when a conversion failed (reported by the check too, when it ran) or the check found errors."""
+        return not (self.conversion and self.conversion.failed) and (self.check is None or self.check.ok)
+
 
 def find_m4a_dir(data_path: Path) -> Path | None:
     return next((data_path / d for d in M4A_DIRS if (data_path / d).is_dir()), None)
@@ -50,8 +55,9 @@ def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lis
     dirs = data_dirs(cfg)
     lists = {d: load_utterances(data_path, d, refresh=True, progress=progress)
              for d in dirs if (data_path / d).is_dir()}
+    failed = conversion.failed if conversion else []
     report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=cfg.min_seconds,
-                           workers=workers, progress=progress) if check else None
+                           workers=workers, progress=progress, failed_conversions=failed) if check else None
     return PrepResult(data_path, conversion, lists, report)
 
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     result = prepare(cfg.data, trial_lists=cfg.evaluation.trial_lists, workers=args.workers)
     print(utterance_table(result.lists).to_string(index=False))
     print(result.check)
-    return 0 if result.check is None or result.check.ok else 1
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ _KINDS = {
                                       "folder out of `dirs`"),
     "m4a": (".m4a file not converted", "run the m4a conversion (python -m rawnet_lib.convert <m4a root> "
                                        "<data_path>/VoxCeleb2/wav), then move the .m4a files out of the wav tree"),
+    "conversion_failed": (".m4a file that did not convert (no wav made)",
+                          "re-download it, or delete the .m4a to go on without it"),
     "other_file": ("not a .wav file", "move it out of the tree: only <spk>/<video>/<utt>.wav files are read"),
     "bad_layout": ("not at <spk>/<video>/<utt>.wav", "move it to <speaker>/<video>/<utt>.wav under the folder; "
                                                       "training only reads that depth"),
@@ -183,10 +185,11 @@ def data_dirs(cfg: DataConfig) -> list[str]:
 
 def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_lists: Sequence[str] = ("O",),
                   sample_rate: int = SAMPLE_RATE, min_seconds: float = 1.0, workers: int = 2,
-                  progress: bool = True) -> CheckReport:
+                  progress: bool = True, failed_conversions: Sequence[tuple[str, str]] = ()) -> CheckReport:
     """Check the wav trees `dirs` (relative to data_path; default: the folders of a default
     DataConfig) and `trial_lists`, collecting every problem; files shorter than `min_seconds`
-    are a warning.
+    are a warning. `failed_conversions`: (m4a path, reason) of a conversion run just before,
+    whose files left no wav for the walk to find.
 
     Trial lists are names of OFFICIAL_LISTS or .txt paths; their keys resolve against the
     VoxCeleb1 folders among `dirs` (all of `dirs` when there are none).
@@ -195,6 +198,8 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
     dirs = data_dirs(DataConfig()) if dirs is None else list(dirs)
     list_paths = [official_list_path(data_path, name) for name in trial_lists]  # bad names raise before the walk
     report = CheckReport(data_path, sample_rate, min_seconds)
+    for m4a, reason in failed_conversions:
+        report.add("conversion_failed", f"{_shown(Path(m4a), data_path)}: {reason}")
 
     wavs: list[Path] = []
     for d in dirs:
@@ -250,5 +255,5 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
 
 
 def _shown(path: Path, data_path: Path) -> str:
-    """A path as shown in the report: relative to data_path, which the header names."""
-    return path.relative_to(data_path).as_posix()
+    """A path as shown in the report: relative to data_path, which the header names (as given when outside it)."""
+    return path.relative_to(data_path).as_posix() if path.is_relative_to(data_path) else str(path)

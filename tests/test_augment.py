@@ -105,7 +105,8 @@ def test_augmented_crops_are_deterministic_per_seed_epoch_index(sets, tmp_path):
     again.set_epoch(2)
     for i in range(len(ds)):
         assert np.array_equal(ds[i][0].numpy(), again[i][0].numpy())
-    changed = [not np.array_equal(ds[i][0].numpy(), (plain.set_epoch(2), plain[i][0].numpy())[1]) for i in range(len(ds))]
+    changed = [not np.array_equal(ds[i][0].numpy(), (plain.set_epoch(2), plain[i][0].numpy())[1])
+               for i in range(len(ds))]
     assert any(changed)
     before = ds[0][0].numpy()
     ds.set_epoch(3)
@@ -188,3 +189,20 @@ def test_builtin_sets_are_made_once(tmp_path):
     assert {p.relative_to(utts.root).as_posix() for p in babble} <= set(utts.keys)
     aug = Augmenter.from_config(AugmentConfig(enabled=True, sets_dir=str(tmp_path / "sets")), babble=babble)
     assert sorted(aug.noises) == ["music", "noise", "speech"] and aug.noises["speech"] == babble
+
+
+@pytest.mark.parametrize("bad", ["noise", "rir"])
+def test_nan_samples_in_a_noise_or_rir_file_raise_naming_it(sets, bad):
+    """Headers cannot show NaN, so the file passes the start-up check and is caught where it is read."""
+    musan, rirs = sets
+    x = np.full(SR, 0.1)
+    x[::7] = np.nan
+    path = _wav(musan / "noise" / "free-sound" / "white.wav" if bad == "noise"
+                else rirs / "simulated_rirs" / "smallroom" / "Room001" / "Room001-00001.wav", x)
+    aug = _augmenter(sets, noise_prob=1.0 if bad == "noise" else 0.0, rir_prob=1.0 if bad == "rir" else 0.0)
+    aug.noises = {"noise": aug.noises["noise"]}  # the one noise kind, so the bad file is drawn
+    augment_mod._rir.cache_clear()
+    crop = np.sin(2 * np.pi * 200 * np.arange(4000) / SR).astype(np.float32)
+    with pytest.raises(AugmentError, match=rf"{path.name}: NaN or Inf samples; remove that file from the "
+                                           rf"{'noise' if bad == 'noise' else 'RIR'} set, or replace it"):
+        aug(crop, np.random.default_rng(0))

@@ -105,7 +105,16 @@ def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=512)  # per worker process; RIRs are short
 def _rir(path: Path) -> np.ndarray:
     data, _ = sf.read(str(path), dtype="float32", always_2d=True)
-    return data[:, 0]
+    return _finite(data[:, 0], path, "RIR set")
+
+
+def _finite(x: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """x, checked where it is read: a NaN or Inf sample would turn the whole crop into NaN, and
+    the start-up check reads headers only (scanning every sample of MUSAN would be slow)."""
+    if not np.isfinite(x).all():
+        raise AugmentError(f"{path}: NaN or Inf samples; remove that file from the {what}, or replace it with a "
+                           "clean copy")
+    return x
 
 
 def _segment(path: Path, n: int, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
@@ -119,7 +128,7 @@ def _segment(path: Path, n: int, rng: np.random.Generator, sample_rate: int) -> 
         data, _ = sf.read(str(path), start=start, frames=n, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as err:
         raise AugmentError(f"{path}: unreadable noise file ({err}); remove it from the noise set") from None
-    return tile(data[:, 0], n) if len(data) else np.zeros(n, np.float32)
+    return tile(_finite(data[:, 0], path, "noise set"), n) if len(data) else np.zeros(n, np.float32)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Convert a VoxCeleb2 ``spk/video/utt.m4a`` tree into 16 kHz mono PCM16 wav.
+"""Convert a VoxCeleb2 ``spk/video/utt.m4a`` tree into 16 kHz (or the model's rate) mono PCM16 wav.
 
 soundfile cannot read AAC, so every training file goes through ffmpeg
 (:mod:`rawnet_lib.dataset.ffmpeg`) once. One ffmpeg process per file is start-up bound, so files are decoded in
@@ -7,11 +7,12 @@ failing batch is retried file by file so that one bad file only fails itself. ff
 each output to a temporary sibling (:func:`rawnet_lib.io.atomic_path`) that takes the wav's
 name only when the whole call succeeded and :func:`rawnet_lib.dataset.audio.probe` finds it usable.
 
-    python -m rawnet_lib.convert DB/VoxCeleb2/m4a DB/VoxCeleb2/wav --workers 2
+    python -m rawnet_lib.convert DB/VoxCeleb2/m4a DB/VoxCeleb2/wav --workers 2   # --sample_rate 8000
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rawnet_lib.dataset.audio import probe
-from rawnet_lib.dataset.ffmpeg import WAV_ARGS, ConvertError, find_ffmpeg, run_ffmpeg
+from rawnet_lib.dataset.audio import SAMPLE_RATE, probe
+from rawnet_lib.dataset.ffmpeg import ConvertError, find_ffmpeg, run_ffmpeg, wav_args
 from rawnet_lib.errors import run_cli
 
 __all__ = ["ConvertReport", "convert_tree"]
@@ -46,25 +47,26 @@ class ConvertReport:
         return line + "".join(shown) + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def _convert_batch(pairs: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, str]], int]:
+def _convert_batch(pairs: list[tuple[Path, Path]], sample_rate: int) -> tuple[list[tuple[Path, str]], int]:
     """Decode ``(m4a, target)`` pairs in one ffmpeg call, or one by one when it fails (one bad
     input fails the whole call); returns (failures, done)."""
     try:
-        run_ffmpeg(pairs, WAV_ARGS, check=True)
+        run_ffmpeg(pairs, wav_args(sample_rate), check=True, sample_rate=sample_rate)
         return [], len(pairs)
     except ConvertError as err:
         if len(pairs) == 1:  # ffmpeg names the input; the report names it already
             return [(pairs[0][0], str(err).removeprefix(f"{pairs[0][0]}: "))], 0
     failures, done = [], 0
     for pair in pairs:
-        bad, ok = _convert_batch([pair])
+        bad, ok = _convert_batch([pair], sample_rate)
         failures += bad
         done += ok
     return failures, done
 
 
-def convert_tree(src: Path, dst: Path, workers: int = 2, progress: bool = True) -> ConvertReport:
-    """Decode every ``src/spk/video/utt.m4a`` to ``dst/spk/video/utt.wav`` (16 kHz mono PCM16).
+def convert_tree(src: Path, dst: Path, workers: int = 2, progress: bool = True,
+                 sample_rate: int = SAMPLE_RATE) -> ConvertReport:
+    """Decode every ``src/spk/video/utt.m4a`` to ``dst/spk/video/utt.wav`` (`sample_rate` mono PCM16).
 
     Resumable: valid targets are skipped and each wav appears only via ``os.replace`` of a
     finished temporary file, so an interrupted run leaves no half-written wav.
@@ -81,14 +83,14 @@ def convert_tree(src: Path, dst: Path, workers: int = 2, progress: bool = True) 
     todo = []
     for m4a in sorted(src.glob("*/*/*.m4a")):
         target = dst / m4a.relative_to(src).with_suffix(".wav")
-        if probe(target).ok:
+        if probe(target, sample_rate).ok:
             report.skipped += 1
         else:
             todo.append((m4a, target))
     batches = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
     with tqdm(total=len(todo), desc="m4a -> wav", unit="file", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=workers) as pool:
-        for failures, done in pool.map(_convert_batch, batches):
+        for failures, done in pool.map(functools.partial(_convert_batch, sample_rate=sample_rate), batches):
             report.converted += done
             report.failed += [(str(path), reason) for path, reason in failures]
             bar.update(done + len(failures))
@@ -101,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path, help="VoxCeleb2 m4a root (spk/video/utt.m4a)")
     parser.add_argument("dst", type=Path, help="wav root to write (spk/video/utt.wav)")
     parser.add_argument("--workers", type=int, default=2, help="parallel ffmpeg processes")
+    parser.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="Hz of the wav files (the model's)")
     args = parser.parse_args(argv)
-    report = convert_tree(args.src, args.dst, workers=args.workers)
+    report = convert_tree(args.src, args.dst, workers=args.workers, sample_rate=args.sample_rate)
     print(report.summary())
     return 1 if report.failed else 0
 

@@ -2,6 +2,7 @@
 
     python -m rawnet_lib.prep --data_path /data/DB      # or no path: the demo corpus
     python -m rawnet_lib.prep --config smoke --trial_lists O E   # the preset's data block, two lists
+    python -m rawnet_lib.prep --data_path /data/DB8k --sample_rate 8000   # audio at the model's rate
 """
 from __future__ import annotations
 
@@ -43,21 +44,24 @@ def find_m4a_dir(data_path: Path) -> Path | None:
 
 
 def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lists: list[str] | None = None,
-            workers: int = 2, progress: bool = True) -> PrepResult:
+            workers: int = 2, progress: bool = True, sample_rate: int = SAMPLE_RATE) -> PrepResult:
     """Convert VoxCeleb2 m4a (resumable), write the list files, and check the whole data set
-    (files shorter than `cfg.min_seconds` are a warning of the check)."""
+    (files shorter than `cfg.min_seconds` are a warning of the check), all for audio at
+    `sample_rate` (the model's)."""
     data_path = resolve_data_path(cfg)
     conversion = None
     m4a = find_m4a_dir(data_path)
     if convert and m4a is not None:
-        conversion = convert_tree(m4a, data_path / cfg.train_dir, workers=workers, progress=progress)
+        conversion = convert_tree(m4a, data_path / cfg.train_dir, workers=workers, progress=progress,
+                                  sample_rate=sample_rate)
         print(conversion.summary())
     dirs = data_dirs(cfg)
-    lists = {d: load_utterances(data_path, d, refresh=True, progress=progress)
+    lists = {d: load_utterances(data_path, d, refresh=True, sample_rate=sample_rate, progress=progress)
              for d in dirs if (data_path / d).is_dir()}
     failed = conversion.failed if conversion else []
     report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=cfg.min_seconds,
-                           workers=workers, progress=progress, failed_conversions=failed) if check else None
+                           sample_rate=sample_rate, workers=workers, progress=progress,
+                           failed_conversions=failed) if check else None
     return PrepResult(data_path, conversion, lists, report)
 
 
@@ -87,12 +91,13 @@ def sample_utterances(lists: dict[str, UtteranceList], n: int, seed: int = 0) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("python -m rawnet_lib.prep", __doc__,
-                        fields=[f.name for f in dataclasses.fields(DataConfig)] + ["trial_lists"])
+                        fields=[f.name for f in dataclasses.fields(DataConfig)] + ["trial_lists", "sample_rate"])
     parser.add_argument("--workers", type=int, default=2, help="parallel conversion / check workers")
     args = parser.parse_args(argv)
     cfg = cli_config(args)
-    result = prepare(cfg.data, trial_lists=cfg.evaluation.trial_lists, workers=args.workers)
-    print(utterance_table(result.lists).to_string(index=False))
+    result = prepare(cfg.data, trial_lists=cfg.evaluation.trial_lists, workers=args.workers,
+                     sample_rate=cfg.model.sample_rate)
+    print(utterance_table(result.lists, cfg.model.sample_rate).to_string(index=False))
     print(result.check)
     return 0 if result.ok else 1
 

@@ -279,16 +279,17 @@ def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
 
 # -- running ---------------------------------------------------------------------------------------
 def _check_trained_on(path: Path, arm: str, cfg: Config,
-                      corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]]) -> None:
+                      corpora: dict[tuple[str, str, str, int], tuple[Path, tuple[int, float] | None]]) -> None:
     """A finished run is reused only while the arm's training data is the corpus it trained on
     (`data_changes`); each folder is scanned once per sweep (`corpora`). A training folder that is
     gone (scoring again on a machine with VoxCeleb1 only) cannot be checked: a warning says so."""
-    key = (cfg.data.data_path, cfg.data.demo_size, cfg.data.train_dir)
+    key = (cfg.data.data_path, cfg.data.demo_size, cfg.data.train_dir, cfg.model.sample_rate)
     try:
         if key not in corpora:
             data_path = resolve_data_path(cfg.data)
             root = data_path / cfg.data.train_dir
-            utts = load_utterances(data_path, cfg.data.train_dir, progress=False) if root.is_dir() else None
+            utts = (load_utterances(data_path, cfg.data.train_dir, sample_rate=cfg.model.sample_rate, progress=False)
+                    if root.is_dir() else None)
             corpora[key] = root, None if utts is None else corpus_facts(utts)
     except WorkbookError as err:
         raise type(err)(f"{path}: arm {arm!r}: {err}") from None
@@ -359,7 +360,7 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
     if isinstance(sweep, Sweep) and (out, seeds, pick) != (None, None, None):
         raise ConfigError("give out, seeds and pick to load_sweep, which made this Sweep, not to run_sweep")
     spec = sweep if isinstance(sweep, Sweep) else load_sweep(sweep, out, seeds, pick)
-    corpora: dict[tuple[str, str, str], tuple[Path, tuple[int, float] | None]] = {}
+    corpora: dict[tuple[str, str, str, int], tuple[Path, tuple[int, float] | None]] = {}
     for arm, by_seed in spec.configs.items():  # before anything trains; an arm with nothing to train has no need
         finished = {seed: run_state(run_path(cfg)) == "finished" for seed, cfg in by_seed.items()}
         to_train = [cfg for seed, cfg in by_seed.items() if not finished[seed]]

@@ -263,7 +263,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _training_data(cfg: Config, check_tree: bool) -> tuple[Path, UtteranceList]:
     data_path = resolve_data_path(cfg.data)
-    return data_path, load_utterances(data_path, cfg.data.train_dir, check_tree=check_tree)
+    return data_path, load_utterances(data_path, cfg.data.train_dir, check_tree=check_tree,
+                                        sample_rate=cfg.model.sample_rate)
 
 
 def _repeat(loader: DataLoader, steps: int):

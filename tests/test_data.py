@@ -125,8 +125,9 @@ def test_load_utterances_caches_and_reads_back(tree, capsys):
     assert list_file.is_file()
     lines = list_file.read_text().splitlines()
     assert lines[0] == data.SIGNATURE_TAG + data.tree_signature(tree)
-    assert lines[1:6] == [f"{k}\t{GOOD[k]}" for k in sorted(GOOD)]
-    assert len(lines) == 10
+    assert lines[1] == data.RATE_TAG + "16000"
+    assert lines[2:7] == [f"{k}\t{GOOD[k]}" for k in sorted(GOOD)]
+    assert len(lines) == 11
 
     list_file.write_text(list_file.read_text().replace("\t9000", "\t9001"))  # the list, not the tree, answers
     again = load_utterances(data_path, "wav", progress=False)
@@ -172,7 +173,8 @@ def test_load_utterances_rescans_a_changed_tree_with_a_message(tree, capsys, mon
         target.rename(target.with_name("00009.wav"))
     listings = []
     real_listing = data._wav_files
-    monkeypatch.setattr(data, "_wav_files", lambda root, workers=8: listings.append(root) or real_listing(root, workers))
+    monkeypatch.setattr(data, "_wav_files",
+                        lambda root, workers=8: listings.append(root) or real_listing(root, workers))
     utts = load_utterances(data_path, "wav", progress=False)
     assert listings == [tree]  # one listing of the tree serves the signature and the rescan
     err = capsys.readouterr().err
@@ -191,6 +193,30 @@ def test_load_utterances_rescans_a_list_without_signature(tree, capsys):
     assert "no tree signature" in capsys.readouterr().err
     assert utts.keys == sorted(GOOD)
     assert list_file.read_text().startswith(data.SIGNATURE_TAG)
+
+
+def test_a_list_file_is_made_for_one_sample_rate(tmp_path, capsys):
+    """An 8 kHz tree listed for an 8 kHz model; asking for 16 kHz rescans (every file is then at the
+    wrong rate), and a list written before lists named their rate counts as 16 kHz."""
+    root = tmp_path / "db" / "wav"
+    for i, key in enumerate(GOOD):
+        _write(root / key, GOOD[key] // 2, sr=8000, seed=i)
+    utts = load_utterances(root.parent, "wav", sample_rate=8000, progress=False)
+    assert utts.keys == sorted(GOOD) and not utts.bad
+    list_file = root.parent / "lists" / "wav.tsv"
+    assert list_file.read_text().splitlines()[1] == data.RATE_TAG + "8000"
+    assert load_utterances(root.parent, "wav", sample_rate=8000, progress=False).keys == utts.keys
+    assert load_utterances(root.parent, "wav", sample_rate=8000, check_tree=False, progress=False).keys == utts.keys
+    assert capsys.readouterr().err == ""
+    at16 = load_utterances(root.parent, "wav", progress=False)
+    assert "made for 8000 Hz audio, and 16000 Hz is asked for" in capsys.readouterr().err
+    assert at16.keys == [] and [why for _, why in at16.bad] == ["sample rate 8000 Hz, expected 16000"] * len(GOOD)
+    lines = list_file.read_text().splitlines()
+    list_file.write_text("\n".join([lines[0], *lines[2:]]) + "\n")  # as before lists named their rate
+    assert load_utterances(root.parent, "wav", progress=False).bad == at16.bad
+    assert capsys.readouterr().err == ""  # read as 16 kHz, reused
+    assert load_utterances(root.parent, "wav", sample_rate=8000, check_tree=False, progress=False).keys == utts.keys
+    assert "made for 16000 Hz" in capsys.readouterr().err
 
 
 def test_tree_signature_counts_wav_entries_at_utterance_depth(tree):
@@ -266,7 +292,7 @@ def test_load_utterances_on_read_only_data(tree, tmp_path, monkeypatch):
     first = load_utterances(data_path, "wav", progress=False)
     assert not (data_path / "lists").exists()
     (cached,) = (tmp_path / "repo" / "outputs" / "lists").glob("*/wav.tsv")
-    assert cached.read_text().splitlines()[1] == f"{sorted(GOOD)[0]}\t{GOOD[sorted(GOOD)[0]]}"
+    assert cached.read_text().splitlines()[2] == f"{sorted(GOOD)[0]}\t{GOOD[sorted(GOOD)[0]]}"
     again = load_utterances(data_path, "wav", progress=False)
     assert again.keys == first.keys and again.bad == first.bad
 

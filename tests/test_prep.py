@@ -53,3 +53,13 @@ def test_a_clean_tree_prepares_with_exit_status_0(tmp_path: Path, capsys) -> Non
     db = _db(tmp_path / "db")
     assert prep.main(["--data_path", str(db), "--trial_lists", "O", "--workers", "1"]) == 0
     assert "no problems found" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_an_8khz_model_converts_lists_and_checks_at_8khz(tmp_path: Path, capsys) -> None:
+    db = _db(tmp_path / "db", sr=8000)
+    encode_m4a([(_wav(tmp_path / "src.wav"), db / "VoxCeleb2/m4a/id100/v/00002.m4a")])
+    assert prep.main(["--data_path", str(db), "--trial_lists", "O", "--sample_rate", "8000", "--workers", "1"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    assert sf.info(str(db / "VoxCeleb2/wav/id100/v/00002.wav")).samplerate == 8000
+    assert (db / "lists/VoxCeleb2_wav.tsv").read_text().splitlines()[1] == "#rate\t8000"

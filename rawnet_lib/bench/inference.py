@@ -26,7 +26,7 @@ def speech_crops(cfg: Config, n: int, data_path: str | Path | None, seed: int = 
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     try:
         root = resolve_data_path(dataclasses.replace(cfg.data, data_path=str(data_path)) if data_path else cfg.data)
-        utts = load_utterances(root, cfg.data.train_dir, progress=False)
+        utts = load_utterances(root, cfg.data.train_dir, sample_rate=cfg.model.sample_rate, progress=False)
         data = CropDataset(utts, cfg.model.n_samples, seed, cfg.model.sample_rate)
         return torch.stack([data[i * len(data) // n][0] for i in range(n)]), "speech"
     except (FileNotFoundError, ValueError, OSError):

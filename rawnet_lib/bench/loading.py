@@ -25,7 +25,7 @@ def bench_load(preset: str = "paper", batch: int = 8, batches: int = 100, worker
     from rawnet_lib.dataset.utterances import CropDataset, load_utterances, resolve_data_path
     cfg = load_config(preset, data_path=str(data_path or ""))
     root = resolve_data_path(cfg.data)
-    utts = load_utterances(root, cfg.data.train_dir, progress=False)
+    utts = load_utterances(root, cfg.data.train_dir, sample_rate=cfg.model.sample_rate, progress=False)
     kinds = {"plain": None}
     if augment:
         cfg.augment.enabled = True

@@ -14,9 +14,12 @@ from rawnet_lib.dataset.audio import SAMPLE_RATE, probe
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.io import atomic_path
 
-__all__ = ["ConvertError", "WAV_ARGS", "find_ffmpeg", "run_ffmpeg", "encode_m4a"]
+__all__ = ["ConvertError", "wav_args", "find_ffmpeg", "run_ffmpeg", "encode_m4a"]
 
-WAV_ARGS = ["-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", "-f", "wav"]  # 16 kHz mono PCM16
+
+def wav_args(sample_rate: int = SAMPLE_RATE) -> list[str]:
+    """ffmpeg's output flags for a mono PCM16 wav at `sample_rate` (16 kHz: VoxCeleb's)."""
+    return ["-ac", "1", "-ar", str(sample_rate), "-c:a", "pcm_s16le", "-f", "wav"]
 
 
 class ConvertError(WorkbookError, ValueError):
@@ -32,9 +35,11 @@ def find_ffmpeg() -> str:
     return exe
 
 
-def run_ffmpeg(pairs: list[tuple[Path, Path]], out_args: list[str], check: bool = False) -> None:
+def run_ffmpeg(pairs: list[tuple[Path, Path]], out_args: list[str], check: bool = False,
+               sample_rate: int = SAMPLE_RATE) -> None:
     """One ffmpeg call writing input i of `pairs` to its target with `out_args`; every target appears
-    (atomically) when the call succeeds and, with `check`, every output is a usable wav; none otherwise."""
+    (atomically) when the call succeeds and, with `check`, every output is a usable `sample_rate` wav;
+    none otherwise."""
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(target)) for _, target in pairs]
         cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-y"]
@@ -46,7 +51,7 @@ def run_ffmpeg(pairs: list[tuple[Path, Path]], out_args: list[str], check: bool 
         if proc.returncode:
             lines = proc.stderr.strip().splitlines()
             raise ConvertError(lines[-1] if lines else f"ffmpeg exit code {proc.returncode}")
-        bad = [info.problem for info in map(probe, tmps) if not info.ok] if check else []
+        bad = [info.problem for info in (probe(tmp, sample_rate) for tmp in tmps) if not info.ok] if check else []
         if bad:
             raise ConvertError(f"no usable audio in ffmpeg's output ({bad[0]})")
 

@@ -2,8 +2,8 @@
 
 A tree is `root/<speaker>/<video>/<utt>.wav`; a key is the path relative to root. Scanning a
 VoxCeleb2 tree (a million files) reads every header once, so the result is cached as a list
-file (`key<TAB>frames`, or `key<TAB>reason` for a file left out) and bad files are known before
-the first training step.
+file (`key<TAB>frames`, or `key<TAB>reason` for a file left out, after a line naming the sample
+rate the files were probed for) and bad files are known before the first training step.
 
 A list file starts with the tree's signature (`tree_signature`: the number of wav files and a
 hash of each one's key, size and modification time) and is rescanned, with a message, when
@@ -161,29 +161,34 @@ def _list_file(data_path: Path, subdir: str) -> Path:
 
 
 SIGNATURE_TAG = "#tree\t"  # the list file's first line: SIGNATURE_TAG + tree_signature(root)
+RATE_TAG = "#rate\t"  # its second: the sample rate the files were probed for (absent in old files: 16 kHz)
 
 
 def load_utterances(data_path: Path, subdir: str, refresh: bool = False, sample_rate: int = SAMPLE_RATE,
                     progress: bool = True, check_tree: bool = True) -> UtteranceList:
-    """The utterance list of `data_path/subdir`, scanned once and then read from its list file
-    for as long as the tree keeps the signature the file was written with. `check_tree=False`
-    trusts an existing list file: for the ranks that read it right after rank 0 checked it (the
-    signature stats every file, ~30 s for VoxCeleb2, and would run again on every rank)."""
+    """The utterance list of `data_path/subdir` for audio at `sample_rate` (the model's: a file at
+    another rate is left out), scanned once and then read from its list file for as long as the
+    tree keeps the signature, and the rate, the file was written with. `check_tree=False`
+    trusts an existing list file of that rate: for the ranks that read it right after rank 0
+    checked it (the signature stats every file, ~30 s for VoxCeleb2, and would run again on every rank)."""
     root = data_path / subdir
     path = _list_file(data_path, subdir)
-    trusted = not check_tree and not refresh and path.exists()
+    lines = path.read_text().splitlines() if path.exists() and not refresh else None
+    written = lines[0][len(SIGNATURE_TAG):] if lines and lines[0].startswith(SIGNATURE_TAG) else None
+    has_rate = lines is not None and len(lines) > 1 and lines[1].startswith(RATE_TAG)
+    rate = int(lines[1][len(RATE_TAG):]) if has_rate else SAMPLE_RATE
+    trusted = not check_tree and lines is not None and rate == sample_rate
     files = None if trusted else _wav_files(_require_tree(root))  # listed once, for the signature and a scan
     signature = None if trusted else _signature(files)  # before a scan: a change during it shows next time
-    if path.exists() and not refresh:
-        lines = path.read_text().splitlines()
-        written = lines[0][len(SIGNATURE_TAG):] if lines and lines[0].startswith(SIGNATURE_TAG) else None
-        if trusted or written == signature:
-            return _parse_list(root, lines[1:])
-        print(f"{path} is stale: {_what_changed(written, signature, root)}; rescanning {root}",
-              file=sys.stderr, flush=True)
+    if lines is not None:
+        if trusted or (written == signature and rate == sample_rate):
+            return _parse_list(root, lines[2 if has_rate else 1:])
+        why = (f"it was made for {rate} Hz audio, and {sample_rate} Hz is asked for" if rate != sample_rate
+               else _what_changed(written, signature, root))
+        print(f"{path} is stale: {why}; rescanning {root}", file=sys.stderr, flush=True)
     utts = scan_utterances(root, sample_rate, progress=progress, files=files)
     lines = [f"{k}\t{n}" for k, n in zip(utts.keys, utts.frames)] + [f"{k}\t{why}" for k, why in utts.bad]
-    atomic_write_text(path, "\n".join([SIGNATURE_TAG + signature, *lines]) + "\n")
+    atomic_write_text(path, "\n".join([SIGNATURE_TAG + signature, f"{RATE_TAG}{sample_rate}", *lines]) + "\n")
     return utts
 
 

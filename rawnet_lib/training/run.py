@@ -382,7 +382,7 @@ def held_out_trials(cfg: Config, data_path: Path) -> TrialList:
     """The validation list a run makes when the data set has none: val_pairs balanced pairs of the
     val_from utterances, drawn with the run's seed; a ConfigError when they cannot be made."""
     folder = data_path / cfg.data.val_from
-    keys = load_utterances(data_path, cfg.data.val_from, progress=False).keys
+    keys = load_utterances(data_path, cfg.data.val_from, sample_rate=cfg.model.sample_rate, progress=False).keys
     try:
         return make_trials(keys, cfg.data.val_pairs, cfg.train.seed)
     except PairCountError as err:

@@ -131,7 +131,7 @@ def fms_figure(model: RawNet2, cfg: Config, figures: Path) -> Figure:
 def example_crop(cfg: Config, index: int = 0) -> tuple[str, np.ndarray]:
     """(key, the middle n_samples of one evaluation utterance, peak-normalised)."""
     data_path = resolve_data_path(cfg.data)
-    utts = load_utterances(data_path, cfg.data.eval_dirs[0], progress=False)
+    utts = load_utterances(data_path, cfg.data.eval_dirs[0], sample_rate=cfg.model.sample_rate, progress=False)
     key = utts.keys[index % len(utts)]
     x = peak_normalise(read_audio(utts.root / key, sample_rate=cfg.model.sample_rate))
     n = cfg.model.n_samples

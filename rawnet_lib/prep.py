@@ -61,7 +61,7 @@ def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lis
     failed = conversion.failed if conversion else []
     report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=cfg.min_seconds,
                            sample_rate=sample_rate, workers=workers, progress=progress,
-                           failed_conversions=failed) if check else None
+                           failed_conversions=failed, train_dir=cfg.train_dir) if check else None
     return PrepResult(data_path, conversion, lists, report)
 
 

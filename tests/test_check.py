@@ -204,3 +204,24 @@ def test_warnings_come_after_errors_and_do_not_hide_them(tmp_path: Path):
 def test_bad_trial_list_name_raises_before_walking(tmp_path: Path):
     with pytest.raises(ValueError, match="O, O2, E"):
         check_dataset(tmp_path, trial_lists=["vox1-o"], progress=False)
+
+
+def test_a_training_speaker_in_an_evaluation_folder_and_a_key_in_two_folders_are_errors(tmp_path: Path):
+    db = tmp_path / "db"
+    _wav(db / "VoxCeleb2/wav/id100/v/00001.wav")
+    _wav(db / "VoxCeleb2/wav/id001/x/00001.wav")  # a VoxCeleb1 speaker in training
+    _wav(db / "VoxCeleb1/dev_wav/id001/v1/00001.wav")
+    _wav(db / "VoxCeleb1/eval_wav/id001/v1/00001.wav")  # the same key in both VoxCeleb1 folders
+    _wav(db / "VoxCeleb1/eval_wav/id002/v1/00001.wav")
+    dirs = ["VoxCeleb2/wav", "VoxCeleb1/eval_wav", "VoxCeleb1/dev_wav"]
+    report = check_dataset(db, dirs=dirs, trial_lists=[], progress=False)
+    assert {kind: p.count for kind, p in report.problems.items()} == {"speaker_leak": 2, "duplicate_key": 1}
+    assert report.problems["speaker_leak"].examples == ["id001: in VoxCeleb2/wav and VoxCeleb1/eval_wav",
+                                                        "id001: in VoxCeleb2/wav and VoxCeleb1/dev_wav"]
+    assert report.problems["duplicate_key"].examples == ["id001/v1/00001.wav: in VoxCeleb1/eval_wav and "
+                                                         "VoxCeleb1/dev_wav"]
+    text = str(report)
+    assert "leaks into the results" in text and "remove one copy" in text and not report.ok
+    # training on VoxCeleb1 dev: its speakers must not be in eval_wav either
+    vox1 = check_dataset(db, dirs=dirs[1:], trial_lists=[], train_dir="VoxCeleb1/dev_wav", progress=False)
+    assert vox1.problems["speaker_leak"].examples == ["id001: in VoxCeleb1/dev_wav and VoxCeleb1/eval_wav"]

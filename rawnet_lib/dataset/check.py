@@ -44,6 +44,11 @@ _KINDS = {
                                        "<data_path>/VoxCeleb2/wav), then move the .m4a files out of the wav tree"),
     "conversion_failed": (".m4a file that did not convert (no wav made)",
                           "re-download it, or delete the .m4a to go on without it"),
+    "speaker_leak": ("speaker in the training folder and an evaluation folder",
+                     "a test speaker in training leaks into the results (the EER comes out too good): remove the "
+                     "speaker from one of the folders, or point train_dir / eval_dirs at folders that share none"),
+    "duplicate_key": ("utterance in two evaluation folders",
+                      "a trial list's key then names two files and which one is scored is ambiguous: remove one copy"),
     "other_file": ("not a .wav file", "move it out of the tree: only <spk>/<video>/<utt>.wav files are read"),
     "bad_layout": ("not at <spk>/<video>/<utt>.wav", "move it to <speaker>/<video>/<utt>.wav under the folder; "
                                                       "training only reads that depth"),
@@ -185,23 +190,28 @@ def data_dirs(cfg: DataConfig) -> list[str]:
 
 def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_lists: Sequence[str] = ("O",),
                   sample_rate: int = SAMPLE_RATE, min_seconds: float = 1.0, workers: int = 2,
-                  progress: bool = True, failed_conversions: Sequence[tuple[str, str]] = ()) -> CheckReport:
+                  progress: bool = True, failed_conversions: Sequence[tuple[str, str]] = (),
+                  train_dir: str | None = None) -> CheckReport:
     """Check the wav trees `dirs` (relative to data_path; default: the folders of a default
     DataConfig) and `trial_lists`, collecting every problem; files shorter than `min_seconds`
     are a warning. `failed_conversions`: (m4a path, reason) of a conversion run just before,
     whose files left no wav for the walk to find.
 
     Trial lists are names of OFFICIAL_LISTS or .txt paths; their keys resolve against the
-    VoxCeleb1 folders among `dirs` (all of `dirs` when there are none).
+    VoxCeleb1 folders among `dirs` (all of `dirs` when there are none), so a key under two of
+    them is an error. A speaker of `train_dir` (default: a default DataConfig's, when among
+    `dirs`) in another of `dirs` is one too: VoxCeleb2 and VoxCeleb1 share no speakers.
     """
     data_path = Path(data_path)
-    dirs = data_dirs(DataConfig()) if dirs is None else list(dirs)
+    dirs = data_dirs(DataConfig()) if dirs is None else list(dict.fromkeys(dirs))
+    train_dir = DataConfig().train_dir if train_dir is None else train_dir
     list_paths = [official_list_path(data_path, name) for name in trial_lists]  # bad names raise before the walk
     report = CheckReport(data_path, sample_rate, min_seconds)
     for m4a, reason in failed_conversions:
         report.add("conversion_failed", f"{_shown(Path(m4a), data_path)}: {reason}")
 
     wavs: list[Path] = []
+    keys: dict[str, list[str]] = {d: [] for d in dirs}  # utterance keys per folder, for the overlap checks
     for d in dirs:
         root = data_path / d
         if not root.is_dir():
@@ -218,6 +228,7 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
                 report.add("bad_layout", _shown(path, data_path))
             else:
                 wavs.append(path)
+                keys[d].append(rel.as_posix())
 
     speakers = set()
     with ThreadPoolExecutor(max(1, workers)) as pool, \
@@ -235,7 +246,9 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
                 bar.update()
     report.speakers = len(speakers)
 
-    roots = [data_path / d for d in dirs if d.startswith("VoxCeleb1")] or [data_path / d for d in dirs]
+    trial_dirs = [d for d in dirs if d.startswith("VoxCeleb1")] or dirs
+    _overlaps(report, keys, train_dir, trial_dirs)
+    roots = [data_path / d for d in trial_dirs]
     for path in list_paths:
         if not path.is_file():
             report.add("list_missing", str(path))
@@ -252,6 +265,21 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return report
+
+
+def _overlaps(report: CheckReport, keys: dict[str, list[str]], train_dir: str, trial_dirs: list[str]) -> None:
+    """Speakers of train_dir in another folder (test speakers seen in training), and keys under
+    two of the folders trial lists resolve against (a trial would name either file)."""
+    train = {k.split("/", 1)[0] for k in keys.get(train_dir, [])}
+    for d in keys:
+        if d != train_dir:
+            for speaker in sorted(train & {k.split("/", 1)[0] for k in keys[d]}):
+                report.add("speaker_leak", f"{speaker}: in {train_dir} and {d}")
+    for i, first in enumerate(trial_dirs):
+        seen = set(keys[first])
+        for other in trial_dirs[i + 1:]:
+            for key in sorted(seen.intersection(keys[other])):
+                report.add("duplicate_key", f"{key}: in {first} and {other}")
 
 
 def _shown(path: Path, data_path: Path) -> str:

@@ -225,3 +225,20 @@ def test_a_training_speaker_in_an_evaluation_folder_and_a_key_in_two_folders_are
     # training on VoxCeleb1 dev: its speakers must not be in eval_wav either
     vox1 = check_dataset(db, dirs=dirs[1:], trial_lists=[], train_dir="VoxCeleb1/dev_wav", progress=False)
     assert vox1.problems["speaker_leak"].examples == ["id001: in VoxCeleb1/dev_wav and VoxCeleb1/eval_wav"]
+
+
+def test_a_silent_file_a_leftover_temporary_file_and_a_broken_link_say_what_to_do(tmp_path: Path):
+    db = tmp_path / "db"
+    folder = _wav(db / "VoxCeleb2/wav/id100/v/00001.wav").parent
+    _wav(folder / "00002.wav", silent=True)
+    _raw(folder / ".00003.wav.k2j4h1.tmp", b"RIFF")  # what an interrupted io.atomic_path leaves
+    (folder / "00004.wav").symlink_to(tmp_path / "moved away.wav")
+    report = check_dataset(db, dirs=["VoxCeleb2/wav"], trial_lists=[], progress=False)
+    assert {kind: p.count for kind, p in report.problems.items()} == {"silent": 1, "leftover_tmp": 1,
+                                                                      "broken_link": 1}
+    assert "delete it, then run python -m rawnet_lib.convert" in report.problems["silent"].fix
+    assert report.problems["leftover_tmp"].title.startswith("leftover of an interrupted conversion")
+    assert report.problems["leftover_tmp"].fix.startswith("delete it")
+    assert report.problems["broken_link"].examples == [f"VoxCeleb2/wav/id100/v/00004.wav: broken link (to "
+                                                       f"{tmp_path / 'moved away.wav'})"]
+    assert scan_utterances(db / "VoxCeleb2/wav", progress=False).bad[-1][1].startswith("broken link")

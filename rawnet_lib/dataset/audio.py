@@ -13,6 +13,7 @@ divides by the crop's standard deviation, so the two differ only by the 1e-6 eps
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ _SCAN_BLOCK = 1 << 20  # frames per read when scanning a float file: bounds memo
 
 # kind -> (title, fix) of every way a file can be unusable, in the order the dataset check reports them.
 AUDIO_PROBLEMS = {
+    "broken_link": ("broken link", "the symbolic link points at a file that does not exist (moved or deleted): "
+                                   "point it at the file again (ln -sfn <file> <link>), or delete the link"),
     "not_a_file": ("not a file", "a folder (or other non-file) sits where an utterance file belongs: "
                                  "move what it holds to <speaker>/<video>/<utt>.wav, or remove it"),
     "empty": ("empty file (0 bytes)", "re-download or re-convert it, or delete it"),
@@ -99,6 +102,9 @@ def probe(path: str | Path, sample_rate: int = SAMPLE_RATE, scan: bool = False) 
             return AudioInfo(path, problems=(("empty", "empty file (0 bytes)"),), expected_rate=sample_rate)
         info = sf.info(str(path))
     except (RuntimeError, OSError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
+        if isinstance(err, FileNotFoundError) and path.is_symlink():  # asked only when the stat failed
+            return AudioInfo(path, problems=(("broken_link", f"broken link (to {os.readlink(path)})"),),
+                             expected_rate=sample_rate)
         return AudioInfo(path, problems=(("unreadable", f"unreadable ({_reason(err)})"),), expected_rate=sample_rate)
     found = []
     if info.samplerate != sample_rate:

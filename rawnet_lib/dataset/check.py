@@ -49,12 +49,16 @@ _KINDS = {
                      "speaker from one of the folders, or point train_dir / eval_dirs at folders that share none"),
     "duplicate_key": ("utterance in two evaluation folders",
                       "a trial list's key then names two files and which one is scored is ambiguous: remove one copy"),
+    "leftover_tmp": ("leftover of an interrupted conversion (a .<name>.wav.<x>.tmp file)",
+                     "delete it: a conversion (or another write) stopped before the file was finished; the wav "
+                     "itself is made again by the next conversion run"),
     "other_file": ("not a .wav file", "move it out of the tree: only <spk>/<video>/<utt>.wav files are read"),
     "bad_layout": ("not at <spk>/<video>/<utt>.wav", "move it to <speaker>/<video>/<utt>.wav under the folder; "
                                                       "training only reads that depth"),
     **AUDIO_PROBLEMS,
-    "silent": ("silent (every sample 0)", "re-convert it from the source; a zero file usually means a failed "
-                                          "conversion"),
+    "silent": ("silent (every sample 0)", "a zero file usually means a failed conversion: delete it, then run "
+                                          "python -m rawnet_lib.convert (or prep) again, which converts what is "
+                                          "missing; a file that came as wav: re-download it"),
     "short": ("shorter than {min_seconds:g} s", "listen to a few: training tiles a short file to fill its crop "
                                                 "(a 0.05 s file is repeated ~74 times in a 3.7 s crop), so delete "
                                                 "those that are not real speech, or lower min_seconds if they are "
@@ -222,6 +226,8 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
             report.files += 1
             if path.suffix == ".m4a":
                 report.add("m4a", _shown(path, data_path))
+            elif path.name.startswith(".") and path.suffix == ".tmp":  # io.atomic_path's temporary file
+                report.add("leftover_tmp", _shown(path, data_path))
             elif path.suffix != ".wav":
                 report.add("other_file", _shown(path, data_path))
             elif len(rel.parts) != _UTT_DEPTH:

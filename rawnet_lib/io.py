@@ -44,14 +44,12 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path` for writing; it replaces `path` only on success."""
     with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
         yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary sibling of `path` for a program to write; it replaces `path` when the block
-    ends without an exception, and is deleted when the block raises."""
+    """A temporary sibling of `path` for a program to write; it is flushed to disk and replaces
+    `path` when the block ends without an exception, and is deleted when the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -60,11 +58,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should read like any new file
     try:
         yield tmp
+        _fsync(tmp)  # else a crash soon after the rename can leave `path` empty on some file systems
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _UMASK_LOCK = threading.Lock()

@@ -90,7 +90,10 @@ def test_non_ascii_whitespace_lines_keep_their_numbers(tmp_path):
 @pytest.mark.parametrize("content, expect", [
     (b"", "empty list"),
     (b"\n \n\t\n", "empty list"),
-    (b"\xff\xfe1 a b\n", "not UTF-8"),
+    (b"\xff\xfe1\x00 \x00a\x00\n\x00", "UTF-16 text .*byte order mark FF FE.*iconv -f UTF-16 -t UTF-8"),
+    (b"\xfe\xff\x001\x00 \x00a\x00\n", "UTF-16 text .*byte order mark FE FF"),
+    (b"1 a/v/1.wav a/v/2.wav\n0 a/v/1.wav b/v/caf\xe9.wav\n",  # latin1
+     r"not UTF-8 text: line 2: '0 a/v/1.wav b/v/caf\\\\xe9.wav' \(invalid continuation byte\); save it as UTF-8"),
     (b"1 a/v/1.wav\x00 a/v/2.wav\n", "binary"),
 ])
 def test_unusable_files(tmp_path, content, expect):

@@ -44,6 +44,7 @@ _FIXES = {
                         "add the missing folder, check data_path, or use the list that matches the data",
 }
 _BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian
 _SHOWN = 5  # offending lines quoted per problem kind
 
 
@@ -149,11 +150,24 @@ def _read_text(path: Path) -> tuple[bytes, str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise TrialListError(f"trial list {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
-                             f"give a text file where {_FORMAT}") from None
+        raise TrialListError(_not_utf8(path, data, err)) from None
     if "\0" in text:
         raise TrialListError(f"trial list {path} is binary (holds NUL bytes), not a text list; {_FORMAT}")
     return data, text
+
+
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
+    """What is wrong with a list that is not UTF-8, by line as every other problem, with the fix."""
+    if data[:2] in _UTF16_BOMS:
+        return (f"trial list {path} is UTF-16 text (it starts with the byte order mark {data[:2].hex(' ').upper()}); "
+                f"convert it: iconv -f UTF-16 -t UTF-8 '{path}' > utf8.txt, then use utf8.txt")
+    start = data.rfind(b"\n", 0, err.start) + 1
+    end = data.find(b"\n", err.start)
+    line = data[start:end if end >= 0 else len(data)].decode("utf-8", "backslashreplace")
+    number = data.count(b"\n", 0, err.start) + 1
+    return (f"trial list {path} is not UTF-8 text: line {number}: {line!r} "
+            f"({err.reason}); save it as UTF-8 (iconv -f <its encoding, e.g. latin1> -t UTF-8 '{path}' > utf8.txt), "
+            f"a text file where {_FORMAT}")
 
 
 _ASCII_SPACE = np.zeros(256, bool)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rawnet_lib.dataset.audio import SAMPLE_RATE, probe
+from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe, shown_name, utf8_name
 from rawnet_lib.dataset.ffmpeg import ConvertError, find_ffmpeg, run_ffmpeg, wav_args
 from rawnet_lib.errors import run_cli
 
@@ -83,7 +83,10 @@ def convert_tree(src: Path, dst: Path, workers: int = 2, progress: bool = True,
     todo = []
     for m4a in sorted(src.glob("*/*/*.m4a")):
         target = dst / m4a.relative_to(src).with_suffix(".wav")
-        if probe(target, sample_rate).ok:
+        if not utf8_name(m4a):  # its wav could not be read by name: the rest converts, this one is reported
+            fix = AUDIO_PROBLEMS["bad_name"][1].replace("<folder>", shown_name(m4a.parent))
+            report.failed.append((shown_name(m4a), f"file name not UTF-8; {fix}"))
+        elif probe(target, sample_rate).ok:
             report.skipped += 1
         else:
             todo.append((m4a, target))

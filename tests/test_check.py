@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import soundfile as sf
 
 from rawnet_lib.dataset.audio import AUDIO_PROBLEMS
 from rawnet_lib.dataset.check import CheckReport, DatasetError, check_dataset
-from rawnet_lib.dataset.utterances import scan_utterances
+from rawnet_lib.dataset.utterances import load_utterances, scan_utterances
 
 SR = 16000
 
@@ -242,3 +243,19 @@ def test_a_silent_file_a_leftover_temporary_file_and_a_broken_link_say_what_to_d
     assert report.problems["broken_link"].examples == [f"VoxCeleb2/wav/id100/v/00004.wav: broken link (to "
                                                        f"{tmp_path / 'moved away.wav'})"]
     assert scan_utterances(db / "VoxCeleb2/wav", progress=False).bad[-1][1].startswith("broken link")
+
+
+def test_a_file_name_that_is_not_utf8_is_a_problem_not_a_crash(tmp_path: Path, capsys):
+    db = tmp_path / "db"
+    folder = _wav(db / "VoxCeleb1/dev_wav/id001/v/00001.wav").parent
+    (folder / os.fsdecode(b"caf\xe9.wav")).write_bytes((folder / "00001.wav").read_bytes())  # a latin1 name
+    report = check_dataset(db, dirs=["VoxCeleb1/dev_wav"], trial_lists=[], progress=False)
+    assert list(report.problems) == ["bad_name"] and report.utterances == 1
+    assert report.problems["bad_name"].examples == [f"VoxCeleb1/dev_wav/id001/v/caf\\xe9.wav: file name not UTF-8 "
+                                                    f"(folder {folder})"]
+    assert "convmv -f latin1 -t utf8 -r --notest <folder>" in report.problems["bad_name"].fix
+    print(report)  # printable
+    utts = load_utterances(db, "VoxCeleb1/dev_wav", progress=False)
+    assert utts.keys == ["id001/v/00001.wav"] and utts.bad[0][0] == "id001/v/caf\\xe9.wav"
+    assert load_utterances(db, "VoxCeleb1/dev_wav", progress=False).bad == utts.bad  # the list file reads back
+    assert "caf" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """convert.py: m4a -> 16 kHz mono wav, resumable, failures collected (needs ffmpeg only)."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,20 @@ def test_corrupt_m4a_is_reported_and_the_rest_converts(m4a_tree: Path, tmp_path:
     assert not (tmp_path / "wav" / "id00001" / "vid11xxxxxxx" / "00009.wav").exists()
     assert not list((tmp_path / "wav").rglob(".*.tmp"))
     assert "failed 1" in report.summary() and str(bad) in report.summary()
+
+
+def test_an_m4a_whose_name_is_not_utf8_is_reported_and_the_rest_converts(m4a_tree: Path, tmp_path: Path) -> None:
+    src = _copy(m4a_tree, tmp_path / "m4a")
+    good = src / f"{FILES[0][0]}.m4a"
+    bad = good.with_name(os.fsdecode(b"caf\xe9.m4a"))  # a latin1 name
+    shutil.copy(good, bad)
+    report = convert_tree(src, tmp_path / "wav", workers=1, progress=False)
+    assert report.converted == len(FILES)
+    assert report.failed == [(str(good.parent / "caf\\xe9.m4a"),
+                              f"file name not UTF-8; rename the folder's files to UTF-8: convmv -f latin1 -t utf8 -r "
+                              f"--notest {good.parent} (without --notest it only shows the renames; latin1 is the "
+                              "usual other encoding)")]
+    print(report.summary())  # printable
 
 
 def test_encoding_is_byte_identical(m4a_tree: Path, tmp_path: Path) -> None:

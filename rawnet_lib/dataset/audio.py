@@ -22,8 +22,8 @@ import soundfile as sf
 
 from rawnet_lib.errors import WorkbookError
 
-__all__ = ["SAMPLE_RATE", "FLOAT_SUBTYPES", "AUDIO_PROBLEMS", "AudioError", "AudioInfo", "probe", "read_audio",
-           "wav_bytes", "peak_normalise", "tile", "random_crop", "eval_crops"]
+__all__ = ["SAMPLE_RATE", "FLOAT_SUBTYPES", "AUDIO_PROBLEMS", "AudioError", "AudioInfo", "probe", "utf8_name",
+           "shown_name", "read_audio", "wav_bytes", "peak_normalise", "tile", "random_crop", "eval_crops"]
 
 SAMPLE_RATE = 16000  # Hz: VoxCeleb, the reference model and every file the workbook writes
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the wav sample formats that can hold NaN or Inf
@@ -31,6 +31,9 @@ _SCAN_BLOCK = 1 << 20  # frames per read when scanning a float file: bounds memo
 
 # kind -> (title, fix) of every way a file can be unusable, in the order the dataset check reports them.
 AUDIO_PROBLEMS = {
+    "bad_name": ("file name not UTF-8", "rename the folder's files to UTF-8: convmv -f latin1 -t utf8 -r --notest "
+                                        "<folder> (without --notest it only shows the renames; latin1 is the usual "
+                                        "other encoding)"),
     "broken_link": ("broken link", "the symbolic link points at a file that does not exist (moved or deleted): "
                                    "point it at the file again (ln -sfn <file> <link>), or delete the link"),
     "not_a_file": ("not a file", "a folder (or other non-file) sits where an utterance file belongs: "
@@ -85,15 +88,34 @@ class AudioInfo:
             raise _error(self.path, self.problems[0][0], self.problem, self.expected_rate)
 
 
+def utf8_name(path: str | Path) -> bool:
+    """Whether the name is UTF-8: Python holds other bytes as surrogates, which soundfile, hashing
+    and text files cannot encode."""
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_name(path: str | Path) -> str:
+    """`path` as text that can be printed and written: the bytes of a name that is not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _error(path: Path, kind: str, found: str, sample_rate: int) -> AudioError:
     fix = AUDIO_PROBLEMS[kind][1].format(sr=sample_rate)
-    return AudioError(f"{path}: {found}; {fix}. The dataset check (notebooks/data_prep.ipynb) lists every such file")
+    return AudioError(f"{shown_name(path)}: {found}; {fix}. The dataset check (notebooks/data_prep.ipynb) lists "
+                      "every such file")
 
 
 def probe(path: str | Path, sample_rate: int = SAMPLE_RATE, scan: bool = False) -> AudioInfo:
     """Whether `path` is a usable mono `sample_rate` wav, from its header; with `scan`, the samples
     of a float wav are read too, to find NaN or Inf (PCM files need no scan)."""
     path = Path(path)
+    if not utf8_name(path):
+        return AudioInfo(path, problems=(("bad_name", f"file name not UTF-8 (folder {shown_name(path.parent)})"),),
+                         expected_rate=sample_rate)
     try:
         if path.exists() and not path.is_file():
             return AudioInfo(path, problems=(("not_a_file", "a folder, not a file" if path.is_dir()

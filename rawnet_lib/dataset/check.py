@@ -25,7 +25,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import DataConfig
-from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe
+from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe, shown_name
 from rawnet_lib.dataset.trials import TrialListError, TrialListWarning, official_list_path, read_trials
 from rawnet_lib.errors import WorkbookError
 
@@ -280,14 +280,14 @@ def _overlaps(report: CheckReport, keys: dict[str, list[str]], train_dir: str, t
     for d in keys:
         if d != train_dir:
             for speaker in sorted(train & {k.split("/", 1)[0] for k in keys[d]}):
-                report.add("speaker_leak", f"{speaker}: in {train_dir} and {d}")
+                report.add("speaker_leak", f"{shown_name(speaker)}: in {train_dir} and {d}")
     for i, first in enumerate(trial_dirs):
         seen = set(keys[first])
         for other in trial_dirs[i + 1:]:
             for key in sorted(seen.intersection(keys[other])):
-                report.add("duplicate_key", f"{key}: in {first} and {other}")
+                report.add("duplicate_key", f"{shown_name(key)}: in {first} and {other}")
 
 
 def _shown(path: Path, data_path: Path) -> str:
     """A path as shown in the report: relative to data_path, which the header names (as given when outside it)."""
-    return path.relative_to(data_path).as_posix() if path.is_relative_to(data_path) else str(path)
+    return shown_name(path.relative_to(data_path).as_posix() if path.is_relative_to(data_path) else path)

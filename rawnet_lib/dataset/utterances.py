@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rawnet_lib.config import REPO_DIR, DataConfig, input_path
-from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, tile
+from rawnet_lib.dataset.audio import SAMPLE_RATE, AudioError, peak_normalise, probe, random_crop, shown_name, tile
 from rawnet_lib.errors import MissingPathError
 from rawnet_lib.io import atomic_write_text
 
@@ -92,7 +92,7 @@ def scan_utterances(root: str | Path, sample_rate: int = SAMPLE_RATE, workers: i
             keys.append(key)
             frames.append(info.frames)
         else:
-            bad.append((key, info.problem))
+            bad.append((shown_name(key), info.problem))  # a name that is not UTF-8 cannot be written as it is
     return UtteranceList(root, keys, np.array(frames, dtype=np.int64), bad)
 
 
@@ -144,7 +144,7 @@ def tree_signature(root: str | Path) -> str:
 
 def _signature(files: list[tuple[str, int, int]]) -> str:
     text = "".join(f"{key}\t{size}\t{mtime}\n" for key, size, mtime in files)
-    return f"{len(files)} files {hashlib.sha1(text.encode()).hexdigest()}"
+    return f"{len(files)} files {hashlib.sha1(text.encode('utf-8', 'surrogateescape')).hexdigest()}"  # the raw bytes
 
 
 def list_dir(data_path: Path) -> Path:

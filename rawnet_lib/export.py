@@ -16,15 +16,15 @@ What needed care:
 * the GRU becomes one ONNX `GRU` op (opset 18, torch.export-based exporter), of which only the
   last time step feeds `fc1_gru`.
 The model's config travels in the ONNX file's metadata (`rawnet_config`), so the crop length
-and test-time hop are known without the checkpoint; a calibration beside the checkpoint is copied
-beside the export.
+and test-time hop are known without the checkpoint, and so does the checkpoint's SHA-1
+(`rawnet_checkpoint_sha1`), which a calibration names; the checkpoint's calibration is copied
+beside the export, and one left there by an earlier export is replaced or removed with it.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -37,15 +37,17 @@ from torch import Tensor, nn
 from rawnet_lib.config import Config, ConfigError, cli_parser
 from rawnet_lib.errors import WorkbookError, run_cli
 from rawnet_lib.eval.calibrate import calibration_path
-from rawnet_lib.io import atomic_path, check_output
+from rawnet_lib.io import atomic_path, atomic_write_bytes, check_output, file_sha1
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.models.rawnet2 import RawNet2
 
-__all__ = ["OPSET", "FORMATS", "ExportError", "embedding_network", "export_model", "onnx_embedder", "main"]
+__all__ = ["OPSET", "FORMATS", "ExportError", "embedding_network", "export_model", "onnx_embedder", "exported_from",
+           "main"]
 
 OPSET = 18
 FORMATS = ("onnx", "torchscript")
 CONFIG_KEY = "rawnet_config"
+SOURCE_KEY = "rawnet_checkpoint_sha1"
 
 
 class ExportError(WorkbookError, ValueError):
@@ -88,15 +90,18 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
                  overwrite: bool = False) -> Path:
     """Write the embedding network of `checkpoint` as ONNX or TorchScript to `out` (and its
     calibration beside it, when the checkpoint has one); returns `out`. An existing `out` or
-    calibration there is replaced only with `overwrite`; the checkpoint itself never."""
+    calibration there is replaced (or, when the checkpoint has none, removed) only with
+    `overwrite`; the checkpoint itself never."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     check_output(out, overwrite, [checkpoint])
     calibration, beside_out = calibration_path(checkpoint), calibration_path(out)
-    copy_calibration = calibration.is_file() and beside_out.resolve() != calibration.resolve()  # best.pt -> best.onnx
-    if copy_calibration:
+    own = beside_out.resolve() == calibration.resolve()  # best.pt -> best.onnx: the same file, kept
+    copy_calibration = calibration.is_file() and not own
+    if not own and (copy_calibration or beside_out.exists()):
         check_output(beside_out, overwrite, [checkpoint, calibration])
     model, cfg = load_checkpoint_model(checkpoint, base=preset)
+    meta = {CONFIG_KEY: json.dumps(cfg.to_dict()), SOURCE_KEY: file_sha1(checkpoint)}
     net = embedding_network(model)
     example = torch.randn(2, cfg.model.n_samples, generator=torch.Generator().manual_seed(0))
     out = Path(out)
@@ -104,24 +109,35 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' notes on tracing; parity is tested instead
         if fmt == "onnx":
-            _export_onnx(net, example, tmp, cfg)
+            _export_onnx(net, example, tmp, meta)
         else:
             traced = torch.jit.trace(net, example)
-            torch.jit.save(traced, str(tmp), _extra_files={CONFIG_KEY: json.dumps(cfg.to_dict())})
+            torch.jit.save(traced, str(tmp), _extra_files=meta)
     if copy_calibration:
-        shutil.copyfile(calibration, beside_out)
+        atomic_write_bytes(beside_out, calibration.read_bytes())
+    elif not own and beside_out.exists():  # an earlier export's: it calibrates other weights
+        beside_out.unlink()
     return out
 
 
-def _export_onnx(net: nn.Module, example: Tensor, path: Path, cfg: Config) -> None:
+def _export_onnx(net: nn.Module, example: Tensor, path: Path, meta: dict[str, str]) -> None:
     import onnx
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(net, (example,), str(path), input_names=["waveform"], output_names=["embedding"],
                       dynamic_shapes={"waveform": {0: batch}}, opset_version=OPSET, dynamo=True,
                       external_data=False, verbose=False)
     graph = onnx.load(str(path))
-    graph.metadata_props.add(key=CONFIG_KEY, value=json.dumps(cfg.to_dict()))
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(path))
+
+
+def exported_from(path: str | Path) -> str:
+    """The SHA-1 of the checkpoint an ONNX file was exported from (its own for files exported
+    before it was recorded): what a calibration beside it must have been fitted for."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in graph.metadata_props}.get(SOURCE_KEY) or file_sha1(path)
 
 
 def onnx_embedder(path: str | Path, threads: int = 0) -> tuple[Callable[[np.ndarray], np.ndarray], Config]:

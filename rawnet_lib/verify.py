@@ -36,10 +36,11 @@ from rawnet_lib.dataset.audio import AudioError
 from rawnet_lib.dataset.trials import TrialListError, find_file
 from rawnet_lib.dist import check_fast_path, resolve_device_kind
 from rawnet_lib.errors import WorkbookError, run_cli
-from rawnet_lib.eval.calibrate import Calibration, calibration_path, cllr, fit_calibration, load_calibration
+from rawnet_lib.eval.calibrate import (Calibration, calibration_path, check_calibration, cllr, fit_calibration,
+                                       load_calibration)
 from rawnet_lib.eval.embed import autocast, check_crops, cpu_amp, mean_crop_embeddings, utterance_crops
 from rawnet_lib.eval.metrics import summarize
-from rawnet_lib.io import atomic_open, check_output
+from rawnet_lib.io import atomic_open, check_output, file_sha1
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 
 __all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
@@ -130,12 +131,13 @@ class Verifier:
     """Embeddings and verification scores of any audio with one model and one crop protocol."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], cfg: Config, source: str,
-                 calibration: Calibration | None = None, backend: str = "torch"):
+                 calibration: Calibration | None = None, backend: str = "torch", model_sha1: str = ""):
         check_crops(cfg.model, cfg.evaluation)
         if backend == "onnxruntime" and cfg.evaluation.crop_mode == "full":
             raise VerifyError(f"{source}: an exported model takes crops of exactly {cfg.model.n_samples} samples; "
                               "use crop_mode reference, or the checkpoint for crop_mode full")
         self.forward, self.cfg, self.source, self.backend = forward, cfg, source, backend
+        self.model_sha1 = model_sha1  # of the checkpoint the weights come from: what a calibration is fitted for
         self.calibration = calibration
         self.speakers: dict[str, np.ndarray] = {}
 
@@ -150,14 +152,14 @@ class Verifier:
         bf16 instructions (`embed.cpu_amp`): the exact path's results up to float32 rounding,
         about 2x faster (`python -m rawnet_lib.bench embed`); an accelerator runs the exact path.
         The calibration beside the file (`<stem>.calibration.json`) is used when there is one, or
-        the one `calibration` names.
+        the one `calibration` names; one fitted for other weights or crops is refused.
         """
         path = Path(path)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if path.suffix.lower() == ".onnx":
-            from rawnet_lib.export import onnx_embedder
+            from rawnet_lib.export import exported_from, onnx_embedder
             forward, cfg = onnx_embedder(path)
-            cfg, backend = _with(cfg, overrides), "onnxruntime"
+            cfg, backend, sha1 = _with(cfg, overrides), "onnxruntime", exported_from(path)
         else:
             model, cfg = load_checkpoint_model(path, base=preset or "paper")
             kind = resolve_device_kind(device)
@@ -166,9 +168,13 @@ class Verifier:
             check_fast_path(cfg.model.fast, kind, f"{path}: fast=True")
             model.cfg.fast = cfg.model.fast
             forward, backend = _torch_forward(model.to(kind), torch.device(kind), cfg.train.amp), kind
+            sha1 = file_sha1(path)
+        verifier = cls(forward, cfg, str(path), None, backend, sha1)
         found = Path(calibration) if calibration else calibration_path(path)
-        cal = load_calibration(found) if found.is_file() or calibration else None
-        return cls(forward, cfg, str(path), cal, backend)
+        if found.is_file() or calibration:
+            verifier.calibration = load_calibration(found)
+            check_calibration(verifier.calibration, {"model_sha1": sha1, **verifier.protocol}, found)
+        return verifier
 
     # -- embedding ---------------------------------------------------------------------------
     @property
@@ -263,9 +269,10 @@ class Verifier:
         return scores, found.failed
 
     def calibrate(self, pairs: Pairs, far: float = 0.01, save_to: str | Path | None = None,
-                  progress: bool = True) -> Calibration:
+                  progress: bool = True, overwrite: bool = False) -> Calibration:
         """Fit score -> LLR on a labelled development list and use it from now on; saved as JSON
-        (beside the checkpoint when `save_to` is None and the model is a file)."""
+        (beside the checkpoint when `save_to` is None), over an existing one only with `overwrite`."""
+        target = check_output(save_to or calibration_path(self.source), overwrite, [self.source])
         if pairs.labels is None or len(set(pairs.labels.tolist())) < 2:
             raise TrialListError(f"{pairs.source}: calibration needs labelled pairs of both kinds (lines '1 a b', "
                                  "same speaker, and '0 a b', different speakers)")
@@ -275,8 +282,8 @@ class Verifier:
             warnings.warn(f"calibration: {int((~ok).sum())} pairs left out, their files failed:\n"
                           f"{describe(failed)}", stacklevel=2)
         self.calibration = fit_calibration(scores[ok], pairs.labels[ok], far,
-                                           {"trials": pairs.source, **self.protocol})
-        self.calibration.save(save_to or calibration_path(self.source))
+                                           {"trials": pairs.source, "model_sha1": self.model_sha1, **self.protocol})
+        self.calibration.save(target)
         return self.calibration
 
 
@@ -353,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif command == "score":
         result = _score_list(verifier, read_pairs(args.trials, args.root), args.out)
     else:
-        cal = verifier.calibrate(read_pairs(args.trials, args.root), args.far)
+        cal = verifier.calibrate(read_pairs(args.trials, args.root), args.far, overwrite=args.overwrite)
         result = {"calibration": str(calibration_path(args.checkpoint)), "slope": cal.slope, "offset": cal.offset,
                   **cal.metrics, "thresholds": cal.thresholds}
     print(json.dumps(result))

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from rawnet_lib.eval.calibrate import (CalibrationError, calibration_path, cllr, fit_calibration, load_calibration,
-                                       min_cllr, operating_thresholds)
+from rawnet_lib.eval.calibrate import (Calibration, CalibrationError, calibration_path, cllr, fit_calibration,
+                                       load_calibration, min_cllr, operating_thresholds)
 from rawnet_lib.eval.metrics import DetCurve
 
 # Targets score +1 three times and -1 once; non-targets the mirror image. P(target | +1) = 3/4,
@@ -68,3 +68,37 @@ def test_a_broken_calibration_file_is_named(tmp_path) -> None:
     cal = fit_calibration(SCORES, LABELS)
     with pytest.raises(CalibrationError, match="min_dcf_0.01"):
         cal.threshold("far_0.5")
+
+
+def test_an_inverted_development_list_is_refused() -> None:
+    with pytest.raises(CalibrationError, match=r"dev\.txt: the fitted slope is -.*check its labels"):
+        fit_calibration(SCORES, 1 - LABELS, source={"trials": "dev.txt"})
+
+
+def test_an_unreachable_operating_point_is_null_in_standard_json(tmp_path) -> None:
+    # The top score is a non-target's: at P_target 0.01 accepting it costs 99 x 1/4 against 1 for
+    # rejecting everything, so minDCF's threshold lies above every score (+inf on the curve).
+    scores, labels = [0.6, 0.7, 0.8, 0.85, 0.1, 0.2, 0.3, 0.9], [1, 1, 1, 1, 0, 0, 0, 0]
+    assert operating_thresholds(DetCurve.of(scores, labels))["min_dcf_0.01"] == np.inf
+    cal = fit_calibration(scores, labels, source={"trials": "dev.txt"})
+    assert cal.thresholds["min_dcf_0.01"] is None
+    path = tmp_path / "x.calibration.json"
+    cal.save(path)
+    assert '"min_dcf_0.01": null' in path.read_text() and "Infinity" not in path.read_text()
+    again = load_calibration(path)
+    with pytest.raises(CalibrationError, match=r"'min_dcf_0.01' rejects every trial of the development list dev"):
+        again.threshold("min_dcf_0.01")
+    assert again.threshold("eer") == cal.thresholds["eer"]
+
+
+def test_a_calibration_of_other_weights_or_crops_is_refused() -> None:
+    from rawnet_lib.eval.calibrate import check_calibration
+    fitted = {"model_sha1": "a" * 40, "crop_mode": "reference", "n_samples": 59049, "eval_hop": 47239,
+              "sample_rate": 16000, "amp": "bf16", "path": "fast"}
+    cal = fit_calibration(SCORES, LABELS, source={"trials": "dev.txt", **fitted})
+    check_calibration(cal, {**fitted, "amp": "off", "path": "exact"}, "c.json")  # rounding only: accepted
+    with pytest.raises(CalibrationError, match=r"c\.json was fitted for model_sha1 aaaa.*eval_hop 47239, but this "
+                                               r"model has model_sha1 bbbb.*eval_hop 1000.*--overwrite"):
+        check_calibration(cal, {**fitted, "model_sha1": "b" * 40, "eval_hop": 1000}, "c.json")
+    old = Calibration(cal.slope, cal.offset, cal.thresholds, cal.metrics, source={"trials": "dev.txt"})
+    check_calibration(old, {**fitted, "model_sha1": "b" * 40}, "c.json")  # written before the identity: unchecked

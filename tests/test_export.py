@@ -71,3 +71,24 @@ def test_torchscript_export_and_onnx_verifier(tmp_path: Path) -> None:
     calibration_path(ckpt).write_text("{}")  # beside C.pt, and so beside C.onnx too: kept, not copied onto itself
     assert export_model(ckpt, "onnx", ckpt.with_suffix(".onnx"), overwrite=True).is_file()
     assert calibration_path(ckpt).read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_an_export_carries_its_checkpoints_calibration_and_drops_a_stale_one(tmp_path: Path) -> None:
+    from rawnet_lib.eval.calibrate import calibration_path, fit_calibration, load_calibration
+    from rawnet_lib.io import OutputExistsError, file_sha1
+    from rawnet_lib.verify import Verifier
+    _, ckpt = _checkpoint("demo", tmp_path)
+    protocol = Verifier.from_checkpoint(ckpt, device="cpu").protocol
+    scores, labels = np.r_[np.linspace(0.3, 0.9, 6), np.linspace(-0.2, 0.5, 6)], np.r_[np.ones(6), np.zeros(6)]
+    fit_calibration(scores, labels, source={"model_sha1": file_sha1(ckpt), **protocol}).save(calibration_path(ckpt))
+    out = export_model(ckpt, "onnx", tmp_path / "shipped" / "rawnet2.onnx")
+    assert Verifier.from_checkpoint(out).calibration is not None  # fitted for the weights the ONNX file holds
+    other = tmp_path / "other"
+    other.mkdir()
+    _, bare = _checkpoint("demo", other)  # another checkpoint, without a calibration
+    with pytest.raises(OutputExistsError):
+        export_model(bare, "onnx", out)
+    export_model(bare, "onnx", out, overwrite=True)
+    assert not calibration_path(out).exists()  # the earlier export's calibration went with it
+    assert load_calibration(calibration_path(ckpt)).source["model_sha1"] == file_sha1(ckpt)  # the source's, kept

@@ -280,6 +280,31 @@ def test_cli_embed_score_list_and_calibrate(checkpoint: Path, files, tmp_path: P
     assert json.loads(capsys.readouterr().out)["calibration"] == str(calibration_path(ckpt))
 
 
+def test_a_calibration_is_used_only_for_the_weights_and_crops_it_was_fitted_for(checkpoint: Path, files,
+                                                                                 tmp_path: Path) -> None:
+    from rawnet_lib.eval.calibrate import CalibrationError
+    from rawnet_lib.io import OutputExistsError, file_sha1
+    ckpt = tmp_path / "model.pt"
+    shutil.copyfile(checkpoint, ckpt)
+    names = [files[k].name for k in ("wav16000", "flac", "stereo", "other", "wav44100")]
+    pairs = read_pairs(_write(tmp_path / "dev.txt", "".join(f"{int(i < 2)} {names[0]} {n}\n"
+                                                             for i, n in enumerate(names[1:]))),
+                       [files["wav16000"].parent])
+    v = Verifier.from_checkpoint(ckpt, device="cpu", amp="off")
+    v.calibrate(pairs, progress=False)
+    assert v.calibration.source["model_sha1"] == file_sha1(ckpt)
+    with pytest.raises(OutputExistsError, match=r"model\.calibration\.json exists"):
+        v.calibrate(pairs, progress=False)  # refused before any embedding
+    assert Verifier.from_checkpoint(ckpt, device="cpu").calibration is not None  # bf16 or fast: rounding only
+    with pytest.raises(CalibrationError, match=r"fitted for eval_hop \d+, but this model has eval_hop 1000"):
+        Verifier.from_checkpoint(ckpt, device="cpu", eval_hop=1000)
+    cfg = load_config("demo")
+    torch.manual_seed(1)
+    save_checkpoint(model_checkpoint(build_model(cfg), cfg, [], 2, 0.4), ckpt)  # a resumed run's new best
+    with pytest.raises(CalibrationError, match=r"model\.calibration\.json was fitted for model_sha1"):
+        Verifier.from_checkpoint(ckpt, device="cpu")
+
+
 def test_cli_reports_a_bad_file_without_a_traceback(checkpoint: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.wav"
     bad.write_text("text")

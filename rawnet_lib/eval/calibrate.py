@@ -9,11 +9,15 @@ favours "same speaker". Saved as JSON beside the checkpoint (`<stem>.calibration
   pool-adjacent-violators algorithm): their gap is what calibration still loses, in bits;
 * score thresholds at three operating points: the EER, minDCF at P_target 0.01 and a chosen
   false-acceptance rate, read off the development list's DET curve;
-* histograms of the target and non-target scores, to show where a new score falls.
+* histograms of the target and non-target scores, to show where a new score falls;
+* what it was fitted for (`source`): the list, the weights' SHA-1 and the crop protocol. Scores of
+  other weights or another protocol have another scale, so a calibration is refused for them
+  (`check_calibration`); the fast or exact path, AMP and ONNX change scores only by rounding.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +33,10 @@ from rawnet_lib.eval.metrics import DetCurve, validate_trials
 from rawnet_lib.io import atomic_write_text
 
 __all__ = ["CalibrationError", "Calibration", "cllr", "min_cllr", "operating_thresholds", "fit_calibration",
-           "calibration_path", "load_calibration"]
+           "calibration_path", "load_calibration", "check_calibration", "IDENTITY"]
 
 HIST_BINS = 50
+IDENTITY = ("model_sha1", "crop_mode", "n_samples", "eval_hop", "sample_rate")  # what its scores' scale depends on
 
 
 class CalibrationError(WorkbookError, ValueError):
@@ -71,8 +76,8 @@ class Calibration:
     """llr = slope * score + offset, with the development list's operating points and metrics."""
     slope: float
     offset: float
-    thresholds: dict[str, float]
-    metrics: dict[str, float]
+    thresholds: dict[str, float | None]  # None: no threshold reaches the point (it rejects every trial)
+    metrics: dict[str, float | None]
     histogram: dict[str, list[float]] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # dev list, checkpoint, crop protocol
 
@@ -83,10 +88,19 @@ class Calibration:
         if operating_point not in self.thresholds:
             raise CalibrationError(f"operating point {operating_point!r} is not in this calibration; "
                                    f"choose one of {', '.join(self.thresholds)} (or refit with another far=)")
-        return self.thresholds[operating_point]
+        value = self.thresholds[operating_point]
+        if value is None or not math.isfinite(value):
+            raise CalibrationError(f"operating point {operating_point!r} rejects every trial of the development list "
+                                   f"{self.source.get('trials', '')} (no score reaches it: the model is too weak "
+                                   "there); choose another operating point, or give a score threshold")
+        return value
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
+        """Standard JSON (no Infinity or NaN: such a value is written as null), written atomically."""
+        values = asdict(self)
+        for name in ("thresholds", "metrics"):
+            values[name] = {k: v if v is None or math.isfinite(v) else None for k, v in values[name].items()}
+        atomic_write_text(path, json.dumps(values, indent=1, allow_nan=False) + "\n")
 
 
 def fit_calibration(scores: ArrayLike, labels: ArrayLike, far: float = 0.01,
@@ -96,8 +110,15 @@ def fit_calibration(scores: ArrayLike, labels: ArrayLike, far: float = 0.01,
     curve = DetCurve.of(s, y)  # one curve for the thresholds and the metrics
     # Balanced classes: the fitted log-odds is the LLR at a 0.5 prior, whatever the list's mix.
     fit = LogisticRegression(C=1e6, class_weight="balanced", tol=1e-10, max_iter=1000).fit(s[:, None], y)
-    cal = Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]), operating_thresholds(curve, far), {})
+    thresholds = {k: v if math.isfinite(v) else None for k, v in operating_thresholds(curve, far).items()}
+    cal = Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]), thresholds, {})
     summary = curve.summary()
+    if not cal.slope > 0:  # a higher score would mean "less likely the same speaker"
+        raise CalibrationError(f"{dict(source or {}).get('trials', 'the development list')}: the fitted slope is "
+                               f"{cal.slope:.3g}, so a higher score would mean a different speaker (EER "
+                               f"{summary['eer']:.1%} over {summary['n_target']} same-speaker and "
+                               f"{summary['n_nontarget']} different-speaker pairs); check its labels (1 = same "
+                               "speaker) or calibrate on a larger list")
     cal.metrics = {"eer": summary["eer"], "min_dcf_0.01": summary["min_dcf_0.01"],
                    "cllr": cllr(cal.llr(s), y), "min_cllr": min_cllr(s, y),
                    "n_target": summary["n_target"], "n_nontarget": summary["n_nontarget"]}
@@ -122,3 +143,17 @@ def load_calibration(path: str | Path) -> Calibration:
     except (OSError, ValueError, TypeError) as err:
         raise CalibrationError(f"{path}: not a calibration written by rawnet_lib.eval.calibrate ({err}); delete it "
                                "and calibrate again (python -m rawnet_lib.verify calibrate ...)") from None
+
+
+def check_calibration(cal: Calibration, now: Mapping[str, Any], where: str | Path) -> None:
+    """Refuse a calibration fitted for other weights or another crop protocol than `now` (a
+    verifier's): its LLRs and thresholds belong to another score scale. Fields a calibration
+    written before they were recorded lacks are not checked."""
+    changed = [k for k in IDENTITY if k in cal.source and cal.source[k] != now.get(k)]
+    if changed:
+        def show(values: Mapping[str, Any]) -> str:
+            return ", ".join(f"{k} {str(values.get(k))[:12]}" for k in changed)
+        raise CalibrationError(f"{where} was fitted for {show(cal.source)}, but this model has {show(now)} (a "
+                               "rewritten checkpoint or other test-time settings); calibrate again (python -m "
+                               "rawnet_lib.verify calibrate ... --overwrite, or delete the file), or use the "
+                               "settings it was fitted with")

@@ -64,7 +64,7 @@ def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: 
     if not root.is_dir():
         raise ConfigError(f"asnorm: true needs training utterances for its cohort, but {root} does not exist; "
                           "point data_path at a folder with VoxCeleb2/wav or set asnorm: false")
-    utts = load_utterances(data_path, cfg.data.train_dir, progress=False)
+    utts = load_utterances(data_path, cfg.data.train_dir, sample_rate=cfg.model.sample_rate, progress=False)
     rng = np.random.default_rng(cfg.train.seed)
     pick = np.sort(rng.choice(len(utts), size=min(cfg.evaluation.asnorm_cohort, len(utts)), replace=False))
     keys = [utts.keys[i] for i in pick]

@@ -16,7 +16,7 @@ import soundfile as sf
 
 from rawnet_lib.dataset.audio import probe, read_audio
 from rawnet_lib.dataset.trials import TrialList, resolve
-from rawnet_lib.eval.scoring import load_scores, write_scores
+from rawnet_lib.eval.scoring import ScoreFileError, load_scores, write_scores
 from rawnet_lib.evaluate import evaluate
 from rawnet_lib.views import analysis as an
 from rawnet_lib.views.listen import trials_table, utterances_table
@@ -47,9 +47,18 @@ def test_load_scores_reads_both_variants(tmp_path: Path) -> None:
     assert list(plain.columns) == ["score", "label"]
     pd.testing.assert_frame_equal(named, HAND, check_dtype=False)
     pd.testing.assert_frame_equal(plain, HAND[["score", "label"]], check_dtype=False)
-    (tmp_path / "bad.txt").write_text("0.5 1 a\n")
-    with pytest.raises(ValueError, match="bad.txt has 3 columns"):
-        load_scores(tmp_path / "bad.txt")
+    (tmp_path / "tabs.txt").write_text("0.5\t1  a b \n\n-0.25 0 c d\n")  # any whitespace, blank lines
+    assert load_scores(tmp_path / "tabs.txt").to_dict("list") == {"score": [0.5, -0.25], "label": [1, 0],
+                                                                 "enroll": ["a", "c"], "test": ["b", "d"]}
+    for text, why in (("0.5 1 a\n", r":1: '0.5 1 a': has 2 or 4 fields, not 3"),
+                      ("0.5 1 a b\n0.1 0\n", r":2: '0.1 0': has 2 fields where the first line has 4"),
+                      ("0.5 1\n0.1 2\n", r":2: '0.1 2': label '2' is not 0 or 1"),
+                      ("0.5 1\nnan 0\n", r":2: 'nan 0': score 'nan' is not a finite number"),
+                      ("0.5 1\nx 0\n", r":2: 'x 0': score 'x' is not a finite number"),
+                      ("\n", r": no scores")):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ScoreFileError, match=r"bad\.txt" + why):
+            load_scores(tmp_path / "bad.txt")
 
 
 def test_eer_history_parses_eers_txt(tmp_path: Path) -> None:

@@ -81,17 +81,43 @@ def write_scores(path: Path, scores: np.ndarray, trials: TrialList, with_names: 
 
 
 def load_scores(path: str | Path) -> pd.DataFrame:
-    """A score file as columns score, label (1 = same speaker), and enroll, test when it has names."""
+    """A score file as columns score, label (1 = same speaker), and enroll, test when it has names.
+
+    Fields are split at any whitespace; every line has the first line's 2 or 4 fields, a finite
+    score and a label 0 or 1, and the first line that does not is named with its number."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path, sep=" ", header=None, dtype={0: np.float64, 1: np.int8})
-    except FileNotFoundError:
-        raise MissingPathError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first") from None
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ScoreFileError(f"{path} is not a score file ({err}); expected lines `score target` or "
-                         "`score target enroll test` as rawnet_lib.evaluate writes them") from None
-    if frame.shape[1] not in (2, 4):
-        raise ScoreFileError(f"{path} has {frame.shape[1]} columns; "
-                             "expected `score target` or `score target enroll test`")
+    if not path.is_file():
+        raise MissingPathError(f"score file {path} does not exist; run notebooks/evaluate.ipynb first")
+    try:  # the fast reader; any doubt goes to the line-by-line one, which names the line
+        frame = pd.read_csv(path, sep=r"\s+", header=None, dtype={0: np.float64, 1: np.int64})
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        frame = None
+    if (frame is None or frame.shape[1] not in (2, 4) or frame.isna().any().any()
+            or not np.isfinite(frame[0]).all() or not frame[1].isin([0, 1]).all()):
+        raise ScoreFileError(f"{_first_bad_line(path)}; expected lines `score label` or `score label enroll "
+                             "test` (label 1 = same speaker, 0 = not) as rawnet_lib.evaluate writes them")
     frame.columns = ["score", "label", "enroll", "test"][:frame.shape[1]]
+    frame["label"] = frame["label"].astype(np.int8)
     return frame
+
+
+def _first_bad_line(path: Path) -> str:
+    """`path:line: 'the line' is ...` of the first line the fast reader could not take."""
+    width = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            width = width or len(tokens)
+            try:
+                score = float(tokens[0])
+            except ValueError:
+                score = np.nan
+            why = ("has 2 or 4 fields, not " + str(len(tokens)) if len(tokens) not in (2, 4)
+                   else f"has {len(tokens)} fields where the first line has {width}" if len(tokens) != width
+                   else f"score {tokens[0]!r} is not a finite number" if not np.isfinite(score)
+                   else f"label {tokens[1]!r} is not 0 or 1" if tokens[1] not in ("0", "1") else "")
+            if why:
+                return f"{path}:{number}: {line.strip()[:80]!r}: {why}"
+    return f"{path}: no scores" if width is None else f"{path}: not a score file"

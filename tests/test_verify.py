@@ -314,6 +314,20 @@ def test_cli_reports_a_bad_file_without_a_traceback(checkpoint: Path, tmp_path: 
     assert proc.stderr.startswith("error: ") and "bad.wav" in proc.stderr
 
 
+def test_the_notebook_table_scores_every_file_of_a_folder(checkpoint: Path, files) -> None:
+    from rawnet_lib.views.verify_notebook import VerifySession, comparison_table
+    v = Verifier.from_checkpoint(checkpoint, device="cpu", amp="off")
+    v.calibration = Calibration(slope=10.0, offset=-5.0, thresholds={"eer": 0.5}, metrics={})
+    session = VerifySession(v, v.cfg, [files["wav16000"], files["flac"]], [files["stereo"], files["wav44100"]],
+                            [files["other"]], "")
+    table = comparison_table(session)
+    assert list(table["pair"]) == ["enroll vs test: stereo.wav", "enroll vs test: x44100.wav", "enroll vs impostor"]
+    enrolled = v.enroll("check", [files["wav16000"], files["flac"]])
+    for path, score in zip([files["stereo"], files["wav44100"], files["other"]], table["score"]):
+        assert score == pytest.approx(v.score("check", path)["score"], abs=1e-6), path
+    assert np.array_equal(v.speakers["enrolled"], enrolled)
+
+
 def test_verify_notebook_runs_headless(run_notebook, smoke_run: Path, tiny_db: Path) -> None:
     checkpoint = smoke_run / "models" / "best_opt_eval.pt"
     out = run_notebook("verify", checkpoint=str(checkpoint), data_path=str(tiny_db))

@@ -6,7 +6,8 @@ on the development list when the checkpoint has no calibration yet) and the file
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def verify_session(namespace: Mapping[str, Any]) -> VerifySession:
 
 
 def inputs(session: VerifySession) -> dict[str, Path]:
+    """The first file of each input, to listen to and look at (the table scores every file)."""
     return {"enroll": session.enroll[0], "test": session.test[0], "impostor": session.impostor[0]}
 
 
@@ -94,21 +96,21 @@ def listen(session: VerifySession) -> HTML:
 
 
 def comparison_table(session: VerifySession, operating_point: str = "eer") -> pd.DataFrame:
-    """Score, LLR and decision of enroll against test (same speaker expected) and against impostor."""
+    """Score, LLR and decision of the enrolment (its file, or the speaker its files make, enrolled
+    once) against every test file (same speaker expected) and every impostor file."""
     v = session.verifier
+    enrolled: Path | str = session.enroll[0]
+    if len(session.enroll) > 1:
+        v.enroll(enrolled := "enrolled", session.enroll)
     rows = []
     for name, side in (("test", session.test), ("impostor", session.impostor)):
-        result = v.verify(session.enroll[0] if len(session.enroll) == 1 else _enrolled(v, session.enroll),
-                          side[0], operating_point)
-        rows.append({"pair": f"enroll vs {name}", "score": result["score"], "llr": result.get("llr"),
-                     "same speaker?": result["decision"], "operating point": result["operating_point"],
-                     "threshold": result["threshold"], "crop_mode": result["crop_mode"]})
+        for path in side:
+            result = v.verify(enrolled, path, operating_point)
+            rows.append({"pair": f"enroll vs {name}" + (f": {path.name}" if len(side) > 1 else ""),
+                         "score": result["score"], "llr": result.get("llr"), "same speaker?": result["decision"],
+                         "operating point": result["operating_point"], "threshold": result["threshold"],
+                         "crop_mode": result["crop_mode"]})
     return pd.DataFrame(rows)
-
-
-def _enrolled(v: Verifier, files: Sequence[Path]) -> str:
-    v.enroll("enrolled", files)
-    return "enrolled"
 
 
 def score_position(calibration: Calibration, scores: Mapping[str, float], ax=None) -> Figure:
@@ -121,7 +123,7 @@ def score_position(calibration: Calibration, scores: Mapping[str, float], ax=Non
         counts = np.asarray(hist[kind], dtype=float)
         ax.stairs(counts / max(counts.sum() * np.diff(edges).mean(), 1e-12), edges, color=color, label=kind,
                   fill=True, alpha=0.35)
-    for (name, score), style in zip(scores.items(), ("-", "--", ":")):
+    for (name, score), style in zip(scores.items(), itertools.cycle(("-", "--", ":", "-."))):
         ax.axvline(score, color="black", linestyle=style, label=f"{name}: {score:.3f}")
     ax.axvline(calibration.thresholds["eer"], color="grey", linewidth=0.8, label="EER threshold")
     ax.set_xlabel("cosine score")

@@ -37,7 +37,7 @@ __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
     "BLOCK_NAMES", "PARAMS_DIR", "RENAMED", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
     "preset_path", "repo_path", "input_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config",
-    "cli_parser", "cli_config", "cli_overrides",
+    "cli_parser", "cli_config", "cli_overrides", "with_overrides",
 ]
 
 
@@ -498,6 +498,13 @@ def load_config(preset: str | Path | Config | None = "demo", blocks: Mapping[str
         sources = {set_by.get(key) for key in re.findall(r"(\w+)=", str(err))}
         where = sources.pop() if len(sources) == 1 else None  # every value it names came from one file
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+
+
+def with_overrides(cfg: Config, **overrides: Any) -> Config:
+    """A copy of `cfg` with flat overrides (`data_path=`, `crop_mode=` ...), validated like load_config."""
+    out = load_config(None, cfg.to_dict(), **overrides)
+    out.preset = cfg.preset
+    return out
 
 
 def _apply_preset(config: Config, preset: str | Path, set_by: dict[str, str], seen: tuple[Path, ...] = ()) -> str:

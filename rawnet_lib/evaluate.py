@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from rawnet_lib import dist
-from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, load_config
+from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, with_overrides
 from rawnet_lib.dataset.trials import TrialList, list_tag, official_list_path, read_trials
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
@@ -45,14 +45,7 @@ from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, check_checkpoint_choice, default_out_dir,
                                      resolve_checkpoint, run_checkpoint)
 
-__all__ = ["with_overrides", "cohort_embeddings", "evaluate", "main"]
-
-
-def with_overrides(cfg: Config, **overrides: Any) -> Config:
-    """A copy of `cfg` with flat overrides (`data_path=`, `crop_mode=` ...), validated like load_config."""
-    out = load_config(None, cfg.to_dict(), **overrides)
-    out.preset = cfg.preset
-    return out
+__all__ = ["cohort_embeddings", "evaluate", "main"]
 
 
 def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: Config, data_path: Path,

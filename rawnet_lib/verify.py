@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rawnet_lib.config import Config, cli_config, cli_overrides, cli_parser, load_config
+from rawnet_lib.config import Config, cli_config, cli_overrides, cli_parser, with_overrides
 from rawnet_lib.dataset.anyaudio import describe, find_audio, load_any, to_model_rate
 from rawnet_lib.dataset.audio import AudioError
 from rawnet_lib.dataset.trials import TrialListError, find_file
@@ -40,6 +40,7 @@ from rawnet_lib.eval.calibrate import (Calibration, calibration_path, check_cali
                                        load_calibration)
 from rawnet_lib.eval.embed import autocast, check_crops, cpu_amp, mean_crop_embeddings, utterance_crops
 from rawnet_lib.eval.metrics import summarize
+from rawnet_lib.eval.scoring import unit
 from rawnet_lib.io import atomic_open, check_output, file_sha1
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 
@@ -159,12 +160,12 @@ class Verifier:
         if path.suffix.lower() == ".onnx":
             from rawnet_lib.export import exported_from, onnx_embedder
             forward, cfg = onnx_embedder(path)
-            cfg, backend, sha1 = _with(cfg, overrides), "onnxruntime", exported_from(path)
+            cfg, backend, sha1 = with_overrides(cfg, **overrides), "onnxruntime", exported_from(path)
         else:
             model, cfg = load_checkpoint_model(path, base=preset or "paper")
             kind = resolve_device_kind(device)
             defaults = {"fast": True, "amp": cpu_amp()} if kind == "cpu" else {"fast": False}
-            cfg = _with(cfg, {**defaults, **overrides})
+            cfg = with_overrides(cfg, **{**defaults, **overrides})
             check_fast_path(cfg.model.fast, kind, f"{path}: fast=True")
             model.cfg.fast = cfg.model.fast
             forward, backend = _torch_forward(model.to(kind), torch.device(kind), cfg.train.amp), kind
@@ -231,14 +232,13 @@ class Verifier:
             raise VerifyError(f"enroll {name!r}: none of the files could be used:\n{describe(found.failed)}")
         if found.failed:
             warnings.warn(f"enroll {name!r}: left out\n{describe(found.failed)}", stacklevel=2)
-        unit = np.stack([_unit(e) for e in found.embeddings.values()])
-        self.speakers[name] = unit.mean(0).astype(np.float32)
+        self.speakers[name] = unit(np.stack(list(found.embeddings.values()))).mean(0).astype(np.float32)
         return self.speakers[name]
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, a: Item, b: Item, sr: int | None = None) -> dict[str, Any]:
         """{'score': cosine, 'llr': calibrated log-likelihood ratio (when calibrated), protocol...}."""
-        value = float(np.dot(_unit(self.embed(a, sr)), _unit(self.embed(b, sr))))
+        value = float(np.dot(unit(self.embed(a, sr)), unit(self.embed(b, sr))))
         result: dict[str, Any] = {"score": value}
         if self.calibration is not None:
             result["llr"] = float(self.calibration.llr(value))
@@ -263,7 +263,7 @@ class Verifier:
     def score_pairs(self, pairs: Pairs, progress: bool = True) -> tuple[np.ndarray, list[tuple[str, str]]]:
         """Cosine per pair (NaN where a file failed) and the failed files; each file embedded once."""
         found = self.embed_many(dict.fromkeys(map(str, pairs.a + pairs.b)), progress)
-        emb = {k: _unit(v) for k, v in found.embeddings.items()}
+        emb = {k: unit(v) for k, v in found.embeddings.items()}
         scores = np.array([float(np.dot(emb[str(a)], emb[str(b)])) if str(a) in emb and str(b) in emb else np.nan
                            for a, b in zip(pairs.a, pairs.b)])
         return scores, found.failed
@@ -287,26 +287,12 @@ class Verifier:
         return self.calibration
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-12)
-
-
 def _torch_forward(model: torch.nn.Module, device: torch.device, amp: str) -> Callable[[np.ndarray], np.ndarray]:
     @torch.no_grad()
     def run(crops: np.ndarray) -> np.ndarray:
         with autocast(device, amp):
             return model.embed(torch.from_numpy(crops).to(device)).float().cpu().numpy()
     return run
-
-
-def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """cfg with evaluation overrides (None keeps the value), validated like any Config."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if not given:
-        return cfg
-    out = load_config(None, cfg.to_dict(), **given)
-    out.preset = cfg.preset
-    return out
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from rawnet_lib import dist
 from rawnet_lib import evaluate as ev
-from rawnet_lib.config import ConfigError
+from rawnet_lib.config import ConfigError, with_overrides
 from rawnet_lib.dataset.trials import read_trials, resolve
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval import embed
@@ -57,7 +57,7 @@ def checkpoint(smoke_run: Path, tmp_path: Path) -> Path:
 def _eval_setup(tiny_db: Path, checkpoint: Path):
     """Model, config, roots and two overlapping key sets (a few O files; some of them plus H-only files)."""
     model, cfg = load_checkpoint_model(checkpoint)
-    cfg = ev.with_overrides(cfg, eval_hop=cfg.model.n_samples)  # fewer crops per file: a quicker test
+    cfg = with_overrides(cfg, eval_hop=cfg.model.n_samples)  # fewer crops per file: a quicker test
     roots = [tiny_db / d for d in cfg.data.eval_dirs]
     o_keys = read_trials(tiny_db / "VoxCeleb1" / "veri_test.txt").files()[:6]
     h_only = sorted(set(read_trials(tiny_db / "VoxCeleb1" / "list_test_hard.txt").files()) - set(o_keys))
@@ -78,7 +78,7 @@ def test_cache_embeds_each_file_once_and_a_new_checkpoint_invalidates(
     assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob(".*tmp"))
 
     # Other embedding settings use their own cache file.
-    hop = ev.with_overrides(cfg, eval_hop=cfg.evaluation.eval_hop // 2)
+    hop = with_overrides(cfg, eval_hop=cfg.evaluation.eval_hop // 2)
     cached_embeddings(model, checkpoint, o_keys, roots, hop, CPU, cache_dir=cache, progress=False)
     assert count_embeds[-1] == sorted(o_keys) and len(list(cache.glob("*.npz"))) == 2
 
@@ -119,11 +119,11 @@ def test_cache_embeds_a_file_written_again_since_once_more(tiny_db: Path, checkp
 def test_full_utterance_mode_needs_a_model_without_layer_norm(
         tiny_db: Path, checkpoint: Path, tmp_path: Path) -> None:
     model, cfg, roots, o_keys, _ = _eval_setup(tiny_db, checkpoint)
-    full = ev.with_overrides(cfg, crop_mode="full")
+    full = with_overrides(cfg, crop_mode="full")
     with pytest.raises(ConfigError, match="crop_mode='full' needs a model without the fixed-length layer norm"):
         cached_embeddings(model, checkpoint, o_keys, roots, full, CPU, cache_dir=tmp_path, progress=False)
 
-    free = ev.with_overrides(full, layer_norm=False)
+    free = with_overrides(full, layer_norm=False)
     path = tmp_path / "no_ln.pt"
     torch.save(build_model(free).state_dict(), path)
     model, _ = load_checkpoint_model(path, base=free)
@@ -137,7 +137,7 @@ def evaluated(smoke_run: Path, tiny_db: Path, tmp_path_factory: pytest.TempPathF
     """The smoke run evaluated on O and its cleaned twin (the same files), with AS-norm."""
     ckpt = smoke_run / "models" / "best_opt_eval.pt"
     _, cfg = load_checkpoint_model(ckpt)
-    cfg = ev.with_overrides(cfg, data_path=str(tiny_db), asnorm=True, asnorm_cohort=12, asnorm_top_k=5)
+    cfg = with_overrides(cfg, data_path=str(tiny_db), asnorm=True, asnorm_cohort=12, asnorm_top_k=5)
     out = tmp_path_factory.mktemp("eval")
     return ev.evaluate(ckpt, cfg, ["O", "O2"], out_dir=out, progress=False), out
 
@@ -169,14 +169,14 @@ def test_evaluate_writes_scores_and_a_consistent_table(evaluated, smoke_run: Pat
 def test_results_of_other_settings_are_never_replaced_silently(checkpoint: Path, tiny_db: Path,
                                                                 tmp_path: Path) -> None:
     _, cfg = load_checkpoint_model(checkpoint)
-    cfg = ev.with_overrides(cfg, data_path=str(tiny_db))
+    cfg = with_overrides(cfg, data_path=str(tiny_db))
     out = tmp_path / "eval"
     ev.evaluate(checkpoint, cfg, ["O"], out_dir=out, progress=False)
     ev.evaluate(checkpoint, cfg, ["O2"], out_dir=out, progress=False)  # same settings: the table gathers both
     assert list(pd.read_csv(out / "metrics.csv")["list"]) == ["O", "O2"]
     before = (out / "scores_O.txt").read_bytes()
 
-    other = ev.with_overrides(cfg, eval_hop=cfg.evaluation.eval_hop // 2)
+    other = with_overrides(cfg, eval_hop=cfg.evaluation.eval_hop // 2)
     with pytest.raises(FileExistsError, match=r"differing: eval_hop.*--out_dir.*overwrite"):
         ev.evaluate(checkpoint, other, ["O"], out_dir=out, progress=False)
     assert (out / "scores_O.txt").read_bytes() == before
@@ -187,7 +187,7 @@ def test_results_of_other_settings_are_never_replaced_silently(checkpoint: Path,
 def test_results_of_a_list_file_changed_since_are_dropped_not_kept(checkpoint: Path, tiny_db: Path,
                                                                     tmp_path: Path) -> None:
     _, cfg = load_checkpoint_model(checkpoint)
-    cfg = ev.with_overrides(cfg, data_path=str(tiny_db))
+    cfg = with_overrides(cfg, data_path=str(tiny_db))
     mine, out = tmp_path / "mine.txt", tmp_path / "eval"
     lines = (tiny_db / "VoxCeleb1" / "veri_test.txt").read_text().splitlines(keepends=True)
     mine.write_text("".join(lines))
@@ -250,7 +250,7 @@ def test_two_gloo_ranks_score_a_run_average_as_one_process(smoke_run: Path, tiny
     assert f"{average}\n" in done.stdout and done.stdout.count(" cosine ") == 1
     assert read_checkpoint(average)["averaged"] == [p.name for p in epoch_models(run)]
     _, cfg = load_checkpoint_model(average)
-    single = ev.evaluate(average, ev.with_overrides(cfg, data_path=str(tiny_db)), ["O"], out_dir=tmp_path / "one",
+    single = ev.evaluate(average, with_overrides(cfg, data_path=str(tiny_db)), ["O"], out_dir=tmp_path / "one",
                          progress=False)
     assert abs(pd.read_csv(tmp_path / "ddp" / "metrics.csv")["eer"][0] - single["eer"][0]) <= 1 / single["trials"][0]
 
@@ -265,7 +265,7 @@ def test_a_list_naming_audio_that_is_gone_is_refused_with_its_lines(smoke_run: P
     _, cfg = load_checkpoint_model(ckpt)
     with pytest.raises(WorkbookError, match=r"(?s)mine\.txt is not usable .*file not on disk: 1 line\(s\).*line 2: "
                                             r".*\(id99999/gone/00001\.wav not found\)"):
-        ev.evaluate(ckpt, ev.with_overrides(cfg, data_path=str(tiny_db)), [str(mine)], out_dir=tmp_path / "out",
+        ev.evaluate(ckpt, with_overrides(cfg, data_path=str(tiny_db)), [str(mine)], out_dir=tmp_path / "out",
                     progress=False)
     assert not (tmp_path / "out" / "metrics.csv").exists()
 

@@ -11,7 +11,7 @@ from rawnet_lib.dataset.trials import TrialList
 from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.io import atomic_open
 
-__all__ = ["ScoreFileError", "cosine_scores", "asnorm_scores", "write_scores", "load_scores"]
+__all__ = ["ScoreFileError", "unit", "cosine_scores", "asnorm_scores", "write_scores", "load_scores"]
 
 
 class ScoreFileError(WorkbookError, ValueError):
@@ -28,19 +28,20 @@ def cosine_scores(embeddings: dict[str, np.ndarray], trials: TrialList, chunk: i
     """
     n = len(trials)
     codes, files = pd.factorize(np.asarray(trials.enroll + trials.test, dtype=object))
-    unit = np.stack([embeddings[k] for k in files], dtype=np.float32)  # one copy, not two
-    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    normed = np.stack([embeddings[k] for k in files], dtype=np.float32)  # one copy, not two (unit() makes two)
+    normed /= np.maximum(np.linalg.norm(normed, axis=1, keepdims=True), 1e-12)
     enroll, test = codes[:n], codes[n:]
     scores = np.empty(n, dtype=np.float32)
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
-        scores[part] = np.einsum("ij,ij->i", unit[enroll[part]], unit[test[part]])
+        scores[part] = np.einsum("ij,ij->i", normed[enroll[part]], normed[test[part]])
     return scores
 
 
-def _unit(m: np.ndarray) -> np.ndarray:
+def unit(m: np.ndarray) -> np.ndarray:
+    """Embeddings (rows, or one vector) scaled to length 1, in float32: their dot products are cosines."""
     m = np.asarray(m, dtype=np.float32)
-    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    return m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
 
 
 def asnorm_scores(emb: Mapping[str, np.ndarray], trials: TrialList, cohort_emb: np.ndarray | Mapping[str, np.ndarray],
@@ -50,16 +51,16 @@ def asnorm_scores(emb: Mapping[str, np.ndarray], trials: TrialList, cohort_emb: 
 
     top_k is capped at the cohort size (then this is plain s-norm); at least 2 are needed.
     """
-    cohort = _unit(np.stack(list(cohort_emb.values())) if isinstance(cohort_emb, Mapping) else cohort_emb)
+    cohort = unit(np.stack(list(cohort_emb.values())) if isinstance(cohort_emb, Mapping) else cohort_emb)
     k = min(top_k, len(cohort))
     if k < 2:
         raise ValueError(f"AS-norm needs top_k >= 2 cohort scores per side, got top_k={top_k} with a cohort of "
                          f"{len(cohort)}; raise asnorm_top_k / asnorm_cohort")
     files = trials.files()
-    unit = _unit(np.stack([emb[f] for f in files]))
+    normed = unit(np.stack([emb[f] for f in files]))
     mu, sd = np.empty(len(files)), np.empty(len(files))
     for start in range(0, len(files), chunk):  # (chunk x cohort) at a time: E has 145k files
-        s = unit[start:start + chunk] @ cohort.T
+        s = normed[start:start + chunk] @ cohort.T
         top = np.partition(s, len(cohort) - k, axis=1)[:, len(cohort) - k:].astype(np.float64)
         mu[start:start + chunk], sd[start:start + chunk] = top.mean(1), np.maximum(top.std(1), 1e-12)
     index = {f: i for i, f in enumerate(files)}

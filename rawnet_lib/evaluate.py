@@ -37,11 +37,11 @@ from rawnet_lib.config import Config, ConfigError, cli_config, cli_parser, with_
 from rawnet_lib.dataset.trials import TrialList, list_tag, official_list_path, read_trials
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
-from rawnet_lib.eval.embed import cached_embeddings, embedding_settings
+from rawnet_lib.eval.embed import cached_embeddings, embedding_settings, weights_fingerprint
 from rawnet_lib.eval.metrics import summarize
 from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
-from rawnet_lib.models.checkpoint import load_checkpoint_model
+from rawnet_lib.models.checkpoint import carries_config, checkpoint_model, load_checkpoint_model, read_checkpoint
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, check_checkpoint_choice, default_out_dir,
                                      resolve_checkpoint, run_checkpoint)
 
@@ -49,7 +49,8 @@ __all__ = ["cohort_embeddings", "evaluate", "main"]
 
 
 def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: Config, data_path: Path,
-                      rank: dist.RankInfo, cache_dir: str | Path = "cache", progress: bool = True) -> np.ndarray:
+                      rank: dist.RankInfo, cache_dir: str | Path = "cache", progress: bool = True,
+                      fingerprint: str | None = None) -> np.ndarray:
     """AS-norm cohort (n, dim): embeddings of `asnorm_cohort` training utterances drawn with the
     run's seed, one per utterance (not per-speaker means), so the cohort spans many speakers
     and channels at the cost of one embedding each."""
@@ -61,16 +62,18 @@ def cohort_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, cfg: 
     rng = np.random.default_rng(cfg.train.seed)
     pick = np.sort(rng.choice(len(utts), size=min(cfg.evaluation.asnorm_cohort, len(utts)), replace=False))
     keys = [utts.keys[i] for i in pick]
-    emb = cached_embeddings(model, checkpoint_path, keys, [root], cfg, rank, cache_dir, progress)
+    emb = cached_embeddings(model, checkpoint_path, keys, [root], cfg, rank, cache_dir, progress, fingerprint)
     return np.array([emb[k] for k in keys if k in emb])  # complete on rank 0, which scores
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def evaluation_identity(checkpoint: Path, cfg: Config, roots: Sequence[Path]) -> dict[str, Any]:
-    """What an evaluation's results depend on besides the lists: the weights and the scoring settings
-    (written into metrics.json; results are extended or reused only under the same identity)."""
+def evaluation_identity(checkpoint: Path, cfg: Config, roots: Sequence[Path], bare: bool = False) -> dict[str, Any]:
+    """What an evaluation's results depend on besides the lists: the weights (with the model
+    settings of a `bare` state_dict) and the scoring settings (written into metrics.json; results
+    are extended or reused only under the same identity)."""
     ev = cfg.evaluation
-    return {"fingerprint": file_sha1(checkpoint), **embedding_settings(cfg, roots),
+    return {"fingerprint": weights_fingerprint(checkpoint, cfg.model if bare else None),
+            **embedding_settings(cfg, roots),
             "asnorm": [ev.asnorm_cohort, ev.asnorm_top_k, cfg.train.seed] if ev.asnorm else None}
 
 
@@ -154,7 +157,8 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     """
     rank = dist.setup(cfg.train.device if cfg else "auto")
     ckpt = dist.main_first(rank, lambda: resolve_checkpoint(checkpoint, pick))  # rank 0 makes an average
-    model, ckpt_cfg = load_checkpoint_model(ckpt, rank.device, base=cfg or "paper")
+    stored = read_checkpoint(ckpt)
+    model, ckpt_cfg = checkpoint_model(stored, ckpt, rank.device, base=cfg or "paper")
     if cfg is not None:
         cfg = with_overrides(cfg)
         cfg.model = ckpt_cfg.model
@@ -166,14 +170,14 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
     out = Path(out_dir) if out_dir else default_out_dir(ckpt)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     ev = cfg.evaluation
-    identity = evaluation_identity(ckpt, cfg, roots)
+    identity = evaluation_identity(ckpt, cfg, roots, bare=not carries_config(stored))
     earlier = _earlier_rows(out, identity, overwrite) if rank.is_main else []
     trial_lists = _trial_lists(data_path, list(lists or ev.trial_lists), earlier, overwrite, roots)
 
     t0 = time.perf_counter()
     keys = sorted(set().union(*(t.files() for t in trial_lists.values())))
-    emb = cached_embeddings(model, ckpt, keys, roots, cfg, rank, cache, progress)
-    cohort = (cohort_embeddings(model, ckpt, cfg, data_path, rank, cache, progress)
+    emb = cached_embeddings(model, ckpt, keys, roots, cfg, rank, cache, progress, identity["fingerprint"])
+    cohort = (cohort_embeddings(model, ckpt, cfg, data_path, rank, cache, progress, identity["fingerprint"])
               if cfg.evaluation.asnorm else None)
     embed_seconds = time.perf_counter() - t0
     if not rank.is_main:

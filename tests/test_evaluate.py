@@ -131,6 +131,28 @@ def test_full_utterance_mode_needs_a_model_without_layer_norm(
     assert all(v.shape == (free.model.embedding_dim,) and np.isfinite(v).all() for v in emb.values())
 
 
+def test_a_bare_state_dicts_model_settings_join_its_fingerprint(tiny_db: Path, checkpoint: Path, tmp_path: Path,
+                                                                 count_embeds: list[list[str]]) -> None:
+    """A bare state_dict's sinc_kernel or block_pool come from --config, not from the file: a
+    corrected config must not reuse the embeddings or results of the wrong one."""
+    from rawnet_lib.models.checkpoint import carries_config
+    model, cfg, roots, o_keys, _ = _eval_setup(tiny_db, checkpoint)
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    assert carries_config(read_checkpoint(checkpoint)) and not carries_config(read_checkpoint(bare))
+    other = with_overrides(cfg, sinc_kernel=cfg.model.sinc_kernel + 2)
+    ident = ev.evaluation_identity
+    assert ident(bare, cfg, roots)["fingerprint"] == file_sha1(bare)  # ours: the file's bytes cover the model
+    assert ident(bare, cfg, roots, bare=True) != ident(bare, other, roots, bare=True)
+    assert ident(bare, cfg, roots, bare=True) == ident(bare, with_overrides(cfg, fast=not cfg.model.fast), roots,
+                                                        bare=True)  # the same function, another kernel
+    for settings in (cfg, other, cfg):
+        fingerprint = ident(bare, settings, roots, bare=True)["fingerprint"]
+        cached_embeddings(model, bare, o_keys[:2], roots, cfg, CPU, cache_dir=tmp_path, progress=False,
+                          fingerprint=fingerprint)
+    assert [len(c) for c in count_embeds] == [2, 2, 2]  # each change of settings embeds afresh
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluated(smoke_run: Path, tiny_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:

@@ -12,6 +12,7 @@ since).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,8 +33,8 @@ from rawnet_lib.dataset.audio import eval_crops, peak_normalise, read_audio
 from rawnet_lib.dataset.trials import resolve
 from rawnet_lib.io import atomic_open, file_sha1
 
-__all__ = ["embed_files", "cached_embeddings", "embedding_settings", "autocast", "utterance_crops", "crop_batches",
-           "check_crops", "native_amp", "cpu_amp", "mean_crop_embeddings"]
+__all__ = ["embed_files", "cached_embeddings", "embedding_settings", "weights_fingerprint", "autocast",
+           "utterance_crops", "crop_batches", "check_crops", "native_amp", "cpu_amp", "mean_crop_embeddings"]
 
 
 class _FileCrops(Dataset):
@@ -164,6 +165,17 @@ def embedding_settings(cfg: Config, roots: Sequence[Path]) -> dict[str, Any]:
             "roots": [str(Path(r).resolve()) for r in roots]}
 
 
+def weights_fingerprint(checkpoint: str | Path, bare_model: ModelConfig | None = None) -> str:
+    """What embeddings depend on in the model: the checkpoint file's SHA-1, and for a bare
+    state_dict (`bare_model`) the settings its weights do not hold (sinc_kernel, block_pool,
+    sample_rate ...), which come from a config and would otherwise be reused when corrected."""
+    digest = file_sha1(checkpoint)
+    if bare_model is None:  # our checkpoints carry their config: the file's bytes cover it
+        return digest
+    settings = {k: v for k, v in dataclasses.asdict(bare_model).items() if k != "fast"}  # fast: the same function
+    return f"{digest}+{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 def _stamp(key: str, roots: list[Path]) -> tuple[int, int]:
     """(size, mtime in ns) of a key's audio file: an embedding is reused only while its file
     keeps both (a file converted or written again changes them)."""
@@ -187,12 +199,13 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, tuple[np.ndarray, tup
 
 def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys: Sequence[str],
                       roots: Sequence[Path], cfg: Config, rank: dist.RankInfo, cache_dir: str | Path = "cache",
-                      progress: bool = True) -> dict[str, np.ndarray]:
+                      progress: bool = True, fingerprint: str | None = None) -> dict[str, np.ndarray]:
     """{key: embedding} for `keys`, embedding only the files the on-disk cache lacks.
 
     One npz per embedding settings (crop mode, crop length, hop, amp, roots) holds every file
-    embedded so far, tagged with the checkpoint's SHA-1 (a changed checkpoint starts it afresh)
-    and each file's size and mtime (a changed file is embedded again).
+    embedded so far, tagged with the weights' `fingerprint` (default: the checkpoint's SHA-1; see
+    `weights_fingerprint`; another one starts it afresh) and each file's size and mtime (a
+    changed file is embedded again).
     Call on every rank: they share the extraction and rank 0 writes the file atomically.
     """
     check_crops(cfg.model, cfg.evaluation)
@@ -200,7 +213,7 @@ def cached_embeddings(model: torch.nn.Module, checkpoint_path: str | Path, keys:
     roots = [Path(r) for r in roots]
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"embeddings_{tag}.npz"
-    fingerprint = file_sha1(checkpoint_path)
+    fingerprint = fingerprint or file_sha1(checkpoint_path)
     store, stamps, missing, problem = {}, {}, [], ""
     if rank.is_main:
         store = _read_cache(path, fingerprint)

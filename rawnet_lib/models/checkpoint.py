@@ -26,7 +26,7 @@ from rawnet_lib.models.rawnet2 import RawNet2, build_model
 
 __all__ = ["CheckpointError", "model_checkpoint", "training_checkpoint", "save_checkpoint", "read_checkpoint",
            "resume_training", "load_checkpoint_model", "checkpoint_model", "infer_model_config",
-           "init_from_checkpoint", "average_checkpoints"]
+           "init_from_checkpoint", "average_checkpoints", "carries_config"]
 
 _HELP = ("give a .pt file written by training (models/best_opt_eval.pt, TA_<epoch>_<eer>.pt, last.pt) "
          "or a reference RawNet2 state_dict")
@@ -266,6 +266,12 @@ def checkpoint_model(stored: Any, path: str | Path, device: str | torch.device =
     _load_strict(model, state, f"{path}: the weights do not fit a RawNet2 of {cfg.model}",
                  "for a bare state_dict pick the preset whose sinc_kernel matches (base=...)")
     return model.to(device).eval(), cfg
+
+
+def carries_config(stored: Any) -> bool:
+    """Whether what `read_checkpoint` returned is one of our checkpoints, whose config travels with
+    the weights (a bare state_dict's model settings come from a preset or YAML instead)."""
+    return isinstance(stored, Mapping) and isinstance(stored.get("model"), Mapping) and bool(stored.get("config"))
 
 
 def _weights(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -56,12 +56,14 @@ def prepare(cfg: DataConfig, convert: bool = True, check: bool = True, trial_lis
                                   sample_rate=sample_rate)
         print(conversion.summary())
     dirs = data_dirs(cfg)
-    lists = {d: load_utterances(data_path, d, refresh=True, sample_rate=sample_rate, progress=progress)
+    # A list file is reused while its tree keeps its signature (names, sizes, modification times):
+    # a conversion that wrote a wav changes it, so the tree is rescanned then and only then.
+    lists = {d: load_utterances(data_path, d, sample_rate=sample_rate, progress=progress)
              for d in dirs if (data_path / d).is_dir()}
     failed = conversion.failed if conversion else []
     report = check_dataset(data_path, dirs=dirs, trial_lists=trial_lists or ["O"], min_seconds=cfg.min_seconds,
                            sample_rate=sample_rate, workers=workers, progress=progress,
-                           failed_conversions=failed, train_dir=cfg.train_dir) if check else None
+                           failed_conversions=failed, train_dir=cfg.train_dir, lists=lists) if check else None
     return PrepResult(data_path, conversion, lists, report)
 
 

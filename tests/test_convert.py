@@ -55,16 +55,19 @@ def test_converts_every_file_to_16k_mono(m4a_tree: Path, tmp_path: Path) -> None
     assert not list((tmp_path / "wav").rglob(".*.tmp"))
 
 
-def test_second_run_skips_everything_and_repairs_damage(m4a_tree: Path, tmp_path: Path) -> None:
+def test_second_run_skips_existing_wavs_unread_and_converts_missing_ones(m4a_tree: Path, tmp_path: Path) -> None:
     dst = tmp_path / "wav"
     convert_tree(m4a_tree, dst, progress=False)
     again = convert_tree(m4a_tree, dst, progress=False)
     assert (again.converted, again.skipped) == (0, len(FILES))
     (dst / f"{FILES[0][0]}.wav").unlink()
-    (dst / f"{FILES[1][0]}.wav").write_bytes(b"RIFF\0\0")  # a half-written file
-    repaired = convert_tree(m4a_tree, dst, progress=False)
-    assert (repaired.converted, repaired.skipped) == (2, len(FILES) - 2)
-    assert probe(dst / f"{FILES[1][0]}.wav").ok
+    damaged = dst / f"{FILES[1][0]}.wav"
+    damaged.write_bytes(b"RIFF\0\0")  # put there by other means: the dataset check reports it
+    resumed = convert_tree(m4a_tree, dst, progress=False)
+    assert (resumed.converted, resumed.skipped) == (1, len(FILES) - 1)
+    assert probe(dst / f"{FILES[0][0]}.wav").ok and damaged.read_bytes() == b"RIFF\0\0"  # skipped, not rewritten
+    damaged.unlink()  # the check's fix: delete it and convert again
+    assert convert_tree(m4a_tree, dst, progress=False).converted == 1 and probe(damaged).ok
 
 
 def test_corrupt_m4a_is_reported_and_the_rest_converts(m4a_tree: Path, tmp_path: Path) -> None:
@@ -141,5 +144,5 @@ def test_cli_converts_and_returns_zero(m4a_tree: Path, tmp_path: Path, capsys) -
 def test_summary_lists_the_first_failures() -> None:
     report = ConvertReport(converted=3, failed=[(f"f{i}.m4a", "bad") for i in range(7)], seconds=1.5)
     text = report.summary()
-    assert text.startswith("converted 3, skipped 0 (already valid), failed 7 in 1.5 s")
+    assert text.startswith("converted 3, skipped 0 (wav already there), failed 7 in 1.5 s")
     assert "f4.m4a: bad" in text and "f5.m4a" not in text and "and 2 more" in text

@@ -1,6 +1,7 @@
 """prep.py: conversion, lists and the check in one call; what it reports and its exit status."""
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from rawnet_lib import prep
+from rawnet_lib.config import DataConfig
 from rawnet_lib.dataset.ffmpeg import encode_m4a
 
 SR = 16000
@@ -63,3 +65,27 @@ def test_an_8khz_model_converts_lists_and_checks_at_8khz(tmp_path: Path, capsys)
     assert "no problems found" in capsys.readouterr().out
     assert sf.info(str(db / "VoxCeleb2/wav/id100/v/00002.wav")).samplerate == 8000
     assert (db / "lists/VoxCeleb2_wav.tsv").read_text().splitlines()[1] == "#rate\t8000"
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_a_prep_run_reads_each_wav_once_plus_the_silence_probe(tmp_path: Path, monkeypatch) -> None:
+    """Conversion skips an existing wav unread, the check reuses the list scan's probe and opens a
+    file again only for its silence probe; a rerun finds the list files current and scans nothing.
+    A VoxCeleb2 tree holds a million files: each further read per file costs minutes."""
+    db = _db(tmp_path / "db")
+    m4a = db / "VoxCeleb2/m4a/id100/v/00001.m4a"  # its wav exists, so it is never decoded
+    m4a.parent.mkdir(parents=True)
+    m4a.touch()
+    opens: collections.Counter = collections.Counter()
+    init = sf.SoundFile.__init__
+
+    def counted(self, file, *args, **kwargs) -> None:  # sf.info, sf.read and sf.blocks all open one
+        opens[Path(file)] += 1
+        init(self, file, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "__init__", counted)
+    wavs = sorted(db.rglob("*.wav"))
+    for most in (2, 1):  # a first run scans each tree; the second reads its list files
+        opens.clear()
+        assert prep.prepare(DataConfig(data_path=str(db)), workers=1, progress=False).ok
+        assert sorted(opens) == wavs and max(opens.values()) <= most, opens

@@ -28,6 +28,8 @@ __all__ = ["SAMPLE_RATE", "FLOAT_SUBTYPES", "AUDIO_PROBLEMS", "AudioError", "Aud
 SAMPLE_RATE = 16000  # Hz: VoxCeleb, the reference model and every file the workbook writes
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the wav sample formats that can hold NaN or Inf
 _SCAN_BLOCK = 1 << 20  # frames per read when scanning a float file: bounds memory on long files
+_REDO = ("re-download or re-convert it (delete it, then run the conversion: it converts only missing wavs), "
+         "or just delete it")
 
 # kind -> (title, fix) of every way a file can be unusable, in the order the dataset check reports them.
 AUDIO_PROBLEMS = {
@@ -38,13 +40,12 @@ AUDIO_PROBLEMS = {
                                    "point it at the file again (ln -sfn <file> <link>), or delete the link"),
     "not_a_file": ("not a file", "a folder (or other non-file) sits where an utterance file belongs: "
                                  "move what it holds to <speaker>/<video>/<utt>.wav, or remove it"),
-    "empty": ("empty file (0 bytes)", "re-download or re-convert it, or delete it"),
-    "unreadable": ("unreadable audio", "the file is not a valid WAV (truncated or another format): "
-                                       "re-download or re-convert it, or delete it"),
+    "empty": ("empty file (0 bytes)", _REDO),
+    "unreadable": ("unreadable audio", "the file is not a valid WAV (truncated or another format): " + _REDO),
     "sample_rate": ("wrong sample rate", "resample: ffmpeg -i in.wav -ar {sr} -ac 1 -c:a pcm_s16le out.wav "
                                          "(or sox in.wav -r {sr} -c 1 out.wav)"),
     "channels": ("more than one channel", "downmix: ffmpeg -i in.wav -ac 1 -ar {sr} -c:a pcm_s16le out.wav"),
-    "no_frames": ("no samples", "re-download or re-convert it, or delete it"),
+    "no_frames": ("no samples", _REDO),
     "nonfinite": ("NaN or Inf samples", "re-convert it from the source (e.g. to PCM16 with ffmpeg -i src "
                                         "-ar {sr} -ac 1 -c:a pcm_s16le out.wav), or delete it"),
 }

@@ -1,10 +1,16 @@
 """Dataset check: every problem of a VoxCeleb tree and its trial lists, reported at once.
 
 Training fails on the first bad file after hours of work, and fixing one file per run is
-slow, so this walks the whole tree first (one :func:`rawnet_lib.dataset.audio.probe` per file on a
-thread pool, which also reads the samples of float wavs for NaN/Inf) and groups what it finds
-by kind, each with a count, the first few paths and the fix. Errors make the data unusable as
-it is; warnings (short files, a trial list's byte order mark) are worth a look but do not.
+slow, so this walks the whole tree first and groups what it finds by kind, each with a count,
+the first few paths and the fix. Errors make the data unusable as it is; warnings (short
+files, a trial list's byte order mark) are worth a look but do not.
+
+Whether a wav is usable, and its length, come from the training list
+(:func:`rawnet_lib.dataset.utterances.load_utterances`: one :func:`rawnet_lib.dataset.audio.probe`
+per file, or none while the tree matches its list file), so a data prep run reads each header
+once, not once for the list and again here. Only the files the list left out are probed again,
+to name each problem's kind; the walk itself opens no file and finds what the list does not
+look at (m4a files, leftovers, files outside <spk>/<video>/<utt>.wav).
 
 Silence (peak 0, e.g. a failed conversion that wrote zeros) needs the samples, not the header.
 Reading every sample of VoxCeleb2 would double the check's I/O, so each file is probed with
@@ -18,7 +24,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -27,6 +33,7 @@ from tqdm.auto import tqdm
 from rawnet_lib.config import DataConfig
 from rawnet_lib.dataset.audio import AUDIO_PROBLEMS, SAMPLE_RATE, probe, shown_name
 from rawnet_lib.dataset.trials import TrialListError, TrialListWarning, official_list_path, read_trials
+from rawnet_lib.dataset.utterances import UtteranceList, load_utterances
 from rawnet_lib.errors import WorkbookError
 
 __all__ = ["DatasetError", "Problem", "CheckReport", "data_dirs", "check_dataset"]
@@ -159,19 +166,24 @@ def _is_silent(path: Path, frames: int) -> bool:
         return not np.any(f.read(dtype="float32"))
 
 
-def _inspect(path: Path, sample_rate: int, min_seconds: float) -> tuple[list[tuple[str, str]], float]:
-    """(problems as (kind, what was found), seconds) of one entry at utterance depth, warnings included."""
-    info = probe(path, sample_rate, scan=True)
-    found = list(info.problems)
-    if info.frames and "unreadable" not in dict(found):
-        if info.seconds < min_seconds:
-            found.append(("short", f"{info.seconds:.2f} s"))
+def _inspect(path: Path, frames: int | None, sample_rate: int,
+             min_seconds: float) -> tuple[list[tuple[str, str]], float]:
+    """(problems as (kind, what was found), seconds) of one entry at utterance depth, warnings included.
+    `frames`: its length when the training list found it usable (no header read here), else None."""
+    if frames is None:
+        info = probe(path, sample_rate, scan=True)
+        found, frames, seconds = list(info.problems), info.frames, info.seconds
+    else:
+        found, seconds = [], frames / sample_rate
+    if frames and "unreadable" not in dict(found):
+        if seconds < min_seconds:
+            found.append(("short", f"{seconds:.2f} s"))
         try:
-            if _is_silent(path, info.frames):
+            if _is_silent(path, frames):
                 found.append(("silent", ""))
         except (RuntimeError, OSError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
             found.append(("unreadable", f"unreadable ({getattr(err, 'error_string', None) or err})"))
-    return found, info.seconds
+    return found, seconds
 
 
 def _walk(root: Path) -> list[Path]:
@@ -195,7 +207,7 @@ def data_dirs(cfg: DataConfig) -> list[str]:
 def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_lists: Sequence[str] = ("O",),
                   sample_rate: int = SAMPLE_RATE, min_seconds: float = 1.0, workers: int = 2,
                   progress: bool = True, failed_conversions: Sequence[tuple[str, str]] = (),
-                  train_dir: str | None = None) -> CheckReport:
+                  train_dir: str | None = None, lists: Mapping[str, UtteranceList] | None = None) -> CheckReport:
     """Check the wav trees `dirs` (relative to data_path; default: the folders of a default
     DataConfig) and `trial_lists`, collecting every problem; files shorter than `min_seconds`
     are a warning. `failed_conversions`: (m4a path, reason) of a conversion run just before,
@@ -205,6 +217,9 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
     VoxCeleb1 folders among `dirs` (all of `dirs` when there are none), so a key under two of
     them is an error. A speaker of `train_dir` (default: a default DataConfig's, when among
     `dirs`) in another of `dirs` is one too: VoxCeleb2 and VoxCeleb1 share no speakers.
+
+    `lists`: the training lists of `dirs` at `sample_rate`, when the caller has just loaded them
+    (prep); a folder without one is loaded here (:func:`load_utterances`, which may write its list file).
     """
     data_path = Path(data_path)
     dirs = data_dirs(DataConfig()) if dirs is None else list(dict.fromkeys(dirs))
@@ -214,13 +229,14 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
     for m4a, reason in failed_conversions:
         report.add("conversion_failed", f"{_shown(Path(m4a), data_path)}: {reason}")
 
-    wavs: list[Path] = []
+    wavs: list[tuple[Path, int | None]] = []  # with the training list's length of a usable file
     keys: dict[str, list[str]] = {d: [] for d in dirs}  # utterance keys per folder, for the overlap checks
     for d in dirs:
         root = data_path / d
         if not root.is_dir():
             report.add("missing_dir", str(root))
             continue
+        utt_paths = []
         for path in _walk(root):
             rel = path.relative_to(root)
             report.files += 1
@@ -233,16 +249,21 @@ def check_dataset(data_path: Path, dirs: Sequence[str] | None = None, trial_list
             elif len(rel.parts) != _UTT_DEPTH:
                 report.add("bad_layout", _shown(path, data_path))
             else:
-                wavs.append(path)
+                utt_paths.append(path)
                 keys[d].append(rel.as_posix())
+        if utt_paths:
+            utts = lists[d] if lists and d in lists else load_utterances(data_path, d, sample_rate=sample_rate,
+                                                                         progress=progress)
+            usable = dict(zip(utts.keys, utts.frames.tolist()))
+            wavs += [(path, usable.get(key)) for path, key in zip(utt_paths, keys[d])]
 
     speakers = set()
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(wavs), desc="check audio", disable=not progress, leave=False) as bar:
         for i in range(0, len(wavs), _CHUNK):
             chunk = wavs[i:i + _CHUNK]
-            for path, (found, seconds) in zip(chunk, pool.map(
-                    lambda p: _inspect(p, sample_rate, min_seconds), chunk)):
+            for (path, _), (found, seconds) in zip(chunk, pool.map(
+                    lambda w: _inspect(*w, sample_rate, min_seconds), chunk)):
                 for kind, detail in found:
                     report.add(kind, _shown(path, data_path) + (f": {detail}" if detail else ""))
                 if all(kind in _WARNINGS for kind, _ in found):

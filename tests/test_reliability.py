@@ -251,13 +251,13 @@ def test_an_error_in_the_kernel_side_loop_stops_the_whole_process_group(
     monkeypatch.setattr(launch_module.subprocess, "Popen", popen)
     monkeypatch.setattr(launch_module, "_show", broken_display)
     seen: list[psutil.Process] = []
-    real_json = launch_module.json.loads
+    real_split = launch_module.split_event
 
-    def loads(text, *args, **kwargs):  # note every process of the group while it is alive
+    def split_event(line):  # note every process of the group while it is alive
         seen.extend(p for p in psutil.Process(started[0].pid).children(recursive=True) if p not in seen)
-        return real_json(text, *args, **kwargs)
+        return real_split(line)
 
-    monkeypatch.setattr(launch_module.json, "loads", loads)
+    monkeypatch.setattr(launch_module, "split_event", split_event)
     cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path / "runs"), devices=2, epochs=6)
     with pytest.raises(RuntimeError, match="display broke"):
         launch(cfg)
@@ -266,6 +266,30 @@ def test_an_error_in_the_kernel_side_loop_stops_the_whole_process_group(
     gone, alive = psutil.wait_procs(seen + group, timeout=60)
     assert not alive, f"left running: {alive}"
     assert started[0].poll() is not None
+
+
+def test_an_event_sharing_its_line_with_another_process_output_is_read_and_the_text_kept() -> None:
+    from rawnet_lib.training.launch import split_event
+    from rawnet_lib.training.run import EVENT_PREFIX
+    event = EVENT_PREFIX + '{"type": "step", "epoch": 1, "loss": 2.5}'
+    assert split_event(event + "\n") == ("", {"type": "step", "epoch": 1, "loss": 2.5})
+    assert split_event(event + "UserWarning: once per rank\n") == ("UserWarning: once per rank\n",
+                                                                    {"type": "step", "epoch": 1, "loss": 2.5})
+    assert split_event("worker 1 says" + event + "\n") == ("worker 1 says\n", {"type": "step", "epoch": 1,
+                                                                                "loss": 2.5})
+    torn = EVENT_PREFIX + '{"type": "st' + "UserWarning\n"
+    assert split_event(torn) == (torn, None)  # shown as text; the run goes on
+    assert split_event("plain log line\n") == ("plain log line\n", None)
+
+
+def test_emit_writes_each_event_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """print() writes the text and the newline apart, and another rank's output can land between."""
+    from rawnet_lib.training.run import EVENT_PREFIX, emit
+    writes: list[str] = []
+    monkeypatch.setattr(sys, "stdout", type("Pipe", (), {"write": lambda self, text: writes.append(text),
+                                                          "flush": lambda self: None})())
+    emit("epoch", epoch=3)
+    assert writes == [EVENT_PREFIX + '{"type": "epoch", "epoch": 3}\n']
 
 
 def test_unwritable_or_full_output_is_reported_before_training(tiny_db: Path, tmp_path: Path,

@@ -25,7 +25,7 @@ from rawnet_lib.dist import DistError, available_devices, check_fast_path, rank_
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.training.run import EVENT_PREFIX, check_run_dir, run_path
 
-__all__ = ["launch_command", "launch", "TrainingFailed"]
+__all__ = ["launch_command", "launch", "split_event", "TrainingFailed"]
 
 
 class TrainingFailed(WorkbookError, RuntimeError):
@@ -79,11 +79,12 @@ def launch(cfg: Config, echo_logs: bool = False, cwd: Path = REPO_DIR) -> dict[s
     bar = None
     try:
         for line in proc.stdout:
-            if not line.startswith(EVENT_PREFIX):
-                tail = (tail + [line])[-40:]
-                print(line, end="", flush=True)
+            text, event = split_event(line)
+            if text.strip():
+                tail = (tail + [text])[-40:]
+                print(text, end="", flush=True)
+            if event is None:
                 continue
-            event = json.loads(line[len(EVENT_PREFIX):])
             if event["type"] == "result":
                 result = event["summary"]
             else:
@@ -102,6 +103,23 @@ def launch(cfg: Config, echo_logs: bool = False, cwd: Path = REPO_DIR) -> dict[s
     if proc.returncode != 0:
         raise TrainingFailed(f"training exited with code {proc.returncode}:\n" + "".join(tail[-20:]))
     return result
+
+
+def split_event(line: str) -> tuple[str, dict[str, Any] | None]:
+    """(log text, progress event or None) of one output line. Every rank and loader worker writes
+    to one pipe, so an event can share its line with text written just before or after it; a line
+    whose event cannot be read is log text, never a reason to stop the run."""
+    at = line.find(EVENT_PREFIX)
+    if at < 0:
+        return line, None
+    try:
+        event, end = json.JSONDecoder().raw_decode(line, at + len(EVENT_PREFIX))
+    except ValueError:
+        return line, None
+    if not isinstance(event, dict) or "type" not in event:
+        return line, None
+    rest = line[end:]
+    return line[:at] + (rest if line[:at] or rest.strip() else ""), event
 
 
 def _show(event: dict[str, Any], bar, echo_logs: bool):

@@ -88,8 +88,10 @@ def run_path(cfg: Config) -> Path:
 
 
 def emit(kind: str, **fields: Any) -> None:
-    """One machine-readable progress line for the notebook launcher (rawnet_lib.training.launch)."""
-    print(EVENT_PREFIX + json.dumps({"type": kind, **fields}), flush=True)
+    """One machine-readable progress line for the notebook launcher (rawnet_lib.training.launch),
+    in one write: print's two (text, then newline) let another rank's output in between."""
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"type": kind, **fields}) + "\n")
+    sys.stdout.flush()
 
 
 def check_run_dir(cfg: Config) -> Path:

@@ -166,7 +166,7 @@ class LossConfig:
     scale: float = 30.0             # am / aam: logits are scale * cosine
     margin_schedule: list[int] = field(default_factory=list)  # [first, last] epoch: margin 0 -> margin
     add_ce: bool = False            # am / aam: add cross-entropy of the plain scaled cosines
-    easy_margin: bool = False       # aam: margin only where theta + m stays below pi/2
+    easy_margin: bool = False       # aam: margin only where cos(theta) > 0 (ArcFace's easy margin)
 
 
 @dataclass

@@ -290,7 +290,7 @@ def _check_trained_on(path: Path, arm: str, cfg: Config,
             root = data_path / cfg.data.train_dir
             utts = (load_utterances(data_path, cfg.data.train_dir, sample_rate=cfg.model.sample_rate, progress=False)
                     if root.is_dir() else None)
-            corpora[key] = root, None if utts is None else corpus_facts(utts)
+            corpora[key] = root, None if utts is None else corpus_facts(utts, cfg.model.sample_rate)
     except WorkbookError as err:
         raise type(err)(f"{path}: arm {arm!r}: {err}") from None
     root, corpus = corpora[key]

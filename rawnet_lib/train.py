@@ -42,8 +42,8 @@ from rawnet_lib.models.losses import MarginLoss, build_loss
 from rawnet_lib.models.rawnet2 import build_model
 from rawnet_lib.training import schedules
 from rawnet_lib.training.launch import launch
-from rawnet_lib.training.run import (LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, corpus_facts, data_changes,
-                                     resolve_checkpoint)
+from rawnet_lib.training.run import (LOG_EVERY, NonFiniteLossError, RunDir, best_epoch, check_validation, corpus_facts,
+                                     data_changes, resolve_checkpoint, validation_roots)
 
 __all__ = ["train", "train_epoch", "validate", "main"]
 
@@ -170,7 +170,7 @@ def _non_finite(loader, epoch: int, first: int, step: int, rank: dist.RankInfo) 
 def validate(model, cfg: Config, data_path: Path, rank: dist.RankInfo, run: RunDir, epoch: int) -> float:
     """Embed the validation files across all ranks; rank 0 receives them, scores and keeps the
     scores; every rank gets its EER (the same "best" decision everywhere)."""
-    roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
+    roots = validation_roots(cfg, data_path)
     trials = read_trials(run.val_trials, roots)  # a line whose audio is gone: the list file and the line
     emb = embed_files(model, trials.files(), roots, cfg.model, cfg.evaluation, rank,
                       amp=cfg.train.amp, workers=cfg.data.num_workers, progress=not run.events)
@@ -193,6 +193,7 @@ def train(cfg: Config) -> dict[str, Any]:
         data_path, utts = dist.main_first(rank, lambda: _training_data(cfg, check_tree=rank.is_main))
         if utts.bad and cfg.data.on_bad_audio == "stop":
             raise DatasetError(utts.bad_summary())  # before the run folder exists: fix the data, run again
+        dist.main_first(rank, lambda: check_validation(cfg, data_path))
         augment = dist.main_first(rank, lambda: Augmenter.from_config(  # rank 0 makes the built-in sets once
             cfg.augment, builtin_babble(utts, cfg.train.seed), cfg.model.sample_rate))
         dataset = CropDataset(utts, cfg.model.n_samples, cfg.train.seed, cfg.model.sample_rate,
@@ -204,8 +205,7 @@ def train(cfg: Config) -> dict[str, Any]:
         loader = training_loader(dataset, sampler, per_rank, cfg.data.num_workers, rank.device)
         if len(loader) == 0:  # drop_last would leave no step at all (performance mode would wait forever)
             raise ConfigError(f"batch_size {cfg.train.batch_size} is more than the {len(dataset)} training crops "
-                              f"of an epoch ({len(utts)} utterances in {data_path / cfg.data.train_dir}"
-                              f"{f', x{len(cfg.data.speed_perturb)} speeds' if len(dataset) > len(utts) else ''}); "
+                              f"of an epoch ({len(utts)} utterances in {data_path / cfg.data.train_dir}); "
                               f"use batch_size {len(sampler) * rank.world_size} or less, or more data")
         run = RunDir.create(cfg, rank, data_path)
         if utts.bad:
@@ -213,7 +213,7 @@ def train(cfg: Config) -> dict[str, Any]:
         model = build_model(cfg, len(speakers)).to(rank.device)
         optimizer, scheduler = schedules.make_optimizer(model, cfg, len(loader))  # default: the reference's
         scaler = torch.amp.GradScaler(rank.device.type, enabled=cfg.train.amp == "fp16")
-        utterances, hours = corpus_facts(utts)
+        utterances, hours = corpus_facts(utts, cfg.model.sample_rate)
         if cfg.train.resume and run.last_checkpoint() is not None:
             changes = data_changes(run.path, utterances, hours)
             if changes:  # the same speakers, other files: the epochs would no longer be the run's

@@ -166,6 +166,23 @@ def test_a_validation_list_the_data_cannot_hold_stops_before_the_run_folder(tiny
     assert not run_path(cfg).exists()
 
 
+def test_validation_that_could_not_run_stops_before_the_first_epoch(tiny_db: Path, tmp_path: Path) -> None:
+    """Test-time crops that do not fit the model, or a data set's validation list naming audio
+    that is gone, used to fail after a whole epoch, with no checkpoint kept."""
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), eval_hop=10**6)
+    with pytest.raises(ConfigError, match=r"eval_hop=1000000 must be in 1\.\.n_samples"):
+        train(cfg)
+    assert not run_path(cfg).exists()
+    listed = tmp_path / "my_val.txt"
+    key = read_trials(tiny_db / "VoxCeleb1" / "veri_test.txt").files()[0]
+    listed.write_text(f"1 {key} {key.split('/')[0]}/gone/00001.wav\n0 {key} id99999/gone/00002.wav\n")
+    cfg = load_config("smoke", data_path=str(tiny_db), out_dir=str(tmp_path), val_trials=str(listed))
+    with pytest.raises(WorkbookError, match=r"(?s)my_val\.txt is not usable.*file not on disk: 2 line.*"
+                                            r"gone/00001\.wav not found"):
+        train(cfg)
+    assert not run_path(cfg).exists()
+
+
 def test_overwrite_makes_the_validation_list_again_or_keeps_the_old_run(tiny_db: Path, tmp_path: Path) -> None:
     """overwrite removes the folder that holds the run's own validation list: the list is made anew
     (with the new val_pairs), and one that cannot be made stops before the old run is removed."""

@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 from rawnet_lib import dist
 from rawnet_lib.config import (REPO_DIR, Config, ConfigError, input_path, read_yaml, recipe_changes, repo_path,
                                write_f_params)
-from rawnet_lib.dataset.trials import PairCountError, TrialList, make_trials, write_trials
+from rawnet_lib.dataset.trials import PairCountError, TrialList, make_trials, read_trials, write_trials
 from rawnet_lib.dataset.utterances import UtteranceList, load_utterances
 from rawnet_lib.errors import WorkbookError
+from rawnet_lib.eval.embed import check_crops
 from rawnet_lib.eval.metrics import eer as compute_eer
 from rawnet_lib.eval.scoring import cosine_scores, write_scores
 from rawnet_lib.io import atomic_write_text
@@ -53,7 +54,8 @@ from rawnet_lib.models.checkpoint import (average_checkpoints, model_checkpoint,
                                           training_checkpoint)
 
 __all__ = ["LOG_EVERY", "RunDir", "NullRunDir", "RunExistsError", "RunNotFoundError", "NonFiniteLossError",
-           "FOLDER_NAME", "run_path", "best_epoch", "corpus_facts", "data_changes", "validation_trials", "emit",
+           "FOLDER_NAME", "run_path", "best_epoch", "corpus_facts", "data_changes", "validation_trials",
+           "validation_roots", "check_validation", "emit",
            "check_run_dir", "run_changes", "newest_run", "resolve_checkpoint", "default_out_dir", "EVENT_PREFIX",
            "run_checkpoint", "check_checkpoint_choice", "epoch_models", "CHECKPOINT_CHOICES"]
 
@@ -308,9 +310,10 @@ class RunDir:
         return out
 
 
-def corpus_facts(utts: UtteranceList) -> tuple[int, float]:
-    """(utterances, hours) of a training corpus: what run.json records and `data_changes` compares."""
-    return len(utts), utts.seconds() / 3600
+def corpus_facts(utts: UtteranceList, sample_rate: int) -> tuple[int, float]:
+    """(utterances, hours) of a training corpus of audio at `sample_rate` (the model's): what
+    run.json records and `data_changes` compares."""
+    return len(utts), utts.seconds(sample_rate) / 3600
 
 
 def data_changes(folder: Path, utterances: int, hours: float) -> str | None:
@@ -395,10 +398,22 @@ def held_out_trials(cfg: Config, data_path: Path) -> TrialList:
         raise ConfigError(f"no validation list can be made from {folder}: {err}") from None
 
 
+def validation_roots(cfg: Config, data_path: Path) -> list[Path]:
+    """The folders validation trials are looked up in: the evaluation folders, then val_from."""
+    return [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
+
+
 def check_validation(cfg: Config, data_path: Path) -> None:
-    """Before training: the validation list the run will make (when the data set has none) can be made."""
-    if cfg.train.mode == "full" and _data_set_list(cfg, data_path) is None:
+    """Before training, not after its first epoch: validation's crops fit the model, and the
+    validation list reads (the data set's: every line and its audio) or can be made."""
+    if cfg.train.mode != "full":  # performance mode does not validate
+        return
+    check_crops(cfg.model, cfg.evaluation)
+    listed = _data_set_list(cfg, data_path)
+    if listed is None:
         held_out_trials(cfg, data_path)
+    else:
+        read_trials(listed, validation_roots(cfg, data_path))
 
 
 def _make_folder(cfg: Config, path: Path, data_path: Path, val_trials: Path | None) -> None:

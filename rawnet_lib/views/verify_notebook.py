@@ -22,7 +22,7 @@ from rawnet_lib.dataset.anyaudio import find_audio
 from rawnet_lib.dataset.utterances import resolve_data_path
 from rawnet_lib.eval.calibrate import Calibration
 from rawnet_lib.models.checkpoint import load_checkpoint_model
-from rawnet_lib.training.run import resolve_checkpoint, validation_trials
+from rawnet_lib.training.run import resolve_checkpoint, validation_roots, validation_trials
 from rawnet_lib.verify import Verifier, VerifyError, read_pairs
 from rawnet_lib.views.listen import samples_table
 from rawnet_lib.views.plots import waveform_spectrogram
@@ -76,7 +76,7 @@ def verify_session(namespace: Mapping[str, Any]) -> VerifySession:
     if verifier.calibration is None:
         given = namespace.get("dev_trials")  # else the run's validation list: the data set's, or its own
         dev = input_path(given) if given else validation_trials(cfg, data_path, ckpt.parent.parent)
-        roots = [data_path / d for d in [*cfg.data.eval_dirs, cfg.data.val_from]]
+        roots = validation_roots(cfg, data_path)
         far = namespace.get("far")
         verifier.calibrate(read_pairs(dev, roots), far=0.01 if far is None else far)
         note = f"calibrated now on {dev}, saved beside the checkpoint"

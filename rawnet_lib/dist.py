@@ -91,7 +91,13 @@ def available_devices(kind: str) -> int:
     return 1 << 30
 
 
-def setup(kind: str = "auto", timeout_s: float = 600.0) -> RankInfo:
+# How long a collective may wait. The longest wait is by design: the other ranks wait at a barrier
+# while rank 0 scans the training tree once (VoxCeleb2: ~11 min from the page cache, longer from a
+# cold disk; README, "VoxCeleb scale"). A crashed rank ends the group at once through torchrun.
+TIMEOUT_S = 3600.0
+
+
+def setup(kind: str = "auto", timeout_s: float = TIMEOUT_S) -> RankInfo:
     """Join the process group torchrun describes (or none) and pick this rank's device."""
     kind = resolve_device_kind(kind)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -244,9 +244,10 @@ def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
 def test_fine_tuning_starts_from_the_checkpoint_and_records_which(smoke_run: Path, tiny_db: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """init_from through train(), as the large-margin fine-tuning command runs it: longer crops and
-    a larger AAM margin, from a run folder (its best model). Every weight but the layer norm's (its size is the crop length) starts as the
-    checkpoint's, the log says what was re-initialised, and run.json records the file resolved with
-    its sha1, since config.yaml keeps the relative path as given (it means nothing from elsewhere)."""
+    a larger AAM margin, from a run folder (its best model). Every weight but the layer norm's (its
+    size is the crop length) starts as the checkpoint's, the log says what was re-initialised, and
+    run.json records the file resolved with its sha1, since config.yaml keeps the relative path as
+    given (it means nothing from elsewhere)."""
     source = smoke_run / "models" / "best_opt_eval.pt"
     start: dict[str, torch.Tensor] = {}
     loader = train_module.init_from_checkpoint

@@ -18,7 +18,7 @@ lowest validation EER, as the reference), `last`, or `avg_last<N>` (the last N e
 averaged, as WeSpeaker). Another choice than `best` reuses the training and writes its tables
 under `DIR/<choice>/`, so the comparisons of each choice sit side by side.
 
-Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over test
+Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over enrolment
 speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
 second is the wider; and its score file, so `sources=DIR` in the analysis notebook shows every run),
 summary.csv / .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),

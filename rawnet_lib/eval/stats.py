@@ -3,7 +3,7 @@
 One seed decides nothing on a small corpus (seeds of one recipe differ by up to 40 % relative
 EER), so a sweep reports the mean over seeds with a 95 % t-interval, the paired difference of
 each arm to the first over the same seeds, and, per run, bootstrap intervals over trials and
-over test speakers, which show how much of the spread the test list alone would explain.
+over enrolment speakers, which show how much of the spread the test list alone would explain.
 """
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ def bootstrap_eer(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000, co
     apart; or, given `groups` (a label per trial, e.g. its enrollment speaker), over whole groups.
 
     Trials that share a speaker are not independent, so the trial bootstrap is too narrow for
-    the question "another set of test speakers": on the demo's O list the bootstrap over test
-    voices is about 3 times as wide (20 voices; corpus version 1, 20 speakers: 3.5 times)."""
+    the question "another set of test speakers": on the demo's O list the bootstrap over
+    enrolment voices is about 3 times as wide (20 voices; corpus version 1, 20 speakers: 3.5
+    times). It is one-way: a voice left out of a draw still appears as the test side of other
+    voices' non-target trials, so it is narrower than resampling voices on both sides."""
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels).astype(bool)
     if groups is not None:
         _, group = np.unique(np.asarray(groups), return_inverse=True)

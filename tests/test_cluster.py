@@ -141,8 +141,9 @@ def test_evaluate_stops_with_a_fast_checkpoint_on_an_accelerator(tmp_path, monke
     ckpt = tmp_path / "fast.pt"
     save_checkpoint(model_checkpoint(build_model(cfg, 3), cfg, ["a", "b", "c"], 1, 0.5), ckpt)
     _pretend_device(monkeypatch, "cuda")
-    real_load = evaluate_mod.load_checkpoint_model
-    monkeypatch.setattr(evaluate_mod, "load_checkpoint_model", lambda path, device, base: real_load(path, "cpu", base))
+    real_load = evaluate_mod.checkpoint_model
+    monkeypatch.setattr(evaluate_mod, "checkpoint_model",
+                        lambda stored, path, device, base: real_load(stored, path, "cpu", base))
     with pytest.raises(ConfigError, match=r"fast\.pt \(model\.fast: true\).*--device cpu"):
         evaluate_mod.evaluate(ckpt, out_dir=tmp_path / "eval")
     assert not (tmp_path / "eval").exists()

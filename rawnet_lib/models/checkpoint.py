@@ -271,7 +271,7 @@ def checkpoint_model(stored: Any, path: str | Path, device: str | torch.device =
 def carries_config(stored: Any) -> bool:
     """Whether what `read_checkpoint` returned is one of our checkpoints, whose config travels with
     the weights (a bare state_dict's model settings come from a preset or YAML instead)."""
-    return isinstance(stored, Mapping) and isinstance(stored.get("model"), Mapping) and bool(stored.get("config"))
+    return _weights(stored, "checkpoint")[1] is not None
 
 
 def _weights(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -118,8 +118,8 @@ def split_event(line: str) -> tuple[str, dict[str, Any] | None]:
         return line, None
     if not isinstance(event, dict) or "type" not in event:
         return line, None
-    rest = line[end:]
-    return line[:at] + (rest if line[:at] or rest.strip() else ""), event
+    text = line[:at] + line[end:]
+    return text if text.strip() else "", event
 
 
 def _show(event: dict[str, Any], bar, echo_logs: bool):

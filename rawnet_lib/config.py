@@ -62,6 +62,23 @@ BLOCK_NAMES = ("model", "data", "optim", "train", "evaluation", "loss", "augment
 # told its new one where that is declared (every output folder is `out_dir`, a run's model `pick`).
 RENAMED = {"figures_dir": "out_dir", "out": "out_dir", "batch": "batch_size", "checkpoint": "pick"}
 HEADS = ("softmax", "am", "aam")
+# Fields that only act under some values of another field: {field: (that field, those values)}.
+# The augmentation folders are left out: a shared base YAML may name them for the arms that augment.
+_ONLY_WITH: dict[str, tuple[str, tuple[Any, ...]]] = {
+    **dict.fromkeys(("margin", "scale", "margin_schedule", "add_ce"), ("head", ("am", "aam"))),
+    "easy_margin": ("head", ("aam",)),
+    **dict.fromkeys(("momentum", "nesterov"), ("optimizer", ("sgd",))),
+    "amsgrad": ("optimizer", ("adam", "adamw")),
+    "keras_decay": ("lr_decay", ("keras",)),
+    "min_lr": ("lr_decay", ("cosine", "sgdr")),
+    "lr_gamma": ("lr_decay", ("exponential", "step")),
+    "step_epochs": ("lr_decay", ("step",)),
+    **dict.fromkeys(("restart_epochs", "restart_mult"), ("lr_decay", ("sgdr",))),
+    **dict.fromkeys(("noise_prob", "rir_prob", "snr_noise", "snr_music", "snr_babble", "babble_files"),
+                    ("enabled", (True,))),
+    **dict.fromkeys(("asnorm_top_k", "asnorm_cohort"), ("asnorm", (True,))),
+    "perf_steps": ("mode", ("performance",)),
+}
 LR_SCHEDULES = ("keras", "none", "cosine", "exponential", "step", "sgdr")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -424,8 +441,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 def _apply(config: Config, values: Mapping[str, Any], where: str) -> list[str]:
     """Set fields from a flat mapping, or `block: {field: value}` sub-mappings; returns the fields set."""
-    blocks = config.blocks()
-    owner = {f.name: name for name, block in blocks.items() for f in dataclasses.fields(block)}
+    blocks, owner = config.blocks(), _owners(config)
     done: list[str] = []
     for key, value in values.items():
         if key == "preset":
@@ -448,6 +464,11 @@ def _apply(config: Config, values: Mapping[str, Any], where: str) -> list[str]:
         else:
             _unknown(key, list(owner) + list(blocks), where)
     return done
+
+
+def _owners(config: Config) -> dict[str, str]:
+    """Each field's block (`{"margin": "loss", ...}`); field names are unique across blocks."""
+    return {f.name: name for name, block in config.blocks().items() for f in dataclasses.fields(block)}
 
 
 def _set(block: Any, name: str, value: Any, where: str) -> str:
@@ -484,20 +505,42 @@ def load_config(preset: str | Path | Config | None = "demo", blocks: Mapping[str
         overrides = {"blocks": blocks, **overrides}
         blocks = None
     config = Config()
-    set_by: dict[str, str] = {}  # field -> the preset file its value came from, for the error of a bad one
+    layers: list[tuple[str, list[str]]] = []  # (where, the fields it set), in the order applied
     if isinstance(preset, Config):
         config = copy.deepcopy(preset)
     elif preset:
-        config.preset = _apply_preset(config, preset, set_by)
+        config.preset = _apply_preset(config, preset, layers)
+    n_files = len(layers)
     for values, where in ((dict(blocks or {}), "YAML blocks"), (overrides, "parameters")):
-        for key in _apply(config, values, where):
-            set_by.pop(key, None)
+        layers.append((where, _apply(config, values, where)))
+    last = {name: i for i, (_, names) in enumerate(layers) for name in names}  # field -> the layer that set it last
     try:
-        return config.validate()
+        config.validate()
     except ConfigError as err:
-        sources = {set_by.get(key) for key in re.findall(r"(\w+)=", str(err))}
+        from_file = {name: layers[i][0] for name, i in last.items() if i < n_files}  # values a preset file gave
+        sources = {from_file.get(key) for key in re.findall(r"(\w+)=", str(err))}
         where = sources.pop() if len(sources) == 1 else None  # every value it names came from one file
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+    _refuse_ruled_out(config, layers, last)
+    return config
+
+
+def _refuse_ruled_out(config: Config, layers: list[tuple[str, list[str]]], last: Mapping[str, int]) -> None:
+    """Refuse a field that the choice it belongs to rules out (`margin` under `head: softmax`):
+    training would ignore it without a word. Only a value set after the choice counts, so a preset's
+    margin left over when a later layer (a sweep arm, a flag) switches the head to softmax is no
+    error, nor one set in the same layer as the choice (a run's config.yaml names every field)."""
+    def word(value: Any) -> str:  # as YAML writes it: true, not True
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    owner, flat = _owners(config), config.flat()
+    for name, (choice, allowed) in _ONLY_WITH.items():
+        if flat[choice] not in allowed and last.get(name, -1) > last.get(choice, -1):
+            needed = " or ".join(map(word, allowed))
+            field_name, choice_name = f"{owner[name]}.{name}", f"{owner[choice]}.{choice}"
+            raise ConfigError(f"{layers[last[name]][0]}: {field_name} acts only with {choice_name}: {needed}, not "
+                              f"{word(flat[choice])}, so it would be ignored; set {choice_name}: {needed}, or remove "
+                              f"{field_name}")
 
 
 def with_overrides(cfg: Config, **overrides: Any) -> Config:
@@ -507,9 +550,11 @@ def with_overrides(cfg: Config, **overrides: Any) -> Config:
     return out
 
 
-def _apply_preset(config: Config, preset: str | Path, set_by: dict[str, str], seen: tuple[Path, ...] = ()) -> str:
-    """A preset YAML over `config`; returns its name. A YAML of one's own that names a preset
-    (`preset: demo`) starts from that preset, as `-f` in a notebook and a sweep arm do."""
+def _apply_preset(config: Config, preset: str | Path, layers: list[tuple[str, list[str]]],
+                  seen: tuple[Path, ...] = ()) -> str:
+    """A preset YAML over `config`, each file it starts from first, appending (file, fields set) to
+    `layers`; returns its name. A YAML of one's own that names a preset (`preset: demo`) starts from
+    that preset, as `-f` in a notebook and a sweep arm do."""
     path = preset_path(preset)
     values = read_yaml(path)
     base = values.get("preset")
@@ -529,8 +574,8 @@ def _apply_preset(config: Config, preset: str | Path, set_by: dict[str, str], se
         if start.resolve() != path.resolve():
             if path.resolve() in seen:
                 raise ConfigError(f"{path}: preset {base!r} leads back to {path}")
-            _apply_preset(config, base_path, set_by, (*seen, path.resolve()))
-    set_by.update(dict.fromkeys(_apply(config, values, str(path)), str(path)))
+            _apply_preset(config, base_path, layers, (*seen, path.resolve()))
+    layers.append((str(path), _apply(config, values, str(path))))
     return str(base or preset)
 
 

@@ -206,6 +206,41 @@ def test_values_out_of_range_are_refused_naming_the_file(tmp_path):
         load_config(mine)
 
 
+def test_a_field_its_choice_rules_out_is_refused_where_it_was_set(tmp_path):
+    """A margin without a margin head trained the reference softmax without a word. A preset's margin
+    left over when a later layer switches the head to softmax is no error (a sweep arm on demo_modern),
+    nor are fields set beside their choice (a run's config.yaml names every field)."""
+    rule = r"loss\.margin acts only with loss\.head: am or aam, not softmax, so it would be ignored; set loss\.head: "
+    with pytest.raises(ConfigError, match=rf"^parameters: {rule}am or aam, or remove loss\.margin$"):
+        load_config("demo", margin=0.3)
+    with pytest.raises(ConfigError, match=rf"^YAML blocks: {rule}"):
+        load_config("demo", {"loss": {"margin": 0.3}})
+    with pytest.raises(ConfigError, match=rf"^parameters: {rule}"):
+        cli_config(cli_parser("prog", None).parse_args(["--margin", "0.3"]))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("preset: demo\nloss: {margin_schedule: [1, 4]}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(mine))}: loss\.margin_schedule acts only with loss\.head"):
+        load_config(mine)
+    assert load_config(mine, head="aam").loss.margin_schedule == [1, 4]  # a later layer chooses the head
+    for preset, override, match in [
+            ("rawnet2_modified", {"easy_margin": True}, r"loss\.easy_margin acts only with loss\.head: aam, not am"),
+            ("rawnet2_modified", {"momentum": 0.5}, r"optim\.momentum acts only with optim\.optimizer: sgd, not adam"),
+            ("rawnet2_modified", {"lr_gamma": 0.5}, r"optim\.lr_gamma acts only with optim\.lr_decay: exponential or "
+                                                    r"step, not cosine"),
+            ("demo", {"noise_prob": 0.9}, r"augment\.noise_prob acts only with augment\.enabled: true, not false"),
+            ("demo", {"asnorm_top_k": 5}, r"evaluation\.asnorm_top_k acts only with evaluation\.asnorm: true")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(preset, **override)
+    modern = load_config("demo_modern")
+    switches = load_config("demo_modern", {"loss": {"head": "softmax"}}), load_config("demo_modern", head="softmax")
+    for switched in switches:
+        assert switched.loss.head == "softmax" and switched.loss.margin_schedule == modern.loss.margin_schedule
+        assert Config.from_dict(switched.to_dict()) == switched
+    mine.write_text("preset: demo_modern\nloss: {head: softmax}\naugment: {enabled: false}\n")
+    assert load_config(mine).augment.noise_prob == modern.augment.noise_prob
+    assert load_config("demo", head="softmax", margin=0.3).loss.margin == 0.3  # the head chosen beside it
+
+
 def test_a_yaml_of_one_s_own_starts_from_the_preset_it_names(tmp_path):
     """As `-f` in a notebook and a sweep arm do; before, load_config and the CLI ignored it."""
     (tmp_path / "mine.yaml").write_text("preset: demo\ntrain: {epochs: 3}\n")

@@ -2,7 +2,7 @@
 
     python -m rawnet_lib.evaluate --checkpoint outputs/train/train_1P/DNNS/demo/models/best_opt_eval.pt
     python -m rawnet_lib.evaluate --checkpoint outputs/train/train_1P/DNNS/demo --pick avg_last10
-    torchrun --standalone --nproc_per_node=8 -m rawnet_lib.evaluate --lists O E H --device cuda
+    torchrun --standalone --nproc_per_node=8 -m rawnet_lib.evaluate --trial_lists O E H --device cuda
 
 Any config field is a flag (`--data_path /data/DB --crop_mode full`); left out, it keeps the checkpoint's.
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                         config_help="settings for a bare reference state_dict: preset name or YAML")
     parser.add_argument("--checkpoint", default="", help="a .pt file or a run folder; empty = the newest run")
     parser.add_argument("--pick", default="best", help=f"the model of a run folder: {CHECKPOINT_CHOICES}")
-    parser.add_argument("--lists", nargs="+", default=None,
+    parser.add_argument("--trial_lists", "--lists", dest="lists", nargs="+", default=None,  # the notebook's name
                         help="O E H (O2 E2 H2 cleaned) or .txt paths; default: the checkpoint's trial_lists")
     parser.add_argument("--out_dir", default=None, help="default: <run>/eval/<checkpoint stem>/")
     parser.add_argument("--overwrite", action="store_true",

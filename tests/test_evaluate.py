@@ -16,7 +16,7 @@ import torch
 
 from rawnet_lib import dist
 from rawnet_lib import evaluate as ev
-from rawnet_lib.config import ConfigError, with_overrides
+from rawnet_lib.config import ConfigError, load_config, with_overrides
 from rawnet_lib.dataset.trials import read_trials, resolve
 from rawnet_lib.errors import WorkbookError
 from rawnet_lib.eval import embed
@@ -244,6 +244,17 @@ def test_a_row_is_checked_against_its_list_file_when_it_names_one(tmp_path: Path
     listed.unlink()
     assert ev._list_unchanged(row)
 
+
+def test_the_command_takes_the_lists_by_the_notebooks_name(tmp_path: Path, monkeypatch) -> None:
+    """`--trial_lists`, as the evaluate notebook's parameter, train's and prep's flags; `--lists` too."""
+    given = []
+    monkeypatch.setattr(ev, "resolve_checkpoint", lambda checkpoint, pick, make=True: tmp_path / "best.pt")
+    monkeypatch.setattr(ev, "load_checkpoint_model", lambda path, base: (None, load_config("smoke")))
+    monkeypatch.setattr(ev, "evaluate", lambda checkpoint, cfg, lists, *args, **kwargs: given.append(lists)
+                        or pd.DataFrame())
+    ev.main(["--trial_lists", "O", "E"])
+    ev.main(["--lists", "H"])
+    assert given == [["O", "E"], ["H"]]
 
 def test_two_gloo_ranks_share_embedding_and_score_once(evaluated, smoke_run: Path, tiny_db: Path,
                                                        tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
     "BLOCK_NAMES", "PARAMS_DIR", "RENAMED", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
     "preset_path", "repo_path", "input_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config",
-    "cli_parser", "cli_config", "cli_overrides", "with_overrides",
+    "cli_parser", "cli_config", "cli_overrides", "with_overrides", "stage_frames",
 ]
 
 
@@ -101,6 +101,16 @@ class ModelConfig:
     embedding_dim: int = 1024       # `fc1_gru` output, the speaker embedding
     layer_norm: bool = True         # the reference's learnable affine norm over time (fixes length)
     fast: bool = False              # fast path (cheaper sinc filtering); false = exact reference maths
+
+
+def stage_frames(cfg: ModelConfig, n_samples: int | None = None) -> list[tuple[str, int]]:
+    """Time frames after each stage, e.g. 59049 -> 58799 -> 19599 -> ... -> 26 GRU steps (here, not in
+    the model's module, so that validation can refuse a crop that leaves the GRU no frame)."""
+    t = n_samples or cfg.n_samples
+    stages = [("input", t), ("first_conv", t := t - cfg.sinc_kernel + 1), ("first pool", t := t // 3)]
+    for i, pool in enumerate(cfg.block_pool or [True] * len(cfg.blocks)):
+        stages.append((f"block{i}", t := t // 3 if pool else t))
+    return stages
 
 
 @dataclass
@@ -272,6 +282,11 @@ class Config:
         if self.model.block_pool and len(self.model.block_pool) != len(self.model.blocks):
             raise ConfigError(f"block_pool={self.model.block_pool} needs one true/false per block of blocks="
                               f"{self.model.blocks} ({len(self.model.blocks)}), or [] to pool after every block")
+        if stage_frames(self.model)[-1][1] < 1:  # else max_pool1d fails at the first training step
+            pools = 1 + sum(self.model.block_pool or [True] * len(self.model.blocks))
+            raise ConfigError(f"n_samples={self.model.n_samples} leaves the GRU no time frame: the sinc layer takes "
+                              f"sinc_kernel - 1 samples, then {pools} max-pools divide by 3; use n_samples of at least "
+                              f"{3 ** pools + self.model.sinc_kernel - 1}, or fewer pooling blocks (block_pool)")
         for item in self.evaluation.trial_lists:
             if item not in ("O", "E", "H", "O2", "E2", "H2") and not item.endswith(".txt"):
                 raise ConfigError(f"trial list {item!r}: use O, E, H (O2, E2, H2 cleaned) or a .txt path")

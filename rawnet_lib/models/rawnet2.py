@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rawnet_lib.config import Config, LossConfig, ModelConfig, load_config
+from rawnet_lib.config import Config, LossConfig, ModelConfig, load_config, stage_frames
 from rawnet_lib.models.fastsinc import fast_frame_features
 from rawnet_lib.models.losses import head_logits
 
@@ -208,12 +208,3 @@ def build_model(config: Config | ModelConfig | str = "paper", n_classes: int = 0
     if isinstance(config, Config):
         return RawNet2(config.model, n_classes, config.loss)
     return RawNet2(config, n_classes)
-
-
-def stage_frames(cfg: ModelConfig, n_samples: int | None = None) -> list[tuple[str, int]]:
-    """Time frames after each stage, e.g. 59049 -> 58799 -> 19599 -> ... -> 26 GRU steps."""
-    t = n_samples or cfg.n_samples
-    stages = [("input", t), ("first_conv", t := t - cfg.sinc_kernel + 1), ("first pool", t := t // 3)]
-    for i, pool in enumerate(cfg.block_pool or [True] * len(cfg.blocks)):
-        stages.append((f"block{i}", t := t // 3 if pool else t))
-    return stages

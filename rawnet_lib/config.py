@@ -290,6 +290,10 @@ class Config:
         for item in self.evaluation.trial_lists:
             if item not in ("O", "E", "H", "O2", "E2", "H2") and not item.endswith(".txt"):
                 raise ConfigError(f"trial list {item!r}: use O, E, H (O2, E2, H2 cleaned) or a .txt path")
+        for key, value in flat.items():  # YAML reads .nan and .inf as floats; no field can use them
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ConfigError(f"{key}={value} must be a finite number")
         self._validate_recipe()
         return self
 

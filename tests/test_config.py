@@ -315,6 +315,18 @@ def test_invalid_values_raise(override, match):
         load_config("smoke", **override)
 
 
+def test_non_finite_numbers_are_refused(tmp_path):
+    """YAML's .nan and .inf are floats; they passed checks written as `x < 0` (false for nan)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("preset: demo_modern\nloss: {scale: .inf}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(mine))}: scale=inf must be a finite number$"):
+        load_config(mine)
+    for override in ({"margin": float("nan")}, {"min_lr": float("nan")}, {"warmup_epochs": float("inf")},
+                     {"weight_decay": float("inf")}, {"snr_noise": [0, float("inf")]}):
+        with pytest.raises(ConfigError, match=rf"{next(iter(override))}=.* must be a finite number"):
+            load_config("demo_modern", **override)
+
+
 def test_a_crop_that_leaves_the_gru_no_frame_is_refused():
     """It passed validation and failed in max_pool1d at the first training step, after the run had
     set up; the least crop that works is named (smoke: 3^7 after the 60 samples the sinc layer takes)."""

@@ -382,17 +382,18 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
 
 
 def _check_own_folder(spec: Sweep) -> None:
-    """Refuse to replace the tables another sweep file wrote into the same folder (two files of one
-    name in different folders share the default folder)."""
-    done = spec.results / "summary.json"
-    try:
-        other = Path(json.loads(done.read_text())["sweep"]) if done.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        other = None  # unreadable tables: this sweep writes them again
-    if other is not None and other.is_file() and other.resolve() != spec.path.resolve():
-        raise RunExistsError(f"{spec.results} holds the tables of the sweep {other}, not of {spec.path}; give this "
-                             f"sweep a folder of its own (--out, or the notebook's out_dir), or delete {done} to let "
-                             "it write its tables there")
+    """Refuse a folder holding the tables another sweep file wrote (two files of one name in different
+    folders share the default folder), for any choice of model (DIR, DIR/<choice>/): this sweep would
+    overwrite DIR/sweep.yaml and take that sweep's runs of arms of the same names for its own."""
+    for done in (spec.out / "summary.json", *sorted(spec.out.glob("*/summary.json"))):
+        try:
+            other = Path(json.loads(done.read_text())["sweep"]) if done.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            other = None  # unreadable tables: this sweep writes them again
+        if other is not None and other.is_file() and other.resolve() != spec.path.resolve():
+            raise RunExistsError(f"{done.parent} holds the tables of the sweep {other}, not of {spec.path}; give "
+                                 "this sweep a folder of its own (--out, or the notebook's out_dir), or delete "
+                                 f"{done} to let it write its tables there")
 
 
 def _check_n_boot(n_boot: int) -> None:

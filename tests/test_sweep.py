@@ -203,6 +203,24 @@ def test_data_the_sweep_cannot_use_fails_before_training(tiny_db, tmp_path, monk
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", {"seeds": [1], "arms": {"a": ok}}), out)
 
 
+def test_another_sweep_s_tables_refuse_the_folder_whichever_model_either_scores(tmp_path):
+    """The tables of another sweep file in DIR (its best models') or in DIR/<choice>/ refuse this
+    sweep for every choice: it would overwrite DIR/sweep.yaml and take that sweep's runs of arms of
+    the same names for its own. Its own tables are no obstacle."""
+    arms = {"a": {"preset": "smoke"}}
+    other, path = (_write(tmp_path / name, {"seeds": [1], "arms": arms}) for name in ("other.yaml", "s.yaml"))
+    out = tmp_path / "out"
+    for tables in (out, out / "avg_last2"):
+        tables.mkdir(parents=True, exist_ok=True)
+        (tables / "summary.json").write_text(json.dumps({"sweep": str(other)}))
+        for pick in ("best", "last"):
+            with pytest.raises(WorkbookError, match=rf"{tables.name} holds the tables of the sweep .*other\.yaml, "
+                                                    r"not of .*s\.yaml; give this sweep a folder of its own"):
+                sweep_mod._check_own_folder(sweep_mod.load_sweep(path, out, pick=pick))
+        (tables / "summary.json").write_text(json.dumps({"sweep": str(path)}))
+    sweep_mod._check_own_folder(sweep_mod.load_sweep(path, out, pick="last"))
+
+
 def test_a_relative_folder_is_the_repository_s_as_for_runs(tmp_path, monkeypatch):
     """The notebook runs in notebooks/: the tables and the runs must land in one folder."""
     monkeypatch.chdir(tmp_path)

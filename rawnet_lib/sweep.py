@@ -18,9 +18,11 @@ lowest validation EER, as the reference), `last`, or `avg_last<N>` (the last N e
 averaged, as WeSpeaker). Another choice than `best` reuses the training and writes its tables
 under `DIR/<choice>/`, so the comparisons of each choice sit side by side.
 
-Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials and over enrolment
-speakers, on the demo corpus over base voices: trials of one speaker are not independent, so the
-second is the wider; and its score file, so `sources=DIR` in the analysis notebook shows every run),
+Under DIR: runs.csv (one row per run and list, with bootstrap CIs over trials, over enrolment
+speakers and over speakers on both sides of the trials (`eer_spk_both_*`), on the demo corpus over
+base voices: trials of one speaker are not independent, so the second is wider and the third,
+which leaves a voice out of both sides, usually wider still; and its score file, so `sources=DIR`
+in the analysis notebook shows every run),
 summary.csv / .json (per arm and list: mean EER % and minDCF(0.01) over seeds with 95 % t-intervals),
 paired.csv (each arm minus the first over the same seeds), training.csv (per run: best epoch,
 validation EER over the last 10 epochs and its epoch-to-epoch movement, final training accuracy),
@@ -380,17 +382,18 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
 
 
 def _check_own_folder(spec: Sweep) -> None:
-    """Refuse to replace the tables another sweep file wrote into the same folder (two files of one
-    name in different folders share the default folder)."""
-    done = spec.results / "summary.json"
-    try:
-        other = Path(json.loads(done.read_text())["sweep"]) if done.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        other = None  # unreadable tables: this sweep writes them again
-    if other is not None and other.is_file() and other.resolve() != spec.path.resolve():
-        raise RunExistsError(f"{spec.results} holds the tables of the sweep {other}, not of {spec.path}; give this "
-                             f"sweep a folder of its own (--out, or the notebook's out_dir), or delete {done} to let "
-                             "it write its tables there")
+    """Refuse a folder holding the tables another sweep file wrote (two files of one name in different
+    folders share the default folder), for any choice of model (DIR, DIR/<choice>/): this sweep would
+    overwrite DIR/sweep.yaml and take that sweep's runs of arms of the same names for its own."""
+    for done in (spec.out / "summary.json", *sorted(spec.out.glob("*/summary.json"))):
+        try:
+            other = Path(json.loads(done.read_text())["sweep"]) if done.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            other = None  # unreadable tables: this sweep writes them again
+        if other is not None and other.is_file() and other.resolve() != spec.path.resolve():
+            raise RunExistsError(f"{done.parent} holds the tables of the sweep {other}, not of {spec.path}; give "
+                                 "this sweep a folder of its own (--out, or the notebook's out_dir), or delete "
+                                 f"{done} to let it write its tables there")
 
 
 def _check_n_boot(n_boot: int) -> None:
@@ -431,13 +434,15 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                 scores = load_scores(scores_file)
                 data = scores[["score", "label"]].to_numpy(float)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
-                spk_low, spk_high = (bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed,
-                                                   groups=scores["enroll"].map(speaker_of).map(
-                                                       lambda spk: voices.get(spk, spk)).to_numpy())
-                                     if "enroll" in scores else (float("nan"), float("nan")))
+                spk = both = (float("nan"), float("nan"))
+                if "enroll" in scores:
+                    enroll, test = (_voices(scores[side], voices) for side in ("enroll", "test"))
+                    spk = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed, groups=enroll)
+                    both = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed, groups=enroll, test_groups=test)
                 rows.append({"arm": arm, "seed": seed, "list": tag, "eer": 100 * m["eer"],
                              "eer_boot_low": 100 * low, "eer_boot_high": 100 * high,
-                             "eer_spk_low": 100 * spk_low, "eer_spk_high": 100 * spk_high,
+                             "eer_spk_low": 100 * spk[0], "eer_spk_high": 100 * spk[1],
+                             "eer_spk_both_low": 100 * both[0], "eer_spk_both_high": 100 * both[1],
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run),
                              "list_sha1": sha, "scores": os.path.relpath(scores_file, spec.results)})
                 trials.setdefault(tag, {}).setdefault(arm, []).append(data)
@@ -447,6 +452,11 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
     if not rows:
         raise MissingPathError(f"{spec.out}: no run of this sweep is finished yet; run `{spec.command}`")
     return pd.DataFrame(rows), trials, missing
+
+
+def _voices(keys: pd.Series, voices: dict[str, str]) -> np.ndarray:
+    """The speaker of each utterance key, as its base voice where the corpus names one (`base_voices`)."""
+    return keys.map(speaker_of).map(lambda spk: voices.get(spk, spk)).to_numpy()
 
 
 def _eval_dir(run: Path, which: str) -> Path | None:

@@ -20,6 +20,7 @@ from rawnet_lib.dataset.trials import read_trials
 from rawnet_lib.dataset.utterances import load_utterances
 from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.eval.metrics import eer
+from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluation_identity
 from rawnet_lib.io import file_sha1
@@ -74,6 +75,56 @@ def test_speaker_bootstrap_resamples_whole_speakers():
     by_speaker = bootstrap_eer(shifted, labels, n_boot=300, groups=np.repeat(np.arange(8), 90))
     by_trial = bootstrap_eer(shifted, labels, n_boot=300)
     assert by_speaker[1] - by_speaker[0] > 1.5 * (by_trial[1] - by_trial[0])
+
+
+def test_two_way_speaker_bootstrap_is_the_bootstrap_of_the_resampled_trial_lists():
+    """Each resample of voices built literally: every ordered pair of draws (i, j) of different
+    voices brings the trials from voice i to voice j, a draw paired with itself its own voice's
+    trials (targets, and non-targets of another speed of it), two draws of one voice nothing more;
+    the EERs of those lists give the same interval as the multiplicity weights."""
+    rng = np.random.default_rng(3)
+    n_voices, n, n_boot, seed = 7, 600, 150, 5
+    enroll, test = rng.integers(0, n_voices, n), rng.integers(0, n_voices, n)
+    test[:200] = enroll[:200]  # within-voice trials: targets, and some non-targets
+    labels = (enroll == test) & (rng.random(n) < 0.8)
+    scores = rng.normal(size=n) + 2 * labels + rng.normal(size=n_voices)[enroll] + rng.normal(size=n_voices)[test]
+    names = np.array([f"voice{v}" for v in range(n_voices)])
+    ours = bootstrap_eer(scores, labels, n_boot, seed=seed, groups=names[enroll], test_groups=names[test])
+    draws, eers = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        drawn = draws.integers(0, n_voices, n_voices)
+        picked = np.concatenate([np.flatnonzero((enroll == a) & (test == b)) for i, a in enumerate(drawn)
+                                 for j, b in enumerate(drawn) if i == j or a != b])
+        y = labels[picked]
+        eers.append(eer(scores[picked], y) if 0 < y.sum() < len(y) else np.nan)
+    assert ours == pytest.approx(tuple(np.nanquantile(eers, [0.025, 0.975])), rel=1e-12, abs=0)
+    with pytest.raises(ValueError, match="test_groups needs groups"):
+        bootstrap_eer(scores, labels, test_groups=names[test])
+
+
+def test_two_way_speaker_bootstrap_sees_what_the_test_side_s_voices_do():
+    """Voices that shift the non-target scores when they are tested (not when they enrol): the
+    one-way bootstrap over enrolment voices keeps every test voice in each draw and is barely wider
+    than the trial bootstrap; the two-way one leaves them out too."""
+    rng = np.random.default_rng(0)
+    n_voices, n = 20, 1500
+    enroll, test = rng.integers(0, n_voices, n), rng.integers(0, n_voices, n)
+    test[:500] = enroll[:500]
+    labels = (enroll == test) & (rng.random(n) < 0.8)
+    scores = rng.normal(size=n) + 2 * labels + rng.normal(0, 1, n_voices)[test] * ~labels
+    width = {name: np.diff(bootstrap_eer(scores, labels, 200, seed=1, **groups))[0] for name, groups in (
+        ("trials", {}), ("one_way", {"groups": enroll}), ("two_way", {"groups": enroll, "test_groups": test}))}
+    assert width["one_way"] < 1.5 * width["trials"] and width["two_way"] > 2 * width["one_way"]
+
+
+def test_a_speaker_draw_without_targets_is_left_out_not_fatal():
+    """With few voices a draw can hold no target trial (every copy a voice enrolled in non-targets
+    only): that draw has no EER and is left out instead of stopping the sweep's summary."""
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.15])
+    labels = np.array([1, 1, 0, 0, 0, 0])
+    groups = np.array(["a", "a", "a", "b", "b", "b"])  # b enrols non-targets only
+    low, high = bootstrap_eer(scores, labels, n_boot=40, groups=groups)
+    assert low == high == 0.0  # the draws with a's trials separate perfectly
 
 
 def _write(path: Path, spec: dict) -> Path:
@@ -153,6 +204,24 @@ def test_data_the_sweep_cannot_use_fails_before_training(tiny_db, tmp_path, monk
     with pytest.raises(WorkbookError, match=r"out holds the tables of the sweep .*other\.yaml, not of .*s\.yaml; give "
                                             r"this sweep a folder of its own"):
         sweep_mod.run_sweep(_write(tmp_path / "s.yaml", {"seeds": [1], "arms": {"a": ok}}), out)
+
+
+def test_another_sweep_s_tables_refuse_the_folder_whichever_model_either_scores(tmp_path):
+    """The tables of another sweep file in DIR (its best models') or in DIR/<choice>/ refuse this
+    sweep for every choice: it would overwrite DIR/sweep.yaml and take that sweep's runs of arms of
+    the same names for its own. Its own tables are no obstacle."""
+    arms = {"a": {"preset": "smoke"}}
+    other, path = (_write(tmp_path / name, {"seeds": [1], "arms": arms}) for name in ("other.yaml", "s.yaml"))
+    out = tmp_path / "out"
+    for tables in (out, out / "avg_last2"):
+        tables.mkdir(parents=True, exist_ok=True)
+        (tables / "summary.json").write_text(json.dumps({"sweep": str(other)}))
+        for pick in ("best", "last"):
+            with pytest.raises(WorkbookError, match=rf"{tables.name} holds the tables of the sweep .*other\.yaml, "
+                                                    r"not of .*s\.yaml; give this sweep a folder of its own"):
+                sweep_mod._check_own_folder(sweep_mod.load_sweep(path, out, pick=pick))
+        (tables / "summary.json").write_text(json.dumps({"sweep": str(path)}))
+    sweep_mod._check_own_folder(sweep_mod.load_sweep(path, out, pick="last"))
 
 
 def test_a_relative_folder_is_the_repository_s_as_for_runs(tmp_path, monkeypatch):
@@ -359,6 +428,63 @@ def test_a_run_that_never_scored_a_list_of_the_sweep_is_named(tmp_path):
     with pytest.raises(MissingPathError, match=r"best_opt_eval/metrics\.json holds no cosine result of list E; run "
                                                r"`python -m rawnet_lib\.sweep"):
         sweep_mod.summarise(spec, n_boot=10)
+
+
+def _scored_run(spec: sweep_mod.Sweep, arm: str, seed: int, db: Path, shift: float) -> None:
+    """A finished run of the sweep scored on list O (names file included), without training: voices
+    v0-v5 at two speeds each (speakers v<k>s<speed>), targets within a speaker."""
+    rng = np.random.default_rng(seed)
+    run = sweep_mod.run_path(spec.configs[arm][seed])
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "best_opt_eval.pt").write_bytes(b"weights")
+    (run / "summary.json").write_text("{}")
+    (run / "history.json").write_text(json.dumps([{"epoch": 1, "val_eer": 0.2, "accuracy": 0.5,
+                                                            "epoch_seconds": 1.0}]))
+    speakers = [f"v{v}s{s}" for v in range(6) for s in range(2)]
+    enroll, test = rng.choice(speakers, 300), rng.choice(speakers, 300)
+    test[:100] = enroll[:100]
+    labels = (enroll == test).astype(int)
+    scores = rng.normal(size=300) + 2 * labels + shift
+    out = run / "eval" / "best_opt_eval"
+    out.mkdir(parents=True)
+    (out / "scores_O_names.txt").write_text("".join(f"{x} {y} {e}/vid/1.wav {t}/vid/2.wav\n"
+                                                    for x, y, e, t in zip(scores, labels, enroll, test)))
+    row = {"list": "O", "scoring": "cosine", "eer": eer(scores, labels), "min_dcf_0.01": 1.0, "trials": 300,
+           "list_sha1": "a" * 40}
+    (out / "metrics.json").write_text(json.dumps({"data_path": str(db), "metrics": [row]}))
+
+
+def test_the_runs_table_s_intervals_and_seeds_an_arm_lacks(tmp_path):
+    """runs.csv: the speaker intervals resample base voices (both speeds of one voice together), the
+    one-way over enrolment voices, the two-way (eer_spk_both_*) over both sides; a seed whose run of
+    one arm did not finish is left out of that arm's mean and of the paired difference only."""
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "corpus.json").write_text(json.dumps({"speakers": [{"id": f"v{v}s{s}", "voice": f"v{v}"}
+                                                             for v in range(6) for s in range(2)]}))
+    path = _write(tmp_path / "s.yaml", {"seeds": [1, 2], "arms": {"a": {"preset": "smoke"}, "b": {"preset": "smoke"}}})
+    spec = sweep_mod.load_sweep(path, tmp_path / "out")
+    for arm, seed in (("a", 1), ("a", 2), ("b", 1)):
+        _scored_run(spec, arm, seed, db, shift=0.0 if arm == "a" else 0.5)
+    with pytest.warns(UserWarning, match=r"1 run\(s\) not finished yet.*: b-seed2"):
+        tables = sweep_mod.summarise(spec, n_boot=30)
+    runs = tables["runs"]
+    for row in runs.itertuples():
+        scores = load_scores(tmp_path / "out" / row.scores)
+        data = scores[["score", "label"]].to_numpy(float)
+        enroll, test = (scores[side].str[:2].to_numpy() for side in ("enroll", "test"))  # v<k>s<speed>/...: v<k>
+        one = bootstrap_eer(data[:, 0], data[:, 1], 30, seed=row.seed, groups=enroll)
+        both = bootstrap_eer(data[:, 0], data[:, 1], 30, seed=row.seed, groups=enroll, test_groups=test)
+        assert (row.eer_spk_low, row.eer_spk_high) == pytest.approx(tuple(100 * np.array(one)), rel=1e-12)
+        assert (row.eer_spk_both_low, row.eer_spk_both_high) == pytest.approx(tuple(100 * np.array(both)), rel=1e-12)
+    assert tables["summary"]["n_seeds"].tolist() == [2, 1] and np.isnan(tables["summary"]["eer_ci_low"].iloc[1])
+    paired = tables["paired"].iloc[0]
+    a1, b1 = (runs.query("arm == @arm and seed == 1")["eer"].iloc[0] for arm in ("a", "b"))
+    assert paired["n_pairs"] == 1 and paired["eer_diff"] == pytest.approx(b1 - a1)
+    assert np.isnan(paired["eer_diff_ci_low"])  # one pair: no interval
+    assert list(pd.read_csv(tmp_path / "out" / "runs.csv").columns[:10]) == [
+        "arm", "seed", "list", "eer", "eer_boot_low", "eer_boot_high", "eer_spk_low", "eer_spk_high",
+        "eer_spk_both_low", "eer_spk_both_high"]
 
 
 @pytest.mark.slow

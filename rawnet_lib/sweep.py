@@ -417,11 +417,12 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                     moved[cfg.data.data_path] = resolve_data_path(cfg.data)
                 recorded = moved[cfg.data.data_path]
             metrics, voices = pd.DataFrame(meta["metrics"]), base_voices(recorded)
+            method = "asnorm" if cfg.evaluation.asnorm else "cosine"  # what the arm says its runs are scored with
             for tag in spec.lists:
                 tag = list_tag(tag)
-                found = metrics[(metrics["list"] == tag) & (metrics["scoring"] == "cosine")]
+                found = metrics[(metrics["list"] == tag) & (metrics["scoring"] == method)]
                 if found.empty:
-                    raise MissingPathError(f"{out / 'metrics.json'} holds no cosine result of list {tag}; run "
+                    raise MissingPathError(f"{out / 'metrics.json'} holds no {method} result of list {tag}; run "
                                            f"`{spec.command}`: it scores every run on the sweep's lists")
                 m = found.iloc[0]
                 sha = m["list_sha1"] if isinstance(m.get("list_sha1"), str) else ""
@@ -430,7 +431,7 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                     raise WorkbookError(f"{spec.out}: {arm}-seed{seed} scored another version of list {tag} than "
                                         f"{first} (the corpus changed between them, or one recorded none); run "
                                         f"`{spec.command}` again: it scores every run on the lists there are now")
-                scores_file = _scores_file(out, tag)
+                scores_file = _scores_file(out, tag, method)
                 scores = load_scores(scores_file)
                 data = scores[["score", "label"]].to_numpy(float)
                 low, high = bootstrap_eer(data[:, 0], data[:, 1], n_boot, seed=seed)
@@ -444,7 +445,8 @@ def _runs_table(spec: Sweep, n_boot: int) -> tuple[pd.DataFrame, dict[str, dict[
                              "eer_spk_low": 100 * spk[0], "eer_spk_high": 100 * spk[1],
                              "eer_spk_both_low": 100 * both[0], "eer_spk_both_high": 100 * both[1],
                              "min_dcf_0.01": m["min_dcf_0.01"], "trials": int(m["trials"]), "run": str(run),
-                             "list_sha1": sha, "scores": os.path.relpath(scores_file, spec.results)})
+                             "list_sha1": sha, "scores": os.path.relpath(scores_file, spec.results),
+                             "scoring": method})
                 trials.setdefault(tag, {}).setdefault(arm, []).append(data)
     if missing:
         warnings.warn(f"{spec.out}: {len(missing)} run(s) not finished yet, left out of the summary: "
@@ -469,11 +471,12 @@ def _eval_dir(run: Path, which: str) -> Path | None:
         return None
 
 
-def _scores_file(out: Path, tag: str) -> Path:
-    """A run's score file of one list: the one with the trial names when the evaluation wrote it
-    (the test speakers of the speaker bootstrap, the analysis notebook's players)."""
-    names = out / f"scores_{tag}_names.txt"
-    return names if names.is_file() else out / f"scores_{tag}.txt"
+def _scores_file(out: Path, tag: str, method: str) -> Path:
+    """A run's score file of one list and scoring: the one with the trial names when the evaluation
+    wrote it (the test speakers of the speaker bootstrap, the analysis notebook's players)."""
+    stem = out / (f"scores_{tag}" + ("_asnorm" if method == "asnorm" else ""))
+    names = stem.with_name(stem.name + "_names.txt")
+    return names if names.is_file() else stem.with_name(stem.name + ".txt")
 
 
 def _training_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -430,9 +430,11 @@ def test_a_run_that_never_scored_a_list_of_the_sweep_is_named(tmp_path):
         sweep_mod.summarise(spec, n_boot=10)
 
 
-def _scored_run(spec: sweep_mod.Sweep, arm: str, seed: int, db: Path, shift: float) -> None:
+def _scored_run(spec: sweep_mod.Sweep, arm: str, seed: int, db: Path, shift: float,
+                scorings: tuple[str, ...] = ("cosine",)) -> None:
     """A finished run of the sweep scored on list O (names file included), without training: voices
-    v0-v5 at two speeds each (speakers v<k>s<speed>), targets within a speaker."""
+    v0-v5 at two speeds each (speakers v<k>s<speed>), targets within a speaker; each scoring's
+    scores are shifted by one more."""
     rng = np.random.default_rng(seed)
     run = sweep_mod.run_path(spec.configs[arm][seed])
     (run / "models").mkdir(parents=True)
@@ -444,14 +446,17 @@ def _scored_run(spec: sweep_mod.Sweep, arm: str, seed: int, db: Path, shift: flo
     enroll, test = rng.choice(speakers, 300), rng.choice(speakers, 300)
     test[:100] = enroll[:100]
     labels = (enroll == test).astype(int)
-    scores = rng.normal(size=300) + 2 * labels + shift
     out = run / "eval" / "best_opt_eval"
     out.mkdir(parents=True)
-    (out / "scores_O_names.txt").write_text("".join(f"{x} {y} {e}/vid/1.wav {t}/vid/2.wav\n"
-                                                    for x, y, e, t in zip(scores, labels, enroll, test)))
-    row = {"list": "O", "scoring": "cosine", "eer": eer(scores, labels), "min_dcf_0.01": 1.0, "trials": 300,
-           "list_sha1": "a" * 40}
-    (out / "metrics.json").write_text(json.dumps({"data_path": str(db), "metrics": [row]}))
+    rows = []
+    for i, scoring in enumerate(scorings):
+        scores = rng.normal(size=300) + (2 + i) * labels + shift
+        stem = "scores_O" + ("_asnorm" if scoring == "asnorm" else "")
+        (out / f"{stem}_names.txt").write_text("".join(f"{x} {y} {e}/vid/1.wav {t}/vid/2.wav\n"
+                                                       for x, y, e, t in zip(scores, labels, enroll, test)))
+        rows.append({"list": "O", "scoring": scoring, "eer": eer(scores, labels), "min_dcf_0.01": 1.0,
+                     "trials": 300, "list_sha1": "a" * 40})
+    (out / "metrics.json").write_text(json.dumps({"data_path": str(db), "metrics": rows}))
 
 
 def test_the_runs_table_s_intervals_and_seeds_an_arm_lacks(tmp_path):
@@ -485,6 +490,25 @@ def test_the_runs_table_s_intervals_and_seeds_an_arm_lacks(tmp_path):
     assert list(pd.read_csv(tmp_path / "out" / "runs.csv").columns[:10]) == [
         "arm", "seed", "list", "eer", "eer_boot_low", "eer_boot_high", "eer_spk_low", "eer_spk_high",
         "eer_spk_both_low", "eer_spk_both_high"]
+
+
+def test_an_arm_scored_with_asnorm_is_summarised_on_its_asnorm_scores(tmp_path):
+    """An arm with evaluation.asnorm is compared on what it asked for, not on the cosine scores
+    its evaluation writes beside them."""
+    db = tmp_path / "db"
+    db.mkdir()
+    arms = {"cosine": {"preset": "smoke"}, "asnorm": {"preset": "smoke", "evaluation": {"asnorm": True}}}
+    spec = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", {"seeds": [1], "arms": arms}), tmp_path / "out")
+    for arm in arms:
+        _scored_run(spec, arm, 1, db, shift=0.0, scorings=("cosine", "asnorm"))
+    runs = sweep_mod.summarise(spec, n_boot=10)["runs"].set_index("arm")
+    out = {arm: sweep_mod.run_path(spec.configs[arm][1]) / "eval" / "best_opt_eval" for arm in arms}
+    for arm, stem in (("cosine", "scores_O"), ("asnorm", "scores_O_asnorm")):
+        scores = load_scores(out[arm] / f"{stem}_names.txt")
+        assert runs.loc[arm, "scoring"] == arm
+        assert runs.loc[arm, "eer"] == pytest.approx(100 * eer(scores["score"].to_numpy(), scores["label"].to_numpy()))
+        assert Path(runs.loc[arm, "scores"]).name == f"{stem}_names.txt"
+    assert runs.loc["cosine", "eer"] != runs.loc["asnorm", "eer"]
 
 
 @pytest.mark.slow

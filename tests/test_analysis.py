@@ -198,3 +198,27 @@ def test_analysis_notebook_saves_figures(eval_dir: Path, smoke_run: Path, run_no
     for name in ("det", "hist_O", "hist_O2", f"val_eer_{smoke_run.name}"):
         for ext in ("png", "svg"):
             assert (figures / f"{name}.{ext}").stat().st_size > 0
+
+
+def _corpus(root: Path, rate: int) -> list[str]:
+    """Four one-second noise wavs at `rate` under root (spk/video/utt.wav); returns their keys."""
+    keys = ["a/v/1.wav", "a/w/1.wav", "b/v/1.wav", "b/w/1.wav"]
+    rng = np.random.default_rng(0)
+    for key in keys:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / key, 0.1 * rng.standard_normal(rate), rate, subtype="PCM_16")
+    return keys
+
+
+def test_players_play_each_file_at_its_own_rate(tmp_path: Path) -> None:
+    """An evaluation at model.sample_rate 8000 has 8 kHz files: the players play them at 8 kHz
+    (they refused them, expecting 16 kHz, so such a run's worst trials could not be heard)."""
+    a1, a2, b1, b2 = _corpus(tmp_path, 8000)
+    trials = pd.DataFrame({"score": [0.1, 0.9], "label": [1, 0], "enroll": [a1, a2], "test": [a2, b1],
+                           "kind": ["false_reject", "false_accept"]})
+    clips = _clips(trials_table(trials, [tmp_path], seconds=0.5).data)
+    assert [(len(wave), info.samplerate) for wave, info in clips] == [(4000, 8000)] * 4
+    assert "1.00 s" in utterances_table([tmp_path / b2], tmp_path).data
+    player = an.trial_player(trials.iloc[0], [tmp_path])
+    images = [w for side in player.children[1].children for w in side.children if isinstance(w, widgets.Image)]
+    assert len(images) == 2 and all(i.value[:4] == b"\x89PNG" for i in images)

@@ -21,11 +21,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rawnet_lib.config import DataConfig, input_path, repo_path
-from rawnet_lib.dataset.audio import read_audio
 from rawnet_lib.dataset.trials import list_tag, resolve, speaker_of
 from rawnet_lib.errors import MissingPathError
 from rawnet_lib.eval.metrics import eer_threshold
 from rawnet_lib.eval.scoring import ScoreFileError, load_scores
+from rawnet_lib.views.listen import read_clip
 from rawnet_lib.views.plots import det_plot, history_plot, save_figure, score_histogram, waveform_spectrogram
 
 __all__ = ["score_sources", "Results", "open_results", "det_figure", "validation_figures", "histogram_figures",
@@ -310,9 +310,9 @@ def worst_trials(scores: pd.DataFrame, kind: str | Sequence[str] = "false_reject
     return frame.head(n).assign(kind=kind).reset_index(drop=True)
 
 
-def _picture(wave: np.ndarray, title: str) -> bytes:
+def _picture(wave: np.ndarray, sample_rate: int, title: str) -> bytes:
     """A small waveform/spectrogram PNG for one side of a trial."""
-    fig = waveform_spectrogram(wave, title=title)
+    fig = waveform_spectrogram(wave, sample_rate, title=title)
     fig.set_size_inches(3.2, 2.4)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72)
@@ -321,14 +321,15 @@ def _picture(wave: np.ndarray, title: str) -> bytes:
 
 def trial_player(row: pd.Series | dict, roots: Sequence[str | Path]) -> widgets.VBox:
     """Both sides of one trial: a header with score and label, an audio player and a
-    waveform/spectrogram picture each for enroll and test."""
+    waveform/spectrogram picture each for enroll and test, at each file's own rate."""
     sides = []
     for side in ("enroll", "test"):
         path = resolve(row[side], [Path(r) for r in roots])
+        wave, rate = read_clip(path)
         sides.append(widgets.VBox([
             widgets.Label(f"{side}: {row[side]}"),
             widgets.Audio(value=path.read_bytes(), format="wav", autoplay=False, loop=False),
-            widgets.Image(value=_picture(read_audio(path), row[side]), format="png"),
+            widgets.Image(value=_picture(wave, rate, row[side]), format="png"),
         ]))
     same = "same speaker" if int(row["label"]) == 1 else "different speakers"
     header = widgets.HTML(f"<b>score {float(row['score']):.4f}</b> ({same})")

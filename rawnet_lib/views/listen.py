@@ -4,7 +4,9 @@ Widgets need their kernel, and JupyterLab sanitises the HTML of a notebook it do
 (every notebook executed elsewhere, e.g. by papermill): it keeps the `src` of `<audio>` but
 drops the one of `<source>`, which is where IPython.display.Audio puts its data. So the players
 here are `<audio controls src="data:audio/wav;base64,...">` elements in plain HTML tables,
-each holding a short clip: 16 kHz mono PCM16, about 43 kB of notebook per second of audio.
+each holding a short clip: mono PCM16 at the file's own rate, about 43 kB of notebook per second
+of 16 kHz audio. A file plays at the rate it holds: the evaluation's files are at the model's
+rate (`model.sample_rate`), which need not be 16 kHz.
 """
 from __future__ import annotations
 
@@ -20,15 +22,23 @@ from IPython.display import HTML
 from rawnet_lib.dataset.audio import SAMPLE_RATE, probe, read_audio, wav_bytes
 from rawnet_lib.dataset.trials import resolve
 
-__all__ = ["CLIP_SECONDS", "audio_element", "trials_table", "utterances_table", "samples_table"]
+__all__ = ["CLIP_SECONDS", "read_clip", "audio_element", "trials_table", "utterances_table", "samples_table"]
 
 CLIP_SECONDS = 3.0  # enough to hear a voice; 10 trials x 2 sides of it add about 2.6 MB to the notebook
 _STYLE = "border-collapse: collapse; text-align: left"
 
 
-def audio_element(path: str | Path, seconds: float = CLIP_SECONDS, sample_rate: int = SAMPLE_RATE) -> str:
-    """An `<audio controls>` element holding the first `seconds` of a wav file."""
-    return _player(read_audio(path, frames=round(seconds * sample_rate), sample_rate=sample_rate), sample_rate)
+def read_clip(path: str | Path, seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """The first `seconds` (None: all) of a wav file and its sample rate, whatever rate it holds;
+    any other problem (unreadable, stereo) is an AudioError naming the file and the fix."""
+    rate = probe(path).sample_rate or SAMPLE_RATE  # 0: no header, which read_audio reports
+    frames = -1 if seconds is None else round(seconds * rate)
+    return read_audio(path, frames=frames, sample_rate=rate), rate
+
+
+def audio_element(path: str | Path, seconds: float = CLIP_SECONDS) -> str:
+    """An `<audio controls>` element holding the first `seconds` of a wav file, at its own rate."""
+    return _player(*read_clip(path, seconds))
 
 
 def _player(wave: np.ndarray, sample_rate: int) -> str:
@@ -66,12 +76,11 @@ def trials_table(trials: pd.DataFrame, roots: Sequence[str | Path], per_kind: in
     return _table(["kind", "score", "label", "enroll", "test"], rows, caption)
 
 
-def utterances_table(paths: Sequence[str | Path], root: str | Path, seconds: float = CLIP_SECONDS,
-                     sample_rate: int = SAMPLE_RATE) -> HTML:
+def utterances_table(paths: Sequence[str | Path], root: str | Path, seconds: float = CLIP_SECONDS) -> HTML:
     """Utterance files as a static table of players (names relative to root), each cut to its
-    first `seconds`."""
-    rows = [[_file_cell(str(Path(p).relative_to(root)), Path(p), seconds),
-             f"{probe(p).frames / sample_rate:.2f} s"] for p in paths]
+    first `seconds`, with its length."""
+    rows = [[_file_cell(str(Path(p).relative_to(root)), Path(p), seconds), f"{probe(p).seconds:.2f} s"]
+            for p in paths]
     return _table(["utterance", "length"], rows, f"{len(rows)} utterances, first {seconds:g} s of each")
 
 

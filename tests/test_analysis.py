@@ -222,3 +222,33 @@ def test_players_play_each_file_at_its_own_rate(tmp_path: Path) -> None:
     player = an.trial_player(trials.iloc[0], [tmp_path])
     images = [w for side in player.children[1].children for w in side.children if isinstance(w, widgets.Image)]
     assert len(images) == 2 and all(i.value[:4] == b"\x89PNG" for i in images)
+
+
+def test_a_bare_score_file_is_drawn_and_asks_for_audio_only_to_listen(tmp_path: Path) -> None:
+    """A score file with no metrics.json beside it opens (open_results refused it before any figure,
+    as it looked for the audio first); listening then asks for data_path."""
+    trials = TrialList(HAND["label"].to_numpy(np.int8), list(HAND["enroll"]), list(HAND["test"]))
+    write_scores(tmp_path / "scores_O_names.txt", HAND["score"].to_numpy(), trials, with_names=True)
+    results = an.open_results(str(tmp_path / "scores_O_names.txt"))
+    an.det_figure(results)
+    assert (tmp_path / "figures" / "det.png").is_file()
+    with pytest.raises(ScoreFileError, match="says where its audio is; give data_path"):
+        results.roots
+    assert an.open_results(str(tmp_path / "scores_O_names.txt"), data_path=tmp_path).roots == [
+        tmp_path / "VoxCeleb1/eval_wav", tmp_path / "VoxCeleb1/dev_wav"]
+
+
+def test_audio_roots_of_a_moved_corpus(tmp_path: Path) -> None:
+    """Roots the evaluation recorded that are gone are named with the fix (resolve blamed each
+    file); data_path takes the evaluation's own eval_dirs, not the defaults."""
+    scores = tmp_path / "eval" / "scores_O_names.txt"
+    scores.parent.mkdir()
+    scores.write_text("0.5 1 a/v/1.wav a/w/1.wav\n0.1 0 a/v/1.wav b/v/1.wav\n")
+    (scores.parent / "metrics.json").write_text(json.dumps({
+        "roots": [str(tmp_path / "old" / "mine")], "config": {"data": {"eval_dirs": ["mine"]}}}))
+    with pytest.raises(FileNotFoundError, match=r"old/mine, which no longer exist .*give data_path"):
+        an.audio_roots(scores)
+    _corpus(tmp_path / "new" / "mine", 16000)
+    roots = an.audio_roots(scores, tmp_path / "new")
+    assert roots == [tmp_path / "new" / "mine"]
+    assert resolve("b/v/1.wav", roots) == tmp_path / "new" / "mine" / "b/v/1.wav"

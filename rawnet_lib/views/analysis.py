@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -164,11 +165,17 @@ def _score_files(paths: list[Path], lists: str | Sequence[str]) -> dict[str, Pat
 @dataclass
 class Results:
     """What the analysis notebook looks at: score files by label, their scores, the folder its
-    figures go to and the folders the trials' audio is found in."""
+    figures go to, and `data_path` (see audio_roots) for listening to the first file's trials."""
     files: dict[str, Path]
     scores: dict[str, pd.DataFrame]
     figures: Path
-    roots: list[Path]
+    data_path: str | Path = ""
+
+    @cached_property
+    def roots(self) -> list[Path]:
+        """Where the first score file's audio is; asked only to listen, so the figures of a score
+        file that says nothing of its audio need none."""
+        return audio_roots(next(iter(self.files.values())), self.data_path)
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame({"score file": {label: str(path) for label, path in self.files.items()}})
@@ -192,8 +199,7 @@ def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | S
         figures = repo_path(out_dir)
     else:
         figures = paths[0] / "figures" if _is_sweep(paths[0]) else figures_folder(first)
-    return Results(files, {label: load_scores(path) for label, path in files.items()}, figures,
-                   audio_roots(first, data_path))
+    return Results(files, {label: load_scores(path) for label, path in files.items()}, figures, data_path)
 
 
 def det_figure(results: Results) -> Figure:
@@ -243,15 +249,21 @@ def eval_info(score_file: str | Path) -> dict:
 
 
 def audio_roots(score_file: str | Path, data_path: str | Path = "") -> list[Path]:
-    """Folders the trial files resolve against: data_path's evaluation folders when given,
-    else those the evaluation itself used (from its metrics.json)."""
+    """Folders the trial files resolve against: the evaluation's folders (its config's eval_dirs,
+    else the defaults) under data_path when given, else those the evaluation itself used (from its
+    metrics.json), which must still exist."""
+    info = eval_info(score_file)
     if data_path:
-        return [input_path(data_path) / d for d in DataConfig().eval_dirs]
-    roots = eval_info(score_file).get("roots")
+        dirs = info.get("config", {}).get("data", {}).get("eval_dirs") or DataConfig().eval_dirs
+        return [input_path(data_path) / d for d in dirs]
+    roots = [Path(r) for r in info.get("roots", [])]
     if not roots:
         raise ScoreFileError(f"no metrics.json beside {score_file} says where its audio is; give data_path, "
-                         "the folder holding VoxCeleb1/")
-    return [Path(r) for r in roots]
+                             "the folder holding VoxCeleb1/")
+    if not any(r.is_dir() for r in roots):
+        raise MissingPathError(f"the audio of {score_file} was in {', '.join(map(str, roots))}, which no longer "
+                               "exist (the corpus moved?); give data_path, the folder now holding VoxCeleb1/")
+    return roots
 
 
 def figures_folder(score_file: str | Path) -> Path:

@@ -252,3 +252,18 @@ def test_audio_roots_of_a_moved_corpus(tmp_path: Path) -> None:
     roots = an.audio_roots(scores, tmp_path / "new")
     assert roots == [tmp_path / "new" / "mine"]
     assert resolve("b/v/1.wav", roots) == tmp_path / "new" / "mine" / "b/v/1.wav"
+
+
+def test_a_sweep_arm_scored_with_asnorm_says_so(tmp_path: Path) -> None:
+    """runs.csv's scoring names each run's scores as an evaluation's do (`O asnorm`); it was left out,
+    so an AS-norm arm's scores were labelled as if cosine. An older runs.csv has cosine scores."""
+    trials = TrialList(HAND["label"].to_numpy(np.int8), list(HAND["enroll"]), list(HAND["test"]))
+    for stem in ("ref", "asn"):
+        write_scores(tmp_path / f"{stem}.txt", HAND["score"].to_numpy(), trials, with_names=True)
+    (tmp_path / "summary.json").write_text(json.dumps({"pick": "best"}))
+    runs = pd.DataFrame({"arm": ["ref", "asn"], "seed": [1, 1], "list": ["O", "O"], "scores": ["ref.txt", "asn.txt"],
+                         "scoring": ["cosine", "asnorm"]})
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    assert list(an.score_sources(tmp_path)) == ["ref-seed1: O", "asn-seed1: O asnorm"]
+    runs.drop(columns="scoring").to_csv(tmp_path / "runs.csv", index=False)
+    assert list(an.score_sources(tmp_path)) == ["ref-seed1: O", "asn-seed1: O"]

@@ -63,19 +63,27 @@ def _eval_dir_entries(folder: Path) -> list[_Entry]:
     if not info.is_file():
         return [_file_entry(f) for f in sorted(folder.glob("scores_*_names.txt"))]
     rows = json.loads(info.read_text())["metrics"]
-    return [replace(_file_entry(folder / r["scores_file"]), list=r["list"],
-                    name=r["list"] + ("" if r["scoring"] == "cosine" else f" {r['scoring']}")) for r in rows]
+    return [replace(_file_entry(folder / r["scores_file"]), list=r["list"], name=_name(r["list"], r["scoring"]))
+            for r in rows]
+
+
+def _name(tag: str, scoring: str) -> str:
+    """A result's name in its evaluation: the list, and the scoring unless cosine (`O`, `O asnorm`)."""
+    return tag if scoring == "cosine" else f"{tag} {scoring}"
 
 
 def _sweep_entries(folder: Path, prefix: str) -> list[_Entry]:
-    """Every run and list of a sweep's runs.csv, owned by `<prefix><arm>-seed<seed>`."""
+    """Every run and list of a sweep's runs.csv, owned by `<prefix><arm>-seed<seed>` and named by
+    list and scoring as in an evaluation (an arm with AS-norm is summarised on its AS-norm scores;
+    a runs.csv without the column is older, from when every arm's were cosine)."""
     runs = pd.read_csv(folder / "runs.csv", dtype={"list": str})
     if "scores" not in runs:
         raise ScoreFileError(f"{folder / 'runs.csv'} names no score files (an older version wrote it); run the "
                              "sweep's command again (python -m rawnet_lib.sweep SWEEP.yaml ...): it reuses every "
                              "finished run and evaluation and rewrites its tables")
-    return [_Entry((folder / r.scores).resolve(), r.list, r.list, f"{prefix}{r.arm}-seed{r.seed}")
-            for r in runs.itertuples()]
+    scoring = runs["scoring"] if "scoring" in runs else ["cosine"] * len(runs)
+    return [_Entry((folder / r.scores).resolve(), r.list, _name(r.list, how), f"{prefix}{r.arm}-seed{r.seed}")
+            for r, how in zip(runs.itertuples(), scoring)]
 
 
 def _sweep_name(folder: Path) -> str:

@@ -267,3 +267,15 @@ def test_a_sweep_arm_scored_with_asnorm_says_so(tmp_path: Path) -> None:
     assert list(an.score_sources(tmp_path)) == ["ref-seed1: O", "asn-seed1: O asnorm"]
     runs.drop(columns="scoring").to_csv(tmp_path / "runs.csv", index=False)
     assert list(an.score_sources(tmp_path)) == ["ref-seed1: O", "asn-seed1: O"]
+
+
+def test_the_browser_says_why_a_trial_cannot_play(tmp_path: Path) -> None:
+    """A trial whose file is missing shows the error naming it in the browser (it was raised in the
+    chooser's callback, which a front end only logs); the other trials still play."""
+    a1, a2, b1, _ = _corpus(tmp_path, 16000)
+    trials = pd.DataFrame({"score": [0.1, 0.9], "label": [1, 0], "enroll": [a1, "c/v/9.wav"], "test": [a2, b1]})
+    browser = an.misverified_browser(trials, [tmp_path])
+    chooser, player = browser.children[2:]
+    assert isinstance(player.children[0], widgets.VBox)
+    chooser.value = 1
+    assert "trial file c/v/9.wav is in none of the roots" in player.children[0].value

@@ -8,6 +8,7 @@ points to the static players of `rawnet_lib.views.listen` shown above them.
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -23,7 +24,7 @@ from matplotlib.figure import Figure
 
 from rawnet_lib.config import DataConfig, input_path, repo_path
 from rawnet_lib.dataset.trials import list_tag, resolve, speaker_of
-from rawnet_lib.errors import MissingPathError
+from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.eval.metrics import eer_threshold
 from rawnet_lib.eval.scoring import ScoreFileError, load_scores
 from rawnet_lib.views.listen import read_clip
@@ -356,6 +357,15 @@ def trial_player(row: pd.Series | dict, roots: Sequence[str | Path]) -> widgets.
     return widgets.VBox([header, widgets.HBox(sides)])
 
 
+def _player_or_error(row: pd.Series, roots: Sequence[str | Path]) -> widgets.Widget:
+    """The trial's player, or why it cannot play (a missing or unusable file, named with the fix):
+    an error raised in a widget's callback goes to the front end's log, where nobody sees it."""
+    try:
+        return trial_player(row, roots)
+    except (FileNotFoundError, WorkbookError) as err:
+        return widgets.HTML(f"<pre>{html.escape(str(err))}</pre>")
+
+
 class _Browser(widgets.VBox):
     """The browser's box; its text form (what a saved notebook shows without a kernel) says so
     instead of listing its children."""
@@ -391,7 +401,7 @@ def misverified_browser(trials: pd.DataFrame, roots: Sequence[str | Path]) -> wi
     def show_trial(_=None) -> None:
         if chooser.value != shown[0]:
             shown[0] = chooser.value
-            player.children = [] if chooser.value is None else [trial_player(trials.loc[chooser.value], roots)]
+            player.children = [] if chooser.value is None else [_player_or_error(trials.loc[chooser.value], roots)]
 
     def refresh(_=None) -> None:
         rows = selected()

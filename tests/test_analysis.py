@@ -218,6 +218,9 @@ def test_players_play_each_file_at_its_own_rate(tmp_path: Path) -> None:
                            "kind": ["false_reject", "false_accept"]})
     clips = _clips(trials_table(trials, [tmp_path], seconds=0.5).data)
     assert [(len(wave), info.samplerate) for wave, info in clips] == [(4000, 8000)] * 4
+    assert "<caption>2 trials, first 0.5 s" in trials_table(trials, [tmp_path], seconds=0.5).data
+    cut = trials_table(pd.concat([trials] * 3, ignore_index=True), [tmp_path], per_kind=2, seconds=0.1).data
+    assert "<caption>4 of 6 trials (the first 2 of each kind), first 0.1 s" in cut  # said so, not silently
     assert "1.00 s" in utterances_table([tmp_path / b2], tmp_path).data
     player = an.trial_player(trials.iloc[0], [tmp_path])
     images = [w for side in player.children[1].children for w in side.children if isinstance(w, widgets.Image)]

@@ -219,7 +219,7 @@ def det_figure(results: Results) -> Figure:
 
 
 def validation_figures(results: Results) -> list[Figure]:
-    """Loss, accuracy and validation EER per epoch of each run the score files come from, saved as
+    """Validation EER per epoch (from eers.txt) of each run the score files come from, saved as
     `val_eer_<run>`."""
     runs = sorted({run for run in map(run_folder, results.files.values()) if run and (run / "eers.txt").is_file()})
     names = [run.name for run in runs]

@@ -61,7 +61,9 @@ def _file_cell(name: str, path: Path, seconds: float) -> str:
 def trials_table(trials: pd.DataFrame, roots: Sequence[str | Path], per_kind: int = 5,
                  seconds: float = CLIP_SECONDS) -> HTML:
     """Trials (e.g. from worst_trials, worst first) as a static table with both sides playable:
-    the first `per_kind` of each kind, each side cut to its first `seconds`."""
+    the first `per_kind` of each kind, each side cut to its first `seconds`; the caption says how
+    many were left out (the notebook's table above lists them all)."""
+    given = len(trials)
     if "kind" in trials:
         trials = trials.groupby("kind", sort=False).head(per_kind)
     else:
@@ -72,7 +74,10 @@ def trials_table(trials: pd.DataFrame, roots: Sequence[str | Path], per_kind: in
         same = "same speaker" if int(row["label"]) == 1 else "different speakers"
         rows.append([html.escape(str(row.get("kind", "")).replace("_", " ")), f"{float(row['score']):.4f}", same,
                      *(_file_cell(row[side], resolve(row[side], folders), seconds) for side in ("enroll", "test"))])
-    caption = f"{len(rows)} trials, first {seconds:g} s of each file (plays without a kernel)"
+    shown = f"{len(rows)} trials"
+    if given > len(rows):
+        shown = f"{len(rows)} of {given} trials (the first {per_kind}{' of each kind' if 'kind' in trials else ''})"
+    caption = f"{shown}, first {seconds:g} s of each file (plays without a kernel)"
     return _table(["kind", "score", "label", "enroll", "test"], rows, caption)
 
 

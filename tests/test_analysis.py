@@ -227,6 +227,28 @@ def test_players_play_each_file_at_its_own_rate(tmp_path: Path) -> None:
     assert len(images) == 2 and all(i.value[:4] == b"\x89PNG" for i in images)
 
 
+def test_a_comparison_of_runs_keeps_its_figures_apart_from_each_run_s(tmp_path: Path) -> None:
+    """Comparing run A with B writes into A's figures/vs_B/, so A's own figures stay as they were."""
+    trials = TrialList(HAND["label"].to_numpy(np.int8), list(HAND["enroll"]), list(HAND["test"]))
+    files = {}
+    for name in ("a", "b"):
+        folder = tmp_path / name / "eval" / "best_opt_eval"
+        folder.mkdir(parents=True)
+        (tmp_path / name / "models").mkdir()
+        files[name] = folder / "scores_O_names.txt"
+        write_scores(files[name], HAND["score"].to_numpy(), trials, with_names=True)
+    alone = an.open_results(str(files["a"]))
+    both = an.open_results([str(files["a"]), str(files["b"])])
+    assert alone.figures == tmp_path / "a" / "figures" and both.figures == tmp_path / "a" / "figures" / "vs_b"
+    an.det_figure(alone)
+    before = (alone.figures / "det.png").read_bytes()
+    an.det_figure(both)
+    assert (alone.figures / "det.png").read_bytes() == before and (both.figures / "det.png").is_file()
+    assert an.comparison_folder([files["a"], files["a"].with_name("scores_E_names.txt")]) == alone.figures
+    many = [tmp_path / f"run_with_a_long_name_{i}" / "scores_O.txt" for i in range(9)]
+    assert re.fullmatch(r"vs_8_runs_[0-9a-f]{10}", an.comparison_folder(many).name)
+
+
 def test_a_bare_score_file_is_drawn_and_asks_for_audio_only_to_listen(tmp_path: Path) -> None:
     """A score file with no metrics.json beside it opens (open_results refused it before any figure,
     as it looked for the audio first); listening then asks for data_path."""

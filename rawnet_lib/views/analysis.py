@@ -8,6 +8,7 @@ points to the static players of `rawnet_lib.views.listen` shown above them.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -31,8 +32,8 @@ from rawnet_lib.views.listen import read_clip
 from rawnet_lib.views.plots import det_plot, history_plot, save_figure, score_histogram, waveform_spectrogram
 
 __all__ = ["score_sources", "Results", "open_results", "det_figure", "validation_figures", "histogram_figures",
-           "run_folder", "eval_info", "audio_roots", "figures_folder", "eer_history", "worst_trials", "trial_player",
-           "misverified_browser", "file_stem"]
+           "run_folder", "eval_info", "audio_roots", "figures_folder", "comparison_folder", "eer_history",
+           "worst_trials", "trial_player", "misverified_browser", "file_stem"]
 
 
 _KINDS = ("false_reject", "false_accept")
@@ -199,7 +200,8 @@ def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | S
                  data_path: str | Path = "", out_dir: str | Path = "") -> Results:
     """Load the score files of `sources` (see score_sources). Figures go to `out_dir` (relative: the
     repository's), else to the sweep's `figures/` when the first source is a sweep folder, else
-    to the `figures/` of the first score file's run (or beside it, outside a run). The audio is
+    to the `figures/` of the first score file's run (or beside it, outside a run), in a `vs_<other
+    runs>/` folder there when the files come from several runs (see comparison_folder). The audio is
     under `data_path`, else where the first evaluation found it."""
     paths = _source_paths(sources)  # once: "" is the newest run, which a run starting meanwhile would change
     files = _score_files(paths, lists)
@@ -207,7 +209,7 @@ def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | S
     if out_dir:
         figures = repo_path(out_dir)
     else:
-        figures = paths[0] / "figures" if _is_sweep(paths[0]) else figures_folder(first)
+        figures = paths[0] / "figures" if _is_sweep(paths[0]) else comparison_folder(list(files.values()))
     return Results(files, {label: load_scores(path) for label, path in files.items()}, figures, data_path)
 
 
@@ -278,6 +280,20 @@ def audio_roots(score_file: str | Path, data_path: str | Path = "") -> list[Path
 def figures_folder(score_file: str | Path) -> Path:
     """Where the figures of a score file go: `<run>/figures/`, or `figures/` beside it outside a run."""
     return (run_folder(score_file) or Path(score_file).parent) / "figures"
+
+
+def comparison_folder(score_files: Sequence[str | Path]) -> Path:
+    """Where the figures of these score files go: the first one's figures folder when they all come
+    from its run (or folder), else its `vs_<the other runs>/` there, so that comparing run A with B
+    neither replaces A's own figures nor leaves A's histograms beside the pair's."""
+    homes = list(dict.fromkeys(run_folder(f) or Path(f).parent for f in score_files))
+    folder = figures_folder(score_files[0])
+    if len(homes) == 1:
+        return folder
+    others = "_".join(file_stem(home.name) for home in homes[1:])
+    if len(others) > 80:  # many runs: a name of fixed length that still differs per set
+        others = f"{len(homes) - 1}_runs_" + hashlib.sha1("\n".join(map(str, homes)).encode()).hexdigest()[:10]
+    return folder / f"vs_{others}"
 
 
 def file_stem(label: str) -> str:

@@ -205,7 +205,6 @@ def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | S
     under `data_path`, else where the first evaluation found it."""
     paths = _source_paths(sources)  # once: "" is the newest run, which a run starting meanwhile would change
     files = _score_files(paths, lists)
-    first = next(iter(files.values()))
     if out_dir:
         figures = repo_path(out_dir)
     else:

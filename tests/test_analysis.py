@@ -198,6 +198,12 @@ def test_analysis_notebook_saves_figures(eval_dir: Path, smoke_run: Path, run_no
     for name in ("det", "hist_O", "hist_O2", f"val_eer_{smoke_run.name}"):
         for ext in ("png", "svg"):
             assert (figures / f"{name}.{ext}").stat().st_size > 0
+    with np.load(figures / "det.npz") as det, np.load(figures / "hist_O.npz") as hist:
+        scores = load_scores(eval_dir / "scores_O_names.txt")
+        assert list(det["names"]) == ["O", "O2"] and np.array_equal(det["score_0"], scores["score"])
+        assert np.array_equal(hist["label"], scores["label"])
+    with np.load(figures / f"val_eer_{smoke_run.name}.npz") as val:
+        assert np.array_equal(val["epoch"], an.eer_history(smoke_run)["epoch"])
 
 
 def _corpus(root: Path, rate: int) -> list[str]:
@@ -244,6 +250,9 @@ def test_a_comparison_of_runs_keeps_its_figures_apart_from_each_run_s(tmp_path: 
     before = (alone.figures / "det.png").read_bytes()
     an.det_figure(both)
     assert (alone.figures / "det.png").read_bytes() == before and (both.figures / "det.png").is_file()
+    with np.load(both.figures / "det.npz") as arrays:  # what the figure was drawn from, to redraw it
+        assert list(arrays["names"]) == list(both.scores)
+        assert np.array_equal(arrays["score_1"], HAND["score"]) and np.array_equal(arrays["label_1"], HAND["label"])
     assert an.comparison_folder([files["a"], files["a"].with_name("scores_E_names.txt")]) == alone.figures
     many = [tmp_path / f"run_with_a_long_name_{i}" / "scores_O.txt" for i in range(9)]
     assert re.fullmatch(r"vs_8_runs_[0-9a-f]{10}", an.comparison_folder(many).name)

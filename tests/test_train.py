@@ -378,6 +378,10 @@ def test_train_notebook_runs_headless(run_notebook, tiny_db: Path, tmp_path: Pat
     run = tmp_path / "train_1P" / "DNNS" / "smoke"
     assert (run / "figures" / "history.png").stat().st_size > 0
     assert (run / "figures" / "loader.png").stat().st_size > 0
+    history = json.loads((run / "history.json").read_text())
+    with np.load(run / "figures" / "history.npz") as curves, np.load(run / "figures" / "loader.npz") as loader:
+        assert curves["val_eer"].tolist() == [h["val_eer"] for h in history]
+        assert loader["crops_per_s"].tolist() == [h["crops_per_s"] for h in history]
     assert_seed_layout(run, epochs=1)
 
 

@@ -213,9 +213,13 @@ def open_results(sources: str | Path | Sequence[str | Path] = "", lists: str | S
 
 
 def det_figure(results: Results) -> Figure:
-    """Every score file's DET curve on one figure, saved as `det`."""
+    """Every score file's DET curve on one figure, saved as `det` (.png, .svg, and .npz of the
+    scores and labels it was drawn from)."""
     fig = det_plot({label: (s["score"], s["label"]) for label, s in results.scores.items()})
-    save_figure(fig, results.figures, "det")
+    arrays = {"names": np.array(list(results.scores))}  # curve i is names[i]'s score_i and label_i
+    for i, s in enumerate(results.scores.values()):
+        arrays |= {f"score_{i}": s["score"].to_numpy(), f"label_{i}": s["label"].to_numpy()}
+    save_figure(fig, results.figures, "det", arrays)
     return fig
 
 
@@ -227,9 +231,10 @@ def validation_figures(results: Results) -> list[Figure]:
     figures = []
     for run in runs:
         name = run.name if names.count(run.name) == 1 else str(run)  # same-named runs of two sweeps
-        fig = history_plot(eer_history(run))
+        history = eer_history(run)
+        fig = history_plot(history)
         fig.suptitle(name)
-        save_figure(fig, results.figures, f"val_eer_{file_stem(name)}")
+        save_figure(fig, results.figures, f"val_eer_{file_stem(name)}", {c: history[c].to_numpy() for c in history})
         figures.append(fig)
     return figures
 
@@ -240,7 +245,8 @@ def histogram_figures(results: Results) -> list[Figure]:
     for label, s in results.scores.items():
         fig = score_histogram(s["score"], s["label"])
         fig.suptitle(label)
-        save_figure(fig, results.figures, f"hist_{file_stem(label)}")
+        save_figure(fig, results.figures, f"hist_{file_stem(label)}",
+                    {"score": s["score"].to_numpy(), "label": s["label"].to_numpy()})
         figures.append(fig)
     return figures
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from IPython.display import display
 
 from rawnet_lib.views.plots import history_plot, loader_plot, save_figure
@@ -16,6 +17,12 @@ __all__ = ["training_report", "loader_report"]
 
 def _history(run: Path) -> list[dict[str, Any]]:
     return json.loads((run / "history.json").read_text())
+
+
+def _columns(history: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The per-epoch values a figure drew, as arrays saved beside it (nan where an epoch lacks one)."""
+    return {name: np.array([h.get(name, np.nan) for h in history], dtype=float)
+            for name in names if any(name in h for h in history)}
 
 
 def training_report(run: Path, summary: dict[str, Any]) -> None:
@@ -28,8 +35,9 @@ def training_report(run: Path, summary: dict[str, Any]) -> None:
     if summary.get("mode") == "performance":
         print("performance mode: no curves (it validates nothing); its figures are the summary above")
         return
-    fig = history_plot(_history(run))
-    save_figure(fig, run / "figures", "history")
+    history = _history(run)
+    fig = history_plot(history)
+    save_figure(fig, run / "figures", "history", _columns(history, ("epoch", "loss", "accuracy", "val_eer")))
     display(fig)
     print((run / "eers.txt").read_text())
 
@@ -42,7 +50,8 @@ def loader_report(run: Path, summary: dict[str, Any]) -> None:
         return
     history = _history(run)
     fig = loader_plot(history)
-    save_figure(fig, run / "figures", "loader")
+    save_figure(fig, run / "figures", "loader",
+                _columns(history, ("epoch", "crops_per_s", "loader_crops_per_s", "data_wait_share")))
     display(fig)
     for h in history:
         print(f"epoch {h['epoch']}: {h['crops_per_s']:.1f} crops/s, loader alone {h['loader_crops_per_s']:.0f} "

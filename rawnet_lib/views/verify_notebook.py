@@ -115,8 +115,10 @@ def comparison_table(session: VerifySession, operating_point: str = "eer") -> pd
 
 def score_position(calibration: Calibration, scores: Mapping[str, float], ax=None) -> Figure:
     """The development list's target and non-target score densities, with these scores marked."""
-    import matplotlib.pyplot as plt
-    fig, ax = (plt.subplots(figsize=(6, 3)) if ax is None else (ax.figure, ax))
+    if ax is None:  # a Figure of its own, not pyplot's: the notebook shows it once, and it is freed when dropped
+        fig = Figure(figsize=(6, 3), layout="constrained")
+        ax = fig.subplots()
+    fig = ax.figure
     hist = calibration.histogram
     edges = np.asarray(hist["edges"])
     for kind, color in (("target", "tab:green"), ("nontarget", "tab:red")):
@@ -134,10 +136,9 @@ def score_position(calibration: Calibration, scores: Mapping[str, float], ax=Non
 
 def waveforms(session: VerifySession) -> Figure:
     """Waveform over spectrogram of each input, side by side."""
-    import matplotlib.pyplot as plt
     files = inputs(session)
-    fig, axes = plt.subplots(2, len(files), figsize=(4 * len(files), 3.5), sharey="row", squeeze=False,
-                             gridspec_kw={"height_ratios": (1, 2)})
+    fig = Figure(figsize=(4 * len(files), 3.5))
+    axes = fig.subplots(2, len(files), sharey="row", squeeze=False, gridspec_kw={"height_ratios": (1, 2)})
     for i, (name, path) in enumerate(files.items()):
         waveform_spectrogram(session.verifier.samples(path), session.cfg.model.sample_rate, f"{name}: {path.name}",
                              ax=axes[:, i])

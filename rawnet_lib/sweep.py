@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ from rawnet_lib.training.run import (CHECKPOINT_CHOICES, FOLDER_NAME, RunExistsE
                                      run_state)
 from rawnet_lib.views.plots import det_seeds_plot, save_figure
 
-__all__ = ["Sweep", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
+__all__ = ["Sweep", "SweepRunsFailed", "sweep_file", "load_sweep", "run_sweep", "summarise", "main"]
 
 SWEEP_KEYS = ("seeds", "lists", "arms", "preset", "pick")
 OWNED = ("seed", "name", "out_dir", "resume", "overwrite", "trial_lists")  # set by the sweep itself
@@ -279,6 +280,10 @@ def _check_data(path: Path, name: str, cfg: Config, lists: list[str]) -> None:
         raise type(err)(f"{path}: arm {name!r}: {err}") from None
 
 
+class SweepRunsFailed(WorkbookError):
+    """Runs of a sweep failed (each named with its reason) after the others were trained and scored."""
+
+
 # -- running ---------------------------------------------------------------------------------------
 def _check_trained_on(path: Path, arm: str, cfg: Config,
                       corpora: dict[tuple[str, str, str, int], tuple[Path, tuple[int, float] | None]]) -> None:
@@ -374,11 +379,24 @@ def run_sweep(sweep: str | Path | Sweep, out: str | Path | None = None, progress
     _check_own_folder(spec)
     spec.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.out / "sweep.yaml", spec.path.read_text())
+    failed: dict[str, str] = {}  # run -> why: one diverged or out-of-memory run does not stop a night's sweep
     for seed in spec.seeds:  # seed-major: an interrupted sweep leaves every arm with as many seeds
         for arm, by_seed in spec.configs.items():
-            folder = _train_run(by_seed[seed], print)
-            _evaluate_run(folder, by_seed[seed], spec.lists, progress, spec.pick)
-    return summarise(spec, n_boot)
+            try:
+                folder = _train_run(by_seed[seed], print)
+                _evaluate_run(folder, by_seed[seed], spec.lists, progress, spec.pick)
+            except Exception as err:  # noqa: BLE001 - reported below and in summary.json; Ctrl-C still stops
+                failed[f"{arm}-seed{seed}"] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+                print(f"failed  {arm}-seed{seed}: the sweep goes on with its other runs")
+    tables = summarise(spec, n_boot, failed)
+    if failed:
+        raise SweepRunsFailed(
+            f"{len(failed)} run(s) of {spec.path} failed; the tables in {spec.results} cover the others:\n"
+            + "\n".join(f"  {name}: {why.splitlines()[0][:300]}" for name, why in failed.items())
+            + f"\nFix the cause and run `{spec.command}` again: it retries these runs and reuses the rest (a run "
+            "that stopped on a NaN loss resumes from its last epoch: delete its folder to train it anew)")
+    return tables
 
 
 def _check_own_folder(spec: Sweep) -> None:
@@ -499,9 +517,9 @@ def _training_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+def summarise(spec: Sweep, n_boot: int = 1000, failed: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """runs.csv, summary.csv/.json, paired.csv, training.csv and det_<list>.png under the sweep folder;
-    returns the tables."""
+    returns the tables. `failed`: the runs run_sweep could not train or score, and why (summary.json)."""
     _check_n_boot(n_boot)
     _check_own_folder(spec)
     runs, trials, missing = _runs_table(spec, n_boot)
@@ -529,7 +547,8 @@ def summarise(spec: Sweep, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     records = {k: json.loads(t.to_json(orient="records", double_precision=15)) for k, t in tables.items()}  # NaN: null
     atomic_write_text(spec.results / "summary.json", json.dumps(
         {"sweep": str(spec.path.resolve()), "seeds": spec.seeds, "lists": spec.lists, "pick": spec.pick,
-         "baseline": base, "unfinished": missing, "confidence": 0.95, "eer_unit": "percent", **records}, indent=1))
+         "baseline": base, "unfinished": missing, "failed": failed or {}, "confidence": 0.95, "eer_unit": "percent",
+         **records}, indent=1))
     for old in spec.results.glob("det_*.*"):  # figures of lists the sweep no longer scores
         if old.stem.removeprefix("det_") not in trials and old.suffix in (".png", ".svg"):
             old.unlink()

@@ -24,7 +24,7 @@ from rawnet_lib.eval.scoring import load_scores
 from rawnet_lib.eval.stats import bootstrap_eer, bootstrap_interval, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluation_identity
 from rawnet_lib.io import file_sha1
-from rawnet_lib.training.run import RunDir
+from rawnet_lib.training.run import NonFiniteLossError, RunDir
 from rawnet_lib.views.analysis import score_sources
 
 
@@ -509,6 +509,39 @@ def test_an_arm_scored_with_asnorm_is_summarised_on_its_asnorm_scores(tmp_path):
         assert runs.loc[arm, "eer"] == pytest.approx(100 * eer(scores["score"].to_numpy(), scores["label"].to_numpy()))
         assert Path(runs.loc[arm, "scores"]).name == f"{stem}_names.txt"
     assert runs.loc["cosine", "eer"] != runs.loc["asnorm", "eer"]
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    """A run that fails (here: a NaN loss) is named with its reason after every other run trained and
+    was scored; the tables cover those, summary.json records it, and the command exits non-zero."""
+    db = tmp_path / "db"
+    db.mkdir()
+    path = _write(tmp_path / "s.yaml", {"seeds": [1, 2], "arms": {"a": {"preset": "smoke"}, "b": {"preset": "smoke"}}})
+    spec = sweep_mod.load_sweep(path, tmp_path / "out")
+    done = []
+
+    def train_run(cfg, log):
+        if cfg.train.name == "a-seed1":
+            raise NonFiniteLossError("epoch 3, step 17: the loss is nan")
+        return sweep_mod.run_path(cfg)
+
+    def evaluate_run(folder, cfg, lists, progress, which):
+        arm = cfg.train.name.split("-seed")[0]
+        _scored_run(spec, arm, cfg.train.seed, db, shift=0.0)
+        done.append(cfg.train.name)
+
+    monkeypatch.setattr(sweep_mod, "_check_data", lambda *args: None)
+    monkeypatch.setattr(sweep_mod, "_train_run", train_run)
+    monkeypatch.setattr(sweep_mod, "_evaluate_run", evaluate_run)
+    with pytest.warns(UserWarning, match="not finished yet.*a-seed1"), \
+            pytest.raises(sweep_mod.SweepRunsFailed, match=r"1 run\(s\) of .* failed; the tables in .* cover the "
+                                                          r"others:\n  a-seed1: NonFiniteLossError: epoch 3, step 17"):
+        sweep_mod.run_sweep(path, tmp_path / "out", n_boot=10)
+    assert done == ["b-seed1", "a-seed2", "b-seed2"]
+    assert "failed  a-seed1: the sweep goes on" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == {"a-seed1": "NonFiniteLossError: epoch 3, step 17: the loss is nan"}
+    assert [row["n_seeds"] for row in summary["summary"]] == [1, 2]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,29 @@ def test_bad_files_are_named_and_a_batch_goes_on(verifier: Verifier, files, tmp_
     failed = dict(found.failed)
     assert set(failed) == {str(text), str(empty), str(tmp_path / "nothing"), str(tmp_path / "missing.wav")}
     assert "without audio" in failed[str(tmp_path / "nothing")]
+
+
+def test_odd_files_and_names_are_read_or_named_with_the_fix(verifier: Verifier, files, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-UTF-8 name, a colon that ffmpeg would take for a protocol (`take1:b.m4a`), a folder
+    given as one file and headerless raw samples: read, or an AudioError naming the file, never
+    a library's TypeError or UnicodeEncodeError (which would also stop a batch)."""
+    latin = Path(os.fsdecode(bytes(tmp_path) + "/caf\xe9 1.wav".encode("latin-1")))
+    shutil.copyfile(files["wav16000"], latin)
+    np.testing.assert_array_equal(verifier.samples(latin), verifier.samples(files["wav16000"]))
+    raw = tmp_path / "take.raw"
+    raw.write_bytes(sf.read(files["wav16000"], dtype="int16")[0].tobytes())
+    with pytest.raises(AudioError, match=r"take\.raw: headerless raw samples.*ffmpeg -f s16le -ar"):
+        verifier.samples(raw)
+    with pytest.raises(AudioError, match=r"audio\d*: a folder; give one audio file"):
+        verifier.samples(files["wav16000"].parent)
+    found = verifier.embed_many([latin, raw], progress=False)
+    assert list(found.embeddings) == [str(latin)] and [p for p, _ in found.failed] == [str(raw)]
+    if "m4a" in files:
+        colon = tmp_path / "take1:b.m4a"
+        shutil.copyfile(files["m4a"], colon)
+        monkeypatch.chdir(tmp_path)  # a relative name, as typed in a shell
+        np.testing.assert_array_equal(verifier.samples(Path(colon.name)), verifier.samples(files["m4a"]))
 
 
 def test_short_audio_warns(verifier: Verifier, tmp_path: Path) -> None:

@@ -50,8 +50,8 @@ def to_model_rate(x: np.ndarray, sr: int, target: int = SAMPLE_RATE) -> np.ndarr
 
 def _ffmpeg_decode(path: Path, target: int) -> np.ndarray:
     """Mono float32 at `target` Hz through ffmpeg (containers libsndfile cannot open)."""
-    try:
-        cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1",
+    try:  # file: so that a name with a colon (`take1:b.m4a`) is not read as a protocol
+        cmd = [find_ffmpeg(), "-nostdin", "-loglevel", "error", "-i", f"file:{path}", "-map", "0:a:0", "-ac", "1",
                "-ar", str(target), "-f", "f32le", "-"]
     except ConvertError as err:
         raise AudioError(f"{path}: not readable audio for soundfile (wav, flac, ogg, mp3); other containers (m4a, "
@@ -68,15 +68,24 @@ def load_any(path: str | Path, target: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 samples of any audio file at `target` Hz; AudioError naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
-        what = "a folder with no audio files" if path.is_dir() else "does not exist"
-        raise AudioError(f"{path}: {what}; give an audio file (wav, flac, ogg, mp3, m4a, ...)")
+        what = "a folder" if path.is_dir() else "does not exist"
+        raise AudioError(f"{path}: {what}; give one audio file (wav, flac, ogg, mp3, m4a, ...) here; embedding many "
+                         "files (embed_many, enroll, the embed command) takes folders")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes); re-record or re-export it")
     try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        x = to_model_rate(x, sr, target)
+        with path.open("rb") as f:  # a file object: soundfile cannot encode a name that is not UTF-8
+            x, sr = sf.read(f, dtype="float32", always_2d=True)
+    except OSError as err:
+        raise AudioError(f"{path}: cannot be opened ({err.strerror}); check its permissions") from None
+    except TypeError:  # soundfile needs the rate and sample format of a headerless .raw file
+        raise AudioError(f"{path}: headerless raw samples, whose rate, sample format and channels are unknown; "
+                         "convert it with the ones it was recorded with, e.g. ffmpeg -f s16le -ar 16000 -ac 1 "
+                         "-i in.raw out.wav") from None
     except RuntimeError:  # soundfile's LibsndfileError: not a format libsndfile knows: try ffmpeg
         x = _ffmpeg_decode(path, target)
+    else:
+        x = to_model_rate(x, sr, target)
     if x.size == 0:
         raise AudioError(f"{path}: no samples; re-record or re-export it")
     if not np.isfinite(x).all():

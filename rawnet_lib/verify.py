@@ -47,7 +47,8 @@ from rawnet_lib.models.checkpoint import load_checkpoint_model
 __all__ = ["VerifyError", "EmbeddingSet", "Pairs", "read_pairs", "Verifier", "main"]
 
 Item = str | Path | np.ndarray
-CLI_FIELDS = ("crop_mode", "eval_hop", "eval_batch_size", "device", "fast", "amp")
+OVERRIDES = ("crop_mode", "eval_hop", "eval_batch_size", "fast", "amp")  # test-time settings; the rest is the model's
+CLI_FIELDS = (*OVERRIDES, "device")
 
 
 class VerifyError(WorkbookError, ValueError):
@@ -148,15 +149,22 @@ class Verifier:
         """From our checkpoint, a bare reference state_dict (`preset` gives what the weights do not
         say, default paper) or an exported `.onnx` file (run by onnxruntime on the CPU).
 
-        `overrides` are evaluation fields (`crop_mode="full"`, `eval_hop=...`, `amp="bf16"`,
-        `fast=False`). On the CPU a checkpoint runs the fast path, in bf16 only where the CPU has
-        bf16 instructions (`embed.cpu_amp`): the exact path's results up to float32 rounding,
-        about 2x faster (`python -m rawnet_lib.bench embed`); an accelerator runs the exact path.
+        `overrides` are test-time settings (OVERRIDES: `crop_mode="full"`, `eval_hop=...`,
+        `amp="bf16"`, `fast=False`); the model's own are refused, as changing them would feed the
+        weights what they were not trained on. On the CPU a checkpoint runs the fast path, in
+        bf16 only where the CPU has bf16 instructions (`embed.cpu_amp`): the exact path's results
+        up to float32 rounding, about 2x faster (`python -m rawnet_lib.bench embed`); an
+        accelerator runs the exact path.
         The calibration beside the file (`<stem>.calibration.json`) is used when there is one, or
         the one `calibration` names; one fitted for other weights or crops is refused.
         """
         path = Path(path)
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        fixed = sorted(set(overrides) - set(OVERRIDES))
+        if fixed:
+            raise VerifyError(f"{', '.join(fixed)}: not a test-time setting; override only {', '.join(OVERRIDES)} "
+                              "(the model's own, such as sample_rate or n_samples, are fixed by its weights; audio "
+                              "at another rate: a file carries its rate, an array takes sr=)")
         if path.suffix.lower() == ".onnx":
             from rawnet_lib.export import exported_from, onnx_embedder
             forward, cfg = onnx_embedder(path)

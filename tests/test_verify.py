@@ -220,6 +220,15 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
         Verifier.from_checkpoint(not_onnx)
 
 
+def test_only_test_time_settings_can_be_overridden(checkpoint: Path) -> None:
+    """sample_rate=8000 (meant for one's own 8 kHz audio) or another n_samples would change
+    what the model is fed but not the weights: wrong scores, with a protocol that hides it."""
+    for name, value in (("sample_rate", 8000), ("n_samples", 9000), ("sinc_kernel", 31)):
+        with pytest.raises(VerifyError, match=rf"{name}: not a test-time setting; override only crop_mode, "
+                                              r"eval_hop, eval_batch_size, fast, amp .*an array takes sr="):
+            Verifier.from_checkpoint(checkpoint, device="cpu", **{name: value})
+
+
 def test_pair_lists_with_and_without_labels(tmp_path: Path) -> None:
     (tmp_path / "a.wav").touch()
     good = tmp_path / "pairs.txt"

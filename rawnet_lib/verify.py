@@ -62,8 +62,10 @@ class EmbeddingSet:
     failed: list[tuple[str, str]]
     protocol: dict[str, Any]
 
-    def save(self, path: str | Path) -> None:
-        """An npz: `keys`, `emb` (n, dim) and `meta` (JSON: protocol and failures), written atomically."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """An npz: `keys`, `emb` (n, dim) and `meta` (JSON: protocol and failures), written
+        atomically; over an existing file only with `overwrite`."""
+        check_output(path, overwrite, flag="overwrite=True")
         keys = list(self.embeddings)
         dim = len(next(iter(self.embeddings.values()))) if keys else 0
         meta = json.dumps({"protocol": self.protocol, "failed": self.failed})
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         found = verifier.embed_many(args.inputs)
         if not found.embeddings:
             raise VerifyError(f"nothing could be embedded:\n{describe(found.failed)}")
-        found.save(args.out)
+        found.save(args.out, overwrite=args.overwrite)
         result = {"out": args.out, "embedded": len(found.embeddings), "failed": found.failed, **found.protocol}
     elif command == "score" and not args.trials:
         if len(args.files) != 2:

@@ -202,6 +202,19 @@ def test_odd_files_and_names_are_read_or_named_with_the_fix(verifier: Verifier, 
         np.testing.assert_array_equal(verifier.samples(Path(colon.name)), verifier.samples(files["m4a"]))
 
 
+def test_saved_embeddings_replace_a_file_only_when_asked(verifier: Verifier, files, tmp_path: Path) -> None:
+    from rawnet_lib.io import OutputExistsError
+    found = verifier.embed_many([files["wav16000"]], progress=False)
+    out = tmp_path / "mine.npz"
+    out.write_bytes(b"someone's embeddings")
+    with pytest.raises(OutputExistsError, match=r"mine\.npz exists"):
+        found.save(out)
+    assert out.read_bytes() == b"someone's embeddings"
+    found.save(out, overwrite=True)
+    with np.load(out) as z:
+        assert z["keys"].tolist() == [str(files["wav16000"])]
+
+
 def test_short_audio_warns(verifier: Verifier, tmp_path: Path) -> None:
     path = tmp_path / "short.wav"
     sf.write(path, _voice(SAMPLE_RATE, 150, 0.4), SAMPLE_RATE)

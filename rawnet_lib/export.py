@@ -17,8 +17,10 @@ What needed care:
   last time step feeds `fc1_gru`.
 The model's config travels in the ONNX file's metadata (`rawnet_config`), so the crop length
 and test-time hop are known without the checkpoint, and so does the checkpoint's SHA-1
-(`rawnet_checkpoint_sha1`), which a calibration names; the checkpoint's calibration is copied
-beside the export, and one left there by an earlier export is replaced or removed with it.
+(`rawnet_checkpoint_sha1`), which a calibration names; the file's description
+(`input_description`) says in words how to prepare the input and average the output, for a user
+of the file alone. The checkpoint's calibration is copied beside the export, and one left there
+by an earlier export is replaced or removed with it.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from rawnet_lib.io import atomic_path, atomic_write_bytes, check_output, file_sh
 from rawnet_lib.models.checkpoint import load_checkpoint_model
 from rawnet_lib.models.rawnet2 import RawNet2
 
-__all__ = ["OPSET", "FORMATS", "ExportError", "embedding_network", "export_model", "onnx_embedder", "exported_from",
-           "main"]
+__all__ = ["OPSET", "FORMATS", "ExportError", "embedding_network", "input_description", "export_model",
+           "onnx_embedder", "exported_from", "main"]
 
 OPSET = 18
 FORMATS = ("onnx", "torchscript")
@@ -102,6 +104,7 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
         check_output(beside_out, overwrite, [checkpoint, calibration])
     model, cfg = load_checkpoint_model(checkpoint, base=preset)
     meta = {CONFIG_KEY: json.dumps(cfg.to_dict()), SOURCE_KEY: file_sha1(checkpoint)}
+    description = input_description(cfg)
     net = embedding_network(model)
     example = torch.randn(2, cfg.model.n_samples, generator=torch.Generator().manual_seed(0))
     out = Path(out)
@@ -109,10 +112,10 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' notes on tracing; parity is tested instead
         if fmt == "onnx":
-            _export_onnx(net, example, tmp, meta)
+            _export_onnx(net, example, tmp, meta, description)
         else:
             traced = torch.jit.trace(net, example)
-            torch.jit.save(traced, str(tmp), _extra_files=meta)
+            torch.jit.save(traced, str(tmp), _extra_files={**meta, "description": description})
     if copy_calibration:
         atomic_write_bytes(beside_out, calibration.read_bytes())
     elif not own and beside_out.exists():  # an earlier export's: it calibrates other weights
@@ -120,7 +123,20 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, preset: str 
     return out
 
 
-def _export_onnx(net: nn.Module, example: Tensor, path: Path, meta: dict[str, str]) -> None:
+def input_description(cfg: Config) -> str:
+    """How to feed the exported network and use its output, for whoever has the file alone: the
+    rate, the normalisation and the crops that `rawnet_lib.verify` applies (`utterance_crops`)."""
+    m, hop = cfg.model, cfg.evaluation.eval_hop
+    return (f"RawNet2 speaker embedding (fc1_gru). Input waveform (batch, {m.n_samples}): mono float32 audio at "
+            f"{m.sample_rate} Hz; divide each utterance by its peak (x / max|x|), then cut it into "
+            f"floor((length - {m.n_samples - hop}) / {hop}) + 1 crops of {m.n_samples} samples {hop} apart from "
+            f"the start, except that the last crop ends at the utterance's end (an utterance of at most "
+            f"{m.n_samples} samples is repeated to fill one crop). Output embedding (batch, {m.embedding_dim}): "
+            "average an utterance's crop embeddings; the score of two utterances is the cosine of their averages. "
+            f"The model's config is the {CONFIG_KEY} metadata; python -m rawnet_lib.verify does all of this.")
+
+
+def _export_onnx(net: nn.Module, example: Tensor, path: Path, meta: dict[str, str], description: str) -> None:
     import onnx
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(net, (example,), str(path), input_names=["waveform"], output_names=["embedding"],
@@ -129,6 +145,7 @@ def _export_onnx(net: nn.Module, example: Tensor, path: Path, meta: dict[str, st
     graph = onnx.load(str(path))
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)
+    graph.doc_string = description  # what viewers and onnxruntime's modelmeta.description show
     onnx.save(graph, str(path))
 
 

@@ -1,6 +1,7 @@
 """Export: ONNX (onnxruntime) and TorchScript embeddings match PyTorch fp32, for the demo and paper presets."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from rawnet_lib.bench import calibrate_batch_norm
 from rawnet_lib.config import load_config
-from rawnet_lib.export import export_model, onnx_embedder
+from rawnet_lib.export import OPSET, embedding_network, export_model, onnx_embedder
 from rawnet_lib.models.checkpoint import model_checkpoint, save_checkpoint
 from rawnet_lib.models.rawnet2 import build_model
 
@@ -26,6 +27,48 @@ def _checkpoint(preset: str, tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     path = tmp_path / f"{preset}.pt"
     save_checkpoint(model_checkpoint(model, cfg, [], 0, 0.0), path)
     return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def smoke_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """The smoke preset (small enough to export in the quick loop) and its ONNX export."""
+    tmp = tmp_path_factory.mktemp("export")
+    model, ckpt = _checkpoint("smoke", tmp)
+    return model, export_model(ckpt, "onnx", tmp / "smoke.onnx")
+
+
+def test_onnx_is_float32_pytorch_up_to_float32_rounding(smoke_onnx) -> None:
+    """Against the float64 evaluation of the same network, onnxruntime's float32 error is of
+    the order of PyTorch's float32 error (both round the same maths; a wrong filter, eps or GRU
+    gate would be far above it), at batch 1 and 5 on the dynamic batch axis."""
+    model, out = smoke_onnx
+    run, cfg = onnx_embedder(out)
+    net = embedding_network(model)
+    x = torch.randn(5, cfg.model.n_samples, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        exact = copy.deepcopy(net).double()(x)
+        float32 = net(x.float()).double()
+    for batch in (x[:1], x):
+        got = torch.from_numpy(run(batch.float().numpy())).double()
+        want, ours = exact[:len(batch)], float32[:len(batch)]
+        assert got.shape == want.shape
+        assert (got - want).norm() <= 10 * max((ours - want).norm(), np.finfo(np.float32).eps * want.norm())
+
+
+def test_an_onnx_file_alone_says_how_to_feed_it(smoke_onnx) -> None:
+    """Whoever gets only the .onnx file learns from it the rate, the normalisation and the
+    crops its embeddings were made with, not only their length; and its opset and dtype."""
+    import onnxruntime as ort
+    model, out = smoke_onnx
+    graph = onnx.load(str(out))
+    assert {o.domain: o.version for o in graph.opset_import}[""] == OPSET
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    text = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta().description
+    m = model.cfg
+    for needed in (f"{m.sample_rate} Hz", "mono float32", "max|x|", f"crops of {m.n_samples} samples",
+                   f"{load_config('smoke').evaluation.eval_hop} apart", "last crop ends", "repeated",
+                   "average", "cosine"):
+        assert needed in text, needed
 
 
 @pytest.mark.slow

@@ -34,6 +34,8 @@ def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path]
     for given in inputs:
         if Path(given).exists() and path.exists() and path.resolve() == Path(given).resolve():
             raise OutputExistsError(f"{path} is also an input of this command; write the output elsewhere")
+    if path.is_dir():  # a file cannot replace a folder, and --overwrite must never delete one
+        raise OutputExistsError(f"{path} is a folder; give the output a file name (e.g. {path / 'out'}.<ext>)")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; give another output path, or {flag} to replace it")
     return path

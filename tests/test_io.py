@@ -34,3 +34,15 @@ def test_the_finished_temporary_file_is_flushed_to_disk_before_it_replaces_the_t
     (replaced,) = [inode for what, inode in events if what == "replace"]
     assert replaced == target.stat().st_ino
     assert ("fsync", replaced) in events[:events.index(("replace", replaced))]
+
+
+def test_an_output_that_is_a_folder_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+    """A file cannot replace a folder: refused before the work, not a traceback after it."""
+    folder = tmp_path / "results"
+    (folder / "kept.txt").parent.mkdir()
+    (folder / "kept.txt").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(io.OutputExistsError, match=r"results is a folder; give the output a file name"):
+            io.check_output(folder, overwrite)
+    assert (folder / "kept.txt").read_text() == "x"
+    assert io.check_output(tmp_path / "new.npz", False) == tmp_path / "new.npz"

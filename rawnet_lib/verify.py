@@ -320,7 +320,9 @@ def _parser(command: str):
         parser.add_argument("--trials", default="", help="a pair list: lines 'label a b' or 'a b'")
         parser.add_argument("--root", nargs="*", default=[], help="folders relative paths in the list are under")
         parser.add_argument("--out", default="", help="score file to write for --trials: 'score [label] a b'")
-        parser.add_argument("--operating_point", default="eer", help="eer | min_dcf_0.01 | far_<rate>")
+        parser.add_argument("--operating_point", default=None,
+                            help="the decision of two files, from the calibration: eer (default) | min_dcf_0.01 | "
+                                 "far_<rate>")
         parser.add_argument("--far", type=float, default=0.01, help="calibrate: the false-acceptance rate to keep")
     return parser
 
@@ -347,11 +349,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise VerifyError(f"nothing could be embedded:\n{describe(found.failed)}")
         found.save(args.out, overwrite=args.overwrite)
         result = {"out": args.out, "embedded": len(found.embeddings), "failed": found.failed, **found.protocol}
+    elif command == "score" and args.operating_point and (args.trials or verifier.calibration is None):
+        raise VerifyError(f"--operating_point {args.operating_point}: a decision is made for two files from a "
+                          "calibration; " + ("--trials writes scores only" if args.trials else
+                                             f"{args.checkpoint} has none: run `python -m rawnet_lib.verify "
+                                             f"calibrate --checkpoint {args.checkpoint} --trials <dev list>` first"))
     elif command == "score" and not args.trials:
         if len(args.files) != 2:
             raise VerifyError(f"score takes two files (got {len(args.files)}) or --trials pairs.txt")
         a, b = args.files
-        result = (verifier.verify(a, b, args.operating_point) if verifier.calibration else verifier.score(a, b))
+        result = (verifier.verify(a, b, args.operating_point or "eer") if verifier.calibration
+                  else verifier.score(a, b))
         result = {"a": a, "b": b, **result}
     elif command == "score":
         result = _score_list(verifier, read_pairs(args.trials, args.root), args.out)

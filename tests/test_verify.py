@@ -295,6 +295,10 @@ def test_cli_embed_score_list_and_calibrate(checkpoint: Path, files, tmp_path: P
     names = [files[k].name for k in ("wav16000", "flac", "stereo", "other", "wav44100")]
     pairs = _write(tmp_path / "dev.txt", "".join(f"{int(i < 3)} {names[0]} {n}\n" for i, n in
                                                   enumerate(names[1:3] + ["x.ogg"] + names[3:])))
+    two = [str(files["wav16000"]), str(files["other"])]
+    with pytest.raises(VerifyError, match=r"--operating_point far_0.01: .*has none: run `python -m "
+                                          r"rawnet_lib\.verify calibrate"):  # it was ignored without a word
+        main(["score", "--checkpoint", str(ckpt), *two, "--operating_point", "far_0.01"])
     main(["calibrate", "--checkpoint", str(ckpt), "--trials", str(pairs), "--root", str(files["wav16000"].parent)])
     cal = json.loads(capsys.readouterr().out)
     assert Path(cal["calibration"]) == calibration_path(ckpt) and calibration_path(ckpt).is_file()
@@ -306,6 +310,10 @@ def test_cli_embed_score_list_and_calibrate(checkpoint: Path, files, tmp_path: P
     main(["score", "--checkpoint", str(ckpt), str(files["wav16000"]), str(files["other"])])
     scored = json.loads(capsys.readouterr().out)
     assert set(scored) >= {"score", "llr", "decision", "operating_point", "threshold"}
+    main(["score", "--checkpoint", str(ckpt), *two, "--operating_point", "min_dcf_0.01"])
+    assert json.loads(capsys.readouterr().out)["operating_point"] == "min_dcf_0.01"
+    with pytest.raises(VerifyError, match="--trials writes scores only"):
+        main(["score", "--checkpoint", str(ckpt), "--trials", str(pairs), "--operating_point", "eer"])
 
     # nothing is replaced without --overwrite, and an input never, before any embedding
     from rawnet_lib.io import OutputExistsError

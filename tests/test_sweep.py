@@ -257,7 +257,7 @@ def test_a_finished_run_is_not_reused_for_other_training_data(tiny_db, tmp_path,
     old one: the corpus itself (utterances and hours) decides, before anything trains."""
     monkeypatch.setattr(sweep_mod, "train", lambda cfg: pytest.fail("trained"))
     monkeypatch.setattr(sweep_mod, "_evaluate_run", lambda *args, **kwargs: None)
-    monkeypatch.setattr(sweep_mod, "summarise", lambda spec, n_boot: "summarised")
+    monkeypatch.setattr(sweep_mod, "summarise", lambda spec, n_boot, failed: "summarised")
     spec = {"seeds": [1], "arms": {"a": {"preset": "smoke", "data": {"data_path": str(tiny_db)}}}}
     cfg = sweep_mod.load_sweep(_write(tmp_path / "s.yaml", spec), tmp_path / "out").configs["a"][1]
     run = sweep_mod.run_path(cfg)

@@ -37,7 +37,7 @@ __all__ = [
     "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "LossConfig", "AugmentConfig", "Config",
     "BLOCK_NAMES", "PARAMS_DIR", "RENAMED", "REPO_DIR", "RUN_CONTROL", "ConfigError", "load_config", "recipe_changes",
     "preset_path", "repo_path", "input_path", "read_yaml", "write_f_params", "declared_parameters", "notebook_config",
-    "cli_parser", "cli_config", "cli_overrides", "with_overrides", "stage_frames",
+    "cli_parser", "cli_config", "cli_overrides", "with_overrides", "pooling_blocks", "stage_frames",
 ]
 
 
@@ -103,12 +103,17 @@ class ModelConfig:
     fast: bool = False              # fast path (cheaper sinc filtering); false = exact reference maths
 
 
+def pooling_blocks(cfg: ModelConfig) -> list[bool]:
+    """Whether each residual block max-pools by 3: `block_pool`, or every block ([], the reference)."""
+    return cfg.block_pool or [True] * len(cfg.blocks)
+
+
 def stage_frames(cfg: ModelConfig, n_samples: int | None = None) -> list[tuple[str, int]]:
     """Time frames after each stage, e.g. 59049 -> 58799 -> 19599 -> ... -> 26 GRU steps (here, not in
     the model's module, so that validation can refuse a crop that leaves the GRU no frame)."""
     t = n_samples or cfg.n_samples
     stages = [("input", t), ("first_conv", t := t - cfg.sinc_kernel + 1), ("first pool", t := t // 3)]
-    for i, pool in enumerate(cfg.block_pool or [True] * len(cfg.blocks)):
+    for i, pool in enumerate(pooling_blocks(cfg)):
         stages.append((f"block{i}", t := t // 3 if pool else t))
     return stages
 
@@ -283,7 +288,7 @@ class Config:
             raise ConfigError(f"block_pool={self.model.block_pool} needs one true/false per block of blocks="
                               f"{self.model.blocks} ({len(self.model.blocks)}), or [] to pool after every block")
         if stage_frames(self.model)[-1][1] < 1:  # else max_pool1d fails at the first training step
-            pools = 1 + sum(self.model.block_pool or [True] * len(self.model.blocks))
+            pools = 1 + sum(pooling_blocks(self.model))
             raise ConfigError(f"n_samples={self.model.n_samples} leaves the GRU no time frame: the sinc layer takes "
                               f"sinc_kernel - 1 samples, then {pools} max-pools divide by 3; use n_samples of at least "
                               f"{3 ** pools + self.model.sinc_kernel - 1}, or fewer pooling blocks (block_pool)")

@@ -39,7 +39,7 @@ from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import run_cli
 from rawnet_lib.eval.embed import cached_embeddings, embedding_settings, weights_fingerprint
 from rawnet_lib.eval.metrics import summarize
-from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, write_scores
+from rawnet_lib.eval.scoring import asnorm_scores, cosine_scores, score_stem, write_scores
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
 from rawnet_lib.models.checkpoint import carries_config, checkpoint_model, load_checkpoint_model, read_checkpoint
 from rawnet_lib.training.run import (CHECKPOINT_CHOICES, RunExistsError, check_checkpoint_choice, default_out_dir,
@@ -191,7 +191,7 @@ def evaluate(checkpoint: str | Path | None = None, cfg: Config | None = None, li
                       else asnorm_scores(emb, trials, cohort, cfg.evaluation.asnorm_top_k))
             m = summarize(scores, trials.labels)
             seconds = time.perf_counter() - t0
-            stem = f"scores_{tag}" + ("_asnorm" if method == "asnorm" else "")
+            stem = score_stem(tag, method)
             write_scores(out / f"{stem}.txt", scores, trials)
             write_scores(out / f"{stem}_names.txt", scores, trials, with_names=True)
             metrics = {k: m[k] for k in ("n_target", "n_nontarget", "eer", "eer_percent", "min_dcf_0.01",

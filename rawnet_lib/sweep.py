@@ -50,7 +50,7 @@ from rawnet_lib.dataset.augment import AugmentError, check_folders, find_noises,
 from rawnet_lib.dataset.trials import OFFICIAL_LISTS, list_tag, official_list_path, speaker_of
 from rawnet_lib.dataset.utterances import load_utterances, resolve_data_path
 from rawnet_lib.errors import MissingPathError, WorkbookError, run_cli
-from rawnet_lib.eval.scoring import load_scores
+from rawnet_lib.eval.scoring import load_scores, score_stem
 from rawnet_lib.eval.stats import bootstrap_eer, paired_difference, t_interval
 from rawnet_lib.evaluate import evaluate, evaluation_identity, identity_changes
 from rawnet_lib.io import atomic_open, atomic_write_text, file_sha1
@@ -492,9 +492,9 @@ def _eval_dir(run: Path, which: str) -> Path | None:
 def _scores_file(out: Path, tag: str, method: str) -> Path:
     """A run's score file of one list and scoring: the one with the trial names when the evaluation
     wrote it (the test speakers of the speaker bootstrap, the analysis notebook's players)."""
-    stem = out / (f"scores_{tag}" + ("_asnorm" if method == "asnorm" else ""))
-    names = stem.with_name(stem.name + "_names.txt")
-    return names if names.is_file() else stem.with_name(stem.name + ".txt")
+    stem = score_stem(tag, method)
+    names = out / f"{stem}_names.txt"
+    return names if names.is_file() else out / f"{stem}.txt"
 
 
 def _training_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from rawnet_lib.dataset.trials import TrialList
 from rawnet_lib.errors import MissingPathError, WorkbookError
 from rawnet_lib.io import atomic_open
 
-__all__ = ["ScoreFileError", "unit", "cosine_scores", "asnorm_scores", "write_scores", "load_scores"]
+__all__ = ["ScoreFileError", "unit", "cosine_scores", "asnorm_scores", "score_stem", "write_scores", "load_scores"]
 
 
 class ScoreFileError(WorkbookError, ValueError):
@@ -68,6 +68,12 @@ def asnorm_scores(emb: Mapping[str, np.ndarray], trials: TrialList, cohort_emb: 
     t = np.fromiter((index[f] for f in trials.test), np.int64, len(trials))
     raw = cosine_scores(emb, trials).astype(np.float64)
     return 0.5 * ((raw - mu[e]) / sd[e] + (raw - mu[t]) / sd[t])
+
+
+def score_stem(tag: str, method: str) -> str:
+    """The stem of a list's score files for one scoring (`scores_O`, `scores_O_asnorm`): evaluate
+    writes `<stem>.txt` and `<stem>_names.txt`, the sweep reads them."""
+    return f"scores_{tag}" + ("_asnorm" if method == "asnorm" else "")
 
 
 def write_scores(path: Path, scores: np.ndarray, trials: TrialList, with_names: bool = False) -> None:

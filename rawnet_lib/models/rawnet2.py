@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rawnet_lib.config import Config, LossConfig, ModelConfig, load_config, stage_frames
+from rawnet_lib.config import Config, LossConfig, ModelConfig, load_config, pooling_blocks, stage_frames
 from rawnet_lib.models.fastsinc import fast_frame_features
 from rawnet_lib.models.losses import head_logits
 
@@ -147,7 +147,7 @@ class RawNet2(nn.Module):
         self.first_bn = nn.BatchNorm1d(cfg.sinc_filters)
         self.lrelu_keras = nn.LeakyReLU(LEAKY_SLOPE)
         widths = [cfg.sinc_filters, *cfg.blocks]
-        pools = cfg.block_pool or [True] * len(cfg.blocks)
+        pools = pooling_blocks(cfg)
         for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
             # nn.Sequential only to keep the reference's key names (`block0.0.conv1.weight`).
             setattr(self, f"block{i}", nn.Sequential(ResidualBlock(c_in, c_out, first=i == 0, pool=pools[i])))
